@@ -1,0 +1,288 @@
+"""Typed, strict configuration: one frozen dataclass per ``params.yaml`` section.
+
+Loading rejects unknown sections and keys, missing keys and wrong types, naming the offending
+key (``train.lr``) so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from medseg.errors import MedsegError
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the raw data set lives and how its folders are laid out."""
+
+    root: str
+    layout: str
+
+    def __post_init__(self) -> None:
+        _choice("data.layout", self.layout, ("drive",))
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesizeConfig:
+    """The built-in, procedurally generated fundus-like data set."""
+
+    seed: int
+    n_train: int
+    n_test: int
+    height: int
+    width: int
+    dicom_fraction: float
+    vessel_width_max: float
+    vessel_width_min: float
+    noise: float
+
+    def __post_init__(self) -> None:
+        _positive("synthesize.n_train", self.n_train)
+        _positive("synthesize.n_test", self.n_test)
+        _at_least("synthesize.height", self.height, 32)
+        _at_least("synthesize.width", self.width, 32)
+        _unit("synthesize.dicom_fraction", self.dicom_fraction)
+        _positive("synthesize.vessel_width_min", self.vessel_width_min)
+        if self.vessel_width_max < self.vessel_width_min:
+            raise MedsegError(
+                "params: synthesize.vessel_width_max must be >= synthesize.vessel_width_min"
+            )
+        _at_least("synthesize.noise", self.noise, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertConfig:
+    """Conversion of every input format to lossless PNG."""
+
+    window_center: float | None
+    window_width: float | None
+
+    def __post_init__(self) -> None:
+        if (self.window_center is None) != (self.window_width is None):
+            raise MedsegError(
+                "params: convert.window_center and convert.window_width must be set together "
+                "(or both null to use the window stored in each DICOM file)"
+            )
+        if self.window_width is not None:
+            _positive("convert.window_width", self.window_width)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+    """Channel choice, normalisation, padding and the train/validation split."""
+
+    channel: str
+    pad_multiple: int
+    val_fraction: float
+    seed: int
+
+    def __post_init__(self) -> None:
+        _choice("preprocess.channel", self.channel, ("green", "gray"))
+        _positive("preprocess.pad_multiple", self.pad_multiple)
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise MedsegError(
+                f"params: preprocess.val_fraction must be in [0, 1), got {self.val_fraction}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Model, sampling, optimisation and logging of the train stage."""
+
+    arch: str
+    encoder: str
+    encoder_weights: str | None
+    decoder_channels: list[int]
+    classes: int
+    epochs: int
+    patches_per_epoch: int
+    batch_size: int
+    patch_size: int
+    foreground_fraction: float
+    lr: float
+    weight_decay: float
+    bce_weight: float
+    amp: bool
+    device: str
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.classes != 1:
+            raise MedsegError(
+                f"params: train.classes must be 1 (binary segmentation) for now, got {self.classes}"
+            )
+        for key in ("epochs", "patches_per_epoch", "batch_size"):
+            _positive(f"train.{key}", getattr(self, key))
+        _positive("train.lr", self.lr)
+        _at_least("train.weight_decay", self.weight_decay, 0.0)
+        _unit("train.foreground_fraction", self.foreground_fraction)
+        _unit("train.bce_weight", self.bce_weight)
+        if self.patch_size % 32 or self.patch_size <= 0:
+            raise MedsegError(
+                f"params: train.patch_size must be a positive multiple of 32, got {self.patch_size}"
+            )
+        if not self.decoder_channels or any(c <= 0 for c in self.decoder_channels):
+            raise MedsegError("params: train.decoder_channels must be a list of positive integers")
+        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """Whole-image inference and scoring of the test cases."""
+
+    threshold: float
+    window: int
+    overlap: float
+    batch_size: int
+    device: str
+
+    def __post_init__(self) -> None:
+        _unit("evaluate.threshold", self.threshold)
+        if self.window % 32 or self.window <= 0:
+            raise MedsegError(
+                f"params: evaluate.window must be a positive multiple of 32, got {self.window}"
+            )
+        if not 0.0 <= self.overlap < 1.0:
+            raise MedsegError(f"params: evaluate.overlap must be in [0, 1), got {self.overlap}")
+        _positive("evaluate.batch_size", self.batch_size)
+        _choice("evaluate.device", self.device, ("auto", "cpu", "cuda"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """The whole ``params.yaml``: one field per section."""
+
+    data: DataConfig
+    synthesize: SynthesizeConfig
+    convert: ConvertConfig
+    preprocess: PreprocessConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+
+
+T = TypeVar("T")
+
+
+def load_params(path: str | Path, section: type[T]) -> T:
+    """Load and validate the whole params file, then return one section of it.
+
+    The whole file is checked, not only the section asked for, so that a typo anywhere stops
+    the first stage that runs instead of the one that reads it.
+
+    Args:
+        path: the ``params.yaml`` file.
+        section: the section's dataclass, e.g. ``TrainConfig``.
+
+    Returns:
+        The validated, frozen section.
+
+    Raises:
+        MedsegError: the file is missing or unreadable, or a key is unknown, missing or of the
+            wrong type.
+    """
+    params = load_all_params(path)
+    for field in dataclasses.fields(Params):
+        value = getattr(params, field.name)
+        if isinstance(value, section):
+            return value
+    raise TypeError(f"{section.__name__} is not a section of params.yaml")
+
+
+def load_all_params(path: str | Path) -> Params:
+    """Load and validate every section of a params file. See `load_params`."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise MedsegError(f"cannot read params file {path}: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        raise MedsegError(f"params file {path} is not valid YAML: {err}") from err
+    return parse(Params, raw, prefix="", source=str(path))
+
+
+def parse(cls: type[T], raw: Any, prefix: str = "", source: str = "params") -> T:
+    """Build dataclass ``cls`` from a plain mapping, strictly.
+
+    Args:
+        cls: a dataclass type whose fields have simple annotations (int, float, str, bool,
+            ``X | None``, ``list[X]`` or nested dataclasses).
+        raw: the mapping, as read from YAML.
+        prefix: dotted key of ``raw`` within the file, for messages (``"train."``).
+        source: the file name, for messages.
+
+    Raises:
+        MedsegError: naming the first unknown, missing or mistyped key.
+    """
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(raw, dict):
+        raise MedsegError(f"{source}: {where} must be a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise MedsegError(
+            f"{source}: unknown key {prefix}{unknown[0]}; known keys in {where}: {', '.join(names)}"
+        )
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise MedsegError(f"{source}: missing key {prefix}{missing[0]}")
+    values = {n: _coerce(hints[n], raw[n], f"{prefix}{n}", source) for n in names}
+    try:
+        return cls(**values)
+    except MedsegError as err:
+        raise MedsegError(f"{source}: {str(err).removeprefix('params: ')}") from None
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return parse(tp, value, prefix=f"{key}.", source=source)  # type: ignore[arg-type]
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key, source)
+    if origin is list:
+        if not isinstance(value, list):
+            raise MedsegError(f"{source}: {key} must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, int | float) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+    )
+    if not ok:
+        raise MedsegError(
+            f"{source}: {key} must be of type {tp.__name__}, got {value!r} "
+            f"({type(value).__name__}); floats are written with a dot, e.g. 1.0e-3"
+        )
+    return float(value) if tp is float else value
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise MedsegError(f"params: {key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise MedsegError(f"params: {key} must be > 0, got {value}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise MedsegError(f"params: {key} must be >= {low}, got {value}")
+
+
+def _unit(key: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise MedsegError(f"params: {key} must be in [0, 1], got {value}")

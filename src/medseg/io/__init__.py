@@ -1,0 +1,1 @@
+"""Readers and writers: raster images, DICOM, data set layouts, and atomic stage outputs."""

@@ -1,0 +1,185 @@
+"""Model-ready arrays: channel choice, FOV-aware normalisation, padding and the train/val split."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medseg.config import PreprocessConfig
+from medseg.errors import MedsegError
+from medseg.io.atomic import atomic_dir, write_json
+from medseg.io.images import binarize, read_png
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class SplitArrays:
+    """One split's cases, padded to a common size.
+
+    Attributes:
+        images: (N, 1, H, W) float32, zero mean and unit variance inside the FOV, 0 outside
+            it and in the padding.
+        masks: (N, H, W) uint8 ground truth, 0/1.
+        fov: (N, H, W) uint8 field of view, 0/1 (0 in the padding).
+        shapes: (N, 2) int64 original (height, width) of each case; the data sits top-left.
+        case_ids: (N,) str.
+    """
+
+    images: np.ndarray
+    masks: np.ndarray
+    fov: np.ndarray
+    shapes: np.ndarray
+    case_ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.case_ids)
+
+
+def select_channel(image: np.ndarray, channel: str) -> np.ndarray:
+    """One channel of an image as float32 in [0, 1].
+
+    Args:
+        image: (H, W) or (H, W, 3), uint8 or uint16.
+        channel: ``green`` (the vessel-contrast channel of a fundus photograph; a grey image is
+            used as it is) or ``gray`` (luma of an RGB image).
+
+    Returns:
+        (H, W) float32.
+    """
+    scale = 65535.0 if image.dtype == np.uint16 else 255.0
+    x = image.astype(np.float32) / scale
+    if x.ndim == 2:
+        return x
+    if channel == "green":
+        return np.ascontiguousarray(x[..., 1])
+    return x @ _LUMA
+
+
+def normalize_in_fov(x: np.ndarray, fov: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance using only FOV pixels; pixels outside the FOV become 0.
+
+    Args:
+        x: (H, W) float32 image.
+        fov: (H, W) bool field of view (at least one pixel).
+
+    Returns:
+        (H, W) float32. A constant FOV gives zeros, never NaN.
+    """
+    inside = x[fov]
+    std = float(inside.std())
+    out = (x - float(inside.mean())) / (std if std > 1e-6 else 1.0)
+    out[~fov] = 0.0
+    return out.astype(np.float32)
+
+
+def padded_size(height: int, width: int, multiple: int) -> tuple[int, int]:
+    """The smallest (height, width) at least as large, each a multiple of ``multiple``."""
+    return -(-height // multiple) * multiple, -(-width // multiple) * multiple
+
+
+def pad_to(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Zero-pad the last two axes of ``x`` at the bottom and right to (height, width)."""
+    pad = [(0, 0)] * (x.ndim - 2) + [(0, height - x.shape[-2]), (0, width - x.shape[-1])]
+    return np.pad(x, pad)
+
+
+def crop_to(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Undo `pad_to`: keep the top-left (height, width) of the last two axes."""
+    return x[..., :height, :width]
+
+
+def split_cases(train_ids: list[str], val_fraction: float, seed: int) -> set[str]:
+    """Choose the validation cases among the training cases, reproducibly.
+
+    Returns:
+        The ids moved to validation: ``round(val_fraction * n)`` of them, at least one when
+        ``val_fraction > 0`` and there are two or more training cases.
+    """
+    n_val = round(val_fraction * len(train_ids))
+    if val_fraction > 0 and len(train_ids) >= 2:
+        n_val = max(n_val, 1)
+    n_val = min(n_val, len(train_ids) - 1)
+    order = np.random.default_rng(seed).permutation(sorted(train_ids))
+    return set(order[:n_val].tolist())
+
+
+def preprocess_dataset(cfg: PreprocessConfig, converted: str | Path, out: str | Path) -> dict:
+    """Turn the converted PNGs + manifest into ``out/{train,val,test}.npz``, ``split.csv`` and
+    ``stats.json``.
+
+    Each npz holds the fields of `SplitArrays`. All splits share one padded size (the largest
+    image rounded up to ``cfg.pad_multiple``), so one array per split holds every case; images are
+    never resized, which would erase thin vessels.
+
+    Returns:
+        The statistics written to ``stats.json``.
+    """
+    converted = Path(converted)
+    manifest_path = converted / "manifest.csv"
+    if not manifest_path.is_file():
+        raise MedsegError(f"{manifest_path}: no manifest; run the convert stage first")
+    manifest = pd.read_csv(manifest_path, dtype={"case_id": str})
+    train_ids = manifest.loc[manifest["split"] == "train", "case_id"].tolist()
+    if not train_ids:
+        raise MedsegError(f"{manifest_path}: no training cases (split == 'train')")
+    if not (manifest["split"] == "test").any():
+        raise MedsegError(f"{manifest_path}: no test cases (split == 'test')")
+    val_ids = split_cases(train_ids, cfg.val_fraction, cfg.seed)
+    manifest["split"] = [
+        "val" if cid in val_ids else split
+        for cid, split in zip(manifest["case_id"], manifest["split"], strict=True)
+    ]
+    height, width = padded_size(
+        int(manifest["height"].max()), int(manifest["width"].max()), cfg.pad_multiple
+    )
+    stats: dict = {"padded_height": height, "padded_width": width, "channel": cfg.channel}
+    with atomic_dir(out) as tmp:
+        for split in SPLITS:
+            rows = manifest[manifest["split"] == split]
+            arrays = _load_split(rows, converted, cfg.channel, height, width)
+            np.savez(tmp / f"{split}.npz", **arrays.__dict__)
+            fg = arrays.masks[arrays.fov.astype(bool)]
+            stats[split] = {
+                "cases": len(arrays),
+                "foreground_fraction_in_fov": round(float(fg.mean()), 4) if fg.size else None,
+            }
+        manifest[["case_id", "split"]].to_csv(tmp / "split.csv", index=False)
+        write_json(tmp / "stats.json", stats)
+    log.info("preprocessed %d cases to %dx%d", len(manifest), height, width)
+    return stats
+
+
+def _load_split(
+    rows: pd.DataFrame, converted: Path, channel: str, height: int, width: int
+) -> SplitArrays:
+    n = len(rows)
+    images = np.zeros((n, 1, height, width), dtype=np.float32)
+    masks = np.zeros((n, height, width), dtype=np.uint8)
+    fovs = np.zeros((n, height, width), dtype=np.uint8)
+    shapes = np.zeros((n, 2), dtype=np.int64)
+    for i, row in enumerate(rows.itertuples(index=False)):
+        fov = binarize(read_png(converted / str(row.fov)))
+        image = normalize_in_fov(select_channel(read_png(converted / str(row.image)), channel), fov)
+        h, w = fov.shape
+        images[i, 0, :h, :w] = image
+        masks[i, :h, :w] = binarize(read_png(converted / str(row.mask)))
+        fovs[i, :h, :w] = fov
+        shapes[i] = (h, w)
+    return SplitArrays(images, masks, fovs, shapes, np.array(rows["case_id"].tolist(), dtype=str))
+
+
+def load_split(path: str | Path) -> SplitArrays:
+    """Read one ``<split>.npz`` written by `preprocess_dataset`."""
+    path = Path(path)
+    if not path.is_file():
+        raise MedsegError(f"{path}: missing; run the preprocess stage first")
+    with np.load(path, allow_pickle=False) as z:
+        return SplitArrays(**{k: z[k] for k in z.files})
