@@ -53,6 +53,7 @@ def evaluate_model(
             prob = predict_probs(
                 model, image, cfg.window, cfg.overlap, cfg.batch_size, device=device
             )
+            prob[~inside] = 0.0  # the FOV is known at inference: nothing is claimed outside it
             pred = prob >= cfg.threshold
             c = confusion(pred, truth, inside)
             pooled_fov += c

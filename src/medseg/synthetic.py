@@ -197,8 +197,9 @@ def _render(segments: list[_Segment], h: int, w: int) -> tuple[np.ndarray, np.nd
     dc, dd = ImageDraw.Draw(cover), ImageDraw.Draw(dark)
     # weak vessels first so that at crossings the darker one wins
     for seg in sorted(segments, key=lambda g: g.contrast):
-        fill = round(255 * seg.contrast)
         for (x0, y0), (x1, y1), wd in zip(seg.points, seg.points[1:], seg.widths[1:], strict=False):
+            # thin vessels are fainter than their width alone explains, as capillaries are
+            fill = round(255 * seg.contrast * min(1.0, 0.35 + 0.65 * wd / 4.0))
             px = wd * s
             line = [(x0 * s, y0 * s), (x1 * s, y1 * s)]
             dc.line(line, fill=255, width=max(1, round(px)))

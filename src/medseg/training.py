@@ -66,7 +66,9 @@ def fit(
         for epoch in range(cfg.epochs):
             model.train()
             start, losses = time.perf_counter(), []
-            bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+            bar = tqdm(
+                range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None
+            )
             for step in bar:
                 x, y, v = (t.to(device, non_blocking=True) for t in sampler.sample(cfg.batch_size))
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -113,8 +115,9 @@ def validate(model: torch.nn.Module, val: SplitArrays, device: torch.device) -> 
     model.eval()
     total = None
     for image, mask, fov, (h, w) in zip(val.images, val.masks, val.fov, val.shapes, strict=True):
+        inside = fov[:h, :w].astype(bool)
         prob = predict_probs(model, image[:, :h, :w], window=512, device=device)
-        c = confusion(prob >= 0.5, mask[:h, :w].astype(bool), fov[:h, :w].astype(bool))
+        c = confusion(prob >= 0.5, mask[:h, :w].astype(bool), inside)
         total = c if total is None else total + c
     assert total is not None
     return scores(total)["dice"]

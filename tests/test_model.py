@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from medseg.errors import MedsegError
+from medseg.model import ModelSpec, build_model, load_model, resolve_device, save_model
+
+SPEC = ModelSpec("unet", "resnet18", [32, 16, 16, 8, 8], in_channels=1, classes=1)
+
+
+def test_build_forward_shape():
+    model = build_model(SPEC).eval()
+    with torch.no_grad():
+        out = model(torch.zeros(2, 1, 64, 96))
+    assert out.shape == (2, 1, 64, 96)
+
+
+def test_save_load_round_trip(tmp_path: Path):
+    torch.manual_seed(0)
+    model = build_model(SPEC).eval()
+    save_model(model, SPEC, tmp_path / "m.safetensors")
+    loaded, spec = load_model(tmp_path / "m.safetensors")
+    assert spec == SPEC
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (ModelSpec("unet", "resnet19", [8] * 5, 1, 1), "train.encoder 'resnet19' is not"),
+        (ModelSpec("mask-rcnn", "resnet18", [8] * 5, 1, 1), "train.arch 'mask-rcnn' is unknown"),
+    ],
+)
+def test_bad_names_are_user_errors(spec: ModelSpec, message: str):
+    with pytest.raises(MedsegError, match=message):
+        build_model(spec)
+
+
+def test_missing_weights(tmp_path: Path):
+    with pytest.raises(MedsegError, match="train first"):
+        load_model(tmp_path / "absent.safetensors")
+
+
+def test_device_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(MedsegError, match="no CUDA GPU"):
+            resolve_device("cuda")

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from medseg.config import ConvertConfig, DataConfig, PreprocessConfig, SynthesizeConfig
+from medseg.convert import convert_dataset
+from medseg.preprocess import (
+    crop_to,
+    load_split,
+    normalize_in_fov,
+    pad_to,
+    padded_size,
+    preprocess_dataset,
+    select_channel,
+    split_cases,
+)
+from medseg.synthetic import write_dataset
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"), [((565, 584), (576, 608)), ((32, 64), (32, 64)), ((1, 33), (32, 64))]
+)
+def test_padded_size(size: tuple[int, int], expected: tuple[int, int]):
+    assert padded_size(*size, 32) == expected
+
+
+def test_pad_crop_round_trip():
+    x = np.random.default_rng(0).random((2, 565, 584)).astype(np.float32)
+    padded = pad_to(x, *padded_size(565, 584, 32))
+    assert padded.shape == (2, 576, 608)
+    assert not padded[:, 565:].any() and not padded[:, :, 584:].any()
+    assert np.array_equal(crop_to(padded, 565, 584), x)
+
+
+def test_channels():
+    img = np.zeros((2, 2, 3), np.uint8)
+    img[..., 1] = 255
+    assert select_channel(img, "green").tolist() == [[1.0, 1.0], [1.0, 1.0]]
+    assert select_channel(img, "gray") == pytest.approx(np.full((2, 2), 0.587))
+    grey16 = np.full((2, 2), 65535, np.uint16)
+    assert select_channel(grey16, "green") == pytest.approx(np.ones((2, 2)))
+
+
+def test_normalize_in_fov():
+    rng = np.random.default_rng(0)
+    x = rng.normal(5.0, 3.0, (50, 50)).astype(np.float32)
+    fov = np.zeros((50, 50), bool)
+    fov[10:40, 5:45] = True
+    out = normalize_in_fov(x, fov)
+    assert out[fov].mean() == pytest.approx(0.0, abs=1e-5)
+    assert out[fov].std() == pytest.approx(1.0, abs=1e-4)
+    assert not out[~fov].any()
+    flat = normalize_in_fov(np.full((4, 4), 0.3, np.float32), np.ones((4, 4), bool))
+    assert np.isfinite(flat).all() and not flat.any()
+
+
+def test_split_is_seeded_and_sized():
+    ids = [f"{i:02d}" for i in range(20)]
+    val = split_cases(ids, 0.2, seed=0)
+    assert len(val) == 4 and val == split_cases(list(reversed(ids)), 0.2, seed=0)
+    assert val != split_cases(ids, 0.2, seed=1)
+    assert split_cases(ids, 0.0, 0) == set()
+    assert len(split_cases(["a", "b"], 0.01, 0)) == 1
+    assert split_cases(["a"], 0.5, 0) == set()  # never the only training case
+
+
+def test_preprocess_dataset(tmp_path: Path):
+    synth = SynthesizeConfig(0, 5, 2, 70, 66, 0.4, 6.0, 1.0, 0.02)
+    write_dataset(synth, tmp_path / "raw")
+    convert_dataset(
+        DataConfig(str(tmp_path / "raw"), "drive"), ConvertConfig(None, None), tmp_path / "c"
+    )
+    cfg = PreprocessConfig(channel="green", pad_multiple=32, val_fraction=0.2, seed=0)
+    stats = preprocess_dataset(cfg, tmp_path / "c", tmp_path / "p")
+    assert (stats["padded_height"], stats["padded_width"]) == (96, 96)
+    assert (stats["train"]["cases"], stats["val"]["cases"], stats["test"]["cases"]) == (4, 1, 2)
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [
+        "split.csv", "stats.json", "test.npz", "train.npz", "val.npz",
+    ]  # fmt: skip
+    train = load_split(tmp_path / "p" / "train.npz")
+    assert train.images.shape == (4, 1, 96, 96) and train.images.dtype == np.float32
+    assert train.masks.shape == (4, 96, 96) and set(np.unique(train.masks)) == {0, 1}
+    assert train.shapes.tolist() == [[70, 66]] * 4
+    assert not train.fov[:, 70:].any() and not train.fov[:, :, 66:].any()
+    fov = train.fov[0].astype(bool)
+    assert train.images[0, 0][fov].mean() == pytest.approx(0.0, abs=1e-4)
+    split = pd.read_csv(tmp_path / "p" / "split.csv", dtype=str)
+    assert (split["split"] == "val").sum() == 1
+    assert set(split.loc[split["split"] == "test", "case_id"]) == {"01_test", "02_test"}
