@@ -81,5 +81,5 @@ def test_broken_files_give_clear_errors(tmp_path: Path):
         read_dicom(tmp_path / "nopixels.dcm")
     full = Path(get_testdata_file("CT_small.dcm")).read_bytes()
     (tmp_path / "cut.dcm").write_bytes(full[: len(full) // 2])
-    with pytest.raises(MedsegError, match="cut.dcm"):
+    with pytest.raises(MedsegError, match=re.escape("cut.dcm")):
         read_dicom(tmp_path / "cut.dcm")
