@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import tiny_params, write_params
+from conftest import DRIVE, tiny_params, write_params
 
 from medseg.config import ConvertConfig, DataConfig, SynthesizeConfig, load_params
 from medseg.convert import MANIFEST_COLUMNS, convert_dataset
@@ -61,3 +61,16 @@ def test_corrupt_image_names_the_file(raw: Path, tmp_path: Path):
     with pytest.raises(MedsegError, match=victim.name):
         _convert(raw, tmp_path / "converted")
     assert not (tmp_path / "converted").exists()
+
+
+@pytest.mark.skipif(not DRIVE.is_dir(), reason="the DRIVE data set is not in ../shared/datasets")
+def test_real_drive_converts(tmp_path: Path):
+    manifest = _convert(DRIVE, tmp_path / "converted")
+    assert len(manifest) == 40
+    assert set(manifest["source_format"]) == {"tiff"}  # LZW-compressed, through imagecodecs
+    assert (manifest[["height", "width", "channels"]] == [584, 565, 3]).all().all()
+    row = manifest.set_index("case_id").loc["01_test"]
+    assert row["source"] == "test/images/01_test.tif"
+    vessels = read_image(tmp_path / "converted" / row["mask"]) > 0
+    fov = read_image(tmp_path / "converted" / row["fov"]) > 0
+    assert 0.08 < vessels[fov].mean() < 0.18  # DRIVE's vessel share inside the FOV is about 12%

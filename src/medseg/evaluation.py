@@ -71,7 +71,7 @@ def evaluate_model(
         all_prob, all_truth = np.concatenate(probs_fov), np.concatenate(truth_fov)
         per_image = pd.DataFrame(rows)
         means = per_image.drop(columns="case_id").mean()
-        metrics = {
+        metrics: dict = {
             "test": {
                 "fov": {**scores(pooled_fov), "auc_roc": auc_roc(all_prob, all_truth)},
                 "fov_per_image_mean": means.to_dict(),

@@ -51,7 +51,8 @@ def fit(
     if len(train) == 0:
         raise MedsegError(f"{data_dir / 'train.npz'}: no training cases")
     spec = ModelSpec.from_config(cfg, in_channels=train.images.shape[1])
-    model = build_model(spec, cfg.encoder_weights).to(device, memory_format=torch.channels_last)
+    model = build_model(spec, cfg.encoder_weights).to(device)
+    model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     amp_dtype = _amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)

@@ -16,7 +16,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from medseg.errors import MedsegError
 
@@ -146,7 +146,7 @@ def write_rgb_dicom(path: str | Path, image: np.ndarray, case_uid_seed: str) -> 
     """
     meta = FileMetaDataset()
     sop_uid = generate_uid(entropy_srcs=[case_uid_seed, "sop"])
-    meta.MediaStorageSOPClassUID = OPHTHALMIC_PHOTOGRAPHY_8BIT
+    meta.MediaStorageSOPClassUID = UID(OPHTHALMIC_PHOTOGRAPHY_8BIT)
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
