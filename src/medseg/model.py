@@ -42,17 +42,7 @@ def build_model(spec: ModelSpec, encoder_weights: str | None = None) -> torch.nn
         MedsegError: unknown ``train.arch`` or ``train.encoder``, or pretrained weights that are
             not available offline.
     """
-    if spec.arch not in _ARCHS:
-        raise MedsegError(
-            f"params: train.arch {spec.arch!r} is unknown; known: {', '.join(_ARCHS)}"
-        )
-    encoders = smp.encoders.get_encoder_names()
-    if spec.encoder not in encoders:
-        close = [e for e in encoders if spec.encoder.split("_")[0][:4] in e][:8]
-        raise MedsegError(
-            f"params: train.encoder {spec.encoder!r} is not a segmentation-models-pytorch encoder"
-            + (f"; similar: {', '.join(close)}" if close else "")
-        )
+    check_names(spec.arch, spec.encoder)
     try:
         return _ARCHS[spec.arch](
             encoder_name=spec.encoder,
@@ -71,6 +61,23 @@ def build_model(spec: ModelSpec, encoder_weights: str | None = None) -> torch.nn
             f"params: train.encoder_weights {encoder_weights!r} could not be loaded ({err}); "
             "use null to train from scratch offline"
         ) from err
+
+
+def check_names(arch: str, encoder: str) -> None:
+    """Fail early, naming the parameter, on an unknown architecture or encoder.
+
+    Raises:
+        MedsegError: ``train.arch`` or ``train.encoder`` is not known.
+    """
+    if arch not in _ARCHS:
+        raise MedsegError(f"params: train.arch {arch!r} is unknown; known: {', '.join(_ARCHS)}")
+    encoders = smp.encoders.get_encoder_names()
+    if encoder not in encoders:
+        close = [e for e in encoders if encoder.split("_")[0][:4] in e][:8]
+        raise MedsegError(
+            f"params: train.encoder {encoder!r} is not a segmentation-models-pytorch encoder"
+            + (f"; similar: {', '.join(close)}" if close else "")
+        )
 
 
 def save_model(model: torch.nn.Module, spec: ModelSpec, path: str | Path) -> None:

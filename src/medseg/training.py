@@ -20,7 +20,7 @@ from medseg.inference import predict_probs
 from medseg.io.atomic import atomic_dir
 from medseg.losses import bce_dice_loss
 from medseg.metrics import confusion, scores
-from medseg.model import ModelSpec, build_model, resolve_device, save_model
+from medseg.model import ModelSpec, build_model, check_names, resolve_device, save_model
 from medseg.preprocess import SplitArrays, load_split
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ def fit(
         A summary: best epoch, best validation Dice, images per second.
     """
     data_dir = Path(data_dir)
+    check_names(cfg.arch, cfg.encoder)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
