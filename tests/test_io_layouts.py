@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +46,7 @@ def test_missing_fov_is_allowed(tmp_path: Path):
 
 
 def test_bad_roots(tmp_path: Path):
-    with pytest.raises(MedsegError, match=re.escape("data.root: .*absent is not a folder")):
+    with pytest.raises(MedsegError, match=r"data\.root: .*absent is not a folder"):
         find_cases(tmp_path / "absent", "drive")
     with pytest.raises(MedsegError, match="not a DRIVE layout"):
         find_cases(tmp_path, "drive")

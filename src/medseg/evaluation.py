@@ -67,7 +67,7 @@ def evaluate_model(
                     "auc_roc": auc_roc(prob[inside], truth[inside]),
                 }
             )
-            write_png(tmp / "overlays" / f"{case_id}.png", overlay(image[0], pred, truth))
+            write_png(tmp / "overlays" / f"{case_id}.png", overlay(image[0], pred, truth, inside))
         all_prob, all_truth = np.concatenate(probs_fov), np.concatenate(truth_fov)
         per_image = pd.DataFrame(rows)
         means = per_image.drop(columns="case_id").mean()
@@ -89,17 +89,17 @@ def evaluate_model(
     return metrics
 
 
-def overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Colour a normalised grey image by outcome: TP green, FP red, FN blue.
+def overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray, fov: np.ndarray) -> np.ndarray:
+    """Colour a normalised grey image by outcome: TP green, FP red, FN blue; black outside the FOV.
 
     Args:
         image: (H, W) float32, roughly zero-mean unit-variance.
-        pred, truth: (H, W) bool.
+        pred, truth, fov: (H, W) bool.
 
     Returns:
         (H, W, 3) uint8 RGB.
     """
-    grey = np.clip((image + 2.5) / 5.0, 0.0, 1.0) * 255.0
+    grey = np.where(fov, np.clip((image + 2.5) / 5.0, 0.0, 1.0) * 255.0, 0.0)
     rgb = np.repeat(grey[..., None], 3, axis=2)
     for where, colour in (
         (pred & truth, TP_COLOUR),
