@@ -12,7 +12,7 @@ import pandas as pd
 from medseg.config import PreprocessConfig
 from medseg.errors import MedsegError
 from medseg.io.atomic import atomic_dir, write_json
-from medseg.io.images import binarize, read_png
+from medseg.io.images import binarize, read_raster
 
 log = logging.getLogger(__name__)
 
@@ -166,11 +166,13 @@ def _load_split(
     fovs = np.zeros((n, height, width), dtype=np.uint8)
     shapes = np.zeros((n, 2), dtype=np.int64)
     for i, row in enumerate(rows.itertuples(index=False)):
-        fov = binarize(read_png(converted / str(row.fov)))
-        image = normalize_in_fov(select_channel(read_png(converted / str(row.image)), channel), fov)
+        fov = binarize(read_raster(converted / str(row.fov)))
+        image = normalize_in_fov(
+            select_channel(read_raster(converted / str(row.image)), channel), fov
+        )
         h, w = fov.shape
         images[i, 0, :h, :w] = image
-        masks[i, :h, :w] = binarize(read_png(converted / str(row.mask)))
+        masks[i, :h, :w] = binarize(read_raster(converted / str(row.mask)))
         fovs[i, :h, :w] = fov
         shapes[i] = (h, w)
     return SplitArrays(images, masks, fovs, shapes, np.array(rows["case_id"].tolist(), dtype=str))

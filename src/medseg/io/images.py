@@ -142,11 +142,6 @@ def write_png(path: str | Path, arr: np.ndarray) -> None:
     Image.fromarray(arr).save(path, format="PNG")
 
 
-def read_png(path: str | Path) -> np.ndarray:
-    """Read a PNG written by `write_png` back with its dtype: (H, W) or (H, W, 3)."""
-    return read_raster(path)
-
-
 def read_image(path: str | Path, window: tuple[float, float] | None = None) -> np.ndarray:
     """Read any supported image (DICOM, TIFF, PNG, GIF, JPEG, BMP) by its file ending.
 
