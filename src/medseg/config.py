@@ -123,10 +123,7 @@ class TrainConfig:
         _at_least("train.weight_decay", self.weight_decay, 0.0)
         _unit("train.foreground_fraction", self.foreground_fraction)
         _unit("train.bce_weight", self.bce_weight)
-        if self.patch_size % 32 or self.patch_size <= 0:
-            raise MedsegError(
-                f"params: train.patch_size must be a positive multiple of 32, got {self.patch_size}"
-            )
+        _multiple_of_32("train.patch_size", self.patch_size)
         if not self.decoder_channels or any(c <= 0 for c in self.decoder_channels):
             raise MedsegError("params: train.decoder_channels must be a list of positive integers")
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
@@ -144,10 +141,7 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         _unit("evaluate.threshold", self.threshold)
-        if self.window % 32 or self.window <= 0:
-            raise MedsegError(
-                f"params: evaluate.window must be a positive multiple of 32, got {self.window}"
-            )
+        _multiple_of_32("evaluate.window", self.window)
         if not 0.0 <= self.overlap < 1.0:
             raise MedsegError(f"params: evaluate.overlap must be in [0, 1), got {self.overlap}")
         _positive("evaluate.batch_size", self.batch_size)
@@ -281,6 +275,12 @@ def _positive(key: str, value: float) -> None:
 def _at_least(key: str, value: float, low: float) -> None:
     if value < low:
         raise MedsegError(f"params: {key} must be >= {low}, got {value}")
+
+
+def _multiple_of_32(key: str, value: int) -> None:
+    """The UNet halves the size five times, so inputs must divide by 32."""
+    if value <= 0 or value % 32:
+        raise MedsegError(f"params: {key} must be a positive multiple of 32, got {value}")
 
 
 def _unit(key: str, value: float) -> None:

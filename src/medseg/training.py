@@ -85,7 +85,7 @@ def fit(
                 scaler.step(optimizer)
                 scaler.update()
                 losses.append(loss.detach())
-                if step % 10 == 0:
+                if step % 10 == 0 and not bar.disable:  # .item() waits for the GPU
                     bar.set_postfix(loss=f"{loss.item():.4f}")
             mean_loss = float(torch.stack(losses).mean())
             if not math.isfinite(mean_loss):
