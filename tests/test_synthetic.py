@@ -48,15 +48,20 @@ def _widths(vessel_width_max: float) -> np.ndarray:
         seed=3, n_train=1, n_test=1, height=440, width=424, dicom_fraction=0.0,
         vessel_width_max=vessel_width_max, vessel_width_min=1.0, noise=0.03,
     )  # fmt: skip
-    vessels = generate_case(cfg, 0).vessels
+    case = generate_case(cfg, 0)
     # about twice the distance to the background, at the centre line: the local width
-    return (2 * ndimage.distance_transform_edt(vessels) - 1)[vessels]
+    width = 2 * ndimage.distance_transform_edt(case.vessels) - 1
+    # on the disc the trunks start on top of each other: measure away from it
+    x, y, r = case.disc
+    yy, xx = np.mgrid[: cfg.height, : cfg.width]
+    away = np.hypot(xx - x, yy - y) > 1.5 * r
+    return width[case.vessels & away]
 
 
 def test_vessel_widths_taper_from_max_to_min():
     widths = _widths(8.0)
-    # the top percentile: trunks near the disc (where they start on top of each other)
-    assert 6.0 <= np.percentile(widths, 99) <= 10.5
+    # (the maximum is larger where branches split: the inscribed circle of a fork is wider)
+    assert 6.0 <= np.percentile(widths, 99) <= 9.0
     assert np.mean(widths <= 2.0) > 0.5  # most vessel pixels belong to thin vessels
     assert np.percentile(_widths(4.0), 99) < np.percentile(widths, 99) - 2
 

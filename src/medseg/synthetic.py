@@ -44,11 +44,13 @@ class SyntheticCase:
         image: (H, W, 3) uint8 RGB fundus-like photograph.
         vessels: (H, W) bool vessel label, False outside the FOV.
         fov: (H, W) bool field-of-view mask.
+        disc: optic disc centre x, centre y and radius, in pixels.
     """
 
     image: np.ndarray
     vessels: np.ndarray
     fov: np.ndarray
+    disc: tuple[float, float, float]
 
 
 @dataclass
@@ -85,11 +87,11 @@ def generate_case(cfg: SynthesizeConfig, index: int) -> SyntheticCase:
 
     # 5. background, illumination, anatomy, distractors
     brightness = rng.uniform(0.8, 1.1)
-    illum = 1.0 - 0.45 * np.clip(rho / radius, 0, 1.2) ** 2.5
+    illum = 1.0 - 0.55 * np.clip(rho / radius, 0, 1.2) ** 2.5
     illum += 0.18 * _smooth_field(rng, h, w, sigma=0.25 * radius)
     texture = 0.05 * _smooth_field(rng, h, w, sigma=2.5)
     disc_d = np.hypot(xx - disc[0], yy - disc[1]) / disc_r
-    disc_glow = np.exp(-(disc_d**4)) + 0.5 * np.exp(-((disc_d / 0.45) ** 2))
+    disc_glow = np.exp(-(disc_d**8)) + 0.5 * np.exp(-((disc_d / 0.45) ** 2))  # sharp rim
     mac_d = np.hypot(xx - macula[0], yy - macula[1]) / (0.28 * radius)
     mac_dark = 0.35 * np.exp(-(mac_d**2))
 
@@ -108,7 +110,7 @@ def generate_case(cfg: SynthesizeConfig, index: int) -> SyntheticCase:
     img *= fov_soft[..., None]
     img += np.abs(rng.normal(0.0, 0.01, size=img.shape)).astype(np.float32)
     image = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return SyntheticCase(image=image, vessels=vessels, fov=fov)
+    return SyntheticCase(image=image, vessels=vessels, fov=fov, disc=(*disc, disc_r))
 
 
 def _grow_trees(
@@ -127,8 +129,8 @@ def _grow_trees(
     roots = [
         (temporal - 1.25, +0.0065, 1.0),
         (temporal + 1.25, -0.0065, 1.0),
-        (temporal - 1.25 + rng.normal(0, 0.1), +0.005, 0.8),
-        (temporal + 1.25 + rng.normal(0, 0.1), -0.005, 0.8),
+        (temporal - 1.65 + rng.normal(0, 0.1), +0.005, 0.8),
+        (temporal + 1.65 + rng.normal(0, 0.1), -0.005, 0.8),
         (temporal + math.pi - 0.7, 0.0, 0.75),
         (temporal + math.pi + 0.7, 0.0, 0.75),
         (temporal + math.pi + rng.normal(0, 0.2), 0.0, 0.55),
@@ -136,8 +138,7 @@ def _grow_trees(
         (temporal + 0.35 + rng.normal(0, 0.1), 0.0, 0.45),
     ]
     roots += [(rng.uniform(0, 2 * math.pi), 0.0, 0.35) for _ in range(rng.integers(2, 5))]
-    if side < 0:  # mirror the curvature so the arcades bend around the macula on either eye
-        roots = [(h, -b, f) for h, b, f in roots]
+    # a positive bias turns a root at temporal - angle towards the temporal side on either eye
 
     queue: list[tuple[float, float, float, float, float, float]] = []
     for heading, bias, factor in roots:
@@ -150,14 +151,14 @@ def _grow_trees(
 
     segments: list[_Segment] = []
     step = 1.5
-    taper = (w_max - w_min) / (2.2 * radius)  # slow taper between branches
+    taper = (w_max - w_min) / (3.5 * radius)  # slow taper between branches
     fovea_r = 0.1 * radius
-    while queue and len(segments) < 600:
+    while queue and len(segments) < 1200:
         x, y, heading, width, bias, contrast = queue.pop(0)
         points, widths = [(x, y)], [width]
         wiggle = 0.0  # mean-reverting deviation from the smooth course: tortuosity
         length = 0.0
-        while width >= w_min and length < 2.5 * radius:
+        while width >= w_min and length < 3.0 * radius:
             wiggle = 0.97 * wiggle + rng.normal(0.0, 0.025)
             heading += bias * step + rng.normal(0.0, 0.006)
             x += step * math.cos(heading + wiggle)
@@ -170,8 +171,8 @@ def _grow_trees(
                 break
             points.append((x, y))
             widths.append(max(width, w_min))
-            if width > 1.6 * w_min and rng.random() < step / (14.0 + 6.0 * width):
-                child = width * rng.uniform(0.5, 0.85)
+            if width > 1.3 * w_min and rng.random() < step / (10.0 + 4.0 * width):
+                child = width * rng.uniform(0.35, 0.75)
                 width = max(w_min, (width**3 - child**3) ** (1 / 3))
                 sign = 1.0 if rng.random() < 0.5 else -1.0
                 queue.append(
