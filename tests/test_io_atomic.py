@@ -35,3 +35,14 @@ def test_write_json(tmp_path: Path):
     write_json(tmp_path / "a" / "m.json", {"dice": 0.5})
     assert json.loads((tmp_path / "a" / "m.json").read_text()) == {"dice": 0.5}
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["m.json"]
+
+
+def test_leftovers_of_a_killed_run_are_removed(tmp_path: Path):
+    stale = tmp_path / ".out.tmp-abc123"
+    stale.mkdir()
+    (stale / "half.bin").write_bytes(b"x")
+    other = tmp_path / ".other.tmp-abc123"  # another output's: not ours to remove
+    other.mkdir()
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "whole.bin").write_bytes(b"y")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-abc123", "out"]

@@ -20,10 +20,14 @@ from typing import Any
 def atomic_dir(out: str | Path) -> Iterator[Path]:
     """Yield a temporary folder that replaces ``out`` when the block ends without an exception.
 
-    On an exception the temporary folder is removed and ``out`` is left as it was.
+    On an exception the temporary folder is removed and ``out`` is left as it was. Temporary
+    folders left by a run that was killed outright (SIGKILL, power loss) are removed first: DVC
+    runs one stage at a time per output, so no other writer can own them.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
