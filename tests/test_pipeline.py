@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, tiny_params, write_params
+from conftest import DRIVE, REPO, tiny_params, write_params
 
 STAGES = ("synthesize", "convert", "preprocess", "train", "evaluate")
 
@@ -117,3 +117,20 @@ def test_missing_data_root_names_the_path(project: Path):
     assert proc.returncode != 0
     assert "no/such/folder" in proc.stdout + proc.stderr
     assert not (project / "data" / "converted").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DRIVE.is_dir(), reason="the DRIVE data set is not in ../shared/datasets")
+def test_drive_end_to_end(project: Path):
+    """DRIVE through the real pipeline, briefly trained: a sanity floor, not a target."""
+    params = tiny_params(
+        data={"root": str(DRIVE)},
+        train={"epochs": 2, "patches_per_epoch": 256, "batch_size": 16, "patch_size": 96},
+        evaluate={"window": 512},
+    )
+    write_params(project / "params.yaml", params)
+    run(project, "dvc", "repro")
+    metrics = json.loads((project / "results" / "evaluate" / "metrics.json").read_text())
+    assert metrics["n_images"] == 20
+    assert metrics["test"]["fov"]["dice"] > 0.5
+    assert metrics["test"]["fov"]["auc_roc"] > 0.85
