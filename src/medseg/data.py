@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from medseg.preprocess import SplitArrays
+from medseg.preprocess import SplitArrays, pad_to
 
 
 class PatchSampler:
@@ -30,11 +30,12 @@ class PatchSampler:
     ) -> None:
         p = patch_size
         height, width = data.images.shape[-2:]
-        pad_h, pad_w = max(0, p - height), max(0, p - width)
-        pad = ((0, 0), (0, pad_h), (0, pad_w))
-        self.images = np.pad(data.images[:, 0], pad)
-        self.masks = np.pad(data.masks, pad)
-        self.fov = np.pad(data.fov, pad)
+        self.images, self.masks, self.fov = data.images[:, 0], data.masks, data.fov
+        if height < p or width < p:  # zero padding lies outside the FOV: never a patch centre
+            size = (max(p, height), max(p, width))
+            self.images = pad_to(self.images, *size)
+            self.masks = pad_to(self.masks, *size)
+            self.fov = pad_to(self.fov, *size)
         self.patch_size = p
         self.foreground_fraction = foreground_fraction
         self.rng = rng

@@ -46,10 +46,7 @@ def evaluate_model(
     rows, probs_fov, truth_fov = [], [], []
     with atomic_dir(out) as tmp:
         (tmp / "overlays").mkdir()
-        for image, mask, fov, (h, w), case_id in zip(
-            test.images, test.masks, test.fov, test.shapes, test.case_ids, strict=True
-        ):
-            image, truth, inside = image[:, :h, :w], mask[:h, :w] > 0, fov[:h, :w] > 0
+        for case_id, image, truth, inside in test.cases():
             prob = predict_probs(
                 model, image, cfg.window, cfg.overlap, cfg.batch_size, device=device
             )
@@ -62,7 +59,7 @@ def evaluate_model(
             truth_fov.append(truth[inside])
             rows.append(
                 {
-                    "case_id": str(case_id),
+                    "case_id": case_id,
                     **scores(c),
                     "auc_roc": auc_roc(prob[inside], truth[inside]),
                 }

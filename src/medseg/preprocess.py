@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,22 @@ class SplitArrays:
 
     def __len__(self) -> int:
         return len(self.case_ids)
+
+    def cases(self) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+        """Each case cropped back to its original size.
+
+        Yields:
+            case id; image (C, h, w) float32; mask (h, w) bool; FOV (h, w) bool.
+        """
+        for case_id, image, mask, fov, (h, w) in zip(
+            self.case_ids, self.images, self.masks, self.fov, self.shapes, strict=True
+        ):
+            yield (
+                str(case_id),
+                crop_to(image, h, w),
+                crop_to(mask, h, w) > 0,
+                crop_to(fov, h, w) > 0,
+            )
 
 
 def select_channel(image: np.ndarray, channel: str) -> np.ndarray:

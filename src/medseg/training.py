@@ -116,10 +116,9 @@ def validate(model: torch.nn.Module, val: SplitArrays, device: torch.device) -> 
     """Dice inside the FOV, pooled over the whole validation images, at threshold 0.5."""
     model.eval()
     total = None
-    for image, mask, fov, (h, w) in zip(val.images, val.masks, val.fov, val.shapes, strict=True):
-        inside = fov[:h, :w].astype(bool)
-        prob = predict_probs(model, image[:, :h, :w], window=512, device=device)
-        c = confusion(prob >= 0.5, mask[:h, :w].astype(bool), inside)
+    for _, image, truth, inside in val.cases():
+        prob = predict_probs(model, image, window=512, device=device)
+        c = confusion(prob >= 0.5, truth, inside)
         total = c if total is None else total + c
     assert total is not None
     return scores(total)["dice"]
