@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ran, run, write_params
+from conftest import REPO, dvc_env, ran, run, write_params
 
 from medseg.errors import MedsegError
 from medseg.report import Report, Row, compare, to_markdown
@@ -70,6 +70,25 @@ def test_report_shows_the_changed_param_and_every_changed_metric(reproduced: Pat
     out = reproduced / "review" / "report.md"
     run(reproduced, "medseg", "report", "--base", "main", "-o", str(out))
     assert out.read_text() == proc.stdout
+
+    # the pull-request workflow's own Report step, run as GitHub would, writes the same tables
+    run(reproduced, "git", "remote", "add", "origin", str(reproduced))
+    run(reproduced, "git", "fetch", "-q", "origin")
+    summary = reproduced.parent / "summary.md"
+    script = workflow_step("Report")["run"].replace("${{ github.base_ref }}", "main")
+    run(reproduced, "bash", "-euo", "pipefail", "-c", script,
+        env=dvc_env(GITHUB_STEP_SUMMARY=str(summary)))  # fmt: skip
+    assert summary.read_text() == proc.stdout.replace("`main`", "`origin/main`", 1)
+
+
+def workflow_step(name: str) -> dict[str, Any]:
+    """The step called ``name`` of the pull-request workflow's only job."""
+    workflow = yaml.safe_load((REPO / ".github" / "workflows" / "pr-report.yml").read_text())
+    assert "pull_request" in workflow[True]  # PyYAML reads the key `on` as a boolean
+    (job,) = workflow["jobs"].values()
+    steps = {step.get("name", step.get("uses")): step for step in job["steps"]}
+    assert steps["actions/checkout@v4"]["with"]["fetch-depth"] == 0  # the base branch is needed
+    return steps[name]
 
 
 def test_report_warns_when_params_changed_without_a_rerun(reproduced: Path):
