@@ -94,7 +94,8 @@ def make_project(dest: Path, params: dict[str, Any] | None = None) -> Path:
     """Copy the repository's pipeline into ``dest`` as its own git + DVC repository, committed.
 
     It gets the repository's own ``.dvc/config`` (so its default remote, a folder next to the
-    project, is the one users get) and ``params`` (default: `tiny_params`).
+    project, is the one users get), ``.dvc/.gitignore`` (which keeps ``config.local`` with its
+    credentials out of git) and ``params`` (default: `tiny_params`).
     """
     dest.mkdir(parents=True)
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
@@ -104,7 +105,8 @@ def make_project(dest: Path, params: dict[str, Any] | None = None) -> Path:
     write_params(dest / "params.yaml", params or tiny_params())
     run(dest, "git", "init", "-q", "-b", "main")
     run(dest, "dvc", "init", "-q")
-    shutil.copy(REPO / ".dvc" / "config", dest / ".dvc" / "config")
+    for name in ("config", ".gitignore"):  # the committed ones, not `dvc init`'s
+        shutil.copy(REPO / ".dvc" / name, dest / ".dvc" / name)
     run(dest, "git", "add", "-A")
     run(dest, "git", "commit", "-qm", "tiny pipeline")
     return dest
