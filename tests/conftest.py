@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +51,90 @@ def write_params(path: Path, params: dict[str, Any]) -> Path:
 def params_file(tmp_path: Path) -> Path:
     """A tiny params.yaml in a temporary folder."""
     return write_params(tmp_path / "params.yaml", tiny_params())
+
+
+# --- Temporary git + DVC copies of the pipeline, shared by the end-to-end tests ---------------
+
+STAGES = ("synthesize", "convert", "preprocess", "train", "evaluate")
+
+
+def dvc_env(**extra: str) -> dict[str, str]:
+    """The environment for `git`/`dvc` subprocesses: this interpreter first, a fixed author."""
+    env = dict(os.environ)
+    # dvc.yaml says `python`: make it this interpreter, with medseg installed
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["HF_HUB_OFFLINE"] = "1"
+    env.update(
+        GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com",
+        GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com",
+    )  # fmt: skip
+    env.update(extra)
+    return env
+
+
+def run(
+    cwd: Path, *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``git ...``, ``dvc ...`` (this interpreter's DVC) or any command in ``cwd``."""
+    cmd = [sys.executable, "-m", "dvc", *args[1:]] if args[0] == "dvc" else list(args)
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=env or dvc_env(), capture_output=True, text=True, timeout=900
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def ran(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    """The stages a `dvc repro` or `dvc exp run` ran, in order."""
+    return [s for s in STAGES if f"Running stage '{s}'" in proc.stdout]
+
+
+def make_project(dest: Path, params: dict[str, Any] | None = None) -> Path:
+    """Copy the repository's pipeline into ``dest`` as its own git + DVC repository, committed.
+
+    It gets the repository's own ``.dvc/config`` (so its default remote, a folder next to the
+    project, is the one users get), ``.dvc/.gitignore`` (which keeps ``config.local`` with its
+    credentials out of git) and ``params`` (default: `tiny_params`).
+    """
+    dest.mkdir(parents=True)
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(REPO / name, dest / name)
+    for name in ("stages", "src"):
+        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    write_params(dest / "params.yaml", params or tiny_params())
+    run(dest, "git", "init", "-q", "-b", "main")
+    run(dest, "dvc", "init", "-q")
+    for name in ("config", ".gitignore"):  # the committed ones, not `dvc init`'s
+        shutil.copy(REPO / ".dvc" / name, dest / ".dvc" / name)
+    run(dest, "git", "add", "-A")
+    run(dest, "git", "commit", "-qm", "tiny pipeline")
+    return dest
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A copy of the repository's pipeline, as its own git + DVC repository, with tiny params."""
+    return make_project(tmp_path / "project")
+
+
+@pytest.fixture(scope="session")
+def _reproduced(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    dest = make_project(tmp_path_factory.mktemp("reproduced") / "project")
+    run(dest, "dvc", "repro")
+    run(dest, "git", "add", "-A")
+    run(dest, "git", "commit", "-qm", "tiny run")
+    return dest
+
+
+@pytest.fixture
+def reproduced(_reproduced: Path, tmp_path: Path) -> Path:
+    """`project` after one committed `dvc repro`: every output in the workspace and its cache.
+
+    The pipeline runs once per session; each test gets its own copy, at ``tmp_path/project``.
+    """
+
+    def skip_dvc_tmp(folder: str, names: list[str]) -> list[str]:
+        return ["tmp"] if Path(folder).name == ".dvc" else []
+
+    return Path(shutil.copytree(_reproduced, tmp_path / "project", ignore=skip_dvc_tmp))

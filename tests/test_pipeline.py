@@ -3,59 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DRIVE, REPO, tiny_params, write_params
-
-STAGES = ("synthesize", "convert", "preprocess", "train", "evaluate")
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    # dvc.yaml says `python`: make it this interpreter, with medseg installed
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["HF_HUB_OFFLINE"] = "1"
-    env.update(
-        GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com",
-        GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com",
-    )  # fmt: skip
-    return env
-
-
-def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "dvc", *args[1:]] if args[0] == "dvc" else list(args)
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def ran(proc: subprocess.CompletedProcess[str]) -> list[str]:
-    return [s for s in STAGES if f"Running stage '{s}'" in proc.stdout]
-
-
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
-    """A copy of the repository's pipeline, as its own git + DVC repository, with tiny params."""
-    dest = tmp_path / "project"
-    dest.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(REPO / name, dest / name)
-    for name in ("stages", "src"):
-        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-    write_params(dest / "params.yaml", tiny_params())
-    run(dest, "git", "init", "-q")
-    run(dest, "dvc", "init", "-q")
-    run(dest, "dvc", "config", "core.analytics", "false")
-    run(dest, "git", "add", "-A")
-    run(dest, "git", "commit", "-qm", "tiny pipeline")
-    return dest
+from conftest import DRIVE, STAGES, ran, run, tiny_params, write_params
 
 
 def test_repro_caches_and_reruns_only_what_changed(project: Path):

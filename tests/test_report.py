@@ -1,0 +1,157 @@
+"""`medseg report`: params and metrics against a base revision, on real git + DVC repositories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import REPO, dvc_env, ran, run, write_params
+
+from medseg.errors import MedsegError
+from medseg.report import Report, Row, compare, to_markdown
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _metrics(project: Path, path: str) -> dict[str, Any]:
+    return _flatten(json.loads((project / path).read_text()))
+
+
+def test_report_shows_the_changed_param_and_every_changed_metric(reproduced: Path):
+    metric_files = ("results/evaluate/metrics.json", "results/train/metrics.json")
+    before = {path: _metrics(reproduced, path) for path in metric_files}
+    run(reproduced, "git", "checkout", "-q", "-b", "higher-lr")
+    params = yaml.safe_load((reproduced / "params.yaml").read_text())
+    old_lr = params["train"]["lr"]
+    params["train"]["lr"] = 0.02
+    write_params(reproduced / "params.yaml", params)
+    assert ran(run(reproduced, "dvc", "repro")) == ["train", "evaluate"]
+    run(reproduced, "git", "commit", "-qam", "higher lr")
+    after = {path: _metrics(reproduced, path) for path in metric_files}
+
+    proc = run(reproduced, "medseg", "report", "--base", "main")
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("## medseg report: workspace vs `main` (")
+    param_rows = [line for line in lines if line.startswith("| params.yaml |")]
+    assert param_rows == [f"| params.yaml | train.lr | {old_lr} | 0.02 |"]
+    assert "Warning" not in proc.stdout  # everything was rerun and committed
+
+    metric_rows = {
+        tuple(cell.strip() for cell in line.strip("|").split("|")[:2]): line
+        for line in lines
+        if line.startswith("| results/")
+    }
+    changed = {
+        (path, key)
+        for path in metric_files
+        for key, value in after[path].items()
+        if before[path].get(key) != value
+    }
+    assert changed, "a tenfold learning rate left every metric unchanged"
+    assert set(metric_rows) == changed
+    for path, key in changed:
+        old, new = before[path][key], after[path][key]
+        cells = [cell.strip() for cell in metric_rows[path, key].strip("|").split("|")]
+        assert float(cells[2]) == pytest.approx(old, abs=5e-5)
+        assert float(cells[3]) == pytest.approx(new, abs=5e-5)
+        assert float(cells[4]) == pytest.approx(new - old, abs=1e-4)
+
+    out = reproduced / "review" / "report.md"
+    run(reproduced, "medseg", "report", "--base", "main", "-o", str(out))
+    assert out.read_text() == proc.stdout
+
+    # the pull-request workflow's own Report step, run as GitHub would, writes the same tables
+    run(reproduced, "git", "remote", "add", "origin", str(reproduced))
+    run(reproduced, "git", "fetch", "-q", "origin")
+    summary = reproduced.parent / "summary.md"
+    script = workflow_step("Report")["run"].replace("${{ github.base_ref }}", "main")
+    run(reproduced, "bash", "-euo", "pipefail", "-c", script,
+        env=dvc_env(GITHUB_STEP_SUMMARY=str(summary)))  # fmt: skip
+    assert summary.read_text() == proc.stdout.replace("`main`", "`origin/main`", 1)
+
+
+def workflow_step(name: str) -> dict[str, Any]:
+    """The step called ``name`` of the pull-request workflow's only job."""
+    workflow = yaml.safe_load((REPO / ".github" / "workflows" / "pr-report.yml").read_text())
+    assert "pull_request" in workflow[True]  # PyYAML reads the key `on` as a boolean
+    (job,) = workflow["jobs"].values()
+    steps = {step.get("name", step.get("uses")): step for step in job["steps"]}
+    assert steps["actions/checkout@v4"]["with"]["fetch-depth"] == 0  # the base branch is needed
+    return steps[name]
+
+
+def test_report_warns_when_params_changed_without_a_rerun(reproduced: Path):
+    params = yaml.safe_load((reproduced / "params.yaml").read_text())
+    params["evaluate"]["threshold"] = 0.25
+    write_params(reproduced / "params.yaml", params)
+    report = compare(reproduced, base="main")
+    assert report.params == [Row("params.yaml", "evaluate.threshold", 0.5, 0.25)]
+    assert report.metrics == []
+    assert report.stale == ["evaluate"]
+    assert report.missing == []
+    text = to_markdown(report)
+    assert "No metric changed." in text
+    assert "stages not up to date with `dvc.lock`: evaluate." in text
+
+
+def test_unknown_base_is_one_clear_error(project: Path):
+    with pytest.raises(MedsegError, match="base revision 'no-such-branch' is not known"):
+        compare(project, base="no-such-branch")
+    proc = run(project, "medseg", "report", "--base", "no-such-branch", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: base revision 'no-such-branch'")
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_folder_without_dvc_is_one_clear_error(tmp_path: Path):
+    with pytest.raises(MedsegError, match="not inside a DVC repository"):
+        compare(tmp_path)
+
+
+def test_markdown_of_known_values():
+    report = Report(
+        base="main",
+        base_sha="0123456789abcdef",
+        params=[Row("params.yaml", "train.encoder", "resnet18", "resnet34")],
+        metrics=[
+            Row("m.json", "dice", 0.5, 0.625),
+            Row("m.json", "n_images", 20, 18),
+            Row("m.json", "new_score", None, 0.75),
+        ],
+        stale=[],
+        missing=["synthesize"],
+        errors=[("main", "m.json", "unable to read")],
+    )
+    assert to_markdown(report).splitlines() == [
+        "## medseg report: workspace vs `main` (01234567)",
+        "",
+        "### Params",
+        "",
+        "| file | param | base | workspace |",
+        "| --- | --- | --- | --- |",
+        "| params.yaml | train.encoder | resnet18 | resnet34 |",
+        "",
+        "### Metrics",
+        "",
+        "| file | metric | base | workspace | change |",
+        "| --- | --- | --- | --- | --- |",
+        "| m.json | dice | 0.5000 | 0.6250 | +0.1250 |",
+        "| m.json | n_images | 20 | 18 | -2 |",
+        "| m.json | new_score | - | 0.7500 | - |",
+        "",
+        "> Note: outputs absent from the workspace (not pulled or not run): synthesize. "
+        "Metrics come from the committed files.",
+        "",
+        "> **Warning**: could not read m.json at main: unable to read",
+    ]
