@@ -26,8 +26,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "predict",
         help="segment new DICOM/TIFF/PNG/JPEG images with a trained model",
         description="Write one mask PNG per input image into --out, named by the input's stem "
-        "(0/255 for a binary model, class labels otherwise). Inference settings default to "
-        "those of params.yaml's evaluate section.",
+        "(0/255 for a binary model, class labels otherwise). The inference options default to "
+        "the values the repository's params.yaml ships in its evaluate section.",
     )
     predict.add_argument(
         "--model", required=True, help="weights file (models/model.safetensors) or its folder"
