@@ -169,12 +169,13 @@ def split_cases(train_ids: list[str], val_fraction: float, seed: int) -> set[str
 
 
 def preprocess_dataset(cfg: PreprocessConfig, converted: str | Path, out: str | Path) -> dict:
-    """Turn the converted PNGs + manifest into ``out/{train,val,test}.npz``, ``split.csv`` and
-    ``stats.json``.
+    """Turn the converted PNGs + manifest into ``out/{train,val,test}.npz``, ``split.csv``,
+    ``stats.json`` and ``preprocess.json`` (``cfg``, for `load_record`).
 
     Each npz holds the fields of `SplitArrays`. All splits share one padded size (the largest
     image rounded up to ``cfg.pad_multiple``), so one array per split holds every case; images are
-    never resized, which would erase thin vessels.
+    never resized, which would erase thin vessels. A manifest column ``mask2`` (optional; empty
+    where a case has none) adds the second observer's masks as ``masks2`` and ``has_mask2``.
 
     Returns:
         The statistics written to ``stats.json``.
