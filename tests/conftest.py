@@ -95,7 +95,8 @@ def make_project(dest: Path, params: dict[str, Any] | None = None) -> Path:
 
     It gets the repository's own ``.dvc/config`` (so its default remote, a folder next to the
     project, is the one users get), ``.dvc/.gitignore`` (which keeps ``config.local`` with its
-    credentials out of git) and ``params`` (default: `tiny_params`).
+    credentials out of git), the custom plot templates in ``.dvc/plots``
+    and ``params`` (default: `tiny_params`).
     """
     dest.mkdir(parents=True)
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
@@ -107,6 +108,7 @@ def make_project(dest: Path, params: dict[str, Any] | None = None) -> Path:
     run(dest, "dvc", "init", "-q")
     for name in ("config", ".gitignore"):  # the committed ones, not `dvc init`'s
         shutil.copy(REPO / ".dvc" / name, dest / ".dvc" / name)
+    shutil.copytree(REPO / ".dvc" / "plots", dest / ".dvc" / "plots")  # custom plot templates
     run(dest, "git", "add", "-A")
     run(dest, "git", "commit", "-qm", "tiny pipeline")
     return dest

@@ -38,3 +38,128 @@ def test_sliding_window_equals_direct_per_pixel_result(h: int, w: int, window: i
     assert probs.shape == (h, w) and probs.dtype == np.float32
     expected = 1 / (1 + np.exp(-(2 * image[0] - 1)))
     assert np.allclose(probs, expected, atol=1e-5)
+
+
+from medseg.inference import (  # noqa: E402
+    blend_weights,
+    predict_probabilities,
+    prepare_model,
+    segment,
+)
+
+
+class ConvModel(torch.nn.Module):
+    """A 3x3 convolution (receptive field 3x3), fixed random weights, K output channels."""
+
+    def __init__(self, classes: int = 1, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = torch.nn.Conv2d(1, classes, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_blend_weights():
+    g = blend_weights(64, 96, "gaussian")
+    assert g.shape == (64, 96) and float(g.max()) == pytest.approx(1.0, abs=1e-3)
+    assert torch.allclose(g, g.flip(0)) and torch.allclose(g, g.flip(1))  # symmetric
+    assert float(g.min()) > 0.99e-6 and float(g[0, 32]) <= 1.01e-3  # rims count little, not 0
+    assert torch.equal(blend_weights(32, 32, "constant"), torch.ones(32, 32))
+    with pytest.raises(ValueError, match="blending"):
+        blend_weights(32, 32, "median")
+
+
+@pytest.mark.parametrize("blending", ["gaussian", "constant"])
+@pytest.mark.parametrize("tta", [False, True])
+def test_per_pixel_model_is_exact_for_every_setting(blending: str, tta: bool):
+    image = np.random.default_rng(1).normal(size=(1, 100, 130)).astype(np.float32)
+    probs = predict_probabilities(
+        PixelModel().eval(), image, window=64, overlap=0.3, batch_size=5,
+        blending=blending, tta=tta,
+    )  # fmt: skip
+    assert probs.shape == (1, 100, 130)
+    assert np.allclose(probs[0], 1 / (1 + np.exp(-(2 * image[0] - 1))), atol=1e-5)
+
+
+def test_sliding_window_matches_whole_image_for_a_small_receptive_field():
+    """A 3x3 model: windows that overlap by far more than its receptive field. Inside a window
+    the output is exact; only the one-pixel rim of an inner window edge sees the zero padding,
+    and the Gaussian weight (1e-3 at the rim) keeps that error below 1e-3."""
+    image = np.random.default_rng(2).normal(size=(1, 150, 170)).astype(np.float32)
+    model = ConvModel().eval()
+    whole = predict_probabilities(model, image, window=256)  # one window covers all
+    with torch.no_grad():
+        direct = torch.sigmoid(model(torch.from_numpy(image)[None]))[0].numpy()
+    assert np.allclose(whole, direct, atol=1e-6)
+    tiled = predict_probabilities(model, image, window=64, overlap=0.5, blending="gaussian")
+    assert np.abs(tiled - whole).max() < 1e-3
+    plain = predict_probabilities(model, image, window=64, overlap=0.5, blending="constant")
+    assert np.abs(plain - whole).max() > np.abs(tiled - whole).max()  # why gaussian is default
+
+
+def test_tta_is_the_mean_over_flips():
+    image = np.random.default_rng(3).normal(size=(1, 64, 64)).astype(np.float32)
+    model = ConvModel(seed=4).eval()
+    got = predict_probabilities(model, image, window=64, tta=True)[0]
+    x = torch.from_numpy(image)[None]
+    expected = np.zeros((64, 64), np.float32)
+    with torch.no_grad():
+        for dims in ((), (-1,), (-2,), (-2, -1)):
+            view = x.flip(dims) if dims else x
+            out = torch.sigmoid(model(view))
+            expected += (out.flip(dims) if dims else out)[0, 0].numpy() / 4
+    assert np.allclose(got, expected, atol=1e-6)
+    assert not np.allclose(got, predict_probabilities(model, image, window=64)[0], atol=1e-3)
+
+
+def test_multiclass_softmax_and_segment():
+    image = np.random.default_rng(5).normal(size=(1, 40, 50)).astype(np.float32)
+    probs = predict_probabilities(ConvModel(classes=3).eval(), image, window=32, overlap=0.5)
+    assert probs.shape == (3, 40, 50)
+    assert np.allclose(probs.sum(axis=0), 1.0, atol=1e-5)
+    labels = segment(probs, threshold=0.5)
+    assert labels.dtype == np.uint8 and np.array_equal(labels, probs.argmax(axis=0))
+    binary = segment(probs[:1], threshold=0.3)
+    assert np.array_equal(binary, (probs[0] >= 0.3).astype(np.uint8))
+    with pytest.raises(ValueError, match="binary"):
+        predict_probs(ConvModel(classes=3).eval(), image, window=32)
+
+
+def test_prepare_model_folds_batchnorm_and_keeps_outputs():
+    from medseg.model import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("unet", "resnet18", [16, 8, 8, 8, 8], 1, 1)).eval()
+    for m in model.modules():  # non-trivial running statistics, as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    fast = prepare_model(model, in_channels=1)
+    norms = [m for m in fast.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms == []  # every norm of this network follows a convolution
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # not in place
+    x = torch.randn(2, 1, 96, 128)
+    with torch.inference_mode():
+        assert torch.allclose(fast(x), model(x), atol=1e-4)
+
+
+def test_prepare_model_keeps_a_norm_that_does_not_follow_its_convolution():
+    class Branches(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 2, 3, padding=1)
+            self.norm = torch.nn.BatchNorm2d(2)  # registered next, applied to another branch
+            self.other = torch.nn.Conv2d(1, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x) + self.norm(self.other(x))
+
+    model = Branches().eval()
+    model.norm.running_mean.fill_(3.0)
+    model.norm.running_var.fill_(4.0)
+    fast = prepare_model(model, in_channels=1)
+    assert isinstance(fast.norm, torch.nn.BatchNorm2d)  # the check caught the wrong pairing
+    x = torch.randn(1, 1, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(fast(x), model(x), atol=1e-6)

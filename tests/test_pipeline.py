@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import DRIVE, STAGES, ran, run, tiny_params, write_params
+from PIL import Image
 
 
 def test_repro_caches_and_reruns_only_what_changed(project: Path):
     first = run(project, "dvc", "repro")
     assert ran(first) == list(STAGES)
     metrics = json.loads((project / "results" / "evaluate" / "metrics.json").read_text())
-    for name in ("dice", "iou", "accuracy", "sensitivity", "specificity"):
-        assert 0.0 <= metrics["test"]["fov"][name] <= 1.0, name
+    for name in ("dice", "iou", "accuracy", "sensitivity", "specificity", "mcc", "auc_pr"):
+        assert metrics["test"]["fov"][name] is None or -1.0 <= metrics["test"]["fov"][name] <= 1.0
+    assert set(metrics["test"]) == {"fov", "fov_per_image_mean", "fov_per_image_std", "whole_image"}
     assert metrics["n_images"] == 2
     overlays = sorted(p.name for p in (project / "results" / "evaluate" / "overlays").iterdir())
     assert overlays == ["01_test.png", "02_test.png"]
@@ -40,6 +44,46 @@ def test_repro_caches_and_reruns_only_what_changed(project: Path):
     assert "test.fov.dice" in json.loads(metrics_diff.stdout)["results/evaluate/metrics.json"]
     plots = run(project, "dvc", "plots", "show", "-o", "plots_html")
     assert plots.returncode == 0 and (project / "plots_html" / "index.html").is_file()
+    _check_evaluate_plots(project)
+    _check_predict_matches_evaluate(project)
+
+
+def _check_evaluate_plots(project: Path) -> None:
+    """`dvc plots show` renders every evaluate plot: curves, confusion matrix, images."""
+    shown = json.loads(run(project, "dvc", "plots", "show", "--json").stdout)
+    assert not shown.get("errors")
+    data = shown["data"]
+    for name in ("roc.csv", "pr.csv", "confusion.csv"):
+        (plot,) = data[f"results/evaluate/{name}"]
+        assert plot["type"] == "vega" and plot["content"]["data"]["values"]
+    confusion = data["results/evaluate/confusion.csv"][0]["content"]
+    assert len(confusion["data"]["values"]) == 4  # one row per cell, not per pixel
+    assert "pixel_count" in json.dumps(confusion["spec"])  # our template, not DVC's counting one
+    pr = data["results/evaluate/pr.csv"][0]["content"]
+    assert pr["encoding"]["x"]["field"] == "recall" and len(pr["data"]["values"]) == 201
+    for sub in ("overlays", "probabilities"):
+        for case in ("01_test", "02_test"):
+            (image,) = data[f"results/evaluate/{sub}/{case}.png"]
+            assert image["type"] == "image"
+    html = (project / "plots_html" / "index.html").read_text()
+    assert "confusion.csv" in html and "probabilities" in html
+
+
+def _check_predict_matches_evaluate(project: Path) -> None:
+    """`medseg predict` on the raw test files gives the probabilities `evaluate` gave."""
+    test = project / "data" / "raw" / "synthetic" / "test"
+    proc = run(
+        project, sys.executable, "-c", "from medseg.cli import main; main()", "predict",
+        "--model", "models/model.safetensors", "--preprocess", "data/processed/preprocess.json",
+        "--out", "predicted", str(test / "images"), "--fov", str(test / "mask"),
+        "--probabilities", "--window", "64",
+    )  # fmt: skip
+    assert "wrote 2 mask(s)" in proc.stdout
+    for case in ("01_test", "02_test"):
+        mine = np.asarray(Image.open(project / "predicted" / "probabilities" / f"{case}.png"))
+        theirs = np.asarray(Image.open(project / "results/evaluate/probabilities" / f"{case}.png"))
+        assert mine.shape == theirs.shape
+        assert np.abs(mine.astype(np.float64) / 65535 * 255 - theirs).max() <= 0.51
 
 
 @pytest.mark.parametrize(

@@ -8,12 +8,17 @@ import pytest
 
 from medseg.config import ConvertConfig, DataConfig, PreprocessConfig, SynthesizeConfig
 from medseg.convert import convert_dataset
+from medseg.errors import MedsegError
+from medseg.io.images import read_raster, write_png
 from medseg.preprocess import (
+    RECORD,
     crop_to,
+    load_record,
     load_split,
     normalize_in_fov,
     pad_to,
     padded_size,
+    prepare_image,
     preprocess_dataset,
     select_channel,
     split_cases,
@@ -79,8 +84,9 @@ def test_preprocess_dataset(tmp_path: Path):
     assert (stats["padded_height"], stats["padded_width"]) == (96, 96)
     assert (stats["train"]["cases"], stats["val"]["cases"], stats["test"]["cases"]) == (4, 1, 2)
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [
-        "split.csv", "stats.json", "test.npz", "train.npz", "val.npz",
+        "preprocess.json", "split.csv", "stats.json", "test.npz", "train.npz", "val.npz",
     ]  # fmt: skip
+    assert load_record(tmp_path / "p" / RECORD) == cfg
     train = load_split(tmp_path / "p" / "train.npz")
     assert train.images.shape == (4, 1, 96, 96) and train.images.dtype == np.float32
     assert train.masks.shape == (4, 96, 96) and set(np.unique(train.masks)) == {0, 1}
@@ -91,3 +97,54 @@ def test_preprocess_dataset(tmp_path: Path):
     split = pd.read_csv(tmp_path / "p" / "split.csv", dtype=str)
     assert (split["split"] == "val").sum() == 1
     assert set(split.loc[split["split"] == "test", "case_id"]) == {"01_test", "02_test"}
+    assert train.masks2 is None and train.has_mask2 is None
+
+
+def test_second_observer_masks_travel_when_the_manifest_has_them(tmp_path: Path):
+    synth = SynthesizeConfig(0, 3, 2, 70, 66, 0.0, 6.0, 1.0, 0.02)
+    write_dataset(synth, tmp_path / "raw")
+    convert_dataset(
+        DataConfig(str(tmp_path / "raw"), "drive"), ConvertConfig(None, None), tmp_path / "c"
+    )
+    manifest = pd.read_csv(tmp_path / "c" / "manifest.csv", dtype={"case_id": str})
+    # a second observer for the first test case only; it misses the top 10 rows of vessels
+    first = manifest[manifest["split"] == "test"].iloc[0]
+    mask = read_raster(tmp_path / "c" / first["mask"]) > 0
+    mask[:10] = False
+    write_png(tmp_path / "c" / "masks2.png", mask)
+    manifest["mask2"] = [
+        "masks2.png" if cid == first["case_id"] else "" for cid in manifest["case_id"]
+    ]
+    manifest.to_csv(tmp_path / "c" / "manifest.csv", index=False)
+    cfg = PreprocessConfig(channel="green", pad_multiple=32, val_fraction=0.0, seed=0)
+    preprocess_dataset(cfg, tmp_path / "c", tmp_path / "p")
+    test = load_split(tmp_path / "p" / "test.npz")
+    assert test.has_mask2 is not None and test.has_mask2.tolist() == [True, False]
+    cases = list(test.second_observer())
+    assert [c[0] for c in cases] == [first["case_id"]]
+    _, truth, second, _ = cases[0]
+    assert np.array_equal(second > 0, mask) and not np.array_equal(truth, second)
+    assert load_split(tmp_path / "p" / "train.npz").masks2 is None
+
+
+def test_prepare_image_is_channel_then_fov_normalisation():
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
+    fov = np.zeros((20, 30), bool)
+    fov[2:18, 3:27] = True
+    cfg = PreprocessConfig(channel="green", pad_multiple=32, val_fraction=0.2, seed=0)
+    x = prepare_image(image, fov, cfg)
+    assert x.shape == (1, 20, 30) and x.dtype == np.float32
+    assert np.array_equal(x[0], normalize_in_fov(select_channel(image, "green"), fov))
+
+
+def test_load_record_errors_name_the_file(tmp_path: Path):
+    with pytest.raises(MedsegError, match="cannot read the preprocess record"):
+        load_record(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(MedsegError, match=r"bad\.json: not a valid preprocess record"):
+        load_record(bad)
+    bad.write_text('{"channel": "blue", "pad_multiple": 32, "val_fraction": 0.2, "seed": 0}')
+    with pytest.raises(MedsegError, match=r"preprocess\.channel must be one of"):
+        load_record(bad)

@@ -25,7 +25,62 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     report.add_argument("--all", action="store_true", help="list unchanged values too")
     report.add_argument("--repo", default=".", help="the repository (default: here)")
     report.add_argument("-o", "--out", help="write the Markdown to this file, not stdout")
+    _add_predict(sub)
     return parser.parse_args(argv)
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    predict = sub.add_parser(
+        "predict",
+        help="segment new DICOM/TIFF/PNG/JPEG images with a trained model",
+        description="Write one mask PNG per input image into --out, named by the input's stem "
+        "(0/255 for a binary model, class labels otherwise). The inference options default to "
+        "the values the repository's params.yaml ships in its evaluate section.",
+    )
+    predict.add_argument(
+        "--model", required=True, help="weights file (models/model.safetensors) or its folder"
+    )
+    predict.add_argument("--out", required=True, help="output folder (created if needed)")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    predict.add_argument(
+        "--probabilities", action="store_true",
+        help="also write OUT/probabilities/<stem>.png (16-bit, probability x 65535)",
+    )  # fmt: skip
+    predict.add_argument(
+        "--fov", help="field-of-view mask file, or folder of masks named <stem>*.ext; "
+        "default: the whole image",
+    )  # fmt: skip
+    predict.add_argument(
+        "--preprocess", help="the model's preprocess.json (default: beside the weights)"
+    )
+    predict.add_argument("--threshold", type=float, default=0.5)
+    predict.add_argument("--window", type=int, default=1024, help="sliding-window side")
+    predict.add_argument("--overlap", type=float, default=0.25)
+    predict.add_argument("--blending", choices=("gaussian", "constant"), default="gaussian")
+    predict.add_argument("--tta", action="store_true", help="average over flipped images")
+    predict.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from medseg.config import EvaluateConfig
+    from medseg.errors import MedsegError
+    from medseg.predict import predict_files  # imports torch: only when predicting
+
+    try:
+        options = EvaluateConfig(
+            threshold=args.threshold, window=args.window, overlap=args.overlap,
+            blending=args.blending, tta=args.tta, batch_size=args.batch_size,
+            device=args.device,
+        )  # fmt: skip
+    except MedsegError as err:  # name the option, not the params key
+        message = str(err).replace("params: evaluate.", "--").replace("batch_size", "batch-size")
+        raise MedsegError(message) from None
+    masks = predict_files(
+        args.model, args.inputs, args.out, options,
+        probabilities=args.probabilities, fov=args.fov, preprocess=args.preprocess,
+    )  # fmt: skip
+    print(f"wrote {len(masks)} mask(s) to {args.out}")
 
 
 def _main(argv: Sequence[str] | None) -> None:
@@ -35,6 +90,8 @@ def _main(argv: Sequence[str] | None) -> None:
         print(f"{args.params}: ok")
     elif args.command == "report":
         _report(args)
+    elif args.command == "predict":
+        _predict(args)
 
 
 def _report(args: argparse.Namespace) -> None:

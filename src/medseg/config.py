@@ -136,6 +136,8 @@ class EvaluateConfig:
     threshold: float
     window: int
     overlap: float
+    blending: str
+    tta: bool
     batch_size: int
     device: str
 
@@ -144,6 +146,7 @@ class EvaluateConfig:
         _multiple_of_32("evaluate.window", self.window)
         if not 0.0 <= self.overlap < 1.0:
             raise MedsegError(f"params: evaluate.overlap must be in [0, 1), got {self.overlap}")
+        _choice("evaluate.blending", self.blending, ("gaussian", "constant"))
         _positive("evaluate.batch_size", self.batch_size)
         _choice("evaluate.device", self.device, ("auto", "cpu", "cuda"))
 

@@ -1,9 +1,63 @@
-"""Whole-image inference: sliding windows with constant blending, padding and cropping back."""
+"""Whole-image inference: padded sliding windows in batches, Gaussian or constant blending,
+flip test-time augmentation, thresholding. The same code serves ``evaluate`` and ``predict``."""
 
 from __future__ import annotations
 
+import copy
+import itertools
+
 import numpy as np
 import torch
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+BLENDINGS = ("gaussian", "constant")
+# sigma of the Gaussian weight as a share of the window side (nnU-Net's choice): the centre of a
+# window, which saw the most context, outweighs its rim where windows overlap
+GAUSSIAN_SIGMA = 1.0 / 8.0
+_MIN_WEIGHT = 1e-3  # per axis: keeps pixels covered only by window rims defined
+
+
+def prepare_model(model: torch.nn.Module, in_channels: int) -> torch.nn.Module:
+    """A copy of ``model`` made faster for inference, giving the same outputs.
+
+    Each convolution followed by a plain batch norm is folded into one convolution (in eval
+    mode the norm is a fixed affine map; this saves about a fifth of a resnet18 UNet's CPU
+    time), in channels-last memory layout. The fold pairs modules in registration order, so it
+    is checked on a random input: if the outputs differ, the unfolded copy is used.
+
+    Args:
+        model: the network, on its device.
+        in_channels: its input channels, for the check.
+
+    Returns:
+        A new module in eval mode; ``model`` itself is not changed.
+    """
+    plain = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
+    folded = copy.deepcopy(plain)
+    _fold_batchnorm(folded)
+    device = next(plain.parameters()).device
+    x = torch.randn((1, in_channels, 64, 64), generator=torch.Generator().manual_seed(0))
+    x = x.to(device).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        want, got = plain(x).float(), folded(x).float()
+    if torch.allclose(want, got, rtol=1e-3, atol=1e-4 * (1.0 + float(want.abs().max()))):
+        return folded
+    return plain
+
+
+def _fold_batchnorm(module: torch.nn.Module) -> None:
+    children = list(module.named_children())
+    for (name, child), (next_name, after) in itertools.pairwise(children):
+        if (
+            type(child) is torch.nn.Conv2d
+            and type(after) is torch.nn.BatchNorm2d
+            and after.num_features == child.out_channels
+            and after.track_running_stats
+        ):
+            setattr(module, name, fuse_conv_bn_eval(child, after))
+            setattr(module, next_name, torch.nn.Identity())
+    for _, child in module.named_children():
+        _fold_batchnorm(child)
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -14,37 +68,91 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
     return [*starts, size - window]
 
 
-@torch.no_grad()
-def predict_probs(
+def blend_weights(height: int, width: int, blending: str) -> torch.Tensor:
+    """Per-pixel weight of one window's prediction when overlapping windows are averaged.
+
+    Args:
+        height, width: window size.
+        blending: ``gaussian`` (peak 1 at the centre, sigma = 1/8 of the side, each axis
+            floored at 1e-3) or ``constant`` (all ones: a plain mean).
+
+    Returns:
+        (height, width) float32.
+    """
+    if blending == "constant":
+        return torch.ones((height, width), dtype=torch.float32)
+    if blending != "gaussian":
+        raise ValueError(f"blending must be one of {BLENDINGS}, got {blending!r}")
+
+    def axis(n: int) -> torch.Tensor:
+        x = torch.arange(n, dtype=torch.float64) - (n - 1) / 2.0
+        g = torch.exp(-0.5 * (x / (GAUSSIAN_SIGMA * n)) ** 2)
+        # floored per axis, so that along an image border (where every window has its rim)
+        # the window centred across the border still outweighs the others
+        return (g / g.max()).clamp_min(_MIN_WEIGHT)
+
+    return torch.outer(axis(height), axis(width)).float()
+
+
+def _activate(logits: torch.Tensor) -> torch.Tensor:
+    """Sigmoid for one output channel (binary), softmax over channels for several classes."""
+    logits = logits.float()
+    return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+
+
+def _forward(model: torch.nn.Module, batch: torch.Tensor, tta: bool) -> torch.Tensor:
+    """Probabilities for a batch of windows; with ``tta`` the mean over the identity and the
+    horizontal, vertical and double flips (each undone before averaging), in one forward pass."""
+    if not tta:
+        return _activate(model(batch))
+    flips: list[tuple[int, ...]] = [(), (-1,), (-2,), (-2, -1)]
+    views = torch.cat([batch.flip(f) if f else batch for f in flips])
+    probs = _activate(model(views)).chunk(len(flips))
+    mean = probs[0].clone()
+    for p, f in zip(probs[1:], flips[1:], strict=True):
+        mean += p.flip(f)
+    return mean / len(flips)
+
+
+@torch.inference_mode()
+def predict_probabilities(
     model: torch.nn.Module,
     image: np.ndarray,
     window: int = 512,
     overlap: float = 0.25,
     batch_size: int = 4,
     device: torch.device | str = "cpu",
+    blending: str = "gaussian",
+    tta: bool = False,
 ) -> np.ndarray:
-    """Foreground probability for every pixel of one image.
+    """Class probabilities for every pixel of one image of any size.
 
-    The image is padded (zeros) to a multiple of 32 and at least one window, cut into windows of
-    ``window`` pixels overlapping by ``overlap``, run in batches, and the overlapping predictions
-    are averaged before cropping back.
+    Steps: (1) zero-pad the image at the bottom and right to a multiple of 32; (2) cut it into
+    windows of ``window`` pixels (the padded size where that is smaller) overlapping by
+    ``overlap``; (3) run them ``batch_size`` at a time, optionally with flips; (4) add each
+    window's probabilities, weighted by `blend_weights`, and divide by the summed weights;
+    (5) crop back to the image's size.
 
     Args:
-        model: binary network, (B, C, h, w) -> (B, 1, h, w) logits, in eval mode.
+        model: network in eval mode, (B, C, h, w) -> (B, K, h, w) logits; K = 1 means binary
+            (sigmoid), K > 1 means K classes with background as class 0 (softmax).
         image: (C, H, W) float32.
         window: window side, a multiple of 32.
         overlap: share of a window shared with its neighbour, in [0, 1).
-        batch_size: windows per forward pass.
+        batch_size: windows per forward pass (times 4 with ``tta``).
         device: where the model lives.
+        blending: ``gaussian`` or ``constant``, see `blend_weights`.
+        tta: average over the flipped images too.
 
     Returns:
-        (H, W) float32 probabilities in [0, 1].
+        (K, H, W) float32 probabilities in [0, 1]; for K > 1 they sum to 1 over classes.
     """
+    device = torch.device(device)
     c, h, w = image.shape
     ph, pw = -(-h // 32) * 32, -(-w // 32) * 32
     win_h, win_w = min(window, ph), min(window, pw)
     x = torch.zeros((c, ph, pw), dtype=torch.float32)
-    x[:, :h, :w] = torch.from_numpy(image)
+    x[:, :h, :w] = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
     stride_h = max(1, int(win_h * (1.0 - overlap)))
     stride_w = max(1, int(win_w * (1.0 - overlap)))
     tiles = [
@@ -52,17 +160,59 @@ def predict_probs(
         for top in window_starts(ph, win_h, stride_h)
         for left in window_starts(pw, win_w, stride_w)
     ]
-    total = torch.zeros((ph, pw), dtype=torch.float32)
-    count = torch.zeros((ph, pw), dtype=torch.float32)
-    device = torch.device(device)
+    weight = blend_weights(win_h, win_w, blending).to(device)
+    total: torch.Tensor | None = None
+    weight_sum = torch.zeros((ph, pw), dtype=torch.float32, device=device)
     for i in range(0, len(tiles), batch_size):
         chunk = tiles[i : i + batch_size]
-        batch = torch.stack([x[:, t : t + win_h, c0 : c0 + win_w] for t, c0 in chunk]).to(device)
-        batch = batch.contiguous(memory_format=torch.channels_last)
+        batch = torch.stack([x[:, t : t + win_h, c0 : c0 + win_w] for t, c0 in chunk])
+        batch = batch.to(device).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(batch)
-        probs = torch.sigmoid(logits.float())[:, 0].cpu()
+            probs = _forward(model, batch, tta)
+        if total is None:
+            total = torch.zeros((probs.shape[1], ph, pw), dtype=torch.float32, device=device)
         for (t, c0), p in zip(chunk, probs, strict=True):
-            total[t : t + win_h, c0 : c0 + win_w] += p
-            count[t : t + win_h, c0 : c0 + win_w] += 1.0
-    return (total / count)[:h, :w].numpy()
+            total[:, t : t + win_h, c0 : c0 + win_w] += p * weight
+            weight_sum[t : t + win_h, c0 : c0 + win_w] += weight
+    assert total is not None
+    return (total / weight_sum)[:, :h, :w].cpu().numpy()
+
+
+def predict_probs(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    window: int = 512,
+    overlap: float = 0.25,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    blending: str = "gaussian",
+    tta: bool = False,
+) -> np.ndarray:
+    """Foreground probability of a binary model for every pixel: `predict_probabilities`
+    of a model with one output channel, as (H, W) float32.
+
+    Raises:
+        ValueError: the model has more than one output channel (use `predict_probabilities`).
+    """
+    probs = predict_probabilities(
+        model, image, window, overlap, batch_size, device, blending=blending, tta=tta
+    )
+    if probs.shape[0] != 1:
+        raise ValueError(f"predict_probs needs a binary model, this one has {probs.shape[0]}")
+    return probs[0]
+
+
+def segment(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """Label map from class probabilities.
+
+    Args:
+        probs: (K, H, W) from `predict_probabilities`.
+        threshold: for K = 1, foreground where the probability >= threshold; for K > 1 the
+            most probable class wins (the threshold is not used).
+
+    Returns:
+        (H, W) uint8 labels: 0/1 for a binary model, 0..K-1 otherwise.
+    """
+    if probs.shape[0] == 1:
+        return (probs[0] >= threshold).astype(np.uint8)
+    return probs.argmax(axis=0).astype(np.uint8)

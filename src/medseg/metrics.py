@@ -1,19 +1,26 @@
 """Segmentation metrics, in two steps: confusion counts, then scores (vectorised numpy).
 
-Rule for empty cases: a score whose denominator is 0 is 1.0 when the truth and the prediction
-agree that there is nothing to find (e.g. Dice and IoU when neither has foreground, sensitivity
-when the truth has no foreground), so an image with no vessels and no false alarm scores
-perfectly instead of producing NaN. AUC is NaN when the truth holds only one class.
+Rules for empty cases, so that no score is ever a silent NaN:
+
+- A threshold score whose denominator is 0 is 1.0: nothing was there to get wrong. Dice and IoU
+  are 1.0 when neither the truth nor the prediction has foreground; sensitivity is 1.0 when the
+  truth has none; precision is 1.0 when nothing is predicted; specificity is 1.0 when all is
+  foreground.
+- MCC, whose denominator is 0 whenever the truth or the prediction is all one class: 1.0 when the
+  prediction equals the truth, else 0.0 (scikit-learn's value).
+- AUC-ROC and AUC-PR (average precision) are NaN when the truth holds only one class (the curve
+  is not defined); NaN is written as ``null`` and left out of means over images.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import rankdata
 
-SCORE_NAMES = ("dice", "iou", "accuracy", "sensitivity", "specificity", "precision")
+SCORE_NAMES = ("dice", "iou", "accuracy", "sensitivity", "specificity", "precision", "mcc")
+RANKING_NAMES = ("auc_roc", "auc_pr")
 
 
 @dataclass(frozen=True)
@@ -47,12 +54,47 @@ def confusion(pred: np.ndarray, truth: np.ndarray, valid: np.ndarray | None = No
     return Confusion(tp, fp, fn, int(pred.size) - tp - fp - fn)
 
 
+def confusion_matrix(
+    pred: np.ndarray, truth: np.ndarray, n_classes: int, valid: np.ndarray | None = None
+) -> np.ndarray:
+    """Pixel counts of every (truth, prediction) pair of class labels.
+
+    Args:
+        pred, truth: integer label arrays of one shape, values in ``[0, n_classes)``.
+        n_classes: number of labels, background included.
+        valid: bool array of the same shape; only these pixels count.
+
+    Returns:
+        (n_classes, n_classes) int64: row = true label, column = predicted label.
+    """
+    if valid is not None:
+        pred, truth = pred[valid], truth[valid]
+    flat = truth.astype(np.int64).ravel() * n_classes + pred.astype(np.int64).ravel()
+    return np.bincount(flat, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def class_confusion(matrix: np.ndarray, k: int) -> Confusion:
+    """The one-versus-rest counts of class ``k`` from a `confusion_matrix`."""
+    tp = int(matrix[k, k])
+    fp = int(matrix[:, k].sum()) - tp
+    fn = int(matrix[k, :].sum()) - tp
+    return Confusion(tp, fp, fn, int(matrix.sum()) - tp - fp - fn)
+
+
 def _ratio(num: int, den: int) -> float:
     return num / den if den else 1.0
 
 
+def mcc(c: Confusion) -> float:
+    """Matthews correlation coefficient; 1.0 or 0.0 when undefined (see the module rules)."""
+    den = math.sqrt(float(c.tp + c.fp) * (c.tp + c.fn) * (c.tn + c.fp) * (c.tn + c.fn))
+    if den == 0.0:
+        return 1.0 if c.fp == 0 and c.fn == 0 else 0.0
+    return (float(c.tp) * c.tn - float(c.fp) * c.fn) / den
+
+
 def scores(c: Confusion) -> dict[str, float]:
-    """Dice (= F1), IoU (Jaccard), accuracy, sensitivity (recall), specificity, precision."""
+    """Dice (= F1), IoU (Jaccard), accuracy, sensitivity (recall), specificity, precision, MCC."""
     return {
         "dice": _ratio(2 * c.tp, 2 * c.tp + c.fp + c.fn),
         "iou": _ratio(c.tp, c.tp + c.fp + c.fn),
@@ -60,26 +102,118 @@ def scores(c: Confusion) -> dict[str, float]:
         "sensitivity": _ratio(c.tp, c.tp + c.fn),
         "specificity": _ratio(c.tn, c.tn + c.fp),
         "precision": _ratio(c.tp, c.tp + c.fp),
+        "mcc": mcc(c),
     }
 
 
+def _split_sorted(prob: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The scores of the positives and of the negatives, each sorted ascending."""
+    prob = np.asarray(prob).ravel()
+    truth = np.asarray(truth).astype(bool, copy=False).ravel()
+    return np.sort(prob[truth]), np.sort(prob[~truth])
+
+
+def _auc_sorted(pos: np.ndarray, neg: np.ndarray) -> float:
+    if pos.size == 0 or neg.size == 0:
+        return float("nan")
+    below = np.searchsorted(neg, pos, side="left")  # negatives scored strictly lower
+    upto = np.searchsorted(neg, pos, side="right")
+    wins = below.sum(dtype=np.float64) + 0.5 * (upto - below).sum(dtype=np.float64)
+    return float(wins / (float(pos.size) * float(neg.size)))
+
+
+def _ap_sorted(pos: np.ndarray, neg: np.ndarray) -> float:
+    if pos.size == 0:
+        return float("nan")
+    # one threshold per distinct positive score; only those raise recall
+    starts = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]])
+    gained = np.diff(np.r_[starts, pos.size])
+    tp = (pos.size - starts).astype(np.float64)
+    fp = (neg.size - np.searchsorted(neg, pos[starts], side="left")).astype(np.float64)
+    return float(np.sum(gained * tp / (tp + fp)) / pos.size)
+
+
 def auc_roc(prob: np.ndarray, truth: np.ndarray) -> float:
-    """Area under the ROC curve, exact, by the rank-sum (Mann-Whitney U) identity; ties averaged.
+    """Area under the ROC curve, exact: the share of (positive, negative) pairs ranked right,
+    ties counted half (the Mann-Whitney U identity).
 
     Args:
-        prob: (N,) scores.
-        truth: (N,) bool.
+        prob: (N,) or any shape, scores.
+        truth: same shape, bool.
 
     Returns:
         AUC in [0, 1], or NaN when ``truth`` is all one class.
     """
-    truth = truth.astype(bool, copy=False).ravel()
-    n_pos = int(truth.sum())
-    n_neg = truth.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(prob.ravel())
-    return float((ranks[truth].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return _auc_sorted(*_split_sorted(prob, truth))
+
+
+def average_precision(prob: np.ndarray, truth: np.ndarray) -> float:
+    """Area under the precision-recall curve as average precision, exact:
+    ``sum_n (R_n - R_(n-1)) P_n`` over the distinct scores taken as thresholds (scikit-learn's
+    definition, no interpolation).
+
+    Returns:
+        AP in [0, 1], or NaN when ``truth`` has no positive.
+    """
+    return _ap_sorted(*_split_sorted(prob, truth))
+
+
+def ranking_scores(prob: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """``auc_roc`` and ``auc_pr`` from one sort of the scores; NaN where undefined.
+
+    Returns NaN for both when ``truth`` is all one class (AP alone would be 1.0 when every
+    pixel is positive, but a curve over one class says nothing).
+    """
+    pos, neg = _split_sorted(prob, truth)
+    if pos.size == 0 or neg.size == 0:
+        return {"auc_roc": float("nan"), "auc_pr": float("nan")}
+    return {"auc_roc": _auc_sorted(pos, neg), "auc_pr": _ap_sorted(pos, neg)}
+
+
+def threshold_counts(
+    prob: np.ndarray, truth: np.ndarray, n: int = 201
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positives and negatives per score bin, for curves: add them up over images, then
+    call `curves`.
+
+    Args:
+        prob: scores in [0, 1], any shape.
+        truth: bool, same shape.
+        n: number of thresholds, evenly spaced over [0, 1].
+
+    Returns:
+        (n,) int64 positive and negative counts per bin; bin ``i`` holds scores in
+        ``[i / (n - 1), (i + 1) / (n - 1))`` (the last bin holds 1.0).
+    """
+    prob = np.asarray(prob, dtype=np.float32).ravel()
+    truth = np.asarray(truth).astype(bool, copy=False).ravel()
+    idx = np.clip((prob * np.float32(n - 1)).astype(np.int64), 0, n - 1)
+    pos = np.bincount(idx[truth], minlength=n)
+    neg = np.bincount(idx[~truth], minlength=n)
+    return pos, neg
+
+
+def curves(pos: np.ndarray, neg: np.ndarray) -> dict[str, np.ndarray]:
+    """ROC and precision-recall curves at the thresholds of `threshold_counts`.
+
+    Args:
+        pos, neg: (n,) counts per bin, from `threshold_counts` (summed over images).
+
+    Returns:
+        ``threshold``, ``fpr``, ``tpr`` (= recall), ``precision``: (n,) float64 arrays,
+        thresholds descending (a pixel is positive when its score >= threshold). Precision is
+        1.0 where nothing is predicted.
+    """
+    n = pos.size
+    tp = pos[::-1].cumsum()
+    fp = neg[::-1].cumsum()
+    predicted = tp + fp
+    return {
+        "threshold": np.linspace(1.0, 0.0, n),
+        "fpr": fp / max(int(neg.sum()), 1),
+        "tpr": tp / max(int(pos.sum()), 1),
+        "precision": np.divide(tp, predicted, out=np.ones(n), where=predicted > 0),
+    }
 
 
 def roc_points(prob: np.ndarray, truth: np.ndarray, n: int = 201) -> dict[str, np.ndarray]:
@@ -88,13 +222,5 @@ def roc_points(prob: np.ndarray, truth: np.ndarray, n: int = 201) -> dict[str, n
     Returns:
         ``threshold``, ``fpr``, ``tpr``: (n,) float arrays, thresholds descending.
     """
-    truth = truth.astype(bool, copy=False).ravel()
-    edges = np.linspace(0.0, 1.0, n)
-    idx = np.clip(np.searchsorted(edges, prob.ravel(), side="right") - 1, 0, n - 1)
-    pos = np.bincount(idx[truth], minlength=n)[::-1].cumsum()
-    neg = np.bincount(idx[~truth], minlength=n)[::-1].cumsum()
-    return {
-        "threshold": edges[::-1],
-        "fpr": neg / max(int((~truth).sum()), 1),
-        "tpr": pos / max(int(truth.sum()), 1),
-    }
+    c = curves(*threshold_counts(prob, truth, n))
+    return {k: c[k] for k in ("threshold", "fpr", "tpr")}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medseg.config import PreprocessConfig
+from medseg.config import PreprocessConfig, parse
 from medseg.errors import MedsegError
 from medseg.io.atomic import atomic_dir, write_json
 from medseg.io.images import binarize, read_raster
@@ -18,6 +20,7 @@ from medseg.io.images import binarize, read_raster
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+RECORD = "preprocess.json"  # the preprocess params, for `medseg predict` on new images
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -32,6 +35,9 @@ class SplitArrays:
         fov: (N, H, W) uint8 field of view, 0/1 (0 in the padding).
         shapes: (N, 2) int64 original (height, width) of each case; the data sits top-left.
         case_ids: (N,) str.
+        masks2: (N, H, W) uint8 second observer's truth, 0/1, or None when no case has one
+            (the manifest's optional ``mask2`` column, e.g. DRIVE ``2nd_manual``).
+        has_mask2: (N,) bool, which cases have a second observer; None with ``masks2``.
     """
 
     images: np.ndarray
@@ -39,6 +45,8 @@ class SplitArrays:
     fov: np.ndarray
     shapes: np.ndarray
     case_ids: np.ndarray
+    masks2: np.ndarray | None = None
+    has_mask2: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.case_ids)
@@ -57,6 +65,24 @@ class SplitArrays:
                 crop_to(image, h, w),
                 crop_to(mask, h, w) > 0,
                 crop_to(fov, h, w) > 0,
+            )
+
+    def second_observer(self) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+        """The cases that have a second observer, cropped back to their size.
+
+        Yields:
+            case id; first observer's mask (h, w) uint8 labels; second observer's (h, w) uint8
+            labels; FOV (h, w) bool.
+        """
+        if self.masks2 is None or self.has_mask2 is None:
+            return
+        for i in np.flatnonzero(self.has_mask2):
+            h, w = self.shapes[i]
+            yield (
+                str(self.case_ids[i]),
+                crop_to(self.masks[i], h, w),
+                crop_to(self.masks2[i], h, w),
+                crop_to(self.fov[i], h, w) > 0,
             )
 
 
@@ -97,6 +123,20 @@ def normalize_in_fov(x: np.ndarray, fov: np.ndarray) -> np.ndarray:
     return out.astype(np.float32)
 
 
+def prepare_image(image: np.ndarray, fov: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """The model input for one image: the same steps for the pipeline and ``medseg predict``.
+
+    Args:
+        image: (H, W) or (H, W, 3) uint8 or uint16, as the readers of `medseg.io` return it.
+        fov: (H, W) bool field of view (at least one pixel).
+        cfg: the preprocess params the model was trained with.
+
+    Returns:
+        (1, H, W) float32, unpadded.
+    """
+    return normalize_in_fov(select_channel(image, cfg.channel), fov)[None]
+
+
 def padded_size(height: int, width: int, multiple: int) -> tuple[int, int]:
     """The smallest (height, width) at least as large, each a multiple of ``multiple``."""
     return -(-height // multiple) * multiple, -(-width // multiple) * multiple
@@ -129,12 +169,13 @@ def split_cases(train_ids: list[str], val_fraction: float, seed: int) -> set[str
 
 
 def preprocess_dataset(cfg: PreprocessConfig, converted: str | Path, out: str | Path) -> dict:
-    """Turn the converted PNGs + manifest into ``out/{train,val,test}.npz``, ``split.csv`` and
-    ``stats.json``.
+    """Turn the converted PNGs + manifest into ``out/{train,val,test}.npz``, ``split.csv``,
+    ``stats.json`` and ``preprocess.json`` (``cfg``, for `load_record`).
 
     Each npz holds the fields of `SplitArrays`. All splits share one padded size (the largest
     image rounded up to ``cfg.pad_multiple``), so one array per split holds every case; images are
-    never resized, which would erase thin vessels.
+    never resized, which would erase thin vessels. A manifest column ``mask2`` (optional; empty
+    where a case has none) adds the second observer's masks as ``masks2`` and ``has_mask2``.
 
     Returns:
         The statistics written to ``stats.json``.
@@ -161,8 +202,9 @@ def preprocess_dataset(cfg: PreprocessConfig, converted: str | Path, out: str | 
     with atomic_dir(out) as tmp:
         for split in SPLITS:
             rows = manifest[manifest["split"] == split]
-            arrays = _load_split(rows, converted, cfg.channel, height, width)
-            np.savez(tmp / f"{split}.npz", **arrays.__dict__)
+            arrays = _load_split(rows, converted, cfg, height, width)
+            fields = {k: v for k, v in arrays.__dict__.items() if v is not None}
+            np.savez(tmp / f"{split}.npz", **fields)
             fg = arrays.masks[arrays.fov.astype(bool)]
             stats[split] = {
                 "cases": len(arrays),
@@ -170,29 +212,49 @@ def preprocess_dataset(cfg: PreprocessConfig, converted: str | Path, out: str | 
             }
         manifest[["case_id", "split"]].to_csv(tmp / "split.csv", index=False)
         write_json(tmp / "stats.json", stats)
+        save_record(cfg, tmp / RECORD)
     log.info("preprocessed %d cases to %dx%d", len(manifest), height, width)
     return stats
 
 
 def _load_split(
-    rows: pd.DataFrame, converted: Path, channel: str, height: int, width: int
+    rows: pd.DataFrame, converted: Path, cfg: PreprocessConfig, height: int, width: int
 ) -> SplitArrays:
     n = len(rows)
     images = np.zeros((n, 1, height, width), dtype=np.float32)
     masks = np.zeros((n, height, width), dtype=np.uint8)
     fovs = np.zeros((n, height, width), dtype=np.uint8)
     shapes = np.zeros((n, 2), dtype=np.int64)
+    second = _second_masks(rows)
+    masks2 = np.zeros((n, height, width), dtype=np.uint8) if second.any() else None
     for i, row in enumerate(rows.itertuples(index=False)):
         fov = binarize(read_raster(converted / str(row.fov)))
-        image = normalize_in_fov(
-            select_channel(read_raster(converted / str(row.image)), channel), fov
-        )
         h, w = fov.shape
-        images[i, 0, :h, :w] = image
+        images[i, :, :h, :w] = prepare_image(read_raster(converted / str(row.image)), fov, cfg)
         masks[i, :h, :w] = binarize(read_raster(converted / str(row.mask)))
+        if masks2 is not None and second[i]:
+            mask2 = binarize(read_raster(converted / str(row.mask2)))
+            if mask2.shape != (h, w):
+                raise MedsegError(
+                    f"{converted / str(row.mask2)}: second observer's mask is "
+                    f"{mask2.shape[1]}x{mask2.shape[0]}, its image {w}x{h}; they must match"
+                )
+            masks2[i, :h, :w] = mask2
         fovs[i, :h, :w] = fov
         shapes[i] = (h, w)
-    return SplitArrays(images, masks, fovs, shapes, np.array(rows["case_id"].tolist(), dtype=str))
+    ids = np.array(rows["case_id"].tolist(), dtype=str)
+    if masks2 is None:
+        return SplitArrays(images, masks, fovs, shapes, ids)
+    return SplitArrays(images, masks, fovs, shapes, ids, masks2, second)
+
+
+def _second_masks(rows: pd.DataFrame) -> np.ndarray:
+    """(N,) bool: which rows name a second observer's mask (optional manifest column ``mask2``,
+    empty where a case has none)."""
+    if "mask2" not in rows.columns:
+        return np.zeros(len(rows), dtype=bool)
+    names = rows["mask2"]
+    return (names.notna() & (names.astype(str).str.strip() != "")).to_numpy()
 
 
 def load_split(path: str | Path) -> SplitArrays:
@@ -202,3 +264,24 @@ def load_split(path: str | Path) -> SplitArrays:
         raise MedsegError(f"{path}: missing; run the preprocess stage first")
     with np.load(path, allow_pickle=False) as z:
         return SplitArrays(**{k: z[k] for k in z.files})
+
+
+def save_record(cfg: PreprocessConfig, path: str | Path) -> None:
+    """Write the preprocess params as JSON, for `load_record` (e.g. beside a model)."""
+    write_json(path, dataclasses.asdict(cfg))
+
+
+def load_record(path: str | Path) -> PreprocessConfig:
+    """Read the preprocess params written by the preprocess stage (``preprocess.json``).
+
+    Raises:
+        MedsegError: the file is missing, not JSON, or does not hold valid preprocess params.
+    """
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise MedsegError(f"cannot read the preprocess record {path}: {err.strerror}") from err
+    except json.JSONDecodeError as err:
+        raise MedsegError(f"{path}: not a valid preprocess record ({err})") from err
+    return parse(PreprocessConfig, raw, prefix="preprocess.", source=str(path))

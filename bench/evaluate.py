@@ -1,0 +1,170 @@
+"""Benchmark of evaluation on the 20 DRIVE test images: full `evaluate`, inference per image,
+metric computation; and the DRIVE second observer scored like a model.
+
+The test images are read and preprocessed the pipeline's way (`prepare_image`) into a temporary
+``test.npz``; the model is an untrained resnet18 UNet with the default params (timing does not
+depend on the weights). Prints Markdown tables.
+
+    python bench/evaluate.py --drive ../shared/datasets/DRIVE          # 2 threads, default
+    python bench/evaluate.py --drive ../shared/datasets/DRIVE --threads 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medseg.config import EvaluateConfig, PreprocessConfig, TrainConfig, load_params
+from medseg.evaluation import ScoreTally, evaluate_model, second_observer_scores
+from medseg.inference import predict_probabilities, prepare_model, segment
+from medseg.io.images import binarize, read_raster
+from medseg.model import ModelSpec, build_model, save_model
+from medseg.preprocess import SplitArrays, padded_size, prepare_image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def drive_test_split(root: Path, pre: PreprocessConfig) -> SplitArrays:
+    """DRIVE ``test/``: images, 1st and 2nd manual, FOV masks, preprocessed and padded."""
+    images = sorted((root / "test" / "images").glob("*.tif"))
+    if not images:
+        raise SystemExit(f"{root}/test/images: no DRIVE test images")
+    cases = []
+    for path in images:
+        key = path.stem.split("_")[0]
+        fov = binarize(read_raster(next((root / "test" / "mask").glob(f"{key}_*"))))
+        truth = binarize(read_raster(next((root / "test" / "1st_manual").glob(f"{key}_*"))))
+        second = binarize(read_raster(next((root / "test" / "2nd_manual").glob(f"{key}_*"))))
+        cases.append((path.stem, prepare_image(read_raster(path), fov, pre), truth, second, fov))
+    h, w = padded_size(*cases[0][1].shape[1:], 32)
+    n = len(cases)
+    x = np.zeros((n, 1, h, w), np.float32)
+    masks, masks2, fovs = (np.zeros((n, h, w), np.uint8) for _ in range(3))
+    shapes = np.zeros((n, 2), np.int64)
+    for i, (_, image, truth, second, fov) in enumerate(cases):
+        ih, iw = fov.shape
+        x[i, :, :ih, :iw], masks[i, :ih, :iw], masks2[i, :ih, :iw] = image, truth, second
+        fovs[i, :ih, :iw], shapes[i] = fov, (ih, iw)
+    ids = np.array([c[0] for c in cases])
+    return SplitArrays(x, masks, fovs, shapes, ids, masks2, np.ones(n, bool))
+
+
+def infer_times(
+    model, split: SplitArrays, cfg: EvaluateConfig
+) -> tuple[list[float], list[float], list]:
+    """Wall and CPU seconds (all threads) per image, and the probabilities."""
+    walls, cpus, probs = [], [], []
+    for (h, w), image in zip(split.shapes, split.images, strict=True):
+        start, cpu = time.perf_counter(), time.process_time()
+        p = predict_probabilities(
+            model, image[:, :h, :w], cfg.window, cfg.overlap, cfg.batch_size, "cpu",
+            blending=cfg.blending, tta=cfg.tta,
+        )  # fmt: skip
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
+        probs.append(p)
+    return walls, cpus, probs
+
+
+def metric_time(split: SplitArrays, probs: list[np.ndarray], threshold: float) -> float:
+    start = time.perf_counter()
+    tally = ScoreTally(1)
+    for i, p in enumerate(probs):
+        h, w = split.shapes[i]
+        fov = split.fov[i, :h, :w] > 0
+        p = p.copy()
+        p[:, ~fov] = 0.0
+        pred = segment(p, threshold)
+        tally.add(str(split.case_ids[i]), p, pred, split.masks[i, :h, :w], fov)
+    tally.summary()
+    tally.curves()
+    tally.confusion_table()
+    tally.per_image()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--drive", type=Path, default=REPO.parent / "shared/datasets/DRIVE")
+    parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = load_params(args.params, EvaluateConfig)
+    cfg = EvaluateConfig(**{**cfg.__dict__, "device": "cpu"})
+    train = load_params(args.params, TrainConfig)
+    pre = load_params(args.params, PreprocessConfig)
+    split = drive_test_split(args.drive, pre)
+    spec = ModelSpec.from_config(train, in_channels=1)
+    torch.manual_seed(0)
+    net = build_model(spec).eval()
+    model = prepare_model(net, spec.in_channels)
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        (tmp / "data").mkdir()
+        fields = {k: v for k, v in split.__dict__.items() if v is not None}
+        np.savez(tmp / "data" / "test.npz", **fields)
+        save_model(net, spec, tmp / "model.safetensors")
+        infer_times(model, split, cfg)  # warm-up: first calls allocate and pick kernels
+        start, cpu = time.perf_counter(), time.process_time()
+        evaluate_model(cfg, tmp / "data", tmp / "model.safetensors", tmp / "results")
+        full, full_cpu = time.perf_counter() - start, time.process_time() - cpu
+
+    rows = []
+    variants = [
+        ("params.yaml", cfg),
+        ("window 512", EvaluateConfig(**{**cfg.__dict__, "window": 512})),
+        ("constant blending", EvaluateConfig(**{**cfg.__dict__, "blending": "constant"})),
+        ("flip TTA", EvaluateConfig(**{**cfg.__dict__, "tta": True})),
+    ]
+    probs_default: list = []
+    for name, variant in variants:
+        walls, cpus, probs = infer_times(model, split, variant)
+        if name == "params.yaml":
+            probs_default = probs
+        rows.append((name, variant, min(walls), min(cpus), statistics.median(walls)))
+    start_cpu = time.process_time()
+    metrics_s = min(metric_time(split, probs_default, cfg.threshold) for _ in range(3))
+    metrics_cpu = (time.process_time() - start_cpu) / 3
+    load = os.getloadavg()[0]
+    n = args.threads
+
+    print(f"\nDRIVE test, {len(split)} images 565x584, resnet18 UNet "
+          f"(decoder {train.decoder_channels}), CPU, {n} threads, load average {load:.1f} "
+          f"on {os.cpu_count()} CPUs\n")  # fmt: skip
+    print("CPU/threads: CPU seconds of all threads divided by the thread count, what the wall time")
+    print("would be with the cores to ourselves; wall: as measured on this (shared) machine.\n")
+    print("| measure | wall | CPU/threads | target |")
+    print("| --- | --- | --- | --- |")
+    print(f"| full evaluate (inference, metrics, {len(split) * 2} PNGs, tables) | "
+          f"{full:.2f} s | {full_cpu / n:.2f} s | < 15 s |")  # fmt: skip
+    print(f"| inference per image, params.yaml (window {cfg.window}, overlap {cfg.overlap}, "
+          f"{cfg.blending}, no TTA), best of {len(split)} | {rows[0][2]:.3f} s | "
+          f"{rows[0][3] / n:.3f} s | < 0.3 s |")  # fmt: skip
+    print(f"| metrics for {len(split)} images (all scores, AUCs, curves, confusion; "
+          f"one thread) | {metrics_s:.3f} s | {metrics_cpu:.3f} s | < 1 s |")  # fmt: skip
+    print("\n| inference variant | window | wall s/image (best, median) "
+          "| CPU/threads s/image (best) | vs params.yaml |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- |")
+    for name, variant, wall, cpu_s, wall_median in rows:
+        print(f"| {name} | {variant.window} | {wall:.3f}, {wall_median:.3f} | {cpu_s / n:.3f} | "
+              f"{cpu_s / rows[0][3]:.2f}x |")  # fmt: skip
+
+    second = second_observer_scores(split, 1)
+    assert second is not None
+    print("\nDRIVE second observer vs first, inside the FOV, pooled over the 20 test images\n")
+    print("| " + " | ".join(k for k in second if k != "n_images") + " |")
+    print("|" + " --- |" * (len(second) - 1))
+    print("| " + " | ".join(f"{v:.4f}" for k, v in second.items() if k != "n_images") + " |")
+
+
+if __name__ == "__main__":
+    main()
