@@ -13,6 +13,7 @@ import tifffile
 from conftest import DRIVE, tiny_params, write_params
 from PIL import Image
 from pydicom.data import get_testdata_file
+from scipy import ndimage
 
 from medseg.config import ConvertConfig, DataConfig, SynthesizeConfig, load_params
 from medseg.convert import MANIFEST_COLUMNS, convert_dataset, fov_from_image
@@ -326,3 +327,19 @@ def test_real_drive_masks_binary_second_observer_and_fov_from_image(
             given = read_image(out / case.fov) > 0
             made = fov_from_image(image, 0.1)
             assert (made & given).sum() / (made | given).sum() > 0.97
+
+
+def test_fov_from_image_is_the_median_of_the_threshold_filled_and_eroded():
+    rng = np.random.default_rng(3)
+    _, _, disc = _disc_image(0, 60, 70)
+    image = np.where(disc, rng.integers(60, 255, disc.shape), 0).astype(np.uint8)
+    image[rng.random(disc.shape) < 0.05] = 0  # dead pixels inside: the median keeps them in
+    image[28:32, 30:36] = 0  # a dark lesion: a hole, filled
+    image[2, 2] = image[2, 3] = 255  # specks outside: the median drops them
+    reference = ndimage.binary_fill_holes(ndimage.median_filter(image, size=5) > 25.5)
+    made = fov_from_image(image, 0.1)
+    assert np.array_equal(made, reference) and made[30, 33] and not made[2, 2]
+    eroded = fov_from_image(image, 0.1, erode=3)
+    assert eroded.sum() < made.sum() and not (eroded & ~made).any()
+    assert not eroded[np.nonzero(made[:, 35])[0][0], 35]  # the rim went
+    assert not fov_from_image(np.zeros((9, 9), np.uint16), 0.1).any()

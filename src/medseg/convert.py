@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import re
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,6 +139,11 @@ def _run(jobs: list[_Job], cfg: ConvertConfig) -> list[_Result]:
                         for future in done:
                             results[pending.pop(future)] = _finish(future.result(), cfg)
                             bar.update()
+                except BrokenProcessPool as err:
+                    raise MedsegError(
+                        "convert: a worker process died (out of memory?); lower convert.workers "
+                        "or convert.max_pixels"
+                    ) from err
                 except BaseException:
                     pool.shutdown(wait=True, cancel_futures=True)
                     raise
@@ -277,7 +283,10 @@ def fov_from_image(image: np.ndarray, threshold: float, erode: int = 0) -> np.nd
     """
     full = 65535.0 if image.dtype == np.uint16 else 255.0
     bright = image.max(axis=2) if image.ndim == 3 else image
-    mask = ndimage.median_filter(bright, size=5) > threshold * full
+    # the 5x5 median of the thresholded image (the same as thresholding the median, and ~30x
+    # faster): a pixel is in where the majority of its 25 neighbours is
+    above = (bright > threshold * full).astype(np.float32)
+    mask = ndimage.uniform_filter(above, size=5) > 0.5
     labels, n = ndimage.label(mask)
     if n == 0:
         return mask

@@ -314,20 +314,22 @@ def mask_to_bool(arr: np.ndarray, path: str | Path, threshold: float | None = No
     return grey > threshold * full
 
 
-def write_png(path: str | Path, arr: np.ndarray) -> None:
+def write_png(path: str | Path, arr: np.ndarray, compress_level: int = 1) -> None:
     """Write a (H, W) uint8/uint16/bool or (H, W, 3) uint8/uint16 array as a lossless PNG.
 
     16-bit RGB goes through imagecodecs (Pillow cannot write it); the file is a standard 16-bit
-    RGB PNG that any PNG reader opens.
+    RGB PNG that any PNG reader opens. ``compress_level`` is zlib's (0-9): level 1 writes a DRIVE
+    image five times faster than Pillow's default 6, for files about 15% larger.
     """
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8) * 255
-    if arr.dtype == np.uint16 and arr.ndim == 2:
-        Image.fromarray(arr).save(path, format="PNG")  # mode I;16
-        return
     if arr.dtype == np.uint16 and arr.ndim == 3 and arr.shape[2] == 3:
-        Path(path).write_bytes(imagecodecs.png_encode(np.ascontiguousarray(arr)))
+        data = imagecodecs.png_encode(np.ascontiguousarray(arr), level=compress_level)
+        Path(path).write_bytes(data)
         return
-    if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
+    if arr.dtype not in (np.uint8, np.uint16) or not (
+        arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype == np.uint8)
+    ):
         raise ValueError(f"write_png: unsupported array {arr.dtype} {arr.shape}")
-    Image.fromarray(arr).save(path, format="PNG")
+    # 2D uint16 becomes mode I;16
+    Image.fromarray(arr).save(path, format="PNG", compress_level=compress_level)
