@@ -7,7 +7,8 @@ Converts, in one run and with the same code path as the stage (`convert_dataset`
    JPEG 2000 lossless; PNG masks; the FOV made from the image),
 
 each with ``convert.workers = 1`` and with every core, and prints a Markdown table with the speed
-ratio measured in the same run.
+ratio measured in the same run, the CPU time spent (this process and its workers: what the pool
+costs beyond the work itself) and the load average (other processes share the cores).
 
     python bench/convert.py
     python bench/convert.py --drive ../shared/datasets/DRIVE --dicom-cases 300 --repeat 2
@@ -19,6 +20,7 @@ import argparse
 import copy
 import dataclasses
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -60,14 +62,25 @@ def make_dicom_set(root: Path, n: int, size: int = 512) -> None:
         write_png(root / "masks" / f"im{i:04d}.png", lines & disc)
 
 
-def time_convert(data: DataConfig, cfg: ConvertConfig, out: Path, repeat: int) -> tuple[int, float]:
-    """(cases converted, best wall seconds over ``repeat`` runs)."""
-    best, n = float("inf"), 0
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (the workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def time_convert(
+    data: DataConfig, cfg: ConvertConfig, out: Path, repeat: int
+) -> tuple[int, float, float]:
+    """(cases converted, best wall seconds over ``repeat`` runs, CPU seconds of that run)."""
+    best, cpu, n = float("inf"), 0.0, 0
     for _ in range(repeat):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), cpu_seconds()
         n = len(convert_dataset(data, cfg, out))
-        best = min(best, time.perf_counter() - start)
-    return n, best
+        wall = time.perf_counter() - start
+        if wall < best:
+            best, cpu = wall, cpu_seconds() - start_cpu
+    return n, best, cpu
 
 
 def main() -> None:
@@ -96,17 +109,20 @@ def main() -> None:
             times = {}
             for workers in (1, cores):
                 cfg = dataclasses.replace(base, workers=workers)
-                n, seconds = time_convert(data, cfg, tmp / "out", args.repeat)
+                n, seconds, cpu = time_convert(data, cfg, tmp / "out", args.repeat)
                 times[workers] = seconds
-                rows.append((name, n, workers, seconds, n / seconds, times[1] / seconds))
+                rows.append((name, n, workers, seconds, cpu, n / seconds, times[1] / seconds))
     print(
         f"\nconvert throughput ({os.cpu_count()} CPUs visible, {cores} usable; best of "
         f"{args.repeat})\n"
     )
-    print("| data set | cases | workers | seconds | cases/s | speed-up vs 1 worker |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for name, n, workers, seconds, rate, ratio in rows:
-        print(f"| {name} | {n} | {workers} | {seconds:.2f} | {rate:.1f} | {ratio:.2f}x |")
+    print("| data set | cases | workers | wall s | CPU s | cases/s | speed-up vs 1 worker |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, n, workers, seconds, cpu, rate, ratio in rows:
+        print(
+            f"| {name} | {n} | {workers} | {seconds:.2f} | {cpu:.2f} | {rate:.1f} | {ratio:.2f}x |"
+        )
+    print(f"\nload average now: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -295,12 +296,20 @@ def test_workers_give_the_same_result_as_one_process(tmp_path: Path):
     _folders(tmp_path / "raw", 6)
     data = DataConfig(str(tmp_path / "raw"), "folders")
     one = convert_dataset(data, _cfg(workers=1), tmp_path / "one")
-    two = convert_dataset(data, _cfg(workers=2), tmp_path / "two")
-    assert one.equals(two)
+    two = convert_dataset(data, _cfg(workers=2), tmp_path / "two")  # fork on Linux
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()  # another thread runs: workers are spawned instead
+    try:
+        spawned = convert_dataset(data, _cfg(workers=2), tmp_path / "spawned")
+    finally:
+        stop.set()
+        other.join()
+    assert one.equals(two) and one.equals(spawned)
     for row in one.itertuples():
         for col in ("image", "mask", "fov"):
-            a, b = (tmp_path / d / getattr(row, col) for d in ("one", "two"))
-            assert a.read_bytes() == b.read_bytes()
+            a, b, c = (tmp_path / d / getattr(row, col) for d in ("one", "two", "spawned"))
+            assert a.read_bytes() == b.read_bytes() == c.read_bytes()
 
 
 def test_real_drive_masks_binary_second_observer_and_fov_from_image(
