@@ -352,3 +352,17 @@ def test_fov_from_image_is_the_median_of_the_threshold_filled_and_eroded():
     assert eroded.sum() < made.sum() and not (eroded & ~made).any()
     assert not eroded[np.nonzero(made[:, 35])[0][0], 35]  # the rim went
     assert not fov_from_image(np.zeros((9, 9), np.uint16), 0.1).any()
+
+
+def test_window_override_applies_to_images_not_to_dicom_masks(tmp_path: Path):
+    raw = tmp_path / "raw"
+    ramp = (np.arange(32 * 40, dtype=np.uint16).reshape(32, 40) * 50).astype(np.uint16)
+    truth = ramp > 30000
+    for stem in ("a", "b"):
+        _dicom_with_patient(raw / "images" / f"{stem}.dcm", ramp)
+        _dicom_with_patient(raw / "masks" / f"{stem}.dcm", truth.astype(np.uint16))
+    cfg = _cfg(fov_fallback="whole_image", window_center=30000.0, window_width=2000.0)
+    manifest = convert_dataset(DataConfig(str(raw), "folders"), cfg, tmp_path / "out")
+    image = read_image(tmp_path / "out" / manifest["image"][0])
+    assert image.min() == 0 and image.max() == 65535  # the window clipped the ramp
+    assert np.array_equal(read_image(tmp_path / "out" / manifest["mask"][0]) > 0, truth)

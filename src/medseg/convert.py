@@ -8,6 +8,7 @@ either stops the run (``convert.on_error: fail``) or is left out and listed with
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import multiprocessing
@@ -187,11 +188,7 @@ def convert_case(job: _Job) -> _Result:
     """
     try:
         return _Result(_convert(job.case, job.root, job.out, job.cfg))
-    except MedsegError as err:
-        base = _base_id(job.case, job.root, job.cfg)
-        for sub in ("images", "masks", "fov", "masks2"):  # frames written before the problem
-            for partial in (job.out / sub).glob(f"{base}_f*.png"):
-                partial.unlink(missing_ok=True)
+    except MedsegError as err:  # raised before anything of the case is written
         reason = str(err)
         if job.cfg.names == "hash":  # no name from the path in the outputs, the report included
             case = job.case
@@ -212,11 +209,13 @@ def _convert(case: CaseFiles, root: Path, out: Path, cfg: ConvertConfig) -> list
         allow_burned_in=cfg.allow_burned_in,
     )
     base = _base_id(case, root, cfg)
+    source = _source_name(case, root, cfg)
     images = read_frames(case.image, options)
-    masks = _read_mask(case.mask, options, cfg, images, "mask")
-    masks2 = _read_mask(case.mask2, options, cfg, images, "mask") if case.mask2 else None
+    raw = dataclasses.replace(options, window=None)  # a window is for images, never for masks
+    masks = _read_mask(case.mask, raw, cfg, images, "mask")
+    masks2 = _read_mask(case.mask2, raw, cfg, images, "mask") if case.mask2 else None
     if case.fov is not None:
-        fovs = _read_mask(case.fov, options, cfg, images, "FOV mask")
+        fovs = _read_mask(case.fov, raw, cfg, images, "FOV mask")
         if not fovs.any(axis=(1, 2)).all():
             raise MedsegError(f"{case.fov}: the field-of-view mask is empty")
         fov_source = "given"
@@ -232,8 +231,7 @@ def _convert(case: CaseFiles, root: Path, out: Path, cfg: ConvertConfig) -> list
     else:
         fovs = np.ones(images.shape[:3], dtype=bool)
         fov_source = "whole_image"
-    source = _source_name(case, root, cfg)
-    rows = []
+    rows = []  # every check is done: from here on only writing
     for k, image in enumerate(images):
         case_id = base if len(images) == 1 else f"{base}_f{k + 1}"
         if cfg.max_bit_depth == 8 and image.dtype == np.uint16:
