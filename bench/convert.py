@@ -8,7 +8,8 @@ Converts, in one run and with the same code path as the stage (`convert_dataset`
 
 each with ``convert.workers = 1`` and with every core, and prints a Markdown table with the speed
 ratio measured in the same run, the CPU time spent (this process and its workers: what the pool
-costs beyond the work itself) and the load average (other processes share the cores).
+costs beyond the work itself), the load average, and the speed-up that pure CPU work gets from
+the same number of processes at that moment (other processes share the cores).
 
     python bench/convert.py
     python bench/convert.py --drive ../shared/datasets/DRIVE --dicom-cases 300 --repeat 2
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import multiprocessing
 import os
 import resource
 import tempfile
@@ -67,6 +69,29 @@ def cpu_seconds() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _spin(seconds: float) -> int:
+    """Burn ``seconds`` of CPU time in pure Python."""
+    start, n = time.process_time(), 0
+    while time.process_time() - start < seconds:
+        n += 1
+    return n
+
+
+def attainable_speedup(workers: int, seconds: float = 1.0) -> float:
+    """How much faster ``workers`` processes get through pure CPU work than one, right now.
+
+    On idle cores this is about ``workers``; where other jobs hold the cores it is lower, and no
+    parallel program can do better: the ceiling for the conversion figures of the same run.
+    """
+    walls = []
+    for n in (1, workers):
+        start = time.perf_counter()
+        with multiprocessing.get_context("spawn").Pool(n) as pool:
+            pool.map(_spin, [seconds] * (2 * workers))
+        walls.append(time.perf_counter() - start)
+    return walls[0] / walls[1]
 
 
 def time_convert(
@@ -123,6 +148,8 @@ def main() -> None:
             f"| {name} | {n} | {workers} | {seconds:.2f} | {cpu:.2f} | {rate:.1f} | {ratio:.2f}x |"
         )
     print(f"\nload average now: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    ceiling = attainable_speedup(cores)
+    print(f"speed-up of pure CPU work with {cores} processes right now: {ceiling:.2f}x")
 
 
 if __name__ == "__main__":
