@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -163,3 +164,13 @@ def test_non_binary_masks_are_refused_unless_thresholded():
     with pytest.raises(MedsegError, match=r"convert\.mask_threshold"):
         mask_to_bool(lossy, "m.jpg")
     assert mask_to_bool(lossy, "m.jpg", threshold=0.5).tolist() == [[False, False], [True, True]]
+
+
+@pytest.mark.skipif(os.geteuid() == 0 if hasattr(os, "geteuid") else True, reason="root reads all")
+@pytest.mark.parametrize("name", ["a.png", "a.tif", "a.dcm"])
+def test_unreadable_file_names_the_file(tmp_path: Path, name: str):
+    path = tmp_path / name
+    path.write_bytes(b"x" * 300)
+    path.chmod(0)
+    with pytest.raises(MedsegError, match=f"{re.escape(name)}: cannot read the file \\(permission"):
+        read_frames(path)

@@ -98,7 +98,8 @@ def _read_dataset(path: Path) -> Dataset:
     except InvalidDicomError as err:
         raise MedsegError(f"{path}: not a readable DICOM file ({err})") from err
     except OSError as err:
-        raise MedsegError(f"{path}: cannot read the file ({err.strerror or err})") from err
+        reason = (err.strerror or str(err)).lower()
+        raise MedsegError(f"{path}: cannot read the file ({reason})") from err
     except Exception as err:  # a damaged header: the message may quote values, so omit it
         raise MedsegError(
             f"{path}: not a readable DICOM file (header cannot be parsed: {type(err).__name__}); "

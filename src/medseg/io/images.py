@@ -115,6 +115,8 @@ def read_frames(path: str | Path, options: ReadOptions | None = None) -> np.ndar
         frames = _tiff_frames(path, options) if fmt == "tiff" else _pillow_frames(path, options)
     except MedsegError:
         raise
+    except PermissionError as err:
+        raise MedsegError(f"{path}: cannot read the file (permission denied)") from err
     except (OSError, ValueError, UnidentifiedImageError, tifffile.TiffFileError) as err:
         raise MedsegError(
             f"{path}: cannot read {fmt} image ({err}); is the file complete?"
