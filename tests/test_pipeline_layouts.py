@@ -12,11 +12,15 @@ import tifffile
 from conftest import tiny_params, write_params
 from PIL import Image
 from pydicom.data import get_testdata_file
-from test_pipeline import STAGES, project, ran, run  # noqa: F401  (project is a fixture)
 
 from medseg.config import SynthesizeConfig, parse
 from medseg.preprocess import load_split
 from medseg.synthetic import generate_case
+
+try:  # main keeps the temporary-project helpers and the `project` fixture in conftest
+    from conftest import STAGES, ran, run
+except ImportError:  # this branch keeps them in test_pipeline
+    from test_pipeline import STAGES, project, ran, run  # noqa: F401  (project is a fixture)
 
 N_CASES = 6
 
@@ -83,7 +87,7 @@ def _manifest(proj: Path) -> pd.DataFrame:
     return pd.read_csv(proj / "data" / "converted" / "manifest.csv", dtype={"case_id": str})
 
 
-def test_folders_layout_through_the_whole_pipeline(project: Path, tmp_path: Path):  # noqa: F811
+def test_folders_layout_through_the_whole_pipeline(project: Path, tmp_path: Path):
     _folders_set(tmp_path / "data")
     _params(project, tmp_path / "data", "folders")
     assert ran(run(project, "dvc", "repro")) == list(STAGES)
@@ -97,7 +101,7 @@ def test_folders_layout_through_the_whole_pipeline(project: Path, tmp_path: Path
     assert ran(run(project, "dvc", "repro")) == []
 
 
-def test_manifest_layout_through_convert_and_preprocess(project: Path, tmp_path: Path):  # noqa: F811
+def test_manifest_layout_through_convert_and_preprocess(project: Path, tmp_path: Path):
     _manifest_set(tmp_path / "data")
     _params(project, tmp_path / "data", "manifest")
     assert ran(run(project, "dvc", "repro", "preprocess")) == ["convert", "preprocess"]
