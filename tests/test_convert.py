@@ -1,15 +1,23 @@
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
+import tifffile
 from conftest import DRIVE, tiny_params, write_params
+from PIL import Image
+from pydicom.data import get_testdata_file
+from scipy import ndimage
 
 from medseg.config import ConvertConfig, DataConfig, SynthesizeConfig, load_params
-from medseg.convert import MANIFEST_COLUMNS, convert_dataset
+from medseg.convert import MANIFEST_COLUMNS, convert_dataset, fov_from_image
 from medseg.errors import MedsegError
 from medseg.io.images import read_image, write_png
 from medseg.synthetic import generate_case, write_dataset
@@ -63,14 +71,298 @@ def test_corrupt_image_names_the_file(raw: Path, tmp_path: Path):
     assert not (tmp_path / "converted").exists()
 
 
-@pytest.mark.skipif(not DRIVE.is_dir(), reason="the DRIVE data set is not in ../shared/datasets")
-def test_real_drive_converts(tmp_path: Path):
-    manifest = _convert(DRIVE, tmp_path / "converted")
+@pytest.fixture(scope="module")
+def drive(tmp_path_factory: pytest.TempPathFactory) -> tuple[pd.DataFrame, Path]:
+    """The real DRIVE set converted once for the tests of this module."""
+    if not DRIVE.is_dir():
+        pytest.skip("the DRIVE data set is not in ../shared/datasets")
+    out = tmp_path_factory.mktemp("drive") / "converted"
+    return _convert(DRIVE, out), out
+
+
+def test_real_drive_converts(drive: tuple[pd.DataFrame, Path]):
+    manifest, out = drive
     assert len(manifest) == 40
     assert set(manifest["source_format"]) == {"tiff"}  # LZW-compressed, through imagecodecs
     assert (manifest[["height", "width", "channels"]] == [584, 565, 3]).all().all()
     row = manifest.set_index("case_id").loc["01_test"]
     assert row["source"] == "test/images/01_test.tif"
-    vessels = read_image(tmp_path / "converted" / row["mask"]) > 0
-    fov = read_image(tmp_path / "converted" / row["fov"]) > 0
+    vessels = read_image(out / row["mask"]) > 0
+    fov = read_image(out / row["fov"]) > 0
     assert 0.08 < vessels[fov].mean() < 0.18  # DRIVE's vessel share inside the FOV is about 12%
+
+
+# --- layouts, FOV from the image, frames, bad cases, names, workers ---
+
+
+def _cfg(**changes: object) -> ConvertConfig:
+    return dataclasses.replace(ConvertConfig(None, None, workers=1), **changes)  # type: ignore[arg-type]
+
+
+def _disc_image(seed: int, h: int = 40, w: int = 48) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An RGB 'fundus' on black (the FOV disc), a 0/255 mask and the disc itself."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    disc = (yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (0.45 * min(h, w)) ** 2
+    image = np.zeros((h, w, 3), np.uint8)
+    image[disc] = rng.integers(90, 200, (int(disc.sum()), 3), dtype=np.uint8)
+    mask = ((xx % 7 == 0) & disc).astype(np.uint8) * 255
+    return image, mask, disc
+
+
+def _folders(root: Path, n: int) -> dict[str, np.ndarray]:
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    discs = {}
+    for i in range(n):
+        image, mask, disc = _disc_image(i)
+        Image.fromarray(image).save(root / "images" / f"case{i}.png")
+        Image.fromarray(mask).save(root / "masks" / f"case{i}.png")
+        discs[f"case{i}"] = disc
+    return discs
+
+
+def test_folders_layout_with_fov_from_the_image(tmp_path: Path):
+    discs = _folders(tmp_path / "raw", 5)
+    data = DataConfig(str(tmp_path / "raw"), "folders", test_fraction=0.4)
+    manifest = convert_dataset(data, _cfg(), tmp_path / "out")
+    assert len(manifest) == 5 and (manifest["split"] == "test").sum() == 2
+    assert set(manifest["fov_source"]) == {"threshold"} and manifest["mask2"].isna().all()
+    for row in manifest.itertuples():
+        fov = read_image(tmp_path / "out" / row.fov) > 0
+        assert (fov == discs[row.case_id]).mean() > 0.97
+        assert row.source == f"images/{row.case_id}.png"
+    whole = convert_dataset(data, _cfg(fov_fallback="whole_image"), tmp_path / "out2")
+    assert set(whole["fov_source"]) == {"whole_image"}
+    assert (read_image(tmp_path / "out2" / whole["fov"][0]) == 255).all()
+
+
+def test_black_image_has_no_fov_and_says_what_to_do(tmp_path: Path):
+    _folders(tmp_path / "raw", 2)
+    Image.fromarray(np.zeros((40, 48, 3), np.uint8)).save(tmp_path / "raw/images/case1.png")
+    with pytest.raises(MedsegError, match=r"case1\.png: no field of view found above"):
+        convert_dataset(DataConfig(str(tmp_path / "raw"), "folders"), _cfg(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_multiframe_is_split_or_refused(tmp_path: Path):
+    raw = tmp_path / "raw"
+    for sub in ("images", "masks"):
+        (raw / sub).mkdir(parents=True)
+    stack = np.random.default_rng(0).integers(0, 65536, (3, 16, 20), dtype=np.uint16)
+    masks = np.zeros((3, 16, 20), np.uint8)
+    masks[:, 4:8, 5:9] = 255
+    tifffile.imwrite(raw / "images" / "vol.tif", stack, photometric="minisblack")
+    tifffile.imwrite(raw / "masks" / "vol.tif", masks, photometric="minisblack")
+    data = DataConfig(str(raw), "folders", test_fraction=0.5)
+    manifest = convert_dataset(data, _cfg(fov_fallback="whole_image"), tmp_path / "out")
+    assert manifest["case_id"].tolist() == ["vol_f1", "vol_f2", "vol_f3"]
+    assert set(manifest["source"]) == {"images/vol.tif"} and manifest["split"].nunique() == 1
+    assert (manifest["bit_depth"] == 16).all()
+    assert np.array_equal(read_image(tmp_path / "out" / "images" / "vol_f2.png"), stack[1])
+    with pytest.raises(MedsegError, match=r"vol\.tif: holds 3 frames and convert\.multiframe"):
+        convert_dataset(data, _cfg(multiframe="refuse"), tmp_path / "out3")
+    short = masks[:2]
+    tifffile.imwrite(raw / "masks" / "vol.tif", short, photometric="minisblack")
+    with pytest.raises(MedsegError, match=r"vol\.tif: mask has 2 frames but its image has 3"):
+        convert_dataset(data, _cfg(), tmp_path / "out4")
+
+
+def test_16_bit_kept_or_reduced_to_8(tmp_path: Path):
+    raw = tmp_path / "raw"
+    for sub in ("images", "masks"):
+        (raw / sub).mkdir(parents=True)
+    ramp = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    tifffile.imwrite(raw / "images" / "ramp.tif", ramp)
+    tifffile.imwrite(raw / "masks" / "ramp.tif", (ramp > 30000).astype(np.uint8))
+    (raw / "images" / "b.tif").write_bytes((raw / "images" / "ramp.tif").read_bytes())
+    (raw / "masks" / "b.tif").write_bytes((raw / "masks" / "ramp.tif").read_bytes())
+    data = DataConfig(str(raw), "folders")
+    kept = convert_dataset(data, _cfg(fov_fallback="whole_image"), tmp_path / "o16")
+    assert np.array_equal(read_image(tmp_path / "o16" / kept["image"][0]), ramp)
+    assert (kept["bit_depth"] == 16).all()
+    small = convert_dataset(
+        data, _cfg(fov_fallback="whole_image", max_bit_depth=8), tmp_path / "o8"
+    )
+    eight = read_image(tmp_path / "o8" / small["image"][0])
+    assert eight.dtype == np.uint8 and eight.min() == 0 and eight.max() == 255
+    assert (small["bit_depth"] == 8).all()
+
+
+def _broken_set(raw: Path) -> None:
+    """Five good cases and one of each problem a user brings."""
+    _folders(raw, 5)
+    Image.fromarray(_disc_image(9)[0]).save(raw / "images" / "nomask.png")
+    (raw / "images" / "empty.png").write_bytes(b"")
+    (raw / "masks" / "empty.png").write_bytes((raw / "masks" / "case0.png").read_bytes())
+    Image.fromarray(_disc_image(8)[0]).save(raw / "images" / "labels.png")
+    Image.fromarray(np.arange(40 * 48, dtype=np.uint8).reshape(40, 48) % 3).save(
+        raw / "masks" / "labels.png"
+    )
+    Image.fromarray(_disc_image(7)[0]).save(raw / "images" / "small.png")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(raw / "masks" / "small.png")
+
+
+BROKEN = {
+    "images/nomask.png": "no mask",
+    "images/empty.png": "cannot read png image",
+    "images/labels.png": "mask is not binary (3 values: 0, 1, 2)",
+    "images/small.png": "mask is 10x10 but its image is 48x40",
+}
+
+
+def test_on_error_skip_lists_every_bad_case(tmp_path: Path):
+    raw = tmp_path / "raw"
+    _broken_set(raw)
+    data = DataConfig(str(raw), "folders")
+    manifest = convert_dataset(data, _cfg(on_error="skip"), tmp_path / "out")
+    assert sorted(manifest["case_id"]) == [f"case{i}" for i in range(5)]
+    skipped = pd.read_csv(tmp_path / "out" / "skipped.csv")
+    assert sorted(skipped["source"]) == sorted(BROKEN)
+    for source, reason in zip(skipped["source"], skipped["reason"], strict=True):
+        assert BROKEN[source] in reason and Path(source).name in reason
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report == {"cases": 5, "source_images": 5, "skipped": 4, "on_error": "skip"}
+    assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == [
+        f"case{i}.png" for i in range(5)
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_on_error_fail_names_the_file_and_leaves_nothing(tmp_path: Path, name: str):
+    raw = tmp_path / "raw"
+    _broken_set(raw)
+    for other in set(BROKEN) - {name}:
+        (raw / other).unlink()
+    with pytest.raises(MedsegError, match=re.escape(BROKEN[name])) as info:
+        convert_dataset(DataConfig(str(raw), "folders"), _cfg(), tmp_path / "out")
+    assert Path(name).name in str(info.value) and "on_error: skip" in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+def test_zero_usable_cases_is_an_error_even_when_skipping(tmp_path: Path):
+    raw = tmp_path / "raw"
+    _broken_set(raw)
+    for i in range(5):
+        (raw / "masks" / f"case{i}.png").unlink()
+    with pytest.raises(MedsegError, match="no usable case: all 9 were skipped"):
+        convert_dataset(DataConfig(str(raw), "folders"), _cfg(on_error="skip"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_data_set(tmp_path: Path):
+    (tmp_path / "raw" / "images").mkdir(parents=True)
+    with pytest.raises(MedsegError, match="no cases found in the folders layout"):
+        convert_dataset(DataConfig(str(tmp_path / "raw"), "folders"), _cfg(), tmp_path / "out")
+
+
+def _dicom_with_patient(path: Path, ramp: np.ndarray) -> None:
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    del ds.WindowCenter, ds.WindowWidth
+    ds.Rows, ds.Columns = ramp.shape
+    ds.PixelRepresentation, ds.BitsStored, ds.HighBit = 0, 16, 15
+    ds.PixelData = ramp.tobytes()
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = "DOE^JANE", "PID-98765", "19700101"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path)
+
+
+def test_no_patient_identifier_reaches_the_outputs(tmp_path: Path):
+    raw = tmp_path / "raw"
+    ramp = (np.arange(32 * 40, dtype=np.uint16).reshape(32, 40) * 50).astype(np.uint16)
+    uid = "1.2.826.0.1.3680043.8.498.1234567"
+    (raw / "masks").mkdir(parents=True)
+    for stem in ("a", uid):
+        _dicom_with_patient(raw / "images" / f"{stem}.dcm", ramp)
+        write_png(raw / "masks" / f"{stem}.png", ramp > 30000)
+    data = DataConfig(str(raw), "folders", test_fraction=0.5)
+    with pytest.raises(MedsegError, match=r"holds a DICOM UID .* set convert\.names: hash"):
+        convert_dataset(data, _cfg(fov_fallback="whole_image"), tmp_path / "out")
+    manifest = convert_dataset(
+        data, _cfg(fov_fallback="whole_image", names="hash"), tmp_path / "out"
+    )
+    assert all(re.fullmatch(r"h[0-9a-f]{12}", i) for i in manifest["case_id"])
+    assert all(re.fullmatch(r"sha256:[0-9a-f]{16}", s) for s in manifest["source"])
+    written = "\n".join(
+        [p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*")]
+        + [(tmp_path / "out" / f).read_text() for f in ("manifest.csv", "skipped.csv")]
+    )
+    for secret in ("DOE", "JANE", "PID-98765", "19700101", uid, "a.dcm"):
+        assert secret not in written
+    assert np.array_equal(read_image(tmp_path / "out" / manifest["image"][0]), ramp)
+
+
+def test_workers_give_the_same_result_as_one_process(tmp_path: Path):
+    _folders(tmp_path / "raw", 6)
+    data = DataConfig(str(tmp_path / "raw"), "folders")
+    one = convert_dataset(data, _cfg(workers=1), tmp_path / "one")
+    two = convert_dataset(data, _cfg(workers=2), tmp_path / "two")  # fork on Linux
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()  # another thread runs: workers are spawned instead
+    try:
+        spawned = convert_dataset(data, _cfg(workers=2), tmp_path / "spawned")
+    finally:
+        stop.set()
+        other.join()
+    assert one.equals(two) and one.equals(spawned)
+    for row in one.itertuples():
+        for col in ("image", "mask", "fov"):
+            a, b, c = (tmp_path / d / getattr(row, col) for d in ("one", "two", "spawned"))
+            assert a.read_bytes() == b.read_bytes() == c.read_bytes()
+
+
+def test_real_drive_masks_binary_second_observer_and_fov_from_image(
+    drive: tuple[pd.DataFrame, Path],
+):
+    manifest, out = drive
+    assert (manifest["fov_source"] == "given").all()
+    test = manifest[manifest["split"] == "test"]
+    assert (
+        test["mask2"].notna().all()
+        and manifest.loc[manifest["split"] == "train", "mask2"].isna().all()
+    )
+    row = test.iloc[0]
+    for col in ("mask", "fov", "mask2"):
+        assert set(np.unique(read_image(out / row[col]))) == {0, 255}
+    m1 = read_image(out / row["mask"]) > 0
+    m2 = read_image(out / row["mask2"]) > 0
+    fov = read_image(out / row["fov"]) > 0
+    agreement = (m1 == m2)[fov].mean()
+    assert 0.92 < agreement < 0.97  # the second observer's accuracy is about 0.947 in DRIVE papers
+    for case in manifest.itertuples():
+        if case.case_id in ("01_test", "21_training", "40_training"):
+            image = read_image(out / case.image)
+            given = read_image(out / case.fov) > 0
+            made = fov_from_image(image, 0.1)
+            assert (made & given).sum() / (made | given).sum() > 0.97
+
+
+def test_fov_from_image_is_the_median_of_the_threshold_filled_and_eroded():
+    rng = np.random.default_rng(3)
+    _, _, disc = _disc_image(0, 60, 70)
+    image = np.where(disc, rng.integers(60, 255, disc.shape), 0).astype(np.uint8)
+    image[rng.random(disc.shape) < 0.05] = 0  # dead pixels inside: the median keeps them in
+    image[28:32, 30:36] = 0  # a dark lesion: a hole, filled
+    image[2, 2] = image[2, 3] = 255  # specks outside: the median drops them
+    reference = ndimage.binary_fill_holes(ndimage.median_filter(image, size=5) > 25.5)
+    made = fov_from_image(image, 0.1)
+    assert np.array_equal(made, reference) and made[30, 33] and not made[2, 2]
+    eroded = fov_from_image(image, 0.1, erode=3)
+    assert eroded.sum() < made.sum() and not (eroded & ~made).any()
+    assert not eroded[np.nonzero(made[:, 35])[0][0], 35]  # the rim went
+    assert not fov_from_image(np.zeros((9, 9), np.uint16), 0.1).any()
+
+
+def test_window_override_applies_to_images_not_to_dicom_masks(tmp_path: Path):
+    raw = tmp_path / "raw"
+    ramp = (np.arange(32 * 40, dtype=np.uint16).reshape(32, 40) * 50).astype(np.uint16)
+    truth = ramp > 30000
+    for stem in ("a", "b"):
+        _dicom_with_patient(raw / "images" / f"{stem}.dcm", ramp)
+        _dicom_with_patient(raw / "masks" / f"{stem}.dcm", truth.astype(np.uint16))
+    cfg = _cfg(fov_fallback="whole_image", window_center=30000.0, window_width=2000.0)
+    manifest = convert_dataset(DataConfig(str(raw), "folders"), cfg, tmp_path / "out")
+    image = read_image(tmp_path / "out" / manifest["image"][0])
+    assert image.min() == 0 and image.max() == 65535  # the window clipped the ramp
+    assert np.array_equal(read_image(tmp_path / "out" / manifest["mask"][0]) > 0, truth)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -9,7 +10,16 @@ import tifffile
 from PIL import Image
 
 from medseg.errors import MedsegError
-from medseg.io.images import binarize, read_image, source_format, write_png
+from medseg.io.images import (
+    ReadOptions,
+    binarize,
+    mask_to_bool,
+    read_frames,
+    read_image,
+    read_raster,
+    source_format,
+    write_png,
+)
 
 RNG = np.random.default_rng(0)
 RGB8 = RNG.integers(0, 256, (17, 23, 3), dtype=np.uint8)
@@ -84,3 +94,83 @@ def test_corrupt_and_empty_files_name_the_file(tmp_path: Path, name: str):
 def test_unsupported_ending(tmp_path: Path):
     with pytest.raises(MedsegError, match=re.escape("unsupported file type .txt")):
         read_image(tmp_path / "notes.txt")
+
+
+def test_16_bit_rgb_png_round_trip(tmp_path: Path):
+    rgb16 = RNG.integers(0, 65536, (17, 23, 3), dtype=np.uint16)
+    write_png(tmp_path / "a.png", rgb16)
+    back = read_raster(tmp_path / "a.png")
+    assert back.dtype == np.uint16 and np.array_equal(back, rgb16)
+    with Image.open(tmp_path / "a.png") as im:  # a standard PNG that other readers open
+        assert im.size == (23, 17)
+
+
+def test_synthetic_16_bit_tiff_keeps_full_range(tmp_path: Path):
+    ramp = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    tifffile.imwrite(tmp_path / "ramp.tif", ramp, compression="zlib")
+    assert np.array_equal(read_image(tmp_path / "ramp.tif"), ramp)
+
+
+def test_multipage_tiff_gives_frames_or_is_refused(tmp_path: Path):
+    stack = RNG.integers(0, 65536, (5, 17, 23), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "s.tif", stack, photometric="minisblack")
+    assert np.array_equal(read_frames(tmp_path / "s.tif"), stack)
+    rgb_stack = RNG.integers(0, 256, (2, 17, 23, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb_stack, photometric="rgb")
+    assert np.array_equal(read_frames(tmp_path / "rgb.tif"), rgb_stack)
+    with pytest.raises(MedsegError, match=r"s\.tif: holds 5 frames and convert\.multiframe"):
+        read_frames(tmp_path / "s.tif", ReadOptions(allow_multiframe=False))
+
+
+@pytest.mark.parametrize("name", ["a.png", "a.tif", "a.gif"])
+def test_pixel_limit_checked_before_decoding(tmp_path: Path, name: str):
+    if name.endswith(".tif"):
+        tifffile.imwrite(tmp_path / name, RGB8)
+    else:
+        Image.fromarray(RGB8).save(tmp_path / name)
+    samples = 17 * 23 * (1 if name.endswith(".gif") else 3)  # a GIF stores one palette index
+    with pytest.raises(MedsegError, match=f"{re.escape(name)}: the image = .* exceeds"):
+        read_frames(tmp_path / name, ReadOptions(max_pixels=samples - 1))
+    assert read_frames(tmp_path / name, ReadOptions(max_pixels=samples)).shape[0] == 1
+
+
+def test_dicom_without_ending_is_recognised(tmp_path: Path):
+    from pydicom.data import get_testdata_file
+
+    (tmp_path / "IM0001").write_bytes(Path(get_testdata_file("MR_small.dcm")).read_bytes())
+    assert source_format(tmp_path / "IM0001") == "dicom"
+    assert read_frames(tmp_path / "IM0001").shape == (1, 64, 64)
+    (tmp_path / "notes").write_bytes(b"x" * 200)
+    with pytest.raises(MedsegError, match=re.escape("unsupported file type (no ending)")):
+        source_format(tmp_path / "notes")
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[0, 1], [0, 255], [0, 65535], [2, 4, 252, 254], [255], [0]],
+    ids=["0-1", "0-255", "0-65535", "drive-2nd-manual", "all-fg", "all-bg"],
+)
+def test_binary_masks_are_accepted(values: list[int]):
+    arr = np.array(values * 4, dtype=np.uint16).reshape(-1, len(values))
+    got = mask_to_bool(arr, "m.png")
+    assert np.array_equal(got, arr > max(values) / 2 if len(values) > 1 else arr > 0)
+
+
+def test_non_binary_masks_are_refused_unless_thresholded():
+    labels = np.array([[0, 1], [2, 0]], dtype=np.uint8)
+    with pytest.raises(MedsegError, match=r"m\.png: mask is not binary \(3 values: 0, 1, 2\)"):
+        mask_to_bool(labels, "m.png")
+    lossy = np.array([[0, 9], [240, 255]], dtype=np.uint8)  # a JPEG mask
+    with pytest.raises(MedsegError, match=r"convert\.mask_threshold"):
+        mask_to_bool(lossy, "m.jpg")
+    assert mask_to_bool(lossy, "m.jpg", threshold=0.5).tolist() == [[False, False], [True, True]]
+
+
+@pytest.mark.skipif(os.geteuid() == 0 if hasattr(os, "geteuid") else True, reason="root reads all")
+@pytest.mark.parametrize("name", ["a.png", "a.tif", "a.dcm"])
+def test_unreadable_file_names_the_file(tmp_path: Path, name: str):
+    path = tmp_path / name
+    path.write_bytes(b"x" * 300)
+    path.chmod(0)
+    with pytest.raises(MedsegError, match=f"{re.escape(name)}: cannot read the file \\(permission"):
+        read_frames(path)

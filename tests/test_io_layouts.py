@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,7 @@ from conftest import DRIVE
 
 from medseg.errors import MedsegError
 from medseg.io.images import write_png
-from medseg.io.layouts import find_cases
+from medseg.io.layouts import find_cases, scan_cases
 
 
 def _drive_tree(root: Path, train: list[str], test: list[str]) -> None:
@@ -63,3 +64,131 @@ def test_real_drive_folder():
     assert all(c.fov is not None for c in cases)
     first = next(c for c in cases if c.case_id == "01_test")
     assert first.mask.name == "01_manual1.gif"
+
+
+def test_drive_second_observer_is_picked_up(tmp_path: Path):
+    _drive_tree(tmp_path, ["21"], ["01", "02"])
+    (tmp_path / "test" / "2nd_manual").mkdir()
+    write_png(tmp_path / "test" / "2nd_manual" / "01_manual2.png", np.zeros((8, 8), np.uint8))
+    cases = {c.case_id: c for c in find_cases(tmp_path, "drive")}
+    assert cases["01_test"].mask2 is not None and cases["01_test"].mask2.name == "01_manual2.png"
+    assert cases["02_test"].mask2 is None and cases["21_training"].mask2 is None
+
+
+def _folders_tree(base: Path, stems: list[str], fov: bool = False) -> None:
+    img = np.zeros((8, 8), np.uint8)
+    for sub in ("images", "masks") + (("fov",) if fov else ()):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+        for stem in stems:
+            write_png(base / sub / f"{stem}.png", img)
+
+
+def test_folders_flat_gets_a_seeded_split(tmp_path: Path):
+    stems = [f"case{i:02d}" for i in range(10)]
+    _folders_tree(tmp_path, stems)
+    cases = find_cases(tmp_path, "folders", test_fraction=0.3, seed=1)
+    assert sorted(c.case_id for c in cases) == stems
+    test = [c.case_id for c in cases if c.split == "test"]
+    assert len(test) == 3
+    assert [c.case_id for c in cases if c.split == "test"] == [
+        c.case_id for c in find_cases(tmp_path, "folders", test_fraction=0.3, seed=1)
+        if c.split == "test"
+    ]  # fmt: skip
+    other = find_cases(tmp_path, "folders", test_fraction=0.3, seed=2)
+    assert {c.case_id for c in other if c.split == "test"} != set(test)
+    assert all(c.fov is None for c in cases)
+
+
+def test_folders_split_from_subfolders_and_fov(tmp_path: Path):
+    _folders_tree(tmp_path / "training", ["a", "b"], fov=True)
+    _folders_tree(tmp_path / "test", ["c"])
+    cases = find_cases(tmp_path, "folders")
+    assert [(c.case_id, c.split) for c in cases] == [("a", "train"), ("b", "train"), ("c", "test")]
+    assert cases[0].fov is not None and cases[2].fov is None
+
+
+def test_folders_problems(tmp_path: Path):
+    _folders_tree(tmp_path, ["a", "b"])
+    (tmp_path / "masks" / "b.png").unlink()
+    scan = scan_cases(tmp_path, "folders")
+    assert [c.case_id for c in scan.cases] == ["a"]
+    assert scan.problems[0].reason.endswith(
+        "b.png: no mask " + tmp_path.name + "/masks/b.* for this image"
+    )
+    write_png(tmp_path / "masks" / "a.gif", np.zeros((8, 8), np.uint8))
+    with pytest.raises(MedsegError, match=r"holds two files for the key a \(a\.gif and a\.png\)"):
+        scan_cases(tmp_path, "folders")
+    with pytest.raises(MedsegError, match="not a folders layout"):
+        find_cases(tmp_path / "masks", "folders")
+
+
+def _manifest(root: Path, text: str) -> None:
+    (root / "manifest.csv").write_text(text)
+
+
+def test_manifest_layout(tmp_path: Path):
+    _folders_tree(tmp_path / "data", ["x", "y", "z"])
+    _manifest(
+        tmp_path,
+        "image,mask,split,case_id\n"
+        "data/images/x.png,data/masks/x.png,train,first\n"
+        "data/images/y.png, data/masks/y.png ,Training,\n"
+        "./data/images/z.png,data/masks/../masks/z.png,test,third\n",
+    )
+    cases = find_cases(tmp_path, "manifest")
+    assert [(c.case_id, c.split, c.mask.name) for c in cases] == [
+        ("first", "train", "x.png"), ("y", "train", "y.png"), ("third", "test", "z.png"),
+    ]  # fmt: skip
+
+
+def test_manifest_without_split_is_split_by_seed(tmp_path: Path):
+    _folders_tree(tmp_path, ["a", "b", "c", "d", "e"])
+    rows = "".join(f"images/{s}.png,masks/{s}.png\n" for s in "abcde")
+    _manifest(tmp_path, "image,mask\n" + rows)
+    cases = find_cases(tmp_path, "manifest", test_fraction=0.4, seed=0)
+    assert sum(c.split == "test" for c in cases) == 2 and len(cases) == 5
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("image,mask\nimages/a.png,masks/no.png\n", r"line 2, column mask: masks/no\.png does not"),
+        ("image,mask\n../outside.png,masks/a.png\n", r"column image: \.\./outside\.png is outside"),
+        ("image,mask\n/etc/hostname,masks/a.png\n", r"/etc/hostname is outside data\.root"),
+        ("image,mask,split\nimages/a.png,masks/a.png,val\n", "split 'val' is not one of train"),
+        ("image,mask,case_id\nimages/a.png,masks/a.png,a/b\n", "case_id 'a/b' may only hold"),
+        ("image,mask\nimages/a.png,\n", "the mask column is empty"),
+    ],
+)  # fmt: skip
+def test_manifest_row_problems_name_the_line(tmp_path: Path, text: str, message: str):
+    _folders_tree(tmp_path, ["a"])
+    (tmp_path / "outside.png").touch()
+    _manifest(tmp_path, text)
+    scan = scan_cases(tmp_path, "manifest")
+    assert scan.cases == [] and len(scan.problems) == 1
+    assert re.search(message, scan.problems[0].reason), scan.problems[0].reason
+    assert scan.problems[0].reason.startswith(str(tmp_path / "manifest.csv"))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("image,maks\na,b\n", "missing column 'mask'"),
+        ("image,mask,weight\na,b,1\n", "unknown column 'weight'"),
+        ("", "not a readable CSV"),
+        ("image,mask\n", "no cases found in the manifest layout"),
+    ],
+)
+def test_manifest_file_problems(tmp_path: Path, text: str, message: str):
+    _manifest(tmp_path, text)
+    with pytest.raises(MedsegError, match=message):
+        scan_cases(tmp_path, "manifest")
+    with pytest.raises(MedsegError, match=r"nothing\.csv: manifest not found"):
+        scan_cases(tmp_path, "manifest", manifest="nothing.csv")
+
+
+@pytest.mark.skipif(not DRIVE.is_dir(), reason="the DRIVE data set is not in ../shared/datasets")
+def test_real_drive_second_observer():
+    cases = find_cases(DRIVE, "drive")
+    assert sum(c.mask2 is not None for c in cases) == 20
+    assert all(c.mask2 is not None for c in cases if c.split == "test")

@@ -23,9 +23,18 @@ class DataConfig:
 
     root: str
     layout: str
+    manifest: str = "manifest.csv"
+    test_fraction: float = 0.2
+    split_seed: int = 0
 
     def __post_init__(self) -> None:
-        _choice("data.layout", self.layout, ("drive",))
+        _choice("data.layout", self.layout, ("drive", "folders", "manifest"))
+        if not self.manifest:
+            raise MedsegError("params: data.manifest must name the CSV file under data.root")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise MedsegError(
+                f"params: data.test_fraction must be in (0, 1), got {self.test_fraction}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +67,24 @@ class SynthesizeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ConvertConfig:
-    """Conversion of every input format to lossless PNG."""
+    """Conversion of every input format to lossless PNG.
+
+    Defaults are those of ``params.yaml``; loading still requires every key in the file.
+    """
 
     window_center: float | None
     window_width: float | None
+    max_bit_depth: int = 16
+    multiframe: str = "split"
+    max_pixels: int = 200_000_000
+    allow_burned_in: bool = False
+    names: str = "source"
+    mask_threshold: float | None = None
+    fov_fallback: str = "threshold"
+    fov_threshold: float = 0.1
+    fov_erode: int = 0
+    on_error: str = "fail"
+    workers: int | None = 0
 
     def __post_init__(self) -> None:
         if (self.window_center is None) != (self.window_width is None):
@@ -71,6 +94,27 @@ class ConvertConfig:
             )
         if self.window_width is not None:
             _positive("convert.window_width", self.window_width)
+        if self.max_bit_depth not in (8, 16):
+            raise MedsegError(
+                f"params: convert.max_bit_depth must be 8 or 16, got {self.max_bit_depth}"
+            )
+        _choice("convert.multiframe", self.multiframe, ("split", "refuse"))
+        _positive("convert.max_pixels", self.max_pixels)
+        _choice("convert.names", self.names, ("source", "hash"))
+        if self.mask_threshold is not None and not 0.0 < self.mask_threshold < 1.0:
+            raise MedsegError(
+                f"params: convert.mask_threshold must be in (0, 1) or null, got "
+                f"{self.mask_threshold}"
+            )
+        _choice("convert.fov_fallback", self.fov_fallback, ("threshold", "whole_image"))
+        if not 0.0 < self.fov_threshold < 1.0:
+            raise MedsegError(
+                f"params: convert.fov_threshold must be in (0, 1), got {self.fov_threshold}"
+            )
+        _at_least("convert.fov_erode", self.fov_erode, 0)
+        _choice("convert.on_error", self.on_error, ("fail", "skip"))
+        if self.workers is not None:
+            _at_least("convert.workers", self.workers, 0)
 
 
 @dataclasses.dataclass(frozen=True)

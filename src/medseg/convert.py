@@ -1,90 +1,365 @@
-"""Conversion of a raw data set (any layout, DICOM/TIFF/PNG/GIF/JPEG) to lossless PNG + manifest."""
+"""Conversion of a raw data set (any layout, DICOM/TIFF/PNG/GIF/JPEG) to lossless PNG + manifest.
+
+Each case is converted on its own (in parallel worker processes), written into a temporary
+output folder, and the folder is moved into place only when the run is complete. A bad case
+either stops the run (``convert.on_error: fail``) or is left out and listed with its reason in
+``skipped.csv`` (``skip``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
+import multiprocessing
+import os
+import re
+import sys
+import threading
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import ndimage
+from tqdm import tqdm
 
 from medseg.config import ConvertConfig, DataConfig
 from medseg.errors import MedsegError
-from medseg.io.atomic import atomic_dir
-from medseg.io.images import binarize, read_image, source_format, write_png
-from medseg.io.layouts import CaseFiles, find_cases
+from medseg.io.atomic import atomic_dir, write_json
+from medseg.io.images import ReadOptions, mask_to_bool, read_frames, source_format, write_png
+from medseg.io.layouts import CaseFiles, Problem, scan_cases
 
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = [
     "case_id", "split", "image", "mask", "fov", "source", "source_format", "bit_depth",
-    "channels", "height", "width", "fov_source",
+    "channels", "height", "width", "fov_source", "mask2",
 ]  # fmt: skip
+SKIPPED_COLUMNS = ["source", "reason"]
+# A path part made of 4+ dot-separated numbers is a DICOM UID, which identifies a study or image.
+_UID = re.compile(r"^\d+(\.\d+){3,}$")
+
+
+@dataclass(frozen=True)
+class _Job:
+    case: CaseFiles
+    root: Path
+    out: Path
+    cfg: ConvertConfig
+
+
+@dataclass(frozen=True)
+class _Result:
+    rows: list[dict[str, object]]
+    problem: Problem | None = None
 
 
 def convert_dataset(data: DataConfig, cfg: ConvertConfig, out: str | Path) -> pd.DataFrame:
     """Convert every case under ``data.root`` into ``out``.
 
-    Writes ``out/images/<case>.png`` (8 or 16 bit, grey or RGB), ``out/masks/<case>.png`` and
-    ``out/fov/<case>.png`` (0/255), and ``out/manifest.csv`` (one row per case, columns
-    `MANIFEST_COLUMNS`, paths relative to ``out``). ``out`` appears only when all cases converted.
+    Writes ``out/images/<case>.png`` (8 or 16 bit, grey or RGB), ``out/masks/<case>.png``,
+    ``out/fov/<case>.png`` and, where a second observer's mask exists, ``out/masks2/<case>.png``
+    (masks 0/255); ``out/manifest.csv`` (one row per case, columns `MANIFEST_COLUMNS`, paths
+    relative to ``out``; ``mask2`` empty, read back as NaN, where there is none);
+    ``out/skipped.csv`` (the files left out and why) and ``out/report.json`` (counts).
+    ``out`` appears only when the run completes.
 
     Returns:
         The manifest.
+
+    Raises:
+        MedsegError: a bad case with ``on_error: fail``, or no usable case at all.
     """
     root = Path(data.root)
-    cases = find_cases(root, data.layout)
-    window = None
-    if cfg.window_center is not None and cfg.window_width is not None:
-        window = (cfg.window_center, cfg.window_width)
+    scan = scan_cases(root, data.layout, data.manifest, data.test_fraction, data.split_seed)
+    if scan.problems and cfg.on_error == "fail":
+        raise MedsegError(_fail_hint(scan.problems[0].reason))
     with atomic_dir(out) as tmp:
-        for sub in ("images", "masks", "fov"):
+        for sub in ("images", "masks", "fov", "masks2"):
             (tmp / sub).mkdir()
-        rows = [_convert_case(case, root, tmp, window) for case in cases]
+        jobs = [_Job(case, root, tmp, cfg) for case in scan.cases]
+        results = _run(jobs, cfg)
+        rows = [row for r in results for row in r.rows]
+        problems = scan.problems + [r.problem for r in results if r.problem is not None]
+        skipped = pd.DataFrame([_skip_row(p, root, cfg) for p in problems], columns=SKIPPED_COLUMNS)
+        skipped.to_csv(tmp / "skipped.csv", index=False)
+        if not rows:
+            first = f"; the first: {problems[0].reason}" if problems else ""
+            raise MedsegError(f"{root}: no usable case: all {len(problems)} were skipped{first}")
         manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+        _check_unique_ids(manifest)
+        if not any((tmp / "masks2").iterdir()):
+            (tmp / "masks2").rmdir()
         manifest.to_csv(tmp / "manifest.csv", index=False)
-    log.info("converted %d cases from %s", len(manifest), root)
+        # hand back what the next stage will read (an empty mask2 cell reads as NaN)
+        manifest = pd.read_csv(tmp / "manifest.csv", dtype={"case_id": str})
+        report = {
+            "cases": len(manifest),
+            "source_images": len(jobs) - sum(r.problem is not None for r in results),
+            "skipped": len(problems),
+            "on_error": cfg.on_error,
+        }
+        write_json(tmp / "report.json", report)
+    log.info(
+        "converted %d cases (%d skipped%s)",
+        len(manifest), len(problems), ", listed in skipped.csv" if problems else "",
+    )  # fmt: skip
     return manifest
 
 
-def _convert_case(
-    case: CaseFiles, root: Path, out: Path, window: tuple[float, float] | None
-) -> dict[str, object]:
-    image = read_image(case.image, window=window)
-    mask = binarize(read_image(case.mask))
-    if mask.shape != image.shape[:2]:
-        raise MedsegError(
-            f"{case.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {case.image.name} "
-            f"is {image.shape[1]}x{image.shape[0]} (width x height); they must match"
-        )
-    if case.fov is not None:
-        fov = binarize(read_image(case.fov))
-        if fov.shape != image.shape[:2]:
+def worker_count(workers: int | None, n_jobs: int) -> int:
+    """Processes to use: ``workers`` (0 or ``None``: every core this process may run on), at
+    most one per job."""
+    if not workers:
+        try:
+            workers = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            workers = os.cpu_count() or 1
+    return max(1, min(workers, n_jobs))
+
+
+def _run(jobs: list[_Job], cfg: ConvertConfig) -> list[_Result]:
+    """Convert every job, in worker processes when more than one is asked for, with a progress
+    bar; in ``fail`` mode the first problem stops the run."""
+    results: list[_Result | None] = [None] * len(jobs)
+    n_workers = worker_count(cfg.workers, len(jobs))
+    if n_workers == 1:
+        with _bar(len(jobs)) as bar:
+            for i, job in enumerate(jobs):
+                results[i] = _finish(convert_case(job), cfg)
+                bar.update()
+        return [r for r in results if r is not None]
+    with ProcessPoolExecutor(n_workers, mp_context=_start_method()) as pool:
+        pending = {pool.submit(convert_case, job): i for i, job in enumerate(jobs)}
+        try:
+            with _bar(len(jobs)) as bar:
+                while pending:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        results[pending.pop(future)] = _finish(future.result(), cfg)
+                        bar.update()
+        except BrokenProcessPool as err:
             raise MedsegError(
-                f"{case.fov}: FOV mask size {fov.shape[1]}x{fov.shape[0]} differs from its image "
-                f"{case.image.name} ({image.shape[1]}x{image.shape[0]})"
-            )
+                "convert: a worker process died (out of memory?); lower convert.workers "
+                "or convert.max_pixels"
+            ) from err
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return [r for r in results if r is not None]
+
+
+class _Bar(tqdm):
+    """A progress bar without tqdm's monitor thread, so that later runs may still fork."""
+
+    monitor_interval = 0
+
+
+def _bar(total: int) -> tqdm:
+    return _Bar(total=total, unit="case", desc="convert", disable=None)  # off if not a terminal
+
+
+def _start_method() -> multiprocessing.context.BaseContext:
+    """``fork`` on Linux while this process runs no other thread (the stage script runs none):
+    workers start in milliseconds without importing everything again, which is most of the
+    speed-up on small data sets. Otherwise ``spawn``: clean workers, whatever the parent runs."""
+    if sys.platform.startswith("linux") and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+def _finish(result: _Result, cfg: ConvertConfig) -> _Result:
+    if result.problem is not None and cfg.on_error == "fail":
+        raise MedsegError(_fail_hint(result.problem.reason))
+    return result
+
+
+def _fail_hint(reason: str) -> str:
+    return f"{reason} (convert.on_error: skip leaves such cases out and lists them)"
+
+
+def convert_case(job: _Job) -> _Result:
+    """Convert one case: read, check, write its PNGs; a user-caused problem becomes a `Problem`.
+
+    Runs in a worker process: everything it needs comes in ``job``.
+    """
+    try:
+        return _Result(_convert(job.case, job.root, job.out, job.cfg))
+    except MedsegError as err:  # raised before anything of the case is written
+        reason = str(err)
+        if job.cfg.names == "hash":  # no name from the path in the outputs, the report included
+            case = job.case
+            for path in (case.image, case.mask, case.fov, case.mask2):
+                if path is not None:
+                    reason = reason.replace(str(path), _hashed_source(path, job.root))
+        return _Result([], Problem(job.case.image, reason))
+
+
+def _convert(case: CaseFiles, root: Path, out: Path, cfg: ConvertConfig) -> list[dict[str, object]]:
+    window = None
+    if cfg.window_center is not None and cfg.window_width is not None:
+        window = (cfg.window_center, cfg.window_width)
+    options = ReadOptions(
+        window=window,
+        max_pixels=cfg.max_pixels,
+        allow_multiframe=cfg.multiframe == "split",
+        allow_burned_in=cfg.allow_burned_in,
+    )
+    base = _base_id(case, root, cfg)
+    source = _source_name(case, root, cfg)
+    images = read_frames(case.image, options)
+    raw = dataclasses.replace(options, window=None)  # a window is for images, never for masks
+    masks = _read_mask(case.mask, raw, cfg, images, "mask")
+    masks2 = _read_mask(case.mask2, raw, cfg, images, "mask") if case.mask2 else None
+    if case.fov is not None:
+        fovs = _read_mask(case.fov, raw, cfg, images, "FOV mask")
+        if not fovs.any(axis=(1, 2)).all():
+            raise MedsegError(f"{case.fov}: the field-of-view mask is empty")
         fov_source = "given"
+    elif cfg.fov_fallback == "threshold":
+        fovs = np.stack([fov_from_image(im, cfg.fov_threshold, cfg.fov_erode) for im in images])
+        if not fovs.any(axis=(1, 2)).all():
+            raise MedsegError(
+                f"{case.image}: no field of view found above convert.fov_threshold "
+                f"({cfg.fov_threshold}); lower it, give FOV masks, or set "
+                "convert.fov_fallback: whole_image"
+            )
+        fov_source = "threshold"
     else:
-        fov = np.ones(image.shape[:2], dtype=bool)
+        fovs = np.ones(images.shape[:3], dtype=bool)
         fov_source = "whole_image"
-    if not fov.any():
-        raise MedsegError(f"{case.fov}: the field-of-view mask is empty")
-    names = {sub: f"{sub}/{case.case_id}.png" for sub in ("images", "masks", "fov")}
-    write_png(out / names["images"], image)
-    write_png(out / names["masks"], mask)
-    write_png(out / names["fov"], fov)
-    return {
-        "case_id": case.case_id,
-        "split": case.split,
-        "image": names["images"],
-        "mask": names["masks"],
-        "fov": names["fov"],
-        "source": case.image.relative_to(root).as_posix(),
-        "source_format": source_format(case.image),
-        "bit_depth": 16 if image.dtype == np.uint16 else 8,
-        "channels": 1 if image.ndim == 2 else image.shape[2],
-        "height": image.shape[0],
-        "width": image.shape[1],
-        "fov_source": fov_source,
-    }
+    rows = []  # every check is done: from here on only writing
+    for k, image in enumerate(images):
+        case_id = base if len(images) == 1 else f"{base}_f{k + 1}"
+        if cfg.max_bit_depth == 8 and image.dtype == np.uint16:
+            image = ((image.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        names = {sub: f"{sub}/{case_id}.png" for sub in ("images", "masks", "fov", "masks2")}
+        write_png(out / names["images"], image)
+        write_png(out / names["masks"], masks[k])
+        write_png(out / names["fov"], fovs[k if len(fovs) > 1 else 0])
+        if masks2 is not None:
+            write_png(out / names["masks2"], masks2[k])
+        rows.append(
+            {
+                "case_id": case_id,
+                "split": case.split,
+                "image": names["images"],
+                "mask": names["masks"],
+                "fov": names["fov"],
+                "source": source,
+                "source_format": source_format(case.image),
+                "bit_depth": 16 if image.dtype == np.uint16 else 8,
+                "channels": 1 if image.ndim == 2 else image.shape[2],
+                "height": image.shape[0],
+                "width": image.shape[1],
+                "fov_source": fov_source,
+                "mask2": names["masks2"] if masks2 is not None else "",
+            }
+        )
+    return rows
+
+
+def _read_mask(
+    path: Path | None, options: ReadOptions, cfg: ConvertConfig, images: np.ndarray, what: str
+) -> np.ndarray:
+    """A mask file as (F, H, W) bool matching the image's frames and size (an FOV mask may have
+    one frame for all)."""
+    assert path is not None
+    frames = mask_to_bool(read_frames(path, options), path, cfg.mask_threshold)
+    n, h, w = images.shape[:3]
+    if frames.shape[1:] != (h, w):
+        raise MedsegError(
+            f"{path}: {what} is {frames.shape[2]}x{frames.shape[1]} but its image is {w}x{h} "
+            "(width x height); they must match"
+        )
+    if len(frames) != n and not (what == "FOV mask" and len(frames) == 1):
+        raise MedsegError(
+            f"{path}: {what} has {len(frames)} frames but its image has {n}; give one mask "
+            "frame per image frame"
+        )
+    return frames
+
+
+def fov_from_image(image: np.ndarray, threshold: float, erode: int = 0) -> np.ndarray:
+    """A field-of-view mask made from the image itself, for data sets that ship none.
+
+    Steps: 1. the brightest channel as a share of full scale; 2. a 5x5 median against noise
+    (it keeps the rim where it is);
+    3. threshold; 4. keep the largest connected region; 5. fill its holes (dark vessels, lesions);
+    6. shave ``erode`` pixels off the rim.
+
+    Args:
+        image: (H, W) or (H, W, 3) uint8 or uint16.
+        threshold: share of full scale (255 or 65535) in (0, 1).
+        erode: pixels removed from the rim, >= 0.
+
+    Returns:
+        (H, W) bool; all False when nothing exceeds the threshold.
+    """
+    full = 65535.0 if image.dtype == np.uint16 else 255.0
+    bright = image.max(axis=2) if image.ndim == 3 else image
+    # the 5x5 median of the thresholded image (the same as thresholding the median, and ~30x
+    # faster): a pixel is in where the majority of its 25 neighbours is
+    above = (bright > threshold * full).astype(np.float32)
+    mask = ndimage.uniform_filter(above, size=5) > 0.5
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    mask = ndimage.binary_fill_holes(labels == int(sizes.argmax()))
+    if erode > 0:
+        mask = ndimage.distance_transform_edt(mask) > erode
+    return np.asarray(mask, dtype=bool)
+
+
+def _base_id(case: CaseFiles, root: Path, cfg: ConvertConfig) -> str:
+    if cfg.names == "hash":
+        return "h" + _digest(case.image, root)[:12]
+    return case.case_id
+
+
+def _source_name(case: CaseFiles, root: Path, cfg: ConvertConfig) -> str:
+    """The image's path relative to the root, or its hash with ``convert.names: hash``."""
+    if cfg.names == "hash":
+        return _hashed_source(case.image, root)
+    rel = _relative(case.image, root)
+    for part in Path(rel).parts:
+        if _UID.match(part.removesuffix(Path(part).suffix) if Path(part).suffix else part):
+            raise MedsegError(
+                f"{case.image}: the path holds a DICOM UID ({part}), which identifies a patient's "
+                "study; set convert.names: hash so that no name from the path reaches the outputs"
+            )
+    return rel
+
+
+def _relative(path: Path, root: Path) -> str:
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+def _hashed_source(path: Path, root: Path) -> str:
+    return "sha256:" + _digest(path, root)[:16]
+
+
+def _digest(path: Path, root: Path) -> str:
+    return hashlib.sha256(_relative(path, root).encode("utf-8")).hexdigest()
+
+
+def _skip_row(problem: Problem, root: Path, cfg: ConvertConfig) -> dict[str, str]:
+    """A row of ``skipped.csv``; with ``names: hash`` the file is named by its hash only."""
+    if cfg.names != "hash":
+        return {"source": _relative(problem.path, root), "reason": problem.reason}
+    token = _hashed_source(problem.path, root)
+    return {"source": token, "reason": problem.reason.replace(str(problem.path), token)}
+
+
+def _check_unique_ids(manifest: pd.DataFrame) -> None:
+    dupes = manifest["case_id"][manifest["case_id"].duplicated()]
+    if len(dupes):
+        raise MedsegError(
+            f"two cases share the id {dupes.iloc[0]} (a frame id <id>_f<k> may collide with a "
+            "file of that name); rename one of the files"
+        )

@@ -1,14 +1,37 @@
-"""Data set layouts: find each case's image, vessel mask and FOV mask under a data root."""
+"""Data set layouts: find each case's image, mask, FOV mask (and second-observer mask) under a
+data root.
+
+- ``drive``: ``training|test/images``, ``1st_manual``, ``mask`` and, where present,
+  ``2nd_manual`` (a second human observer, kept as a reference), paired by the case number;
+- ``folders``: ``images/`` + ``masks/`` (+ ``fov/``) paired by file stem, either at the root (a
+  seeded split) or under ``train|training/`` and ``test|testing/`` (the split from the folder);
+- ``manifest``: a CSV under the root with columns ``image, mask[, fov][, mask2][, split]
+  [, case_id]``, paths relative to the CSV and inside the root.
+
+`scan_cases` reports problems with single cases (an image without a mask, a missing file) apart
+from the cases it found, so the caller may skip them; `find_cases` raises on the first.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 from medseg.errors import MedsegError
-from medseg.io.images import IMAGE_SUFFIXES
+from medseg.io.images import IMAGE_SUFFIXES, is_dicom_file
 
 DRIVE_SPLITS = {"training": "train", "test": "test"}
+FOLDER_SPLITS = {"train": "train", "training": "train", "test": "test", "testing": "test"}
+MANIFEST_REQUIRED = ("image", "mask")
+MANIFEST_OPTIONAL = ("fov", "mask2", "split", "case_id")
+SPLIT_VALUES = {"train": "train", "training": "train", "test": "test", "testing": "test"}
+_SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 @dataclass(frozen=True)
@@ -21,6 +44,7 @@ class CaseFiles:
         image: the image file.
         mask: the ground-truth mask file.
         fov: the field-of-view mask file, or ``None`` when the layout has none.
+        mask2: a second observer's mask (DRIVE ``2nd_manual``), or ``None``.
     """
 
     case_id: str
@@ -28,10 +52,66 @@ class CaseFiles:
     image: Path
     mask: Path
     fov: Path | None
+    mask2: Path | None = None
 
 
-def find_cases(root: str | Path, layout: str) -> list[CaseFiles]:
-    """List the cases of the data set under ``root`` in the named layout, sorted by split and id."""
+@dataclass(frozen=True)
+class Problem:
+    """A file that cannot become a case, and why (the message names the file)."""
+
+    path: Path
+    reason: str
+
+
+@dataclass
+class Scan:
+    """What a layout holds: usable cases, and problems with single files."""
+
+    cases: list[CaseFiles] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+
+def find_cases(
+    root: str | Path,
+    layout: str,
+    manifest: str = "manifest.csv",
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> list[CaseFiles]:
+    """List the cases of the data set under ``root`` in the named layout, sorted by split and id.
+
+    Raises:
+        MedsegError: on the first problem (see `scan_cases` to collect them instead).
+    """
+    scan = scan_cases(root, layout, manifest, test_fraction, seed)
+    if scan.problems:
+        raise MedsegError(scan.problems[0].reason)
+    return scan.cases
+
+
+def scan_cases(
+    root: str | Path,
+    layout: str,
+    manifest: str = "manifest.csv",
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> Scan:
+    """Find the cases under ``root`` in the named layout.
+
+    Args:
+        root: the data set folder (``data.root``).
+        layout: ``drive``, ``folders`` or ``manifest``.
+        manifest: the CSV file under ``root`` (layout ``manifest``).
+        test_fraction: share of cases sent to ``test`` where the layout gives no split.
+        seed: seed of that split.
+
+    Returns:
+        The cases, sorted by split (train first) and id, and the problems found.
+
+    Raises:
+        MedsegError: the root or the layout as a whole is unusable (not a folder, wrong layout,
+            no case at all, duplicate case ids).
+    """
     root = Path(root)
     if not root.is_dir():
         raise MedsegError(
@@ -39,15 +119,39 @@ def find_cases(root: str | Path, layout: str) -> list[CaseFiles]:
             "(e.g. dvc exp run -S data.root=/path/to/DRIVE)"
         )
     if layout == "drive":
-        cases = _drive(root)
+        scan = _drive(root)
+    elif layout == "folders":
+        scan = _folders(root, test_fraction, seed)
+    elif layout == "manifest":
+        scan = _manifest(root, manifest, test_fraction, seed)
     else:
-        raise MedsegError(f"data.layout: unknown layout {layout!r}; known: drive")
-    if not cases:
-        raise MedsegError(f"{root}: no cases found in the {layout} layout")
-    return cases
+        raise MedsegError(
+            f"data.layout: unknown layout {layout!r}; known: drive, folders, manifest"
+        )
+    if not scan.cases and not scan.problems:
+        raise MedsegError(f"{root}: no cases found in the {layout} layout (the data set is empty)")
+    _check_unique(root, scan.cases)
+    scan.cases.sort(key=lambda c: (c.split != "train", c.case_id))
+    return scan
 
 
-def _drive(root: Path) -> list[CaseFiles]:
+def safe_id(name: str) -> str:
+    """A filesystem-safe case id from a file stem: other characters become ``_``."""
+    return _SAFE_ID.sub("_", name).strip("._") or "case"
+
+
+def _check_unique(root: Path, cases: list[CaseFiles]) -> None:
+    seen: dict[str, Path] = {}
+    for case in cases:
+        if case.case_id in seen:
+            raise MedsegError(
+                f"{root}: {seen[case.case_id].name} and {case.image.name} both give the case id "
+                f"{case.case_id}; rename one of them"
+            )
+        seen[case.case_id] = case.image
+
+
+def _drive(root: Path) -> Scan:
     """DRIVE: ``training|test/images/NN_*.ext``, ``1st_manual/NN_*``, ``mask/NN_*``."""
     present = [d for d in DRIVE_SPLITS if (root / d / "images").is_dir()]
     if not present:
@@ -55,53 +159,193 @@ def _drive(root: Path) -> list[CaseFiles]:
             f"{root}: not a DRIVE layout (expected training/images and test/images folders); "
             "check data.root and data.layout"
         )
-    cases: list[CaseFiles] = []
+    scan = Scan()
     for folder in present:
         split = DRIVE_SPLITS[folder]
         base = root / folder
-        masks = _by_key(base / "1st_manual")
-        fovs = _by_key(base / "mask")
-        for image in sorted(p for p in (base / "images").iterdir() if _is_image(p)):
-            key = _key(image)
+        masks = _by_key(base / "1st_manual", _drive_key)
+        fovs = _by_key(base / "mask", _drive_key)
+        seconds = _by_key(base / "2nd_manual", _drive_key)
+        for image in _images_in(base / "images"):
+            key = _drive_key(image)
             if key not in masks:
-                raise MedsegError(
-                    f"{image}: no vessel mask {folder}/1st_manual/{key}_* for this image"
-                )
-            cases.append(
+                reason = f"{image}: no vessel mask {folder}/1st_manual/{key}_* for this image"
+                scan.problems.append(Problem(image, reason))
+                continue
+            scan.cases.append(
                 CaseFiles(
-                    case_id=image.stem,
+                    case_id=safe_id(image.stem),
                     split=split,
                     image=image,
                     mask=masks[key],
                     fov=fovs.get(key),
+                    mask2=seconds.get(key),
                 )
             )
-    ids = [c.case_id for c in cases]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
-    if dupes:
-        raise MedsegError(f"{root}: several images share the case id {dupes[0]}")
-    return cases
+    return scan
+
+
+def _folders(root: Path, test_fraction: float, seed: int) -> Scan:
+    """``images/``, ``masks/``, ``fov/`` at the root, or under ``train/`` and ``test/``."""
+    split_dirs = {
+        FOLDER_SPLITS[d.name.lower()]: d
+        for d in sorted(root.iterdir())
+        if d.is_dir() and d.name.lower() in FOLDER_SPLITS and (d / "images").is_dir()
+    }
+    if (root / "images").is_dir() and split_dirs:
+        raise MedsegError(
+            f"{root}: has both images/ and {'/'.join(sorted(split_dirs))}/images; use one or the "
+            "other (folders layout)"
+        )
+    if split_dirs:
+        scan = Scan()
+        for split, base in sorted(split_dirs.items()):
+            part = _folder_pairs(base)
+            scan.cases += [_with_split(c, split) for c in part.cases]
+            scan.problems += part.problems
+        return scan
+    if not (root / "images").is_dir():
+        raise MedsegError(
+            f"{root}: not a folders layout (expected images/ and masks/, or train/images and "
+            "test/images); check data.root and data.layout"
+        )
+    scan = _folder_pairs(root)
+    return Scan(_seeded_split(scan.cases, test_fraction, seed), scan.problems)
+
+
+def _folder_pairs(base: Path) -> Scan:
+    masks = _by_key(base / "masks", _stem)
+    fovs = _by_key(base / "fov", _stem)
+    scan = Scan()
+    for image in _images_in(base / "images"):
+        key = _stem(image)
+        if key not in masks:
+            scan.problems.append(
+                Problem(image, f"{image}: no mask {base.name}/masks/{key}.* for this image")
+            )
+            continue
+        scan.cases.append(CaseFiles(safe_id(key), "", image, masks[key], fovs.get(key)))
+    return scan
+
+
+def _manifest(root: Path, name: str, test_fraction: float, seed: int) -> Scan:
+    csv = root / name
+    if not csv.is_file():
+        raise MedsegError(
+            f"{csv}: manifest not found; put the CSV under data.root and name it in data.manifest"
+        )
+    try:
+        table = pd.read_csv(csv, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise MedsegError(f"{csv}: not a readable CSV file ({err})") from err
+    table.columns = [str(c).strip().lower() for c in table.columns]
+    missing = [c for c in MANIFEST_REQUIRED if c not in table.columns]
+    unknown = [c for c in table.columns if c not in MANIFEST_REQUIRED + MANIFEST_OPTIONAL]
+    if missing or unknown:
+        what = f"missing column {missing[0]!r}" if missing else f"unknown column {unknown[0]!r}"
+        raise MedsegError(
+            f"{csv}: {what}; "
+            + f"columns are {', '.join(MANIFEST_REQUIRED)} and optionally "
+            + ", ".join(MANIFEST_OPTIONAL)
+        )
+    scan = Scan()
+    has_split = "split" in table.columns
+    for line, row in enumerate(table.to_dict("records"), start=2):
+        where = f"{csv} line {line}"
+        try:
+            files = {
+                col: _inside(root, csv.parent, row[col], f"{where}, column {col}")
+                for col in ("image", "mask", "fov", "mask2")
+                if row.get(col, "").strip()
+            }
+            for col in MANIFEST_REQUIRED:
+                if col not in files:
+                    raise MedsegError(f"{where}: the {col} column is empty")
+            split = ""
+            if has_split:
+                split = SPLIT_VALUES.get(row["split"].strip().lower(), "")
+                if not split:
+                    raise MedsegError(f"{where}: split {row['split']!r} is not one of train, test")
+            case_id = row.get("case_id", "").strip()
+            if case_id and safe_id(case_id) != case_id:
+                raise MedsegError(
+                    f"{where}: case_id {case_id!r} may only hold letters, digits, '.', '_', '-'"
+                )
+        except MedsegError as err:
+            scan.problems.append(Problem(csv, str(err)))
+            continue
+        image = files["image"]
+        scan.cases.append(
+            CaseFiles(
+                case_id or safe_id(image.stem),
+                split,
+                image,
+                files["mask"],
+                files.get("fov"),
+                files.get("mask2"),
+            )
+        )
+    if has_split:
+        return scan
+    return Scan(_seeded_split(scan.cases, test_fraction, seed), scan.problems)
+
+
+def _inside(root: Path, base: Path, value: str, where: str) -> Path:
+    """``value`` (relative to ``base``) as a path, refused unless it is a file under ``root``."""
+    path = Path(os.path.normpath(base / value.strip()))
+    top = Path(os.path.normpath(root))
+    if path != top and top not in path.parents:
+        raise MedsegError(f"{where}: {value.strip()} is outside data.root ({root}); refused")
+    if not path.is_file():
+        raise MedsegError(f"{where}: {value.strip()} does not exist (looked for {path})")
+    return path
+
+
+def _seeded_split(cases: list[CaseFiles], test_fraction: float, seed: int) -> list[CaseFiles]:
+    """Send ``round(test_fraction * n)`` cases (at least one, never all) to test, seeded.
+
+    Cases are ordered by id before shuffling, so the split does not depend on listing order.
+    """
+    if not cases:
+        return []
+    ordered = sorted(cases, key=lambda c: c.case_id)
+    n_test = min(max(round(test_fraction * len(ordered)), 1), max(len(ordered) - 1, 0))
+    order = np.random.default_rng(seed).permutation(len(ordered))
+    test = {ordered[i].case_id for i in order[:n_test]}
+    return [_with_split(c, "test" if c.case_id in test else "train") for c in ordered]
+
+
+def _with_split(case: CaseFiles, split: str) -> CaseFiles:
+    return CaseFiles(case.case_id, split, case.image, case.mask, case.fov, case.mask2)
 
 
 def _is_image(path: Path) -> bool:
-    return (
-        path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
-    )
+    if not path.is_file() or path.name.startswith("."):
+        return False
+    return path.suffix.lower() in IMAGE_SUFFIXES or (not path.suffix and is_dicom_file(path))
 
 
-def _key(path: Path) -> str:
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if _is_image(p)) if folder.is_dir() else []
+
+
+def _drive_key(path: Path) -> str:
     """DRIVE pairs files by the number before the first underscore: ``21_training`` -> ``21``."""
     return path.stem.split("_", 1)[0]
 
 
-def _by_key(folder: Path) -> dict[str, Path]:
-    if not folder.is_dir():
-        return {}
+def _stem(path: Path) -> str:
+    return path.stem
+
+
+def _by_key(folder: Path, key_of: Callable[[Path], str]) -> dict[str, Path]:
     found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if _is_image(path):
-            key = _key(path)
-            if key in found:
-                raise MedsegError(f"{path}: two files in {folder} share the case key {key}")
-            found[key] = path
+    for path in _images_in(folder):
+        key = key_of(path)
+        if key in found:
+            raise MedsegError(
+                f"{path}: {folder} holds two files for the key {key} "
+                f"({found[key].name} and {path.name}); keep one"
+            )
+        found[key] = path
     return found

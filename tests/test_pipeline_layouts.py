@@ -1,0 +1,115 @@
+"""End to end: the `folders` and `manifest` layouts through the real `dvc repro` (tiny params)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import tifffile
+from conftest import STAGES, ran, run, tiny_params, write_params
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from medseg.config import SynthesizeConfig, parse
+from medseg.preprocess import load_split
+from medseg.synthetic import generate_case
+
+N_CASES = 6
+
+
+def _cases() -> list:
+    cfg = parse(SynthesizeConfig, tiny_params()["synthesize"])
+    return [generate_case(cfg, i) for i in range(N_CASES)]
+
+
+def _grey16(rgb: np.ndarray) -> np.ndarray:
+    return (rgb[..., 1].astype(np.uint16) * 257).astype(np.uint16)
+
+
+def _write_dicom16(path: Path, image: np.ndarray) -> None:
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    del ds.WindowCenter, ds.WindowWidth
+    ds.Rows, ds.Columns = image.shape
+    ds.PixelRepresentation, ds.BitsStored, ds.HighBit = 0, 16, 15
+    ds.PixelData = image.tobytes()
+    ds.save_as(path)
+
+
+def _folders_set(root: Path) -> None:
+    """JPEG photographs and PNG masks, no FOV masks, no split: the plainest user data."""
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    for i, case in enumerate(_cases()):
+        Image.fromarray(case.image).save(root / "images" / f"eye{i}.jpg", quality=95)
+        Image.fromarray(case.vessels.astype(np.uint8) * 255).save(root / "masks" / f"eye{i}.png")
+
+
+def _manifest_set(root: Path) -> None:
+    """16-bit TIFF and DICOM images, GIF masks, some FOV masks, a split and ids, in a CSV."""
+    (root / "scans").mkdir(parents=True)
+    (root / "labels").mkdir()
+    lines = ["image,mask,fov,split,case_id"]
+    for i, case in enumerate(_cases()):
+        image = _grey16(case.image)
+        if i % 2:
+            _write_dicom16(root / "scans" / f"s{i}.dcm", image)
+            name = f"scans/s{i}.dcm"
+        else:
+            tifffile.imwrite(root / "scans" / f"s{i}.tif", image)
+            name = f"scans/s{i}.tif"
+        Image.fromarray(case.vessels.astype(np.uint8) * 255).save(root / "labels" / f"v{i}.gif")
+        fov = ""
+        if i < 3:
+            Image.fromarray(case.fov.astype(np.uint8) * 255).save(root / "labels" / f"f{i}.gif")
+            fov = f"labels/f{i}.gif"
+        split = "test" if i >= 4 else "train"
+        lines.append(f"{name},labels/v{i}.gif,{fov},{split},p{i:02d}")
+    (root / "list.csv").write_text("\n".join(lines) + "\n")
+
+
+def _params(proj: Path, root: Path, layout: str) -> None:
+    params = tiny_params(
+        data={"root": str(root), "layout": layout, "manifest": "list.csv", "test_fraction": 0.34},
+        convert={"workers": 2},
+    )
+    write_params(proj / "params.yaml", params)
+
+
+def _manifest(proj: Path) -> pd.DataFrame:
+    return pd.read_csv(proj / "data" / "converted" / "manifest.csv", dtype={"case_id": str})
+
+
+def test_folders_layout_through_the_whole_pipeline(project: Path, tmp_path: Path):
+    _folders_set(tmp_path / "data")
+    _params(project, tmp_path / "data", "folders")
+    assert ran(run(project, "dvc", "repro")) == list(STAGES)
+    manifest = _manifest(project)
+    assert len(manifest) == N_CASES
+    assert set(manifest["fov_source"]) == {"threshold"}
+    assert set(manifest["source_format"]) == {"jpeg"} and (manifest["channels"] == 3).all()
+    metrics = json.loads((project / "results" / "evaluate" / "metrics.json").read_text())
+    assert metrics["n_images"] == (manifest["split"] == "test").sum() == 2
+    assert 0.0 <= metrics["test"]["fov"]["dice"] <= 1.0
+    assert ran(run(project, "dvc", "repro")) == []
+
+
+def test_manifest_layout_through_convert_and_preprocess(project: Path, tmp_path: Path):
+    _manifest_set(tmp_path / "data")
+    _params(project, tmp_path / "data", "manifest")
+    assert ran(run(project, "dvc", "repro", "preprocess")) == ["convert", "preprocess"]
+    manifest = _manifest(project)
+    assert manifest["case_id"].tolist() == [f"p{i:02d}" for i in range(N_CASES)]
+    assert manifest["fov_source"].tolist() == ["given"] * 3 + ["threshold"] * 3
+    assert sorted(set(manifest["source_format"])) == ["dicom", "tiff"]
+    assert (manifest["bit_depth"] == 16).all() and (manifest["channels"] == 1).all()
+    test = load_split(project / "data" / "processed" / "test.npz")
+    assert sorted(test.case_ids.tolist()) == ["p04", "p05"]
+    # a changed image reruns convert; the same data again does nothing
+    assert ran(run(project, "dvc", "repro", "preprocess")) == []
+    (tmp_path / "data" / "labels" / "v0.gif").unlink()
+    proc = run(project, "dvc", "repro", "preprocess", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout + proc.stderr
+    assert "list.csv line 2, column mask: labels/v0.gif does not exist" in proc.stdout + proc.stderr
