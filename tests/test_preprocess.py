@@ -12,6 +12,7 @@ from medseg.errors import MedsegError
 from medseg.io.images import read_raster, write_png
 from medseg.preprocess import (
     RECORD,
+    clahe,
     crop_to,
     load_record,
     load_split,
@@ -138,6 +139,59 @@ def test_prepare_image_is_channel_then_fov_normalisation():
     assert np.array_equal(x[0], normalize_in_fov(select_channel(image, "green"), fov))
 
 
+def _faint_lines_on_a_ramp() -> np.ndarray:
+    """A dark-to-bright ramp with faint dark lines, both in the dim and in the bright half."""
+    x = np.tile(np.linspace(0.05, 0.9, 128, dtype=np.float32), (128, 1))
+    x[::8, :] -= 0.02
+    return x
+
+
+def test_clahe_raises_local_contrast_of_faint_structures():
+    x = _faint_lines_on_a_ramp()
+    out = clahe(x, clip=0.01, tiles=8)
+    assert out.shape == x.shape and out.dtype == np.float32
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    for cols in (slice(8, 24), slice(104, 120)):  # the dim and the bright end of the ramp
+        before = x[1:8, cols].mean() - x[0, cols].mean()
+        after = out[1:8, cols].mean() - out[0, cols].mean()
+        assert after > 1.4 * before
+    # a higher clip limit lets the equalisation go further
+    strong = clahe(x, clip=0.05, tiles=8)
+    gap = lambda a: float(a[1:8, 8:24].mean() - a[0, 8:24].mean())  # noqa: E731
+    assert gap(strong) > gap(out)
+
+
+def test_clahe_of_a_constant_image_is_constant_and_finite():
+    flat = np.full((40, 50), 0.3, np.float32)
+    flat[::7, ::5] += 1e-4  # invisible noise must not be blown up to the full range
+    out = clahe(flat, clip=0.01, tiles=4)
+    assert np.isfinite(out).all() and np.ptp(out) < 1e-3
+
+
+def test_prepare_image_applies_clahe_before_normalisation():
+    image = (_faint_lines_on_a_ramp() * 255).astype(np.uint8)
+    fov = np.ones(image.shape, bool)
+    cfg = PreprocessConfig("gray", 32, 0.2, 0, contrast="clahe", clahe_clip=0.02, clahe_tiles=4)
+    x = prepare_image(image, fov, cfg)
+    expected = normalize_in_fov(clahe(select_channel(image, "gray"), 0.02, 4), fov)
+    assert np.array_equal(x[0], expected)
+    plain = prepare_image(image, fov, PreprocessConfig("gray", 32, 0.2, 0))
+    assert not np.allclose(x, plain)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("contrast", "hist", "preprocess.contrast must be one of"),
+        ("clahe_clip", 0.0, "preprocess.clahe_clip"),
+        ("clahe_tiles", 0, "preprocess.clahe_tiles"),
+    ],
+)
+def test_bad_contrast_params_are_refused(key: str, value: object, message: str):
+    with pytest.raises(MedsegError, match=message):
+        PreprocessConfig("green", 32, 0.2, 0, **{key: value})  # type: ignore[arg-type]
+
+
 def test_load_record_errors_name_the_file(tmp_path: Path):
     with pytest.raises(MedsegError, match="cannot read the preprocess record"):
         load_record(tmp_path / "nope.json")
@@ -145,6 +199,9 @@ def test_load_record_errors_name_the_file(tmp_path: Path):
     bad.write_text("{")
     with pytest.raises(MedsegError, match=r"bad\.json: not a valid preprocess record"):
         load_record(bad)
-    bad.write_text('{"channel": "blue", "pad_multiple": 32, "val_fraction": 0.2, "seed": 0}')
+    bad.write_text(
+        '{"channel": "blue", "pad_multiple": 32, "val_fraction": 0.2, "seed": 0, '
+        '"contrast": "none", "clahe_clip": 0.01, "clahe_tiles": 8}'
+    )
     with pytest.raises(MedsegError, match=r"preprocess\.channel must be one of"):
         load_record(bad)

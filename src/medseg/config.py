@@ -125,9 +125,18 @@ class PreprocessConfig:
     pad_multiple: int
     val_fraction: float
     seed: int
+    contrast: str = "none"
+    clahe_clip: float = 0.01
+    clahe_tiles: int = 8
 
     def __post_init__(self) -> None:
         _choice("preprocess.channel", self.channel, ("green", "gray"))
+        _choice("preprocess.contrast", self.contrast, ("none", "clahe"))
+        if not 0.0 < self.clahe_clip <= 1.0:
+            raise MedsegError(
+                f"params: preprocess.clahe_clip must be in (0, 1], got {self.clahe_clip}"
+            )
+        _positive("preprocess.clahe_tiles", self.clahe_tiles)
         _positive("preprocess.pad_multiple", self.pad_multiple)
         if not 0.0 <= self.val_fraction < 1.0:
             raise MedsegError(
