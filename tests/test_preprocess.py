@@ -74,6 +74,16 @@ def test_split_is_seeded_and_sized():
     assert split_cases(["a"], 0.5, 0) == set()  # never the only training case
 
 
+def test_split_keeps_the_frames_of_one_file_together():
+    ids = [f"scan{s}_f{k}" for s in range(5) for k in range(1, 4)]
+    groups = {cid: cid.split("_")[0] for cid in ids}
+    for seed in range(10):
+        val = split_cases(ids, 0.2, seed, groups)
+        assert len(val) == 3  # one of five files, with its three frames
+        assert len({groups[cid] for cid in val}) == 1
+    assert split_cases(["a_f1", "a_f2"], 0.5, 0, {"a_f1": "a", "a_f2": "a"}) == set()
+
+
 def test_preprocess_dataset(tmp_path: Path):
     synth = SynthesizeConfig(0, 5, 2, 70, 66, 0.4, 6.0, 1.0, 0.02)
     write_dataset(synth, tmp_path / "raw")

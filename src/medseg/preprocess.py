@@ -181,19 +181,34 @@ def crop_to(x: np.ndarray, height: int, width: int) -> np.ndarray:
     return x[..., :height, :width]
 
 
-def split_cases(train_ids: list[str], val_fraction: float, seed: int) -> set[str]:
+def split_cases(
+    train_ids: list[str],
+    val_fraction: float,
+    seed: int,
+    groups: dict[str, str] | None = None,
+) -> set[str]:
     """Choose the validation cases among the training cases, reproducibly.
 
+    Args:
+        train_ids: the training case ids.
+        val_fraction: share of them for validation.
+        seed: the seed of the choice.
+        groups: case id -> group (e.g. the source file of the frames of a multi-frame DICOM); the
+            cases of one group all go to the same side, so no frame of a validation file is
+            trained on. Default: every case is its own group.
+
     Returns:
-        The ids moved to validation: ``round(val_fraction * n)`` of them, at least one when
-        ``val_fraction > 0`` and there are two or more training cases.
+        The ids moved to validation: ``round(val_fraction * n)`` groups of the ``n``, at least one
+        when ``val_fraction > 0`` and there are two or more groups, never every group.
     """
-    n_val = round(val_fraction * len(train_ids))
-    if val_fraction > 0 and len(train_ids) >= 2:
+    group_of = groups or {cid: cid for cid in train_ids}
+    keys = sorted({group_of[cid] for cid in train_ids})
+    n_val = round(val_fraction * len(keys))
+    if val_fraction > 0 and len(keys) >= 2:
         n_val = max(n_val, 1)
-    n_val = min(n_val, len(train_ids) - 1)
-    order = np.random.default_rng(seed).permutation(sorted(train_ids))
-    return set(order[:n_val].tolist())
+    n_val = min(n_val, len(keys) - 1)
+    chosen = set(np.random.default_rng(seed).permutation(keys)[:n_val].tolist())
+    return {cid for cid in train_ids if group_of[cid] in chosen}
 
 
 def preprocess_dataset(cfg: PreprocessConfig, converted: str | Path, out: str | Path) -> dict:
@@ -218,7 +233,7 @@ def preprocess_dataset(cfg: PreprocessConfig, converted: str | Path, out: str | 
         raise MedsegError(f"{manifest_path}: no training cases (split == 'train')")
     if not (manifest["split"] == "test").any():
         raise MedsegError(f"{manifest_path}: no test cases (split == 'test')")
-    val_ids = split_cases(train_ids, cfg.val_fraction, cfg.seed)
+    val_ids = split_cases(train_ids, cfg.val_fraction, cfg.seed, _source_groups(manifest))
     manifest["split"] = [
         "val" if cid in val_ids else split
         for cid, split in zip(manifest["case_id"], manifest["split"], strict=True)
@@ -243,6 +258,13 @@ def preprocess_dataset(cfg: PreprocessConfig, converted: str | Path, out: str | 
         save_record(cfg, tmp / RECORD)
     log.info("preprocessed %d cases to %dx%d", len(manifest), height, width)
     return stats
+
+
+def _source_groups(manifest: pd.DataFrame) -> dict[str, str] | None:
+    """Case id -> source file, where some file gave several cases (frames); else None."""
+    if "source" not in manifest.columns or not manifest["source"].duplicated().any():
+        return None
+    return dict(zip(manifest["case_id"], manifest["source"].astype(str), strict=True))
 
 
 def _load_split(
