@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -217,3 +218,44 @@ def test_torchrun_two_processes_match_one_process(processed: Path, tmp_path: Pat
     assert loss_two == pytest.approx(loss_one, rel=1e-4)
     assert (two / "models" / "model.safetensors").is_file()
     assert list((two / "checkpoints").iterdir()) == []
+
+
+# --- CUDA (skipped without a GPU) ----------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_amp_deterministic_runs_are_identical(processed: Path, tmp_path: Path):
+    cfg = _cfg(tmp_path, device="cuda", amp=True, deterministic=True, epochs=2)
+    for name in ("a", "b"):
+        fit(cfg, processed, tmp_path / name, tmp_path / name / "logs")
+    a = load_file(str(tmp_path / "a" / "last.safetensors"))
+    b = load_file(str(tmp_path / "b" / "last.safetensors"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    metrics = json.loads((tmp_path / "a" / "logs" / "metrics.json").read_text())
+    assert metrics["gpu_peak_memory_gib"] > 0
+    assert not torch.are_deterministic_algorithms_enabled()  # the setting is put back
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_workers_with_pinned_memory(processed: Path, tmp_path: Path):
+    """DataLoader workers with pinned memory give the batches of in-process cutting."""
+    runs = {}
+    for workers in (0, 2):
+        cfg = _cfg(tmp_path, device="cuda", deterministic=True, workers=workers)
+        out = tmp_path / f"w{workers}"
+        fit(cfg, processed, out, out / "logs", out / "ck")
+        runs[workers] = load_file(str(out / "last.safetensors"))
+    assert all(np.array_equal(runs[0][k], runs[2][k]) for k in runs[0])
+
+
+def test_dataloader_workers_give_the_same_training(processed: Path, tmp_path: Path):
+    cfg = _cfg(tmp_path, epochs=1)
+    fit(cfg, processed, tmp_path / "a", tmp_path / "la")
+    fit(dataclasses.replace(cfg, workers=2), processed, tmp_path / "b", tmp_path / "lb")
+    a = load_file(str(tmp_path / "a" / "last.safetensors"))
+    b = load_file(str(tmp_path / "b" / "last.safetensors"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)

@@ -75,13 +75,13 @@ def load_checkpoint(path: str | Path, expected_hash: str) -> dict[str, Any] | No
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file: never resume from it
         log.warning("%s: unreadable checkpoint (%s); removed, training from the start", path, err)
-        path.unlink()
+        path.unlink(missing_ok=True)  # another process of the run may have removed it
         return None
     if not isinstance(state, dict) or state.get("params_hash") != expected_hash:
         log.warning(
             "%s: checkpoint of other train params or data; removed, training from the start", path
         )
-        path.unlink()
+        path.unlink(missing_ok=True)  # another process of the run may have removed it
         return None
     return state
 
