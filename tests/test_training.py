@@ -259,3 +259,21 @@ def test_dataloader_workers_give_the_same_training(processed: Path, tmp_path: Pa
     a = load_file(str(tmp_path / "a" / "last.safetensors"))
     b = load_file(str(tmp_path / "b" / "last.safetensors"))
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_cuda_backend_flags_are_set_and_put_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, deterministic: bool
+):
+    """The flags themselves need no GPU to be set: check them for a CUDA device on any machine."""
+    from medseg.training import _backend_flags
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    cudnn = torch.backends.cudnn
+    before = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark)
+    with _backend_flags(_cfg(tmp_path, deterministic=deterministic), torch.device("cuda")):
+        assert torch.are_deterministic_algorithms_enabled() is deterministic
+        assert cudnn.deterministic is deterministic and cudnn.benchmark is not deterministic
+        assert ("CUBLAS_WORKSPACE_CONFIG" in os.environ) is deterministic
+    after = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark)
+    assert after == before

@@ -513,20 +513,23 @@ def _backend_flags(cfg: TrainConfig, device: torch.device) -> Iterator[None]:
     """Fast or deterministic CUDA kernels for the block; the previous settings come back after.
 
     CPU runs are deterministic as they are. On CUDA, ``train.deterministic`` turns on
-    deterministic algorithms (and the cuBLAS workspace setting they need); otherwise cuDNN picks
-    the fastest kernels and TF32 is allowed.
+    deterministic algorithms (and the cuBLAS workspace setting they need; operations without a
+    deterministic kernel warn); otherwise cuDNN picks the fastest kernels and TF32 is allowed.
     """
     if device.type != "cuda":
         yield
         return
     cudnn = torch.backends.cudnn
     saved = (
-        torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark,
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(), cudnn.deterministic, cudnn.benchmark,
         torch.backends.cuda.matmul.allow_tf32, cudnn.allow_tf32,
     )  # fmt: skip
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        # warn_only: a few CUDA backward kernels have no deterministic version (bilinear
+        # upsampling in FPN/DeepLab/PSPNet, NLL loss with several classes): warn, do not crash
+        torch.use_deterministic_algorithms(True, warn_only=True)
         cudnn.deterministic, cudnn.benchmark = True, False
         torch.backends.cuda.matmul.allow_tf32 = cudnn.allow_tf32 = False
     else:
@@ -535,9 +538,9 @@ def _backend_flags(cfg: TrainConfig, device: torch.device) -> Iterator[None]:
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(saved[0])
-        cudnn.deterministic, cudnn.benchmark = saved[1], saved[2]
-        torch.backends.cuda.matmul.allow_tf32, cudnn.allow_tf32 = saved[3], saved[4]
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.deterministic, cudnn.benchmark = saved[2], saved[3]
+        torch.backends.cuda.matmul.allow_tf32, cudnn.allow_tf32 = saved[4], saved[5]
 
 
 def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
