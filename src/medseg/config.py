@@ -168,7 +168,9 @@ class TrainConfig:
             raise MedsegError(
                 f"params: train.aug_rotate must be in [0, 180] degrees, got {self.aug_rotate}"
             )
-        for key in ("aug_scale", "aug_brightness", "aug_contrast", "aug_gamma"):
+        if not 0.0 <= self.aug_scale <= 0.5:  # zooming out further needs huge crops
+            raise MedsegError(f"params: train.aug_scale must be in [0, 0.5], got {self.aug_scale}")
+        for key in ("aug_brightness", "aug_contrast", "aug_gamma"):
             value = getattr(self, key)
             if not 0.0 <= value < 1.0:
                 raise MedsegError(f"params: train.{key} must be in [0, 1), got {value}")
