@@ -465,7 +465,10 @@ def _log(live: Live, record: dict[str, float], best: dict[str, float]) -> None:
 
 
 def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Adam or AdamW; no weight decay on biases and normalisation weights (1-D parameters)."""
+    """Adam or AdamW; no weight decay on biases and normalisation weights (1-D parameters).
+
+    Build it after the model is on its device.
+    """
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [
@@ -475,7 +478,8 @@ def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimize
     cls: Callable[..., torch.optim.Optimizer] = (
         torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     )
-    return cls(groups, lr=cfg.lr)
+    # fused kernels on CUDA: one launch for all parameters
+    return cls(groups, lr=cfg.lr, fused=next(model.parameters()).is_cuda or None)
 
 
 def _check_classes(cfg: TrainConfig, train: SplitArrays, path: Path) -> None:
