@@ -1,4 +1,8 @@
-"""train: model-ready arrays -> best and last weights (safetensors) + per-epoch curves (dvclive)."""
+"""train: model-ready arrays -> best and last weights (safetensors) + per-epoch curves (dvclive).
+
+Also runs under ``torchrun --nproc_per_node=N stages/train.py ...`` (DDP; rank 0 writes). With
+``--checkpoints``, a preempted run (SIGTERM) saves a checkpoint there and the next run resumes.
+"""
 
 from __future__ import annotations
 
@@ -18,13 +22,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="output folder of the preprocess stage")
     parser.add_argument("--models", required=True, help="folder for the weights")
     parser.add_argument("--logs", required=True, help="folder for the dvclive curves")
+    parser.add_argument(
+        "--checkpoints", default=None, help="folder for the resume checkpoint (default: none)"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = load_params(args.params, TrainConfig)
-    fit(cfg, data_dir=args.data, models_dir=args.models, logs_dir=args.logs)
+    fit(
+        cfg,
+        data_dir=args.data,
+        models_dir=args.models,
+        logs_dir=args.logs,
+        checkpoint_dir=args.checkpoints,
+    )
 
 
 if __name__ == "__main__":

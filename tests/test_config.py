@@ -93,3 +93,30 @@ def test_unreadable_files(tmp_path: Path):
     empty.write_text("")
     with pytest.raises(MedsegError, match="must be a mapping"):
         load_params(empty, TrainConfig)
+
+
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        ({"loss": "focal"}, "train.loss must be one of bce, dice, bce_dice, cldice"),
+        ({"cldice_weight": 1.5}, "train.cldice_weight must be in [0, 1]"),
+        ({"optimizer": "sgd"}, "train.optimizer must be one of adam, adamw"),
+        ({"schedule": "step"}, "train.schedule must be one of constant, cosine, poly"),
+        ({"min_lr": 1.0}, "train.min_lr must be <= train.lr"),
+        ({"warmup_epochs": -1.0}, "train.warmup_epochs must be >= 0.0"),
+        ({"grad_clip": -1.0}, "train.grad_clip must be >= 0.0"),
+        ({"val_every": 0}, "train.val_every must be > 0"),
+        ({"aug_rotate": 200.0}, "train.aug_rotate must be in [0, 180] degrees"),
+        ({"aug_scale": 0.9}, "train.aug_scale must be in [0, 0.5]"),
+        ({"aug_gamma": 1.0}, "train.aug_gamma must be in [0, 1)"),
+        ({"aug_prob": 2.0}, "train.aug_prob must be in [0, 1]"),
+        ({"workers": -1}, "train.workers must be >= 0"),
+        ({"classes": 0}, "train.classes must be >= 1"),
+        ({"compile": "yes"}, "train.compile must be of type bool"),
+    ],
+)
+def test_bad_training_values_name_the_key(tmp_path: Path, train: dict, message: str):
+    path = write_params(tmp_path / "p.yaml", tiny_params(train=train))
+    with pytest.raises(MedsegError) as err:
+        load_params(path, TrainConfig)
+    assert message in str(err.value)

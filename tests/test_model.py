@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from medseg.errors import MedsegError
-from medseg.model import ModelSpec, build_model, load_model, resolve_device, save_model
+from medseg.model import (
+    ARCHS,
+    ModelSpec,
+    build_model,
+    foreground_logits,
+    load_model,
+    resolve_device,
+    save_model,
+)
 
 SPEC = ModelSpec("unet", "resnet18", [32, 16, 16, 8, 8], in_channels=1, classes=1)
 
@@ -52,3 +60,33 @@ def test_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(MedsegError, match="no CUDA GPU"):
             resolve_device("cuda")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_architecture_builds_binary_and_multiclass(arch: str):
+    # 128 pixels: PAN's pyramid pooling needs at least that; 32-wide decoders for FPN's GroupNorm
+    spec = ModelSpec(arch, "resnet18", [32, 32, 16, 16, 8], in_channels=1, classes=3)
+    model = build_model(spec).eval()
+    with torch.no_grad():
+        out = model(torch.zeros(1, 1, 128, 128))
+    assert out.shape == (1, 3, 128, 128)
+
+
+def test_decoder_channels_that_do_not_fit_are_a_user_error():
+    with pytest.raises(MedsegError, match=r"cannot build fpn .* decoder_channels"):
+        build_model(ModelSpec("fpn", "resnet18", [24, 16, 16, 8, 8], 1, 1))
+
+
+def test_pretrained_weights_offline_are_a_clear_error(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", "/nonexistent-medseg-test")
+    with pytest.raises(MedsegError, match=r"encoder_weights 'imagenet'.*use null"):
+        build_model(SPEC, "imagenet")
+
+
+def test_foreground_logits():
+    binary = torch.randn(2, 1, 4, 4)
+    assert foreground_logits(binary) is binary
+    logits = torch.randn(2, 3, 4, 4)
+    p_fg = 1 - torch.softmax(logits, dim=1)[:, :1]
+    torch.testing.assert_close(torch.sigmoid(foreground_logits(logits)), p_fg)

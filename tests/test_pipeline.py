@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from conftest import DRIVE, STAGES, ran, run, tiny_params, write_params
+from conftest import DRIVE, STAGES, dvc_env, ran, run, tiny_params, write_params
 from PIL import Image
 
 
@@ -130,3 +134,31 @@ def test_drive_end_to_end(project: Path):
     assert metrics["n_images"] == 20
     assert metrics["test"]["fov"]["dice"] > 0.5
     assert metrics["test"]["fov"]["auc_roc"] > 0.85
+
+
+def test_preempted_train_resumes_on_the_next_repro(project: Path):
+    """SIGTERM to dvc and its stage (as a spot instance's shutdown does), then `dvc repro` again."""
+    params = tiny_params(train={"epochs": 3, "patches_per_epoch": 16})
+    write_params(project / "params.yaml", params)
+    run(project, "dvc", "repro", "preprocess")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro"], cwd=project, env=dvc_env(), start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    checkpoint = project / "checkpoints" / "checkpoint.pt"
+    deadline = time.monotonic() + 600
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "stopped by SIGTERM" in out
+    assert checkpoint.is_file()
+
+    again = run(project, "dvc", "repro")
+    assert "resuming from" in again.stdout + again.stderr
+    assert ran(again) == ["train", "evaluate"]
+    assert list((project / "checkpoints").iterdir()) == []
+    curve = project / "results" / "train" / "plots" / "metrics" / "train" / "loss.tsv"
+    assert len(curve.read_text().splitlines()) == 1 + 3
+    assert json.loads(run(project, "dvc", "status", "--json").stdout) == {}

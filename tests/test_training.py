@@ -1,12 +1,22 @@
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_params, write_params
+import torch
+from conftest import REPO, tiny_params, write_params
 from safetensors.numpy import load_file
 
+from medseg.checkpoint import CHECKPOINT, save_checkpoint
 from medseg.config import (
     ConvertConfig,
     DataConfig,
@@ -16,9 +26,10 @@ from medseg.config import (
     load_params,
 )
 from medseg.convert import convert_dataset
+from medseg.errors import MedsegError
 from medseg.preprocess import preprocess_dataset
 from medseg.synthetic import write_dataset
-from medseg.training import fit
+from medseg.training import fit, lr_factor
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +40,10 @@ def processed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     convert_dataset(DataConfig(str(tmp / "raw"), "drive"), ConvertConfig(None, None), tmp / "conv")
     preprocess_dataset(load_params(params, PreprocessConfig), tmp / "conv", tmp / "proc")
     return tmp / "proc"
+
+
+def _curve(out: Path, name: str) -> list[str]:
+    return (out / "logs" / "plots" / "metrics" / name).read_text().splitlines()
 
 
 def _cfg(tmp_path: Path, **train: object) -> TrainConfig:
@@ -58,3 +73,207 @@ def test_cpu_training_is_deterministic(processed: Path, tmp_path: Path):
     fit(c, processed, tmp_path / "c", tmp_path / "lc")
     other = load_file(str(tmp_path / "c" / "last.safetensors"))
     assert not all(np.array_equal(a[k], other[k]) for k in a)
+
+
+# --- schedule ------------------------------------------------------------------------------------
+
+
+def test_lr_factor_by_hand():
+    # warm-up over 4 steps: 1/4, 2/4, 3/4, 4/4 of lr; then cosine from 1 down to 0 at step 9
+    assert [lr_factor(s, 10, 4, "cosine") for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 10, 4, "cosine") == pytest.approx(1.0)
+    assert lr_factor(7, 10, 4, "cosine") == pytest.approx(0.5)  # half-way: t = 3/6
+    assert lr_factor(10, 10, 4, "cosine") == pytest.approx(0.0)
+    assert lr_factor(10, 10, 4, "cosine", min_ratio=0.1) == pytest.approx(0.1)
+    assert lr_factor(7, 10, 4, "poly", power=2.0) == pytest.approx(0.25)  # (1 - 1/2) ** 2
+    assert lr_factor(9, 10, 0, "constant") == 1.0
+
+
+# --- a stop signal, then resume; a non-finite loss ------------------------------------------------
+
+
+def _stage(params: Path, data: Path, out: Path) -> list[str]:
+    return [
+        sys.executable, str(REPO / "stages" / "train.py"), "--params", str(params),
+        "--data", str(data), "--models", str(out / "models"), "--logs", str(out / "logs"),
+        "--checkpoints", str(out / "checkpoints"),
+    ]  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
+
+
+def test_sigterm_then_rerun_gives_the_uninterrupted_result(processed: Path, tmp_path: Path):
+    # 3 epochs of 6 steps, every augmentation on, validation each epoch
+    params = write_params(
+        tmp_path / "p.yaml",
+        tiny_params(train={"epochs": 3, "patches_per_epoch": 24, "aug_prob": 0.8}),
+    )
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    subprocess.run(_stage(params, processed, whole), env=_env(), check=True, timeout=600)
+
+    proc = subprocess.Popen(
+        _stage(params, processed, cut), env=_env(), stderr=subprocess.PIPE, text=True
+    )
+    ckpt = cut / "checkpoints" / CHECKPOINT
+    deadline = time.monotonic() + 300
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # soon after epoch 1 ends: in epoch 2
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2, stderr
+    assert "stopped by SIGTERM" in stderr and "run the same command" in stderr
+    saved = torch.load(ckpt, weights_only=True)
+    assert (saved["epoch"], saved["step"]) != (3, 0)
+    assert not (cut / "models").exists()  # no half-written outputs
+
+    rerun = subprocess.run(
+        _stage(params, processed, cut), env=_env(), capture_output=True, text=True, timeout=600
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming from" in rerun.stderr
+    for name in ("model.safetensors", "last.safetensors"):
+        a = load_file(str(whole / "models" / name))
+        b = load_file(str(cut / "models" / name))
+        assert all(np.array_equal(a[k], b[k]) for k in a), name
+    for curve in ("train/loss.tsv", "val/dice.tsv", "lr.tsv"):
+        assert _curve(cut, curve) == _curve(whole, curve)
+    assert len(_curve(cut, "train/loss.tsv")) == 4
+    metrics = json.loads((cut / "logs" / "metrics.json").read_text())
+    assert (
+        metrics["best_val_dice"]
+        == json.loads((whole / "logs" / "metrics.json").read_text())["best_val_dice"]
+    )
+    assert list((cut / "checkpoints").iterdir()) == []  # removed after success
+
+
+def test_checkpoint_of_other_params_is_not_resumed(processed: Path, tmp_path: Path, caplog):
+    ckpt_dir = tmp_path / "ck"
+    save_checkpoint(ckpt_dir / CHECKPOINT, {"params_hash": "from another experiment"})
+    fit(_cfg(tmp_path, epochs=1), processed, tmp_path / "m", tmp_path / "l", ckpt_dir)
+    assert "checkpoint of other train params" in caplog.text
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    assert list(ckpt_dir.iterdir()) == []
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(
+    processed: Path, tmp_path: Path
+):
+    # an absurd learning rate: epoch 1 (one step) is still finite, then the weights overflow
+    cfg = _cfg(tmp_path, epochs=3, patches_per_epoch=4, lr=1.0e30, warmup_epochs=0.0, grad_clip=0.0)
+    with pytest.raises(MedsegError, match=r"loss became nan in epoch 2, step 1 .*checkpoint"):
+        fit(cfg, processed, tmp_path / "m", tmp_path / "l", tmp_path / "ck")
+    saved = torch.load(tmp_path / "ck" / CHECKPOINT, weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (1, 0)
+    assert all(torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point())
+    assert not (tmp_path / "m").exists()
+
+
+# --- models, classes, validation ------------------------------------------------------------------
+
+
+def test_two_classes_softmax_and_validation_every_second_epoch(processed: Path, tmp_path: Path):
+    cfg = _cfg(tmp_path, classes=2, epochs=3, val_every=2, arch="linknet", optimizer="adam")
+    summary = fit(cfg, processed, tmp_path / "m", tmp_path / "logs")
+    assert summary["best_epoch"] in (2, 3)  # validated after epochs 2 and 3 (the last) only
+    assert len(_curve(tmp_path, "val/dice.tsv")) == 1 + 2
+    assert json.loads((tmp_path / "m" / "model.json").read_text())["classes"] == 2
+
+
+def test_masks_with_more_classes_than_params_say(processed: Path, tmp_path: Path):
+    data = tmp_path / "proc"
+    shutil.copytree(processed, data)
+    with np.load(data / "train.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["masks"][0, 0, 0] = 2
+    np.savez(data / "train.npz", **arrays)
+    with pytest.raises(MedsegError, match=r"class 2 but train.classes is 1"):
+        fit(_cfg(tmp_path), data, tmp_path / "m", tmp_path / "l")
+
+
+def test_patch_too_small_for_the_architecture(processed: Path, tmp_path: Path):
+    with pytest.raises(MedsegError, match=r"train.arch pan .* train.patch_size 32"):
+        fit(_cfg(tmp_path, arch="pan"), processed, tmp_path / "m", tmp_path / "l")
+
+
+# --- several processes ----------------------------------------------------------------------------
+
+
+def test_torchrun_two_processes_match_one_process(processed: Path, tmp_path: Path):
+    """The same stage under torchrun with gloo: the loss of one process over the same batch."""
+    params = write_params(
+        tmp_path / "p.yaml", tiny_params(train={"epochs": 1, "patches_per_epoch": 8})
+    )
+    one, two = tmp_path / "one", tmp_path / "two"
+    env = {**_env(), "OMP_NUM_THREADS": "1"}
+    subprocess.run(_stage(params, processed, one), env=env, check=True, timeout=600)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--"]
+    cmd = torchrun + _stage(params, processed, two)[1:]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # 2 steps: the first identical but for rounding, the second after one (nearly) equal update
+    loss_one = float(_curve(one, "train/loss.tsv")[1].split("\t")[1])
+    loss_two = float(_curve(two, "train/loss.tsv")[1].split("\t")[1])
+    assert loss_two == pytest.approx(loss_one, rel=1e-4)
+    assert (two / "models" / "model.safetensors").is_file()
+    assert list((two / "checkpoints").iterdir()) == []
+
+
+# --- CUDA (skipped without a GPU) ----------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_amp_deterministic_runs_are_identical(processed: Path, tmp_path: Path):
+    cfg = _cfg(tmp_path, device="cuda", amp=True, deterministic=True, epochs=2)
+    for name in ("a", "b"):
+        fit(cfg, processed, tmp_path / name, tmp_path / name / "logs")
+    a = load_file(str(tmp_path / "a" / "last.safetensors"))
+    b = load_file(str(tmp_path / "b" / "last.safetensors"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    metrics = json.loads((tmp_path / "a" / "logs" / "metrics.json").read_text())
+    assert metrics["gpu_peak_memory_gib"] > 0
+    assert not torch.are_deterministic_algorithms_enabled()  # the setting is put back
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_workers_with_pinned_memory(processed: Path, tmp_path: Path):
+    """DataLoader workers with pinned memory give the batches of in-process cutting."""
+    runs = {}
+    for workers in (0, 2):
+        cfg = _cfg(tmp_path, device="cuda", deterministic=True, workers=workers)
+        out = tmp_path / f"w{workers}"
+        fit(cfg, processed, out, out / "logs", out / "ck")
+        runs[workers] = load_file(str(out / "last.safetensors"))
+    assert all(np.array_equal(runs[0][k], runs[2][k]) for k in runs[0])
+
+
+def test_dataloader_workers_give_the_same_training(processed: Path, tmp_path: Path):
+    cfg = _cfg(tmp_path, epochs=1)
+    fit(cfg, processed, tmp_path / "a", tmp_path / "la")
+    fit(dataclasses.replace(cfg, workers=2), processed, tmp_path / "b", tmp_path / "lb")
+    a = load_file(str(tmp_path / "a" / "last.safetensors"))
+    b = load_file(str(tmp_path / "b" / "last.safetensors"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_cuda_backend_flags_are_set_and_put_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, deterministic: bool
+):
+    """The flags themselves need no GPU to be set: check them for a CUDA device on any machine."""
+    from medseg.training import _backend_flags
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    cudnn = torch.backends.cudnn
+    before = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark)
+    with _backend_flags(_cfg(tmp_path, deterministic=deterministic), torch.device("cuda")):
+        assert torch.are_deterministic_algorithms_enabled() is deterministic
+        assert cudnn.deterministic is deterministic and cudnn.benchmark is not deterministic
+        assert ("CUBLAS_WORKSPACE_CONFIG" in os.environ) is deterministic
+    after = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark)
+    assert after == before

@@ -144,6 +144,9 @@ class PreprocessConfig:
             )
 
 
+LOSSES = ("bce", "dice", "bce_dice", "cldice")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Model, sampling, optimisation and logging of the train stage."""
@@ -164,12 +167,33 @@ class TrainConfig:
     amp: bool
     device: str
     seed: int
+    # --- issue 4: state-of-the-art training, several GPUs, checkpoint and resume ---
+    loss: str
+    cldice_weight: float
+    cldice_iters: int
+    optimizer: str
+    schedule: str
+    warmup_epochs: float
+    min_lr: float
+    poly_power: float
+    grad_clip: float
+    val_every: int
+    aug_dihedral: bool
+    aug_prob: float
+    aug_rotate: float
+    aug_scale: float
+    aug_brightness: float
+    aug_contrast: float
+    aug_gamma: float
+    amp_cpu: bool
+    channels_last: bool
+    compile: bool
+    workers: int
+    sync_batchnorm: bool
+    deterministic: bool
 
     def __post_init__(self) -> None:
-        if self.classes != 1:
-            raise MedsegError(
-                f"params: train.classes must be 1 (binary segmentation) for now, got {self.classes}"
-            )
+        _at_least("train.classes", self.classes, 1)
         for key in ("epochs", "patches_per_epoch", "batch_size"):
             _positive(f"train.{key}", getattr(self, key))
         _positive("train.lr", self.lr)
@@ -180,6 +204,30 @@ class TrainConfig:
         if not self.decoder_channels or any(c <= 0 for c in self.decoder_channels):
             raise MedsegError("params: train.decoder_channels must be a list of positive integers")
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _choice("train.loss", self.loss, LOSSES)
+        _unit("train.cldice_weight", self.cldice_weight)
+        _positive("train.cldice_iters", self.cldice_iters)
+        _choice("train.optimizer", self.optimizer, ("adam", "adamw"))
+        _choice("train.schedule", self.schedule, ("constant", "cosine", "poly"))
+        _at_least("train.warmup_epochs", self.warmup_epochs, 0.0)
+        _at_least("train.min_lr", self.min_lr, 0.0)
+        if self.min_lr > self.lr:
+            raise MedsegError(f"params: train.min_lr must be <= train.lr, got {self.min_lr}")
+        _positive("train.poly_power", self.poly_power)
+        _at_least("train.grad_clip", self.grad_clip, 0.0)
+        _positive("train.val_every", self.val_every)
+        _unit("train.aug_prob", self.aug_prob)
+        if not 0.0 <= self.aug_rotate <= 180.0:
+            raise MedsegError(
+                f"params: train.aug_rotate must be in [0, 180] degrees, got {self.aug_rotate}"
+            )
+        if not 0.0 <= self.aug_scale <= 0.5:  # zooming out further needs huge crops
+            raise MedsegError(f"params: train.aug_scale must be in [0, 0.5], got {self.aug_scale}")
+        for key in ("aug_brightness", "aug_contrast", "aug_gamma"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                raise MedsegError(f"params: train.{key} must be in [0, 1), got {value}")
+        _at_least("train.workers", self.workers, 0)
 
 
 @dataclasses.dataclass(frozen=True)

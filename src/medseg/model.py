@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -13,10 +14,47 @@ from safetensors.torch import load_file, save_file
 from medseg.config import TrainConfig
 from medseg.errors import MedsegError
 
-_ARCHS = {
-    "unet": smp.Unet,
-    "unetplusplus": smp.UnetPlusPlus,
+
+def _per_block(channels: list[int]) -> dict:
+    """Decoders with one width per block: the list sets the widths and the encoder depth."""
+    return {"encoder_depth": len(channels), "decoder_channels": list(channels)}
+
+
+def _one_width(channels: list[int]) -> dict:
+    """Decoders with a single width: the first entry of ``decoder_channels``."""
+    return {"decoder_channels": channels[0]}
+
+
+def _fpn(channels: list[int]) -> dict:
+    """FPN: pyramid and segmentation width both the first entry (GroupNorm: a multiple of 32)."""
+    return {"decoder_pyramid_channels": channels[0], "decoder_segmentation_channels": channels[0]}
+
+
+def _segformer(channels: list[int]) -> dict:
+    return {"decoder_segmentation_channels": channels[0]}
+
+
+def _no_width(channels: list[int]) -> dict:
+    """Decoders without a width parameter: ``decoder_channels`` does not apply."""
+    return {}
+
+
+# Architecture name (``train.arch``) -> smp class and how ``train.decoder_channels`` maps onto it.
+# Lower-case smp class names; one registry instead of an if-chain.
+_ARCHS: dict[str, tuple[type[torch.nn.Module], Callable[[list[int]], dict]]] = {
+    "unet": (smp.Unet, _per_block),
+    "unetplusplus": (smp.UnetPlusPlus, _per_block),
+    "manet": (smp.MAnet, _per_block),
+    "linknet": (smp.Linknet, _no_width),
+    "fpn": (smp.FPN, _fpn),
+    "pspnet": (smp.PSPNet, _no_width),
+    "deeplabv3": (smp.DeepLabV3, _one_width),
+    "deeplabv3plus": (smp.DeepLabV3Plus, _one_width),
+    "pan": (smp.PAN, _one_width),
+    "upernet": (smp.UPerNet, _one_width),
+    "segformer": (smp.Segformer, _segformer),
 }
+ARCHS = tuple(_ARCHS)
 
 
 @dataclass(frozen=True)
@@ -43,24 +81,47 @@ def build_model(spec: ModelSpec, encoder_weights: str | None = None) -> torch.nn
             not available offline.
     """
     check_names(spec.arch, spec.encoder)
+    cls, decoder_kwargs = _ARCHS[spec.arch]
     try:
-        return _ARCHS[spec.arch](
+        return cls(
             encoder_name=spec.encoder,
             encoder_weights=encoder_weights,
-            encoder_depth=len(spec.decoder_channels),
-            decoder_channels=list(spec.decoder_channels),
             in_channels=spec.in_channels,
             classes=spec.classes,
+            **decoder_kwargs(list(spec.decoder_channels)),
         )
-    except (ValueError, KeyError) as err:
+    except (ValueError, KeyError, AssertionError, TypeError) as err:
+        if encoder_weights is not None and "weights" in str(err):
+            raise MedsegError(
+                f"params: train.encoder_weights {encoder_weights!r} is not available for encoder "
+                f"{spec.encoder}: {err}"
+            ) from err
         raise MedsegError(
-            f"params: cannot build {spec.arch} with encoder {spec.encoder}: {err}"
+            f"params: cannot build {spec.arch} with encoder {spec.encoder} and decoder_channels "
+            f"{list(spec.decoder_channels)}: {err}"
         ) from err
     except OSError as err:  # pretrained weights not downloadable offline
         raise MedsegError(
             f"params: train.encoder_weights {encoder_weights!r} could not be loaded ({err}); "
-            "use null to train from scratch offline"
+            "they are downloaded once and need network access; use null to train from scratch "
+            "offline"
         ) from err
+
+
+def foreground_logits(logits: torch.Tensor) -> torch.Tensor:
+    """One foreground logit per pixel, whatever the number of classes.
+
+    Args:
+        logits: (B, C, H, W). C == 1: a sigmoid output, returned as it is. C > 1: softmax over
+            classes with class 0 the background; returns log(P(class > 0) / P(class 0)), so
+            that ``sigmoid`` of the result is the probability of any foreground class.
+
+    Returns:
+        (B, 1, H, W).
+    """
+    if logits.shape[1] == 1:
+        return logits
+    return torch.logsumexp(logits[:, 1:], dim=1, keepdim=True) - logits[:, :1]
 
 
 def check_names(arch: str, encoder: str) -> None:
@@ -82,8 +143,13 @@ def check_names(arch: str, encoder: str) -> None:
 
 def save_model(model: torch.nn.Module, spec: ModelSpec, path: str | Path) -> None:
     """Write ``path`` (safetensors weights) and ``path`` with ``.json`` ending (the spec)."""
+    save_weights(model.state_dict(), spec, path)
+
+
+def save_weights(state: dict[str, torch.Tensor], spec: ModelSpec, path: str | Path) -> None:
+    """`save_model` for a state dict (e.g. the best epoch's weights kept in memory)."""
     path = Path(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     save_file(state, str(path))
     path.with_suffix(".json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
 

@@ -1,119 +1,441 @@
-"""The fit loop: patches from memory, BCE + Dice, Adam, AMP on CUDA, best weights by val Dice."""
+"""The fit loop: patches from memory, AdamW with warm-up and a schedule, AMP, DDP, checkpoints.
+
+One epoch, step by step:
+
+1. The sampler draws the epoch's plan (every random choice) from its seeded generator; each
+   process of a ``torchrun`` run draws the same plan and cuts its own share of each batch.
+2. Each step: crop (in the main process, or in DataLoader workers), copy to the device, augment
+   the batch there, forward under autocast, loss (summed over processes), backward, clip, step,
+   schedule. Nothing waits for the GPU inside a step; losses stay on the device.
+3. After the epoch: one look at the losses (a NaN or inf stops the run, naming the step),
+   validation on whole images every ``val_every`` epochs, one dvclive step, a checkpoint.
+
+A SIGTERM (spot preemption) or SIGINT finishes the current step, writes a checkpoint that
+includes the position within the epoch, and exits non-zero; the next run with the same params and
+data resumes from it and ends with the same weights and metrics as a run never interrupted. The
+checkpoint is removed after a successful run: the weights are in the models folder then.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import time
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from dvclive import Live
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from medseg.checkpoint import (
+    CHECKPOINT,
+    StopSignals,
+    load_checkpoint,
+    params_hash,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+)
 from medseg.config import TrainConfig
-from medseg.data import PatchSampler
+from medseg.data import Augmentation, Batch, PatchSampler, Plan, augment
+from medseg.distributed import (
+    World,
+    allsum,
+    any_process,
+    barrier,
+    process_group,
+    sync_batchnorm,
+    world_from_env,
+)
 from medseg.errors import MedsegError
 from medseg.inference import predict_probs
 from medseg.io.atomic import atomic_dir
-from medseg.losses import bce_dice_loss
+from medseg.losses import make_loss
 from medseg.metrics import confusion, scores
-from medseg.model import ModelSpec, build_model, check_names, resolve_device, save_model
+from medseg.model import (
+    ModelSpec,
+    build_model,
+    check_names,
+    foreground_logits,
+    resolve_device,
+    save_weights,
+)
 from medseg.preprocess import SplitArrays, load_split
 
 log = logging.getLogger(__name__)
 
 BEST = "model.safetensors"
 LAST = "last.safetensors"
+STOP_CHECK_EVERY = 8  # steps between stop-signal checks across processes (a collective op)
 
 
 def fit(
-    cfg: TrainConfig, data_dir: str | Path, models_dir: str | Path, logs_dir: str | Path
+    cfg: TrainConfig,
+    data_dir: str | Path,
+    models_dir: str | Path,
+    logs_dir: str | Path,
+    checkpoint_dir: str | Path | None = None,
 ) -> dict:
     """Train a network on ``data_dir/train.npz``, choosing the best epoch on ``val.npz``.
 
     Writes ``models_dir/model.safetensors`` (best validation Dice; the last epoch when there is
     no validation split) and ``last.safetensors``, each with a ``.json`` spec, and per-epoch
-    curves through dvclive into ``logs_dir``.
+    curves through dvclive into ``logs_dir``. With ``checkpoint_dir``, a checkpoint is written
+    there after every epoch and on a stop signal, resumed when it matches, and removed at the end.
+    Under ``torchrun`` only rank 0 writes.
 
     Returns:
-        A summary: best epoch, best validation Dice, images per second.
+        A summary: best epoch, best validation Dice, images per second of the last epoch.
+
+    Raises:
+        MedsegError: bad params or data, a non-finite loss, or a stop signal (after saving).
     """
-    data_dir = Path(data_dir)
     check_names(cfg.arch, cfg.encoder)
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    world = world_from_env()
+    device = _device(cfg, world)
+    with process_group(world, device), _backend_flags(cfg, device), StopSignals() as stop:
+        trainer = _Trainer(cfg, Path(data_dir), world, device, stop, checkpoint_dir)
+        return trainer.run(Path(models_dir), Path(logs_dir))
 
-    train = load_split(data_dir / "train.npz")
-    val = load_split(data_dir / "val.npz")
-    if len(train) == 0:
-        raise MedsegError(f"{data_dir / 'train.npz'}: no training cases")
-    spec = ModelSpec.from_config(cfg, in_channels=train.images.shape[1])
-    model = build_model(spec, cfg.encoder_weights).to(device)
-    model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    amp_dtype = _amp_dtype(cfg, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    sampler = PatchSampler(train, cfg.patch_size, cfg.foreground_fraction, rng)
-    steps = math.ceil(cfg.patches_per_epoch / cfg.batch_size)
 
-    best_dice, best_epoch, throughput = -1.0, -1, 0.0
-    with (
-        atomic_dir(models_dir) as out,
-        Live(dir=str(logs_dir), save_dvc_exp=False, dvcyaml=None, report=None) as live,
-    ):
-        for epoch in range(cfg.epochs):
-            model.train()
-            start, losses = time.perf_counter(), []
-            bar = tqdm(
-                range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None
-            )
-            for step in bar:
-                x, y, v = (t.to(device, non_blocking=True) for t in sampler.sample(cfg.batch_size))
-                x = x.contiguous(memory_format=torch.channels_last)
-                autocast = (
-                    torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-                )
-                with autocast:
-                    logits = model(x)
-                loss = bce_dice_loss(logits, y, v, cfg.bce_weight)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                losses.append(loss.detach())
-                if step % 10 == 0 and not bar.disable:  # .item() waits for the GPU
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
-            mean_loss = float(torch.stack(losses).mean())
-            if not math.isfinite(mean_loss):
-                raise MedsegError(
-                    f"train: loss became {mean_loss} in epoch {epoch + 1}; lower train.lr"
-                )
-            throughput = steps * cfg.batch_size / (time.perf_counter() - start)
-            val_dice = validate(model, val, device) if len(val) else float("nan")
-            live.log_metric("train/loss", mean_loss)
-            live.log_metric("val/dice", val_dice)
-            live.log_metric("lr", optimizer.param_groups[0]["lr"])
-            live.log_metric("throughput_images_per_s", throughput)
-            if device.type == "cuda":
-                live.log_metric("gpu_peak_memory_gib", torch.cuda.max_memory_allocated() / 2**30)
-            live.next_step()
-            log.info(
-                "epoch %d/%d loss %.4f val dice %.4f (%.1f patches/s)",
-                epoch + 1, cfg.epochs, mean_loss, val_dice, throughput,
-            )  # fmt: skip
-            if not len(val) or val_dice > best_dice:
-                best_dice, best_epoch = val_dice, epoch + 1
-                save_model(model, spec, out / BEST)
-        save_model(model, spec, out / LAST)
-    return {"best_epoch": best_epoch, "best_val_dice": best_dice, "images_per_s": throughput}
+def lr_factor(
+    step: int, total: int, warmup: int, schedule: str, min_ratio: float = 0.0, power: float = 0.9
+) -> float:
+    """The learning rate at iteration ``step`` (0-based) as a share of ``train.lr``.
+
+    Linear warm-up over the first ``warmup`` steps (from 1/warmup to 1), then ``constant``,
+    ``cosine`` (half a cosine down to ``min_ratio``) or ``poly`` (``(1 - t) ** power`` down to
+    ``min_ratio``), t running from 0 after the warm-up to 1 at the last step.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1.0 + math.cos(math.pi * t)) if schedule == "cosine" else (1.0 - t) ** power
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+class _Trainer:
+    """The state of one training run; `run` is the whole of it."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        data_dir: Path,
+        world: World,
+        device: torch.device,
+        stop: StopSignals,
+        checkpoint_dir: str | Path | None,
+    ) -> None:
+        self.cfg, self.world, self.device, self.stop = cfg, world, device, stop
+        self.share = world.share(cfg.batch_size)
+        self.train = load_split(data_dir / "train.npz")
+        self.val = load_split(data_dir / "val.npz")
+        if len(self.train) == 0:
+            raise MedsegError(f"{data_dir / 'train.npz'}: no training cases")
+        _check_classes(cfg, self.train, data_dir / "train.npz")
+        self.ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
+        self.hash = params_hash(cfg, [data_dir / "train.npz", data_dir / "val.npz"])
+        torch.manual_seed(cfg.seed)
+        self.spec = ModelSpec.from_config(cfg, in_channels=self.train.images.shape[1])
+        self.model = build_model(self.spec, cfg.encoder_weights)
+        _check_input_size(self.model, self.spec, cfg.patch_size)
+        if world.size > 1 and cfg.sync_batchnorm:
+            self.model = sync_batchnorm(self.model, device)
+        self.model.to(device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        net: torch.nn.Module = self.model
+        if world.size > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            net = DistributedDataParallel(self.model, device_ids=ids)
+        self.net: torch.nn.Module = torch.compile(net) if cfg.compile else net  # type: ignore[assignment]
+        self.steps = math.ceil(cfg.patches_per_epoch / cfg.batch_size)
+        self.optimizer = _optimizer(cfg, self.model)
+        total, warmup = cfg.epochs * self.steps, round(cfg.warmup_epochs * self.steps)
+        min_ratio = cfg.min_lr / cfg.lr
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_factor(s, total, warmup, cfg.schedule, min_ratio, cfg.poly_power),
+        )
+        self.amp_dtype = _amp_dtype(cfg, device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.loss_fn = make_loss(
+            cfg.loss, cfg.bce_weight, cfg.cldice_weight, cfg.cldice_iters, allsum
+        )
+        aug = Augmentation(
+            cfg.aug_dihedral, cfg.aug_prob, cfg.aug_rotate, cfg.aug_scale,
+            cfg.aug_brightness, cfg.aug_contrast, cfg.aug_gamma,
+        )  # fmt: skip
+        rng = np.random.default_rng(cfg.seed)
+        self.sampler = PatchSampler(self.train, cfg.patch_size, cfg.foreground_fraction, rng, aug)
+        # the position and history of the run, all saved in a checkpoint
+        self.epoch, self.step = 0, 0
+        self.epoch_rng: dict[str, Any] = dict(rng.bit_generator.state)
+        self.losses: list[torch.Tensor] = []
+        # per epoch: the values logged, and the best epoch so far
+        self.history: list[tuple[dict[str, float], dict[str, float]]] = []
+        self.best_dice, self.best_epoch = -1.0, -1
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def run(self, models_dir: Path, logs_dir: Path) -> dict:
+        cfg = self.cfg
+        self._resume()
+        with self._live(logs_dir) as live:
+            throughput = 0.0
+            while self.epoch < cfg.epochs:
+                throughput = self._train_epoch()
+                record = self._end_of_epoch(throughput)
+                if live is not None:
+                    _log(live, record, self._best())
+                self._save_checkpoint()
+                if any_process(self.stop.requested is not None, self.device):
+                    self._stopped()
+        if self.world.main:
+            self._write_models(models_dir)
+            if self.ckpt is not None:
+                self.ckpt.unlink(missing_ok=True)
+        barrier()
+        return {
+            "best_epoch": self.best_epoch,
+            "best_val_dice": self.best_dice,
+            "images_per_s": throughput,
+        }
+
+    def _train_epoch(self) -> float:
+        """Train the rest of the current epoch; return its throughput in images per second."""
+        cfg = self.cfg
+        self.sampler.rng.bit_generator.state = self.epoch_rng
+        plan = self.sampler.plan(self.steps, cfg.batch_size)
+        self.net.train()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start, first = time.perf_counter(), self.step
+        bar = tqdm(
+            self._batches(plan, first), total=self.steps, initial=first,
+            desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
+            disable=None if self.world.main else True,
+        )  # fmt: skip
+        for batch in bar:
+            loss = self._train_step(batch)
+            self.losses.append(loss.detach())
+            self.step += 1
+            if self.step % 10 == 0 and not bar.disable:  # .item() waits for the GPU
+                value = loss.item()
+                bar.set_postfix(loss=f"{value:.4f}")
+                if not math.isfinite(value):
+                    self._check_losses()
+            if self._stop_requested() and self.step < self.steps:
+                bar.close()
+                self._check_losses()
+                self._save_checkpoint()
+                self._stopped()
+        bar.close()
+        self._check_losses()
+        return (self.step - first) * cfg.batch_size / (time.perf_counter() - start)
+
+    def _train_step(self, batch: Batch) -> torch.Tensor:
+        cfg = self.cfg
+        x, y, v = augment(
+            batch.to(self.device, non_blocking=True), cfg.patch_size, self.sampler.aug,
+            self.sampler.multiclass,
+        )  # fmt: skip
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.amp_dtype)
+            if self.amp_dtype
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            logits = self.net(x)
+        loss = self.loss_fn(logits, y, v)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss
+
+    def _batches(self, plan: Plan, first: int) -> Iterable[Batch]:
+        """The batches of steps ``first..`` of ``plan``: cut here, or in DataLoader workers."""
+        if self.cfg.workers == 0:
+            return (self.sampler.crop(plan, s, self.share) for s in range(first, len(plan)))
+        return torch.utils.data.DataLoader(
+            _Steps(self.sampler, plan, first, self.share),
+            batch_size=None,
+            num_workers=self.cfg.workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def _end_of_epoch(self, throughput: float) -> dict[str, float]:
+        """Validate when due, keep the best weights; return the epoch's logged values."""
+        cfg, epoch = self.cfg, self.epoch + 1
+        record = {
+            "train/loss": float(torch.stack(self.losses).mean()),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "throughput_images_per_s": throughput,
+        }
+        if self.device.type == "cuda":
+            record["gpu_peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if len(self.val) and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
+            if self.world.main:
+                net = _Foreground(self.model) if cfg.classes > 1 else self.model
+                record["val/dice"] = validate(net, self.val, self.device)
+            barrier()
+        dice = record.get("val/dice")
+        no_val_last = not len(self.val) and epoch == cfg.epochs
+        if self.world.main and (no_val_last or (dice is not None and dice > self.best_dice)):
+            self.best_dice = dice if dice is not None else float("nan")
+            self.best_epoch = epoch
+            state = self.model.state_dict()
+            self.best_state = {k: v.detach().cpu().clone() for k, v in state.items()}
+        (log.info if self.world.main else log.debug)(
+            "epoch %d/%d loss %.4f val dice %s (%.1f images/s)", epoch, cfg.epochs,
+            record["train/loss"], f"{dice:.4f}" if dice is not None else "-", throughput,
+        )  # fmt: skip
+        self.history.append((record, self._best()))
+        self.epoch, self.step, self.losses = epoch, 0, []
+        self.epoch_rng = dict(self.sampler.rng.bit_generator.state)
+        return record
+
+    def _best(self) -> dict[str, float]:
+        """The best epoch so far, for the metrics file (``best_val_dice`` with a val split)."""
+        if not len(self.val) or self.best_epoch < 0:
+            return {"best_epoch": self.best_epoch}
+        return {"best_epoch": self.best_epoch, "best_val_dice": self.best_dice}
+
+    # -- stopping, checking, saving -------------------------------------------------------------
+
+    def _stop_requested(self) -> bool:
+        if self.world.size == 1:
+            return self.stop.requested is not None
+        if self.step % STOP_CHECK_EVERY and self.step != self.steps:
+            return False
+        return any_process(self.stop.requested is not None, self.device)
+
+    def _stopped(self) -> None:
+        barrier()  # rank 0 has saved
+        where = f"epoch {self.epoch + 1}, step {self.step}" if self.step else f"epoch {self.epoch}"
+        saved = f"checkpoint saved to {self.ckpt}; " if self.ckpt is not None else ""
+        raise MedsegError(
+            f"train: stopped by {self.stop.requested or 'a signal'} after {where}; "
+            f"{saved}run the same command (or `dvc repro`) again to resume"
+        )
+
+    def _check_losses(self) -> None:
+        """Stop on the first non-finite loss of the epoch, naming it; keep the last checkpoint."""
+        if not self.losses:
+            return
+        losses = torch.stack(self.losses).float().cpu()
+        bad = (~torch.isfinite(losses)).nonzero()
+        if not len(bad):
+            return
+        step = int(bad[0, 0]) + self.step - len(self.losses) + 1
+        kept = (
+            f"the last good checkpoint ({self.ckpt}) is kept"
+            if self.ckpt is not None and self.ckpt.is_file()
+            else "no checkpoint was written"
+        )
+        raise MedsegError(
+            f"train: the loss became {float(losses[bad[0, 0]])} in epoch {self.epoch + 1}, step "
+            f"{step} (iteration {self.epoch * self.steps + step} of the run); {kept}. "
+            f"Lower train.lr (now {self.cfg.lr}), raise train.warmup_epochs or set train.grad_clip"
+        )
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "params_hash": self.hash,
+            "epoch": self.epoch,
+            "step": self.step,
+            "losses": torch.stack(self.losses).float().cpu() if self.losses else torch.zeros(0),
+            "history": self.history,
+            "epoch_rng": self.epoch_rng,
+            "rng": rng_state(self.sampler.rng),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "best_dice": self.best_dice,
+            "best_epoch": self.best_epoch,
+            "best_model": self.best_state,
+        }
+
+    def _save_checkpoint(self) -> None:
+        if self.ckpt is not None and self.world.main:
+            save_checkpoint(self.ckpt, self._state())
+
+    def _resume(self) -> None:
+        if self.ckpt is None:
+            return
+        state = load_checkpoint(self.ckpt, self.hash)
+        if state is None:
+            return
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.losses = [t.to(self.device) for t in state["losses"]]
+        self.history, self.epoch_rng = state["history"], state["epoch_rng"]
+        self.best_dice, self.best_epoch = state["best_dice"], state["best_epoch"]
+        self.best_state = state["best_model"]
+        restore_rng(state["rng"], self.sampler.rng)
+        log.info(
+            "resuming from %s: epoch %d, step %d of %d", self.ckpt, self.epoch + 1, self.step,
+            self.steps,
+        )  # fmt: skip
+
+    @contextlib.contextmanager
+    def _live(self, logs_dir: Path) -> Iterator[Live | None]:
+        """dvclive on rank 0, with the epochs of a resumed run logged again first."""
+        if not self.world.main:
+            yield None
+            return
+        with Live(dir=str(logs_dir), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+            for record, best in self.history:
+                _log(live, record, best)
+            yield live
+
+    def _write_models(self, models_dir: Path) -> None:
+        last = self.model.state_dict()
+        best = self.best_state if self.best_state is not None else last
+        with atomic_dir(models_dir) as out:
+            save_weights(best, self.spec, out / BEST)
+            save_weights(last, self.spec, out / LAST)
+
+
+class _Steps(torch.utils.data.Dataset):
+    """Steps of an epoch's plan as a map-style dataset, for DataLoader workers."""
+
+    def __init__(self, sampler: PatchSampler, plan: Plan, first: int, share: slice) -> None:
+        self.sampler, self.plan, self.first, self.share = sampler, plan, first, share
+
+    def __len__(self) -> int:
+        return len(self.plan) - self.first
+
+    def __getitem__(self, i: int) -> Batch:
+        return self.sampler.crop(self.plan, self.first + i, self.share)
 
 
 def validate(model: torch.nn.Module, val: SplitArrays, device: torch.device) -> float:
-    """Dice inside the FOV, pooled over the whole validation images, at threshold 0.5."""
+    """Dice inside the FOV, pooled over the whole validation images, at threshold 0.5.
+
+    Args:
+        model: a network with one foreground logit per pixel (see `medseg.model.foreground_logits`).
+    """
     model.eval()
     total = None
     for _, image, truth, inside in val.cases():
@@ -124,8 +446,112 @@ def validate(model: torch.nn.Module, val: SplitArrays, device: torch.device) -> 
     return scores(total)["dice"]
 
 
+class _Foreground(torch.nn.Module):
+    """A network's logits reduced to one foreground logit (for multi-class validation)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return foreground_logits(self.net(x))
+
+
+def _log(live: Live, record: dict[str, float], best: dict[str, float]) -> None:
+    for key, value in record.items():
+        live.log_metric(key, value)
+    live.summary.update(best)
+    live.next_step()
+
+
+def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Adam or AdamW; no weight decay on biases and normalisation weights (1-D parameters).
+
+    Build it after the model is on its device.
+    """
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    cls: Callable[..., torch.optim.Optimizer] = (
+        torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    )
+    # fused kernels on CUDA: one launch for all parameters
+    return cls(groups, lr=cfg.lr, fused=next(model.parameters()).is_cuda or None)
+
+
+def _check_classes(cfg: TrainConfig, train: SplitArrays, path: Path) -> None:
+    top = int(train.masks.max(initial=0))
+    if top >= max(cfg.classes, 2):
+        raise MedsegError(
+            f"{path}: the masks hold class {top} but train.classes is {cfg.classes}; "
+            f"set train.classes to at least {top + 1}"
+        )
+
+
+def _check_input_size(model: torch.nn.Module, spec: ModelSpec, patch_size: int) -> None:
+    """Fail before training when the architecture cannot take patches of this size."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, spec.in_channels, patch_size, patch_size))
+    except (RuntimeError, ValueError) as err:
+        raise MedsegError(
+            f"params: train.arch {spec.arch} with encoder {spec.encoder} cannot take patches of "
+            f"train.patch_size {patch_size} ({err}); use larger patches"
+        ) from err
+
+
+def _device(cfg: TrainConfig, world: World) -> torch.device:
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+@contextlib.contextmanager
+def _backend_flags(cfg: TrainConfig, device: torch.device) -> Iterator[None]:
+    """Fast or deterministic CUDA kernels for the block; the previous settings come back after.
+
+    CPU runs are deterministic as they are. On CUDA, ``train.deterministic`` turns on
+    deterministic algorithms (and the cuBLAS workspace setting they need; operations without a
+    deterministic kernel warn); otherwise cuDNN picks the fastest kernels and TF32 is allowed.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(), cudnn.deterministic, cudnn.benchmark,
+        torch.backends.cuda.matmul.allow_tf32, cudnn.allow_tf32,
+    )  # fmt: skip
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # warn_only: a few CUDA backward kernels have no deterministic version (bilinear
+        # upsampling in FPN/DeepLab/PSPNet, NLL loss with several classes): warn, do not crash
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        cudnn.deterministic, cudnn.benchmark = True, False
+        torch.backends.cuda.matmul.allow_tf32 = cudnn.allow_tf32 = False
+    else:
+        cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.deterministic, cudnn.benchmark = saved[2], saved[3]
+        torch.backends.cuda.matmul.allow_tf32, cudnn.allow_tf32 = saved[4], saved[5]
+
+
 def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """Mixed precision on CUDA only: bf16 where the GPU has it, else fp16 with a grad scaler."""
+    """Mixed precision: on CUDA bf16 where the GPU has it, else fp16 with a grad scaler; on CPU
+    bf16 when ``train.amp_cpu`` asks for it."""
+    if device.type == "cpu":
+        return torch.bfloat16 if cfg.amp_cpu else None
     if not cfg.amp or device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -1,0 +1,206 @@
+"""Training throughput on CPU: the train stage's loop against a naive loop, in the same run.
+
+The naive loop is what a first tutorial does (and the seed article did): every sample reads and
+decodes its image, vessel mask and FOV mask files from disk (DRIVE: LZW TIFF and GIF), takes the
+green channel, normalises it inside the FOV, crops a random patch and flips it; a plain fp32
+PyTorch loop with Adam and the same loss. Ours is the train stage's own training step
+(`medseg.training`) on the same images, decoded once into memory: patches cut from arrays,
+augmentation on the batch, channels-last, AdamW with warm-up and schedule, gradient clipping,
+optionally bf16 autocast or DataLoader workers. Same model, batch and patch size (from
+params.yaml unless overridden). Each loop first runs a few untimed steps (the first convolutions
+of a process are slow); then the loops take turns, ``--steps`` timed steps each, for
+``--rounds`` rounds, so that a change in the machine's load hits all of them alike.
+
+    python bench/train_throughput.py                      # DRIVE from ../shared/datasets/DRIVE
+    python bench/train_throughput.py --rounds 5 --batch-size 8
+
+Prints a Markdown table: the median images/s of each loop and the median of its per-round ratio
+to the naive loop. On a shared machine the absolute figures move with the other load; the
+ratio is the figure to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import logging
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from medseg.checkpoint import StopSignals
+from medseg.config import TrainConfig, parse
+from medseg.data import Batch
+from medseg.distributed import World
+from medseg.io.images import binarize, read_raster
+from medseg.io.layouts import CaseFiles, find_cases
+from medseg.losses import bce_dice_loss
+from medseg.model import ModelSpec, build_model
+from medseg.preprocess import SplitArrays, normalize_in_fov, pad_to, padded_size, select_channel
+from medseg.training import _Steps, _Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_case(case: CaseFiles) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read and decode one case from disk: normalised green channel, mask, FOV (H, W) each."""
+    assert case.fov is not None
+    fov = binarize(read_raster(case.fov))
+    image = normalize_in_fov(select_channel(read_raster(case.image), "green"), fov)
+    return image, binarize(read_raster(case.mask)), fov
+
+
+class NaiveLoop:
+    """The naive loop (see the module docstring), run a few steps at a time."""
+
+    def __init__(self, cases: list[CaseFiles], cfg: TrainConfig, seed: int) -> None:
+        self.cases, self.cfg = cases, cfg
+        self.rng = np.random.default_rng(seed)
+        torch.manual_seed(seed)
+        self.model = build_model(ModelSpec.from_config(cfg, in_channels=1)).train()
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+
+    def step(self) -> None:
+        cfg, rng, p = self.cfg, self.rng, self.cfg.patch_size
+        xs: list[torch.Tensor] = []
+        ys: list[torch.Tensor] = []
+        vs: list[torch.Tensor] = []
+        for _ in range(cfg.batch_size):
+            image, mask, fov = load_case(self.cases[int(rng.integers(len(self.cases)))])
+            top = int(rng.integers(image.shape[0] - p + 1))
+            left = int(rng.integers(image.shape[1] - p + 1))
+            crop = (slice(top, top + p), slice(left, left + p))
+            flip = bool(rng.integers(2))
+            for out, a in zip((xs, ys, vs), (image, mask, fov), strict=True):
+                a = a[crop][:, ::-1] if flip else a[crop]
+                out.append(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)))
+        x, y, v = (torch.stack(t)[:, None] for t in (xs, ys, vs))
+        loss = bce_dice_loss(self.model(x), y, v, cfg.bce_weight)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+
+    def run(self, steps: int) -> None:
+        for _ in range(steps):
+            self.step()
+
+
+class OurLoop:
+    """The train stage's own step (`medseg.training`): patches cut from memory, augmented on the
+    batch, channels-last, AdamW, schedule, clipping, optional bf16; or patches cut by DataLoader
+    workers, started once per block as the stage starts them once per epoch."""
+
+    def __init__(self, data: Path, cfg: TrainConfig, total_steps: int) -> None:
+        cfg = dataclasses.replace(
+            cfg, epochs=1, patches_per_epoch=total_steps * cfg.batch_size, device="cpu"
+        )
+        self.cfg = cfg
+        self.trainer = _Trainer(cfg, data, World(), torch.device("cpu"), StopSignals(), None)
+        self.plan = self.trainer.sampler.plan(total_steps, cfg.batch_size)
+        self.trainer.net.train()
+        self.next = 0
+
+    def run(self, steps: int) -> None:
+        first, self.next = self.next, self.next + steps
+        t = self.trainer
+        batches: Iterator[Batch]
+        if self.cfg.workers == 0:
+            batches = (t.sampler.crop(self.plan, s, t.share) for s in range(first, self.next))
+        else:
+            dataset = _Steps(t.sampler, self.plan, first, t.share)
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_size=None, num_workers=self.cfg.workers
+            )
+            batches = itertools.islice(loader, steps)
+        for batch in batches:
+            t._train_step(batch)
+
+
+def write_arrays(cases: list[CaseFiles], out: Path) -> None:
+    """The cases decoded once, as the preprocess stage writes them (no validation split)."""
+    loaded = [load_case(c) for c in cases]
+    height, width = padded_size(
+        max(a[0].shape[0] for a in loaded), max(a[0].shape[1] for a in loaded), 32
+    )
+    images = np.stack([pad_to(a[0], height, width) for a in loaded])[:, None]
+    masks = np.stack([pad_to(a[1], height, width) for a in loaded]).astype(np.uint8)
+    fovs = np.stack([pad_to(a[2], height, width) for a in loaded]).astype(np.uint8)
+    shapes = np.array([a[0].shape for a in loaded], dtype=np.int64)
+    ids = np.array([c.case_id for c in cases])
+    train = SplitArrays(images.astype(np.float32), masks, fovs, shapes, ids)
+    val = SplitArrays(images[:0], masks[:0], fovs[:0], shapes[:0], ids[:0])
+    out.mkdir(parents=True, exist_ok=True)
+    for name, split in (("train", train), ("val", val)):
+        np.savez(out / f"{name}.npz", **split.__dict__)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--drive", type=Path, default=REPO.parent / "shared" / "datasets" / "DRIVE")
+    parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per loop and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of all loops in turn")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps per loop")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--patch-size", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    raw = yaml.safe_load(args.params.read_text())["train"]
+    if args.batch_size:
+        raw["batch_size"] = args.batch_size
+    if args.patch_size:
+        raw["patch_size"] = args.patch_size
+    cfg = parse(TrainConfig, raw, prefix="train.", source=str(args.params))
+    cases = [c for c in find_cases(args.drive, "drive") if c.split == "train"]
+    print(
+        f"{len(cases)} DRIVE training images; {cfg.arch}-{cfg.encoder} decoder "
+        f"{cfg.decoder_channels}; batch {cfg.batch_size} x {cfg.patch_size}^2; "
+        f"{args.rounds} rounds of {args.steps} timed steps per loop; "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        write_arrays(cases, data)
+        total = args.warmup + args.rounds * args.steps
+        loops: dict[str, NaiveLoop | OurLoop] = {
+            "naive: files read per sample, fp32": NaiveLoop(cases, cfg, args.seed),
+            "ours: in memory, fp32": OurLoop(data, dataclasses.replace(cfg, amp_cpu=False), total),
+            "ours: in memory, fp32, 2 DataLoader workers cut patches": OurLoop(
+                data, dataclasses.replace(cfg, amp_cpu=False, workers=2), total
+            ),
+            "ours: in memory, bf16 autocast (train.amp_cpu)": OurLoop(
+                data, dataclasses.replace(cfg, amp_cpu=True), total
+            ),
+        }
+        for loop in loops.values():  # the first steps of a process are slow: not timed
+            loop.run(args.warmup)
+        speed: dict[str, list[float]] = {name: [] for name in loops}
+        for _ in range(args.rounds):  # interleaved, so a change of load hits every loop
+            for name, loop in loops.items():
+                start = time.perf_counter()
+                loop.run(args.steps)
+                speed[name].append(args.steps * cfg.batch_size / (time.perf_counter() - start))
+    naive = speed[next(iter(loops))]
+    print()
+    print("| loop | images/s, median of rounds | x naive, median of per-round ratios |")
+    print("| --- | ---: | ---: |")
+    for name, values in speed.items():
+        ratio = statistics.median(v / n for v, n in zip(values, naive, strict=True))
+        print(f"| {name} | {statistics.median(values):.2f} | {ratio:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Checkpoints that let a preempted training resume exactly, and stop signals that ask for one.
+
+A checkpoint is one file written through a temporary file and a rename, so a kill at any moment
+leaves either the previous checkpoint or the new one, never half of one. It holds only tensors and
+plain Python values, so it loads with ``torch.load(..., weights_only=True)`` (no code runs). It
+carries a hash of the train params and of the training data; a checkpoint of other params or
+other data is not resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+
+from medseg.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def params_hash(cfg: TrainConfig, data_files: list[Path]) -> str:
+    """SHA-256 of the train params and the bytes of the data files (hex).
+
+    ``device`` and ``workers`` are left out: they change where and how fast the work is done,
+    not its result.
+    """
+    params = {k: v for k, v in asdict(cfg).items() if k not in ("device", "workers")}
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    for path in data_files:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | Path, expected_hash: str) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if it belongs to these params and data, else None.
+
+    A checkpoint of other params or data, or one that cannot be read, is logged and removed:
+    resuming it would silently mix two experiments.
+    """
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a kill during a save
+        stale.unlink(missing_ok=True)
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: never resume from it
+        log.warning("%s: unreadable checkpoint (%s); removed, training from the start", path, err)
+        path.unlink(missing_ok=True)  # another process of the run may have removed it
+        return None
+    if not isinstance(state, dict) or state.get("params_hash") != expected_hash:
+        log.warning(
+            "%s: checkpoint of other train params or data; removed, training from the start", path
+        )
+        path.unlink(missing_ok=True)  # another process of the run may have removed it
+        return None
+    return state
+
+
+def rng_state(generator: np.random.Generator) -> dict[str, Any]:
+    """Every random state the training uses, as plain values and tensors."""
+    return {
+        "numpy": generator.bit_generator.state,
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(state: dict[str, Any], generator: np.random.Generator) -> None:
+    """Put back the random states saved by `rng_state`."""
+    generator.bit_generator.state = state["numpy"]
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopSignals:
+    """Within the block, SIGTERM and SIGINT only set `requested` (the loop saves, then exits).
+
+    A cloud spot instance announces preemption with SIGTERM; the training finishes its step,
+    writes a checkpoint and exits non-zero. The previous handlers come back after the block.
+    Outside the main thread (where handlers cannot be set) it does nothing.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested is None:
+            self.requested = signal.Signals(signum).name
+            log.warning("%s received: stopping after this step to save a checkpoint", signum)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
