@@ -74,11 +74,15 @@ def _check_evaluate_plots(project: Path) -> None:
 
 
 def _check_predict_matches_evaluate(project: Path) -> None:
-    """`medseg predict` on the raw test files gives the probabilities `evaluate` gave."""
+    """`medseg predict` with only the models folder, on the raw test files, gives the
+    probabilities `evaluate` gave."""
+    assert (project / "models" / "preprocess.json").read_bytes() == (
+        project / "data" / "processed" / "preprocess.json"
+    ).read_bytes()
     test = project / "data" / "raw" / "synthetic" / "test"
     proc = run(
         project, sys.executable, "-c", "from medseg.cli import main; main()", "predict",
-        "--model", "models/model.safetensors", "--preprocess", "data/processed/preprocess.json",
+        "--model", "models/model.safetensors",  # its preprocess.json lies beside it
         "--out", "predicted", str(test / "images"), "--fov", str(test / "mask"),
         "--probabilities", "--window", "64",
     )  # fmt: skip

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -66,6 +67,7 @@ from medseg.model import (
     resolve_device,
     save_weights,
 )
+from medseg.preprocess import RECORD as PREPROCESS_RECORD
 from medseg.preprocess import SplitArrays, load_split
 
 log = logging.getLogger(__name__)
@@ -136,6 +138,7 @@ class _Trainer:
     ) -> None:
         self.cfg, self.world, self.device, self.stop = cfg, world, device, stop
         self.share = world.share(cfg.batch_size)
+        self.data_dir = data_dir
         self.train = load_split(data_dir / "train.npz")
         self.val = load_split(data_dir / "val.npz")
         if len(self.train) == 0:
@@ -415,6 +418,9 @@ class _Trainer:
         with atomic_dir(models_dir) as out:
             save_weights(best, self.spec, out / BEST)
             save_weights(last, self.spec, out / LAST)
+            record = self.data_dir / PREPROCESS_RECORD
+            if record.is_file():  # how new images are prepared for the model (`medseg predict`)
+                shutil.copyfile(record, out / PREPROCESS_RECORD)
 
 
 class _Steps(torch.utils.data.Dataset):
@@ -439,7 +445,7 @@ def validate(model: torch.nn.Module, val: SplitArrays, device: torch.device) -> 
     model.eval()
     total = None
     for _, image, truth, inside in val.cases():
-        prob = predict_probs(model, image, window=512, device=device)
+        prob = predict_probs(model, image, window=1024, device=device)
         c = confusion(prob >= 0.5, truth, inside)
         total = c if total is None else total + c
     assert total is not None
