@@ -16,7 +16,7 @@ import torch
 from conftest import REPO, tiny_params, write_params
 from safetensors.numpy import load_file
 
-from medseg.checkpoint import CHECKPOINT, save_checkpoint
+from medseg.checkpoint import CHECKPOINT, FINISHED, save_checkpoint
 from medseg.config import (
     ConvertConfig,
     DataConfig,
@@ -54,8 +54,12 @@ def _cfg(tmp_path: Path, **train: object) -> TrainConfig:
 def test_fit_writes_weights_and_curves(processed: Path, tmp_path: Path):
     summary = fit(_cfg(tmp_path), processed, tmp_path / "models", tmp_path / "logs")
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
-        "last.json", "last.safetensors", "model.json", "model.safetensors",
+        "last.json", "last.safetensors", "model.json", "model.safetensors", "preprocess.json",
     ]  # fmt: skip
+    # the preprocess params travel with the weights, for `medseg predict`
+    assert (tmp_path / "models" / "preprocess.json").read_bytes() == (
+        processed / "preprocess.json"
+    ).read_bytes()
     assert summary["best_epoch"] in (1, 2) and 0.0 <= summary["best_val_dice"] <= 1.0
     loss = (tmp_path / "logs" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
     assert loss[0].split("\t") == ["step", "loss"] and len(loss) == 3
@@ -145,7 +149,7 @@ def test_sigterm_then_rerun_gives_the_uninterrupted_result(processed: Path, tmp_
         metrics["best_val_dice"]
         == json.loads((whole / "logs" / "metrics.json").read_text())["best_val_dice"]
     )
-    assert list((cut / "checkpoints").iterdir()) == []  # removed after success
+    assert [p.name for p in (cut / "checkpoints").iterdir()] == [FINISHED]  # removed after success
 
 
 def test_checkpoint_of_other_params_is_not_resumed(processed: Path, tmp_path: Path, caplog):
@@ -154,7 +158,7 @@ def test_checkpoint_of_other_params_is_not_resumed(processed: Path, tmp_path: Pa
     fit(_cfg(tmp_path, epochs=1), processed, tmp_path / "m", tmp_path / "l", ckpt_dir)
     assert "checkpoint of other train params" in caplog.text
     assert (tmp_path / "m" / "model.safetensors").is_file()
-    assert list(ckpt_dir.iterdir()) == []
+    assert [p.name for p in ckpt_dir.iterdir()] == [FINISHED]
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(
@@ -217,7 +221,7 @@ def test_torchrun_two_processes_match_one_process(processed: Path, tmp_path: Pat
     loss_two = float(_curve(two, "train/loss.tsv")[1].split("\t")[1])
     assert loss_two == pytest.approx(loss_one, rel=1e-4)
     assert (two / "models" / "model.safetensors").is_file()
-    assert list((two / "checkpoints").iterdir()) == []
+    assert [p.name for p in (two / "checkpoints").iterdir()] == [FINISHED]
 
 
 # --- CUDA (skipped without a GPU) ----------------------------------------------------------------

@@ -28,6 +28,24 @@ from medseg.config import TrainConfig
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+FINISHED = "README.txt"
+_FINISHED_TEXT = (
+    "The last training run finished; its weights are in models/.\n"
+    "A run stopped by a signal (preemption) leaves checkpoint.pt here, and the next run of the\n"
+    "train stage resumes from it.\n"
+)
+
+
+def mark_finished(directory: str | Path) -> None:
+    """Leave a fixed note in the checkpoint folder once the run's checkpoint has been removed.
+
+    The folder is a cached DVC output: with this constant content it has the same hash after
+    every finished run, so a clone that pulls it sees the train stage up to date (an empty
+    folder would not travel through git or a remote).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / FINISHED).write_text(_FINISHED_TEXT)
 
 
 def params_hash(cfg: TrainConfig, data_files: list[Path]) -> str:

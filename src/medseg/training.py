@@ -38,6 +38,7 @@ from medseg.checkpoint import (
     CHECKPOINT,
     StopSignals,
     load_checkpoint,
+    mark_finished,
     params_hash,
     restore_rng,
     rng_state,
@@ -207,6 +208,7 @@ class _Trainer:
             self._write_models(models_dir)
             if self.ckpt is not None:
                 self.ckpt.unlink(missing_ok=True)
+                mark_finished(self.ckpt.parent)
         barrier()
         return {
             "best_epoch": self.best_epoch,
