@@ -29,7 +29,7 @@ from medseg.convert import convert_dataset
 from medseg.errors import MedsegError
 from medseg.preprocess import preprocess_dataset
 from medseg.synthetic import write_dataset
-from medseg.training import fit, lr_factor
+from medseg.training import MACHINE_CURVES, fit, lr_factor
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,11 @@ def test_fit_writes_weights_and_curves(processed: Path, tmp_path: Path):
     assert summary["best_epoch"] in (1, 2) and 0.0 <= summary["best_val_dice"] <= 1.0
     loss = (tmp_path / "logs" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
     assert loss[0].split("\t") == ["step", "loss"] and len(loss) == 3
+    speed = tmp_path / "logs" / "plots" / "metrics" / "throughput_images_per_s.tsv"
+    assert len(speed.read_text().splitlines()) == 3  # a curve, but not in the metrics file
+    metrics = json.loads((tmp_path / "logs" / "metrics.json").read_text())
+    assert metrics["best_epoch"] == summary["best_epoch"] and "val" in metrics
+    assert not any(key in metrics for key in MACHINE_CURVES)
 
 
 def test_cpu_training_is_deterministic(processed: Path, tmp_path: Path):
@@ -238,8 +243,8 @@ def test_cuda_amp_deterministic_runs_are_identical(processed: Path, tmp_path: Pa
     a = load_file(str(tmp_path / "a" / "last.safetensors"))
     b = load_file(str(tmp_path / "b" / "last.safetensors"))
     assert all(np.array_equal(a[k], b[k]) for k in a)
-    metrics = json.loads((tmp_path / "a" / "logs" / "metrics.json").read_text())
-    assert metrics["gpu_peak_memory_gib"] > 0
+    peak = tmp_path / "a" / "logs" / "plots" / "metrics" / "gpu_peak_memory_gib.tsv"
+    assert float(peak.read_text().splitlines()[-1].split("\t")[-1]) > 0
     assert not torch.are_deterministic_algorithms_enabled()  # the setting is put back
 
 

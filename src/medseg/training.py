@@ -465,9 +465,16 @@ class _Foreground(torch.nn.Module):
         return foreground_logits(self.net(x))
 
 
+# Curves only: they measure the machine, not the model, and would show as a change in every
+# `dvc metrics diff` (the metrics file keeps what the same params and data always reproduce).
+MACHINE_CURVES = ("throughput_images_per_s", "gpu_peak_memory_gib")
+
+
 def _log(live: Live, record: dict[str, float], best: dict[str, float]) -> None:
     for key, value in record.items():
         live.log_metric(key, value)
+    for key in MACHINE_CURVES:
+        live.summary.pop(key, None)
     live.summary.update(best)
     live.next_step()
 
