@@ -1,0 +1,29 @@
+"""The README's commands say what the project actually runs."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from conftest import REPO
+
+
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_drive_recipe_in_the_readme_is_the_one_the_benchmark_runs():
+    recipe = _bench("drive_recipe").RECIPE
+    line = f"dvc exp run -S data.root=<path to DRIVE> -S data.layout=drive {recipe}"
+    assert line in (REPO / "README.md").read_text()
+
+
+def test_stage_times_are_measured_between_dvc_stage_lines():
+    times = _bench("drive_recipe").stage_times(
+        [(1.0, "Running stage 'train':"), (2.0, "epoch 1"), (9.5, "Running stage 'evaluate':")],
+        end=12.0,
+    )
+    assert times == {"train": 8.5, "evaluate": 2.5}
