@@ -139,7 +139,7 @@ def write_arrays(cases: list[CaseFiles], out: Path) -> None:
     val = SplitArrays(images[:0], masks[:0], fovs[:0], shapes[:0], ids[:0])
     out.mkdir(parents=True, exist_ok=True)
     for name, split in (("train", train), ("val", val)):
-        np.savez(out / f"{name}.npz", **split.__dict__)
+        np.savez(out / f"{name}.npz", **{k: v for k, v in split.__dict__.items() if v is not None})
 
 
 def main() -> None:
