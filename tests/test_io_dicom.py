@@ -302,3 +302,34 @@ def test_messages_never_quote_patient_fields(tmp_path: Path):
         read_dicom_frames(tmp_path / "a.dcm")
     for secret in ("DOE", "JANE", "PID-98765", "19700101", str(ds.SOPInstanceUID)):
         assert secret not in str(info.value)
+
+
+def test_empty_display_attributes_count_as_absent(tmp_path: Path):
+    """Anonymisers often blank type 2 attributes: an empty window or rescale is no window."""
+    ds = pydicom.dcmread(MR)
+    ds.WindowCenter, ds.WindowWidth = None, None
+    ds.save_as(tmp_path / "blank_window.dcm")
+    plain = pydicom.dcmread(MR)
+    del plain.WindowCenter, plain.WindowWidth
+    plain.save_as(tmp_path / "no_window.dcm")
+    assert np.array_equal(
+        read_dicom(tmp_path / "blank_window.dcm"), read_dicom(tmp_path / "no_window.dcm")
+    )
+
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ct.RescaleSlope, ct.RescaleIntercept = None, None
+    ct.save_as(tmp_path / "blank_rescale.dcm")
+    raw = ct.pixel_array.astype(np.float64)  # no rescale: the stored values, signed 16 bit
+    expected = ((raw + 32768) / 65535 * 65535 + 0.5).astype(np.uint16)
+    assert np.array_equal(read_dicom(tmp_path / "blank_rescale.dcm"), expected)
+
+
+def test_malformed_lut_is_one_clear_error_naming_the_file(tmp_path: Path):
+    ds = pydicom.dcmread(MR)
+    del ds.WindowCenter, ds.WindowWidth
+    item = Dataset()
+    item.add_new(0x00283006, "US", [0, 1, 2])  # LUTData without its LUTDescriptor
+    ds.VOILUTSequence = [item]
+    ds.save_as(tmp_path / "bad_lut.dcm")
+    with pytest.raises(MedsegError, match=r"bad_lut\.dcm: cannot apply the file's rescale"):
+        read_dicom(tmp_path / "bad_lut.dcm")

@@ -181,6 +181,11 @@ def _fail_hint(reason: str) -> str:
     return f"{reason} (convert.on_error: skip leaves such cases out and lists them)"
 
 
+def _unexpected(case: CaseFiles, err: Exception) -> str:
+    """A failure our checks did not foresee, as a problem of the case (no value quoted)."""
+    return f"{case.image}: could not be converted ({type(err).__name__}); the file may be damaged"
+
+
 def convert_case(job: _Job) -> _Result:
     """Convert one case: read, check, write its PNGs; a user-caused problem becomes a `Problem`.
 
@@ -188,8 +193,8 @@ def convert_case(job: _Job) -> _Result:
     """
     try:
         return _Result(_convert(job.case, job.root, job.out, job.cfg))
-    except MedsegError as err:  # raised before anything of the case is written
-        reason = str(err)
+    except Exception as err:  # raised before anything of the case is written
+        reason = str(err) if isinstance(err, MedsegError) else _unexpected(job.case, err)
         if job.cfg.names == "hash":  # no name from the path in the outputs, the report included
             case = job.case
             for path in (case.image, case.mask, case.fov, case.mask2):

@@ -87,9 +87,33 @@ def read_dicom_frames(path: str | Path, options: ReadOptions | None = None) -> n
         # pydicom warns about odd element values, quoting them: they may identify the patient
         warnings.simplefilter("ignore")
         ds = _read_dataset(path)
+        _drop_empty(ds)
         _check_header(path, ds, options)
         arr, meta = _decode(path, ds)
-        return _display(path, ds, arr, meta, options.window)
+        try:
+            return _display(path, ds, arr, meta, options.window)
+        except MedsegError:
+            raise
+        except Exception as err:  # a malformed display attribute; its value is not quoted
+            raise MedsegError(
+                f"{path}: cannot apply the file's rescale, window or LUT attributes "
+                f"({type(err).__name__}); check or remove them"
+            ) from None
+
+
+# Type 2 attributes that anonymisers often leave present but empty: empty means unknown here.
+_EMPTY_MEANS_ABSENT = (
+    "RescaleSlope", "RescaleIntercept", "RescaleType", "WindowCenter", "WindowWidth",
+    "VOILUTFunction",
+)  # fmt: skip
+
+
+def _drop_empty(ds: Dataset) -> None:
+    """Remove display attributes that are present without a value, as if they were absent."""
+    for keyword in _EMPTY_MEANS_ABSENT:
+        value = ds[keyword].value if keyword in ds else 0
+        if value is None or (isinstance(value, (str, bytes, list, tuple)) and len(value) == 0):
+            del ds[keyword]
 
 
 def _read_dataset(path: Path) -> Dataset:
