@@ -73,6 +73,20 @@ def test_params_hash(cfg: TrainConfig, tmp_path: Path):
     assert params_hash(cfg, [data]) != base
 
 
+def test_params_hash_covers_the_code(cfg: TrainConfig, tmp_path: Path):
+    data = tmp_path / "train.npz"
+    data.write_bytes(b"1234")
+    code = tmp_path / "pkg"
+    (code / "sub").mkdir(parents=True)
+    (code / "losses.py").write_text("W = 0.5\n")
+    (code / "sub" / "x.py").write_text("pass\n")
+    base = params_hash(cfg, [data], code)
+    assert params_hash(cfg, [data], code) == base
+    (code / "losses.py").write_text("W = 0.7\n")  # a code change: the checkpoint is not resumed
+    assert params_hash(cfg, [data], code) != base
+    assert params_hash(cfg, [data]) != params_hash(cfg, [data], code)  # default: the package
+
+
 def test_sigterm_sets_the_flag_and_handlers_come_back():
     before = signal.getsignal(signal.SIGTERM)
     with StopSignals() as stop:

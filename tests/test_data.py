@@ -187,3 +187,14 @@ def test_class_index_masks_are_resampled_by_nearest_neighbour():
     assert sampler.multiclass
     _, y, _ = sampler.sample(16)
     assert set(torch.unique(y).tolist()) <= {0.0, 1.0, 2.0} and (y == 2).any()
+
+
+def test_every_foreground_class_is_a_patch_centre_candidate():
+    data = _split()
+    masks = np.zeros_like(data.masks)
+    masks[:, 10:12, 10:20] = 1
+    masks[:, 30:32, 10:20] = 2  # an even label: a bitwise AND with the 0/1 FOV would drop it
+    fov = np.ones_like(data.fov)
+    data = SplitArrays(data.images, masks, fov, data.shapes, data.case_ids)
+    sampler = PatchSampler(data, 32, 1.0, np.random.default_rng(0), AFFINE)
+    assert all(len(fg) == 40 for fg in sampler._fg)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,11 +10,12 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from medseg.cli import main
-from medseg.config import PreprocessConfig
+from medseg.config import CONVERT_RECORD, ConvertConfig, PreprocessConfig
+from medseg.convert import fov_from_image
 from medseg.io.dicom import read_dicom
-from medseg.io.images import read_raster, write_png
+from medseg.io.images import read_image, read_raster, write_png
 from medseg.model import ModelSpec, build_model, save_model
-from medseg.predict import collect_inputs, find_fov
+from medseg.predict import collect_inputs, find_fov, load_predictor, read_input
 from medseg.preprocess import RECORD, save_record
 
 CT_SMALL = get_testdata_file("CT_small.dcm")  # 128x128, 16-bit CT, ships with pydicom
@@ -160,3 +162,59 @@ def test_collect_inputs_and_fov_matching(tmp_path: Path):
     assert find_fov(b, a / "01.png", 2) == b / "01_mask.png"  # not 011_mask
     with pytest.raises(Exception, match="no mask"):
         find_fov(b, a / "02.png", 2)
+
+
+def _convert_record(folder: Path, **changes: object) -> None:
+    cfg = dataclasses.replace(ConvertConfig(None, None), **changes)  # type: ignore[arg-type]
+    (folder / CONVERT_RECORD).write_text(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _disc_photo(path: Path) -> np.ndarray:
+    """A fundus-like photograph: a bright textured disc on a black border."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:80, :96]
+    disc = (yy - 40) ** 2 + (xx - 48) ** 2 < 35**2
+    image = np.zeros((80, 96, 3), np.uint8)
+    image[disc] = rng.integers(90, 200, size=(int(disc.sum()), 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_png(path, image)
+    return image
+
+
+def test_without_fov_masks_predict_makes_the_fov_as_convert_did(tmp_path: Path):
+    model = _model(tmp_path / "models")
+    _convert_record(model.parent, fov_fallback="threshold", fov_threshold=0.1, fov_erode=1)
+    image = _disc_photo(tmp_path / "in" / "eye.png")
+    fov = fov_from_image(image, 0.1, 1)
+    assert 0 < fov.sum() < fov.size
+    write_png(tmp_path / "eye_fov.png", fov)
+    made, given = tmp_path / "made", tmp_path / "given"
+    assert _run("--model", model, "--out", made, tmp_path / "in", "--probabilities") == 0
+    assert _run("--model", model, "--out", given, tmp_path / "in", "--probabilities",
+                "--fov", tmp_path / "eye_fov.png") == 0  # fmt: skip
+    p_made = read_raster(made / "probabilities" / "eye.png")
+    assert np.array_equal(p_made, read_raster(given / "probabilities" / "eye.png"))
+    assert not p_made[~fov].any()  # nothing outside the disc
+    # a model whose convert stage counted images whole does the same
+    _convert_record(model.parent, fov_fallback="whole_image")
+    whole = tmp_path / "whole"
+    assert _run("--model", model, "--out", whole, tmp_path / "in", "--probabilities") == 0
+    assert read_raster(whole / "probabilities" / "eye.png")[~fov].any()
+
+
+def test_predict_reads_dicom_with_the_models_window_override(tmp_path: Path):
+    assert CT_SMALL is not None
+    model = _model(tmp_path / "models")
+    _convert_record(model.parent, window_center=40.0, window_width=400.0)  # a CT soft-tissue window
+    predictor = load_predictor(model)
+    assert np.array_equal(
+        read_input(predictor, Path(CT_SMALL)), read_image(CT_SMALL, window=(40.0, 400.0))
+    )
+    assert not np.array_equal(read_image(CT_SMALL, window=(40.0, 400.0)), read_image(CT_SMALL))
+
+
+def test_a_broken_convert_record_is_refused_naming_it(tmp_path: Path, png: Path, capsys):
+    model = _model(tmp_path / "models")
+    (model.parent / CONVERT_RECORD).write_text('{"window_center": null}')
+    assert _run("--model", model, "--out", tmp_path / "out", png) == 2
+    assert "convert.json: missing key convert.window_width" in capsys.readouterr().err

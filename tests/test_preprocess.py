@@ -95,9 +95,14 @@ def test_preprocess_dataset(tmp_path: Path):
     assert (stats["padded_height"], stats["padded_width"]) == (96, 96)
     assert (stats["train"]["cases"], stats["val"]["cases"], stats["test"]["cases"]) == (4, 1, 2)
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [
-        "preprocess.json", "split.csv", "stats.json", "test.npz", "train.npz", "val.npz",
+        "convert.json", "preprocess.json", "split.csv", "stats.json", "test.npz", "train.npz",
+        "val.npz",
     ]  # fmt: skip
     assert load_record(tmp_path / "p" / RECORD) == cfg
+    # the convert params are passed on unchanged (train copies them beside the weights)
+    assert (tmp_path / "p" / "convert.json").read_bytes() == (
+        tmp_path / "c" / "convert.json"
+    ).read_bytes()
     train = load_split(tmp_path / "p" / "train.npz")
     assert train.images.shape == (4, 1, 96, 96) and train.images.dtype == np.float32
     assert train.masks.shape == (4, 96, 96) and set(np.unique(train.masks)) == {0, 1}

@@ -54,7 +54,8 @@ def _cfg(tmp_path: Path, **train: object) -> TrainConfig:
 def test_fit_writes_weights_and_curves(processed: Path, tmp_path: Path):
     summary = fit(_cfg(tmp_path), processed, tmp_path / "models", tmp_path / "logs")
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
-        "last.json", "last.safetensors", "model.json", "model.safetensors", "preprocess.json",
+        "convert.json", "last.json", "last.safetensors", "model.json", "model.safetensors",
+        "preprocess.json",
     ]  # fmt: skip
     # the preprocess params travel with the weights, for `medseg predict`
     assert (tmp_path / "models" / "preprocess.json").read_bytes() == (

@@ -48,14 +48,20 @@ def mark_finished(directory: str | Path) -> None:
     (directory / FINISHED).write_text(_FINISHED_TEXT)
 
 
-def params_hash(cfg: TrainConfig, data_files: list[Path]) -> str:
-    """SHA-256 of the train params and the bytes of the data files (hex).
+def params_hash(cfg: TrainConfig, data_files: list[Path], code: Path | None = None) -> str:
+    """SHA-256 of the train params, the package's code and the bytes of the data files (hex).
 
     ``device`` and ``workers`` are left out: they change where and how fast the work is done,
-    not its result.
+    not its result. The code (``code``: the medseg package by default) counts, so that a run
+    preempted before a code change is not finished by the new code (the checkpoint folder
+    outlives the change).
     """
     params = {k: v for k, v in asdict(cfg).items() if k not in ("device", "workers")}
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    package = code or Path(__file__).resolve().parent
+    for source in sorted(package.rglob("*.py")):
+        digest.update(source.relative_to(package).as_posix().encode())
+        digest.update(source.read_bytes())
     for path in data_files:
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):

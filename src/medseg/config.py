@@ -65,6 +65,12 @@ class SynthesizeConfig:
         _at_least("synthesize.noise", self.noise, 0.0)
 
 
+# The convert params as the convert stage used them, written beside its output and carried on
+# (preprocess, then train copies it beside the weights) so that `medseg predict` reads new
+# images with the same DICOM window and makes a missing FOV the same way.
+CONVERT_RECORD = "convert.json"
+
+
 @dataclasses.dataclass(frozen=True)
 class ConvertConfig:
     """Conversion of every input format to lossless PNG.

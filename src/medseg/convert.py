@@ -26,7 +26,7 @@ import pandas as pd
 from scipy import ndimage
 from tqdm import tqdm
 
-from medseg.config import ConvertConfig, DataConfig
+from medseg.config import CONVERT_RECORD, ConvertConfig, DataConfig
 from medseg.errors import MedsegError
 from medseg.io.atomic import atomic_dir, write_json
 from medseg.io.images import ReadOptions, mask_to_bool, read_frames, source_format, write_png
@@ -103,6 +103,7 @@ def convert_dataset(data: DataConfig, cfg: ConvertConfig, out: str | Path) -> pd
             "on_error": cfg.on_error,
         }
         write_json(tmp / "report.json", report)
+        write_json(tmp / CONVERT_RECORD, dataclasses.asdict(cfg))
     log.info(
         "converted %d cases (%d skipped%s)",
         len(manifest), len(problems), ", listed in skipped.csv" if problems else "",

@@ -160,7 +160,9 @@ class PatchSampler:
         self.rng = rng
         # candidate centres per image, as flat indices into the unpadded image
         crop = (slice(margin, margin + self.height), slice(margin, margin + self.width))
-        self._fg = [np.flatnonzero(m[crop] & f[crop]) for m, f in zip(masks, fov, strict=True)]
+        self._fg = [
+            np.flatnonzero((m[crop] > 0) & (f[crop] > 0)) for m, f in zip(masks, fov, strict=True)
+        ]
         self._fov = [np.flatnonzero(f[crop]) for f in fov]
 
     def plan(self, steps: int, batch_size: int) -> Plan:

@@ -9,6 +9,7 @@ preprocess stage), all in one folder.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from medseg.config import EvaluateConfig, PreprocessConfig
+from medseg.config import CONVERT_RECORD, ConvertConfig, EvaluateConfig, PreprocessConfig, parse
+from medseg.convert import fov_from_image
 from medseg.errors import MedsegError
 from medseg.inference import predict_probabilities, prepare_model, segment
 from medseg.io.images import IMAGE_SUFFIXES, binarize, read_image, source_format, write_png
@@ -30,6 +32,8 @@ MODEL_FILE = "model.safetensors"
 PROBABILITIES = "probabilities"
 IN_CHANNELS = 1  # `prepare_image` gives one channel (green or grey)
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Predictor:
@@ -39,6 +43,7 @@ class Predictor:
     spec: ModelSpec
     preprocess: PreprocessConfig
     device: torch.device
+    convert: ConvertConfig | None = None  # None: a model whose convert params did not travel
 
 
 def load_predictor(
@@ -96,7 +101,51 @@ def load_predictor(
         ) from err
     dev = resolve_device(device)
     net = prepare_model(net.to(dev).eval(), spec.in_channels)
-    return Predictor(net, spec, pre, dev)
+    return Predictor(net, spec, pre, dev, _convert_record(record.parent / CONVERT_RECORD))
+
+
+def _convert_record(path: Path) -> ConvertConfig | None:
+    """The convert params the model's training data went through, where they travelled with it."""
+    if not path.is_file():
+        log.warning(
+            "%s: missing; DICOM files are read with their own window and images without --fov "
+            "count whole", path
+        )  # fmt: skip
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise MedsegError(f"{path}: not a readable convert record ({err})") from err
+    return parse(ConvertConfig, raw, prefix="convert.", source=str(path))
+
+
+def read_input(predictor: Predictor, path: Path) -> np.ndarray:
+    """Read an input image as the convert stage read the model's training images (its DICOM
+    window override included)."""
+    cfg = predictor.convert
+    window = None
+    if cfg is not None and cfg.window_center is not None and cfg.window_width is not None:
+        window = (cfg.window_center, cfg.window_width)
+    return read_image(path, window=window)
+
+
+def input_fov(
+    predictor: Predictor, fov_path: Path | None, image: np.ndarray, path: Path
+) -> np.ndarray:
+    """The FOV of an input: its mask file, else made as convert made a missing one (from the
+    image with the model's ``convert.fov_threshold`` and ``fov_erode``, or the whole image)."""
+    if fov_path is not None or predictor.convert is None:
+        return read_fov(fov_path, image.shape[:2])
+    cfg = predictor.convert
+    if cfg.fov_fallback != "threshold":
+        return np.ones(image.shape[:2], dtype=bool)
+    fov = fov_from_image(image, cfg.fov_threshold, cfg.fov_erode)
+    if not fov.any():
+        raise MedsegError(
+            f"{path}: no pixel above the model's convert.fov_threshold ({cfg.fov_threshold} of "
+            "full scale) to make a field of view from; give one with --fov"
+        )
+    return fov
 
 
 def _read_spec(path: Path) -> ModelSpec:
@@ -279,9 +328,9 @@ def predict_files(
         for path, name in tqdm(
             list(zip(files, names, strict=True)), desc="predict", unit="image", disable=None
         ):
-            image = read_image(path)
+            image = read_input(predictor, path)
             labels, probs = predict_image(
-                predictor, image, read_fov(fovs[path], image.shape[:2]), options
+                predictor, image, input_fov(predictor, fovs[path], image, path), options
             )
             write_png(tmp / name, labels * 255 if probs.shape[0] == 1 else labels)
             written.append(name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import pandas as pd
 from skimage import exposure
 
-from medseg.config import PreprocessConfig, parse
+from medseg.config import CONVERT_RECORD, PreprocessConfig, parse
 from medseg.errors import MedsegError
 from medseg.io.atomic import atomic_dir, write_json
 from medseg.io.images import binarize, read_raster
@@ -256,6 +257,8 @@ def preprocess_dataset(cfg: PreprocessConfig, converted: str | Path, out: str | 
         manifest[["case_id", "split"]].to_csv(tmp / "split.csv", index=False)
         write_json(tmp / "stats.json", stats)
         save_record(cfg, tmp / RECORD)
+        if (converted / CONVERT_RECORD).is_file():  # passed on to the model, for predict
+            shutil.copyfile(converted / CONVERT_RECORD, tmp / CONVERT_RECORD)
     log.info("preprocessed %d cases to %dx%d", len(manifest), height, width)
     return stats
 

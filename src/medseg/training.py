@@ -44,7 +44,7 @@ from medseg.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from medseg.config import TrainConfig
+from medseg.config import CONVERT_RECORD, TrainConfig
 from medseg.data import Augmentation, Batch, PatchSampler, Plan, augment
 from medseg.distributed import (
     World,
@@ -237,8 +237,8 @@ class _Trainer:
             if self.step % 10 == 0 and not bar.disable:  # .item() waits for the GPU
                 value = loss.item()
                 bar.set_postfix(loss=f"{value:.4f}")
-                if not math.isfinite(value):
-                    self._check_losses()
+                if not math.isfinite(value) and self.world.size == 1:  # under DDP every rank
+                    self._check_losses()  # checks at the end of the epoch, together
             if self._stop_requested() and self.step < self.steps:
                 bar.close()
                 self._check_losses()
@@ -420,9 +420,10 @@ class _Trainer:
         with atomic_dir(models_dir) as out:
             save_weights(best, self.spec, out / BEST)
             save_weights(last, self.spec, out / LAST)
-            record = self.data_dir / PREPROCESS_RECORD
-            if record.is_file():  # how new images are prepared for the model (`medseg predict`)
-                shutil.copyfile(record, out / PREPROCESS_RECORD)
+            for name in (PREPROCESS_RECORD, CONVERT_RECORD):  # how `medseg predict` reads and
+                record = self.data_dir / name  # prepares new images for this model
+                if record.is_file():
+                    shutil.copyfile(record, out / name)
 
 
 class _Steps(torch.utils.data.Dataset):
