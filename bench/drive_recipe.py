@@ -85,7 +85,7 @@ def main() -> None:
     if "second_observer" in metrics["test"]:
         print("second observer:", metrics["test"]["second_observer"])
     print("stage wall times (s):", {k: round(v, 1) for k, v in times.items()})
-    print(f"torch threads: {os.cpu_count()} CPUs visible")
+    print(f"CPUs visible: {os.cpu_count()}")
     if args.keep:
         print(f"kept: {clone}")
     else:

@@ -10,8 +10,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pydicom
 import pytest
 import yaml
+from pydicom.data import get_testdata_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download during tests
 
@@ -39,6 +42,20 @@ def tiny_params(**changes: dict[str, Any]) -> dict[str, Any]:
         for section, values in overrides.items():
             params[section].update(copy.deepcopy(values))
     return params
+
+
+def write_grey_dicom16(path: Path, image: np.ndarray, **fields: Any) -> None:
+    """Save a (H, W) uint16 image as an unsigned 16-bit grey DICOM with no window, built on
+    pydicom's real MR_small.dcm; ``fields`` set further attributes (e.g. PatientName)."""
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    del ds.WindowCenter, ds.WindowWidth
+    ds.Rows, ds.Columns = image.shape
+    ds.PixelRepresentation, ds.BitsStored, ds.HighBit = 0, 16, 15
+    ds.PixelData = image.astype(np.uint16).tobytes()
+    for keyword, value in fields.items():
+        setattr(ds, keyword, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path)
 
 
 def write_params(path: Path, params: dict[str, Any]) -> Path:

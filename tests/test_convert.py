@@ -8,12 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pydicom
 import pytest
 import tifffile
-from conftest import DRIVE, tiny_params, write_params
+from conftest import DRIVE, tiny_params, write_grey_dicom16, write_params
 from PIL import Image
-from pydicom.data import get_testdata_file
 from scipy import ndimage
 
 from medseg.config import ConvertConfig, DataConfig, SynthesizeConfig, load_params
@@ -257,14 +255,9 @@ def test_empty_data_set(tmp_path: Path):
 
 
 def _dicom_with_patient(path: Path, ramp: np.ndarray) -> None:
-    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
-    del ds.WindowCenter, ds.WindowWidth
-    ds.Rows, ds.Columns = ramp.shape
-    ds.PixelRepresentation, ds.BitsStored, ds.HighBit = 0, 16, 15
-    ds.PixelData = ramp.tobytes()
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate = "DOE^JANE", "PID-98765", "19700101"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path)
+    write_grey_dicom16(
+        path, ramp, PatientName="DOE^JANE", PatientID="PID-98765", PatientBirthDate="19700101"
+    )
 
 
 def test_no_patient_identifier_reaches_the_outputs(tmp_path: Path):

@@ -7,11 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pydicom
 import tifffile
-from conftest import STAGES, ran, run, tiny_params, write_params
+from conftest import STAGES, ran, run, tiny_params, write_grey_dicom16, write_params
 from PIL import Image
-from pydicom.data import get_testdata_file
 
 from medseg.config import SynthesizeConfig, parse
 from medseg.preprocess import load_split
@@ -27,15 +25,6 @@ def _cases() -> list:
 
 def _grey16(rgb: np.ndarray) -> np.ndarray:
     return (rgb[..., 1].astype(np.uint16) * 257).astype(np.uint16)
-
-
-def _write_dicom16(path: Path, image: np.ndarray) -> None:
-    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
-    del ds.WindowCenter, ds.WindowWidth
-    ds.Rows, ds.Columns = image.shape
-    ds.PixelRepresentation, ds.BitsStored, ds.HighBit = 0, 16, 15
-    ds.PixelData = image.tobytes()
-    ds.save_as(path)
 
 
 def _folders_set(root: Path) -> None:
@@ -55,7 +44,7 @@ def _manifest_set(root: Path) -> None:
     for i, case in enumerate(_cases()):
         image = _grey16(case.image)
         if i % 2:
-            _write_dicom16(root / "scans" / f"s{i}.dcm", image)
+            write_grey_dicom16(root / "scans" / f"s{i}.dcm", image)
             name = f"scans/s{i}.dcm"
         else:
             tifffile.imwrite(root / "scans" / f"s{i}.tif", image)
