@@ -125,25 +125,26 @@ class ConvertConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PreprocessConfig:
-    """Channel choice, normalisation, padding and the train/validation split."""
+    """Channel choice, optional resizing, normalisation and the train/validation split."""
 
     channel: str
-    pad_multiple: int
     val_fraction: float
     seed: int
     contrast: str = "none"
     clahe_clip: float = 0.01
     clahe_tiles: int = 8
+    max_side: int | None = None
 
     def __post_init__(self) -> None:
-        _choice("preprocess.channel", self.channel, ("green", "gray"))
+        _choice("preprocess.channel", self.channel, CHANNELS)
+        if self.max_side is not None:
+            _at_least("preprocess.max_side", self.max_side, 32)
         _choice("preprocess.contrast", self.contrast, ("none", "clahe"))
         if not 0.0 < self.clahe_clip <= 1.0:
             raise MedsegError(
                 f"params: preprocess.clahe_clip must be in (0, 1], got {self.clahe_clip}"
             )
         _positive("preprocess.clahe_tiles", self.clahe_tiles)
-        _positive("preprocess.pad_multiple", self.pad_multiple)
         if not 0.0 <= self.val_fraction < 1.0:
             raise MedsegError(
                 f"params: preprocess.val_fraction must be in [0, 1), got {self.val_fraction}"
@@ -151,6 +152,8 @@ class PreprocessConfig:
 
 
 LOSSES = ("bce", "dice", "bce_dice", "cldice")
+CHANNELS = ("green", "gray", "rgb")
+CACHES = ("auto", "ram", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,8 +200,10 @@ class TrainConfig:
     workers: int
     sync_batchnorm: bool
     deterministic: bool
+    cache: str = "auto"
 
     def __post_init__(self) -> None:
+        _choice("train.cache", self.cache, CACHES)
         _at_least("train.classes", self.classes, 1)
         for key in ("epochs", "patches_per_epoch", "batch_size"):
             _positive(f"train.{key}", getattr(self, key))

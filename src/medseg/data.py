@@ -1,4 +1,4 @@
-"""Patch sampling and augmentation over in-memory training arrays.
+"""Patch sampling and augmentation over the training cases (in RAM or memory-mapped).
 
 Randomness and work are split so that training is seeded, resumable and distributable:
 
@@ -7,7 +7,7 @@ Randomness and work are split so that training is seeded, resumable and distribu
    is cheap, and the generator's state at an epoch's start is all a checkpoint needs to redraw
    it. Every process of a distributed run draws the same plan for the global batch.
 2. `PatchSampler.crop` cuts one step's patches (or one process's share of them) out of the
-   arrays in memory, with a margin for the rotation, and applies the flips and 90-degree turns.
+   cases, with a margin for the rotation, and applies the flips and 90-degree turns.
 3. `augment` applies rotation, zoom and the intensity changes to the whole batch at once on
    whatever device the batch is on (one ``grid_sample`` call), masks and FOV resampled with it.
 """
@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medseg.preprocess import SplitArrays, pad_to
+from medseg.config import TrainConfig
+from medseg.io.shards import CaseStore
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,15 @@ class Augmentation:
     brightness: float = 0.0
     contrast: float = 0.0
     gamma: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> Augmentation:
+        """The augmentation the ``train.aug_*`` params describe."""
+        return cls(
+            dihedral=cfg.aug_dihedral, prob=cfg.aug_prob, rotate=cfg.aug_rotate,
+            scale=cfg.aug_scale, brightness=cfg.aug_brightness, contrast=cfg.aug_contrast,
+            gamma=cfg.aug_gamma,
+        )  # fmt: skip
 
     @property
     def affine(self) -> bool:
@@ -95,7 +105,7 @@ class Batch:
     """One step's patches before `augment`: crops with a margin, and their random parameters.
 
     Attributes:
-        image: (B, 1, S, S) float32; S >= the patch size (margin for rotation).
+        image: (B, C, S, S) float32; S >= the patch size (margin for rotation).
         mask: (B, 1, S, S) float32; 0/1, or class indices.
         fov: (B, 1, S, S) float32 in {0, 1}; 0 also where the crop leaves the image.
         theta: (B, 2, 3); brightness, contrast, gamma: (B,).
@@ -119,66 +129,80 @@ class Batch:
 
 
 class PatchSampler:
-    """Draws random square patches from in-memory images, a share of them centred on foreground.
+    """Draws random square patches from the cases of a split, a share centred on foreground.
 
-    All data stays in memory and is sliced with numpy, so a training step reads no files.
+    The cases stay where the store keeps them (in RAM, or memory-mapped shards) at their own
+    sizes; a patch is copied out of its case when a step needs it, zero-padded (outside the
+    FOV, where the loss does not count) where it leaves the case. Patch centres are drawn
+    exactly uniformly from the FOV or from one class's pixels through per-row pixel counts, so
+    no pixel lists are held in memory.
 
     Args:
-        data: the training split.
+        store: the training split.
         patch_size: side of the square patches, in pixels.
-        foreground_fraction: share of patches centred on a random foreground pixel; the rest are
-            centred on a random FOV pixel.
+        foreground_fraction: share of patches centred on a foreground pixel: one class of those
+            present in the case is chosen (uniformly), then one of its pixels inside the FOV;
+            the other patches are centred on a random FOV pixel.
         rng: the generator all randomness comes from.
         aug: the augmentation; the default is the flips and 90-degree rotations only.
+        n_labels: labels of the masks, background included (2: binary).
     """
 
     def __init__(
         self,
-        data: SplitArrays,
+        store: CaseStore,
         patch_size: int,
         foreground_fraction: float,
         rng: np.random.Generator,
         aug: Augmentation | None = None,
+        n_labels: int = 2,
     ) -> None:
-        p = patch_size
+        self.store = store
         self.aug = aug or Augmentation()
-        height, width = data.images.shape[-2:]
-        images, masks, fov = data.images[:, 0], data.masks, data.fov
-        if height < p or width < p:  # zero padding lies outside the FOV: never a patch centre
-            size = (max(p, height), max(p, width))
-            images, masks, fov = pad_to(images, *size), pad_to(masks, *size), pad_to(fov, *size)
-        self.height, self.width = images.shape[-2:]
-        self.patch_size = p
-        self.context = self.aug.context(p)
-        margin = (self.context - p) // 2
-        if margin:  # zeros around the image: outside the FOV, so the loss ignores them
-            pad = ((0, 0), (margin, margin), (margin, margin))
-            images, masks, fov = np.pad(images, pad), np.pad(masks, pad), np.pad(fov, pad)
-        self.images, self.masks, self.fov = images, masks, fov
-        self.multiclass = bool(masks.max(initial=0) > 1)
+        self.patch_size = patch_size
+        self.context = self.aug.context(patch_size)
+        self.multiclass = n_labels > 2
         self.foreground_fraction = foreground_fraction
         self.rng = rng
-        # candidate centres per image, as flat indices into the unpadded image
-        crop = (slice(margin, margin + self.height), slice(margin, margin + self.width))
-        self._fg = [
-            np.flatnonzero((m[crop] > 0) & (f[crop] > 0)) for m, f in zip(masks, fov, strict=True)
-        ]
-        self._fov = [np.flatnonzero(f[crop]) for f in fov]
+        self.channels = int(store.get(0, "image").shape[0]) if len(store) else 1
+        self.sizes = [(int(c["height"]), int(c["width"])) for c in store.cases]
+        # per case: cumulative FOV pixels per row, and per foreground class the same
+        self._fov_cum = [np.cumsum(store.get(i, "fov_rows"), dtype=np.int64) for i in store]
+        self._fg_cum = [np.cumsum(store.get(i, "fg_rows"), axis=1, dtype=np.int64) for i in store]
+        self._classes = [np.flatnonzero(c[:, -1] > 0) for c in self._fg_cum]
+
+    def _centre(self, i: int, label: int, where: float) -> tuple[int, int]:
+        """The pixel at share ``where`` of the FOV pixels (label 0) or of class ``label``'s."""
+        cum = self._fov_cum[i] if label == 0 else self._fg_cum[i][label - 1]
+        r = min(int(where * int(cum[-1])), int(cum[-1]) - 1)
+        row = int(np.searchsorted(cum, r, side="right"))
+        k = r - (int(cum[row - 1]) if row else 0)
+        inside = self.store.get(i, "fov")[row] > 0
+        if label:
+            inside &= self.store.get(i, "mask")[row] == label
+        return row, int(np.flatnonzero(inside)[k])
 
     def plan(self, steps: int, batch_size: int) -> Plan:
         """Draw every random choice of ``steps`` batches of ``batch_size`` patches."""
         rng, p, aug = self.rng, self.patch_size, self.aug
         shape = (steps, batch_size)
-        image = rng.integers(len(self.images), size=shape)
+        image = rng.integers(len(self.store), size=shape)
         on_fg = rng.random(shape) < self.foreground_fraction
+        which = rng.random(shape)
         where = rng.random(shape)
         top, left = np.empty(shape, np.int64), np.empty(shape, np.int64)
         for idx in np.ndindex(shape):
-            i = image[idx]
-            pool = self._fg[i] if on_fg[idx] and self._fg[i].size else self._fov[i]
-            cy, cx = divmod(int(pool[int(where[idx] * pool.size)]), self.width)
-            top[idx] = min(max(cy - p // 2, 0), self.height - p)
-            left[idx] = min(max(cx - p // 2, 0), self.width - p)
+            i = int(image[idx])
+            present = self._classes[i]
+            label = 0
+            if on_fg[idx] and present.size:
+                label = int(present[int(which[idx] * present.size)]) + 1
+            cy, cx = self._centre(i, label, float(where[idx]))
+            h, w = self.sizes[i]
+            top[idx] = min(max(cy - p // 2, 0), max(h - p, 0))
+            left[idx] = min(max(cx - p // 2, 0), max(w - p, 0))
+        if not self.store.ram:
+            self.store.release_all()
         turns, flip = rng.integers(4, size=shape), rng.integers(2, size=shape).astype(bool)
         if not aug.dihedral:
             turns, flip = np.zeros_like(turns), np.zeros_like(flip)
@@ -205,21 +229,37 @@ class PatchSampler:
             brightness.astype(f32), contrast.astype(f32), gamma.astype(f32),
         )  # fmt: skip
 
+    def _window(self, i: int, top: int, left: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The context window at (top, left) minus the margin, zero where it leaves the case."""
+        s = self.context
+        y0, x0 = top - (s - self.patch_size) // 2, left - (s - self.patch_size) // 2
+        h, w = self.sizes[i]
+        ys, xs = slice(max(y0, 0), min(y0 + s, h)), slice(max(x0, 0), min(x0 + s, w))
+        dst = (slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0))
+        x = np.zeros((self.channels, s, s), dtype=np.float32)
+        y = np.zeros((s, s), dtype=np.float32)
+        v = np.zeros((s, s), dtype=np.float32)
+        x[:, dst[0], dst[1]] = self.store.get(i, "image")[:, ys, xs]
+        y[dst] = self.store.get(i, "mask")[ys, xs]
+        v[dst] = self.store.get(i, "fov")[ys, xs]
+        return x, y, v
+
     def crop(self, plan: Plan, step: int, share: slice = slice(None)) -> Batch:
         """Cut the patches of one step of ``plan`` (those in ``share``, for one process)."""
         s = self.context
         idx = np.arange(plan.image.shape[1])[share]
         n = len(idx)
-        x = np.empty((n, 1, s, s), dtype=np.float32)
+        x = np.empty((n, self.channels, s, s), dtype=np.float32)
         y = np.empty((n, 1, s, s), dtype=np.float32)
         v = np.empty((n, 1, s, s), dtype=np.float32)
         for out, b in enumerate(idx):
-            i, top, left = plan.image[step, b], plan.top[step, b], plan.left[step, b]
-            win = (i, slice(top, top + s), slice(left, left + s))
+            i = int(plan.image[step, b])
+            xi, yi, vi = self._window(i, int(plan.top[step, b]), int(plan.left[step, b]))
             k, flip = int(plan.quarter_turns[step, b]), bool(plan.flip[step, b])
-            x[out, 0] = augment_dihedral(self.images[win], k, flip)
-            y[out, 0] = augment_dihedral(self.masks[win], k, flip)
-            v[out, 0] = augment_dihedral(self.fov[win], k, flip)
+            x[out] = augment_dihedral(xi, k, flip)
+            y[out, 0] = augment_dihedral(yi, k, flip)
+            v[out, 0] = augment_dihedral(vi, k, flip)
+            self.store.release(i)  # memory-mapped: resident memory stays that of the patches
         pick = (step, idx)
         return Batch(
             torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(v),
@@ -231,7 +271,7 @@ class PatchSampler:
         """Draw one augmented batch on the CPU.
 
         Returns:
-            image (B, 1, P, P) float32, target (B, 1, P, P) float32 (0/1 or class indices),
+            image (B, C, P, P) float32, target (B, 1, P, P) float32 (0/1 or class indices),
             valid (B, 1, P, P) float32: 1 inside the FOV, where the loss counts.
         """
         return self.augment(self.crop(self.plan(1, batch_size), 0))
@@ -256,13 +296,14 @@ def augment(
     x, y, v = batch.image, batch.mask, batch.fov
     if aug.affine:
         grid = F.affine_grid(batch.theta, [len(x), 1, patch_size, patch_size], align_corners=False)
+        c = x.shape[1]
         stack = torch.cat([x, v] if multiclass else [x, y, v], dim=1)
         out = F.grid_sample(stack, grid, mode="bilinear", align_corners=False)
-        x, v = out[:, :1], (out[:, -1:] > 0.5).to(x.dtype)
+        x, v = out[:, :c], (out[:, -1:] > 0.5).to(x.dtype)
         if multiclass:
             y = F.grid_sample(y, grid, mode="nearest", align_corners=False)
         else:
-            y = (out[:, 1:2] > 0.5).to(x.dtype)
+            y = (out[:, c : c + 1] > 0.5).to(x.dtype)
     elif x.shape[-1] != patch_size:
         m = (x.shape[-1] - patch_size) // 2
         crop = (..., slice(m, m + patch_size), slice(m, m + patch_size))
@@ -291,9 +332,9 @@ def _intensity(
 
 
 def augment_dihedral(a: np.ndarray, k: int, flip: bool) -> np.ndarray:
-    """Rotate a (H, W) array by ``k`` quarter turns, then mirror it left-right if ``flip``.
+    """Rotate a (..., H, W) array by ``k`` quarter turns, then mirror it left-right if ``flip``.
 
     The eight combinations are the dihedral group of the square: every flip and 90-degree rotation.
     """
-    a = np.rot90(a, k)
-    return a[:, ::-1] if flip else a
+    a = np.rot90(a, k, axes=(-2, -1))
+    return a[..., ::-1] if flip else a

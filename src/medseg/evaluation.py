@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from medseg.bundle import load_bundle
 from medseg.config import EvaluateConfig
 from medseg.errors import MedsegError
-from medseg.inference import predict_probabilities, prepare_model, segment
+from medseg.inference import predict_case
 from medseg.io.atomic import atomic_dir, write_json
 from medseg.io.images import write_png
 from medseg.metrics import (
     RANKING_NAMES,
     SCORE_NAMES,
     Confusion,
+    ScoreHistogram,
     confusion,
     confusion_matrix,
     curves,
@@ -26,8 +27,14 @@ from medseg.metrics import (
     scores,
     threshold_counts,
 )
-from medseg.model import load_model, resolve_device
-from medseg.preprocess import SplitArrays, crop_to, load_split
+from medseg.preprocess import (
+    BINARY,
+    CLASSES,
+    open_split,
+    read_case,
+    read_class_names,
+    resize_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +46,11 @@ METRIC_NAMES = (*SCORE_NAMES, *RANKING_NAMES)
 TP_COLOUR = np.array([0, 220, 0], dtype=np.float32)
 FP_COLOUR = np.array([255, 40, 40], dtype=np.float32)
 FN_COLOUR = np.array([40, 120, 255], dtype=np.float32)
+# correctly found classes, label 1, 2, ... (red and blue are kept for the errors)
+CLASS_COLOURS = np.array(
+    [[0, 220, 0], [255, 200, 0], [200, 0, 255], [0, 220, 220], [255, 128, 0], [150, 255, 150]],
+    dtype=np.float32,
+)
 
 
 @dataclass
@@ -47,16 +59,15 @@ class _ClassTally:
 
     fov: Confusion = field(default_factory=lambda: Confusion(0, 0, 0, 0))
     whole: Confusion = field(default_factory=lambda: Confusion(0, 0, 0, 0))
-    fov_probs: list[np.ndarray] = field(default_factory=list)
-    fov_truth: list[np.ndarray] = field(default_factory=list)
-    all_probs: list[np.ndarray] = field(default_factory=list)
-    all_truth: list[np.ndarray] = field(default_factory=list)
+    fov_hist: ScoreHistogram = field(default_factory=ScoreHistogram)
+    all_hist: ScoreHistogram = field(default_factory=ScoreHistogram)
     pos: np.ndarray = field(default_factory=lambda: np.zeros(CURVE_POINTS, np.int64))
     neg: np.ndarray = field(default_factory=lambda: np.zeros(CURVE_POINTS, np.int64))
 
 
 class ScoreTally:
-    """Collects the scores of test images one at a time, then summarises them.
+    """Collects the scores of test images one at a time, then summarises them, in memory that
+    does not grow with the pixels (pooled AUCs from `ScoreHistogram`).
 
     Binary models (one output channel) are scored on their foreground. Models with ``K > 1``
     classes (class 0 the background) are scored per foreground class, one class against the
@@ -64,10 +75,15 @@ class ScoreTally:
 
     Args:
         n_classes: output channels of the model: 1 (binary) or K > 1.
+        names: the class names in label order, background first; default `class_names`.
+            Names of the data set's own (``data.classes``) add per-class blocks to the summary
+            even for a binary model.
     """
 
-    def __init__(self, n_classes: int) -> None:
+    def __init__(self, n_classes: int, names: list[str] | None = None) -> None:
         self.n_classes = n_classes
+        self.names = names or class_names(n_classes)
+        self.named = (tuple(self.names) != BINARY and n_classes == 1) or n_classes > 1
         self.labels = [1] if n_classes == 1 else list(range(1, n_classes))
         self.tallies = {k: _ClassTally() for k in self.labels}
         self.rows: list[dict] = []
@@ -93,17 +109,15 @@ class ScoreTally:
             tally.fov += c_fov
             tally.whole += c_all
             p_in, t_in = prob_k[fov], truth_k[fov]
-            tally.fov_probs.append(p_in)
-            tally.fov_truth.append(t_in)
-            tally.all_probs.append(prob_k.ravel())
-            tally.all_truth.append(truth_k.ravel())
+            tally.fov_hist.add(p_in, t_in)
+            tally.all_hist.add(prob_k, truth_k)
             pos, neg = threshold_counts(p_in, t_in, CURVE_POINTS)
             tally.pos += pos
             tally.neg += neg
             self.rows.append(
                 {
                     "case_id": case_id,
-                    "class": k,
+                    "class": self.names[k],
                     **scores(c_fov),
                     **ranking_scores(p_in, t_in),
                     **{f"whole_image_{n}": v for n, v in scores(c_all).items()},
@@ -113,7 +127,7 @@ class ScoreTally:
     def per_image(self) -> pd.DataFrame:
         """One row per image (and class, for K > 1): FOV scores, then whole-image scores."""
         table = pd.DataFrame(self.rows)
-        return table.drop(columns="class") if self.n_classes == 1 else table
+        return table if self.named else table.drop(columns="class")
 
     def summary(self) -> dict:
         """The nested metrics: ``fov`` (pooled), ``fov_per_image_mean``, ``fov_per_image_std``
@@ -130,25 +144,19 @@ class ScoreTally:
             "fov_per_image_std": by_image.std(ddof=1).to_dict(),
             "whole_image": _mean_blocks([s["whole_image"] for s in per_class.values()]),
         }
-        if self.n_classes > 1:
-            out["classes"] = {f"class_{k}": s for k, s in per_class.items()}
+        if self.named:
+            out["classes"] = {self.names[k]: s for k, s in per_class.items()}
         return out
 
     def _class_summary(self, k: int) -> dict:
         tally = self.tallies[k]
         table = pd.DataFrame(self.rows)
-        rows = table[table["class"] == k][list(METRIC_NAMES)]
+        rows = table[table["class"] == self.names[k]][list(METRIC_NAMES)]
         return {
-            "fov": {
-                **scores(tally.fov),
-                **ranking_scores(np.concatenate(tally.fov_probs), np.concatenate(tally.fov_truth)),
-            },
+            "fov": {**scores(tally.fov), **tally.fov_hist.scores()},
             "fov_per_image_mean": rows.mean().to_dict(),
             "fov_per_image_std": rows.std(ddof=1).to_dict(),
-            "whole_image": {
-                **scores(tally.whole),
-                **ranking_scores(np.concatenate(tally.all_probs), np.concatenate(tally.all_truth)),
-            },
+            "whole_image": {**scores(tally.whole), **tally.all_hist.scores()},
         }
 
     def curves(self) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -162,9 +170,9 @@ class ScoreTally:
             pr = pd.DataFrame(
                 {"threshold": c["threshold"], "recall": c["tpr"], "precision": c["precision"]}
             )
-            if self.n_classes > 1:
-                roc.insert(0, "class", f"class_{k}")
-                pr.insert(0, "class", f"class_{k}")
+            if self.named:
+                roc.insert(0, "class", self.names[k])
+                pr.insert(0, "class", self.names[k])
             rocs.append(roc)
             prs.append(pr)
         return pd.concat(rocs, ignore_index=True), pd.concat(prs, ignore_index=True)
@@ -172,7 +180,7 @@ class ScoreTally:
     def confusion_table(self) -> pd.DataFrame:
         """The pooled FOV confusion matrix, one row per (truth, prediction) pair: ``pixels``
         and ``share_of_truth`` (the row-normalised share, i.e. recall on the diagonal)."""
-        names = class_names(self.n_classes)
+        names = list(self.names)
         row_totals = self.matrix.sum(axis=1, keepdims=True)
         shares = self.matrix / np.maximum(row_totals, 1)
         return pd.DataFrame(
@@ -202,79 +210,83 @@ def _mean_blocks(blocks: list[dict[str, float]]) -> dict[str, float]:
     return {name: float(np.nanmean([b[name] for b in blocks])) for name in blocks[0]}
 
 
-def second_observer_scores(test: SplitArrays, n_classes: int) -> dict | None:
-    """The second observer scored against the first inside the FOV, pooled over the cases
-    that have one: the human reference a model is compared with. None when no case has one.
+class SecondObserver:
+    """The second observer scored against the first inside the FOV, pooled over the cases that
+    have one: the human reference a model is compared with.
 
-    Returns:
-        Threshold scores (no AUC: the second observer gives labels, not probabilities), the
-        mean over foreground classes for K > 1, and ``n_images``.
+    Args:
+        n_classes: the model's output channels (1: binary).
     """
-    labels = [1] if n_classes == 1 else list(range(1, n_classes))
-    totals = {k: Confusion(0, 0, 0, 0) for k in labels}
-    n = 0
-    for _, first, second, fov in test.second_observer():
-        n += 1
-        for k in labels:
-            totals[k] += confusion(second == k, first == k, fov)
-    if n == 0:
-        return None
-    return {**_mean_blocks([scores(c) for c in totals.values()]), "n_images": n}
 
+    def __init__(self, n_classes: int) -> None:
+        self.labels = [1] if n_classes == 1 else list(range(1, n_classes))
+        self.totals = {k: Confusion(0, 0, 0, 0) for k in self.labels}
+        self.n = 0
 
-def labelled_cases(test: SplitArrays) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-    """Each test case cropped back to its size, the mask kept as integer labels.
+    def add(self, first: np.ndarray, second: np.ndarray, fov: np.ndarray) -> None:
+        """One case: (H, W) integer labels of both observers, (H, W) bool FOV."""
+        self.n += 1
+        for k in self.labels:
+            self.totals[k] += confusion(second == k, first == k, fov)
 
-    Yields:
-        case id; image (C, h, w) float32; labels (h, w) uint8; FOV (h, w) bool.
-    """
-    for case_id, image, mask, fov, (h, w) in zip(
-        test.case_ids, test.images, test.masks, test.fov, test.shapes, strict=True
-    ):
-        yield str(case_id), crop_to(image, h, w), crop_to(mask, h, w), crop_to(fov, h, w) > 0
+    def summary(self) -> dict | None:
+        """Threshold scores (no AUC: the second observer gives labels, not probabilities), the
+        mean over foreground classes for K > 1, and ``n_images``; None when no case had one."""
+        if self.n == 0:
+            return None
+        return {**_mean_blocks([scores(c) for c in self.totals.values()]), "n_images": self.n}
 
 
 def evaluate_model(
     cfg: EvaluateConfig, data_dir: str | Path, model_path: str | Path, out: str | Path
 ) -> dict:
-    """Score the model on ``data_dir/test.npz`` and write the results into ``out``.
+    """Score the model on the ``test`` split in ``data_dir`` and write the results into ``out``.
 
-    Writes ``metrics.json`` (nested, rounded to `PRECISION` decimals), ``per_image.csv``,
-    ``roc.csv``, ``pr.csv``, ``confusion.csv``, ``overlays/<case>.png`` and
-    ``probabilities/<case>.png`` (8-bit, probability x 255; for K > 1 that of any foreground).
-    ``out`` appears whole or not at all.
+    Cases are read, predicted (`medseg.inference.predict_case`), scored at the ground truth's
+    resolution and written one at a time, so memory stays that of one case. Writes
+    ``metrics.json`` (nested, rounded to `PRECISION` decimals), ``per_image.csv``, ``roc.csv``,
+    ``pr.csv``, ``confusion.csv``, ``overlays/<case>.png`` and ``probabilities/<case>.png``
+    (8-bit, probability x 255; for K > 1 that of any foreground). ``out`` appears whole or not
+    at all.
+
+    Args:
+        model_path: the model bundle (folder or weights file, see `medseg.bundle.load_bundle`).
 
     Returns:
         The metrics written to ``metrics.json``.
     """
-    device = resolve_device(cfg.device)
-    model, spec = load_model(model_path, device)
-    model = prepare_model(model, spec.in_channels)
-    test_path = Path(data_dir) / "test.npz"
-    test = load_split(test_path)
+    bundle = load_bundle(model_path, cfg.device)
+    test = open_split(data_dir, "test")
     if len(test) == 0:
-        raise MedsegError(f"{test_path}: no test cases to evaluate")
-    _check_labels(test, spec.classes, test_path)
-    tally = ScoreTally(spec.classes)
+        raise MedsegError(f"{Path(data_dir) / 'test.json'}: no test cases to evaluate")
+    data_names = read_class_names(data_dir)
+    if data_names != bundle.classes:
+        raise MedsegError(
+            f"{model_path}: the model was trained on the classes {', '.join(bundle.classes)}, "
+            f"the test data ({Path(data_dir) / CLASSES}) has {', '.join(data_names)}; train it "
+            "on this data (dvc repro)"
+        )
+    n_classes = bundle.spec.classes
+    tally = ScoreTally(n_classes, bundle.classes)
+    second = SecondObserver(n_classes)
     with atomic_dir(out) as tmp:
         (tmp / "overlays").mkdir()
         (tmp / "probabilities").mkdir()
-        for case_id, image, truth, inside in labelled_cases(test):
-            probs = predict_probabilities(
-                model, image, cfg.window, cfg.overlap, cfg.batch_size, device,
-                blending=cfg.blending, tta=cfg.tta,
-            )  # fmt: skip
-            # the FOV is known at inference: nothing is claimed outside it
-            probs[:, ~inside] = 0.0
-            if spec.classes > 1:
-                probs[0, ~inside] = 1.0
-            pred = segment(probs, cfg.threshold)
-            pred[~inside] = 0  # also at threshold 0
-            tally.add(case_id, probs, pred, truth, inside)
-            write_png(tmp / "overlays" / f"{case_id}.png", overlay(image[0], pred, truth, inside))
-            foreground = probs[0] if spec.classes == 1 else 1.0 - probs[0]
-            write_png(tmp / "probabilities" / f"{case_id}.png", to_uint8(foreground))
-        metrics = build_metrics(tally, second_observer_scores(test, spec.classes), cfg.threshold)
+        for i in test:
+            case = read_case(test, i)
+            pred, probs = predict_case(
+                bundle.model, case.image, case.fov, cfg, bundle.device, out_fov=case.truth_fov
+            )
+            tally.add(case.case_id, probs, pred, case.truth, case.truth_fov)
+            if case.mask2 is not None:
+                second.add(case.truth, case.mask2, case.truth_fov)
+            shown = resize_image(case.image, case.truth.shape)
+            picture = overlay(shown, pred, case.truth, case.truth_fov)
+            write_png(tmp / "overlays" / f"{case.case_id}.png", picture)
+            foreground = probs[0] if n_classes == 1 else 1.0 - probs[0]
+            write_png(tmp / "probabilities" / f"{case.case_id}.png", to_uint8(foreground))
+            test.release(i)
+        metrics = build_metrics(tally, second.summary(), cfg.threshold)
         write_json(tmp / "metrics.json", metrics)
         tally.per_image().round(PRECISION).to_csv(tmp / "per_image.csv", index=False)
         roc, pr = tally.curves()
@@ -296,42 +308,41 @@ def build_metrics(tally: ScoreTally, second: dict | None, threshold: float) -> d
                      "threshold": threshold})  # fmt: skip
 
 
-def _check_labels(test: SplitArrays, n_classes: int, path: Path) -> None:
-    top = int(test.masks.max()) if test.masks.size else 0
-    allowed = max(n_classes, 2) - 1
-    if top > allowed:
-        raise MedsegError(
-            f"{path}: masks hold label {top} but the model has {n_classes} output "
-            f"channel(s) (labels up to {allowed}); train with train.classes matching the masks"
-        )
-
-
 def to_uint8(prob: np.ndarray) -> np.ndarray:
     """Probabilities in [0, 1] to an 8-bit grey image (rounded)."""
     return (np.clip(prob, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
 def overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray, fov: np.ndarray) -> np.ndarray:
-    """Colour a normalised grey image by outcome: TP green, FP red, FN blue; black outside the FOV.
+    """Colour the input by outcome; black outside the FOV.
+
+    Binary: true positives green, false positives red, false negatives blue. Several classes:
+    each correctly found class in its own colour (`CLASS_COLOURS`), a pixel given a wrong
+    foreground class or foreground where there is none red, missed foreground blue.
 
     Args:
-        image: (H, W) float32, roughly zero-mean unit-variance.
-        pred, truth: (H, W) bool, or integer labels (0 = background): a foreground pixel given
-            the wrong class counts as a false positive.
+        image: (C, H, W) or (H, W) float32, roughly zero-mean unit-variance; 3 channels are
+            shown in colour.
+        pred, truth: (H, W) bool, or integer labels (0 = background).
         fov: (H, W) bool.
 
     Returns:
         (H, W, 3) uint8 RGB.
     """
-    grey = np.where(fov, np.clip((image + 2.5) / 5.0, 0.0, 1.0) * 255.0, 0.0)
-    rgb = np.repeat(grey[..., None], 3, axis=2)
+    x = image[None] if image.ndim == 2 else image
+    shade = np.clip((x + 2.5) / 5.0, 0.0, 1.0) * 255.0
+    rgb = shade.transpose(1, 2, 0) if len(x) == 3 else np.repeat(shade[0][..., None], 3, axis=2)
+    rgb = np.where(fov[..., None], rgb, 0.0)
     found, present = pred > 0, truth > 0
     hit = found & (pred == truth)
-    for where, colour in (
-        (hit, TP_COLOUR),
-        (found & ~hit, FP_COLOUR),
-        (~found & present, FN_COLOUR),
-    ):
+    multiclass = int(max(pred.max(initial=0), truth.max(initial=0))) > 1
+    if multiclass:
+        for k in np.unique(pred[hit]):
+            where = hit & (pred == k)
+            rgb[where] = 0.25 * rgb[where] + 0.75 * CLASS_COLOURS[(int(k) - 1) % len(CLASS_COLOURS)]
+    else:
+        rgb[hit] = 0.25 * rgb[hit] + 0.75 * TP_COLOUR
+    for where, colour in ((found & ~hit, FP_COLOUR), (~found & present, FN_COLOUR)):
         rgb[where] = 0.25 * rgb[where] + 0.75 * colour
     return (rgb + 0.5).astype(np.uint8)
 

@@ -10,6 +10,9 @@ import numpy as np
 import torch
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from medseg.config import EvaluateConfig
+from medseg.preprocess import resize_image
+
 BLENDINGS = ("gaussian", "constant")
 # sigma of the Gaussian weight as a share of the window side (nnU-Net's choice): the centre of a
 # window, which saw the most context, outweighs its rim where windows overlap
@@ -216,3 +219,45 @@ def segment(probs: np.ndarray, threshold: float) -> np.ndarray:
     if probs.shape[0] == 1:
         return (probs[0] >= threshold).astype(np.uint8)
     return probs.argmax(axis=0).astype(np.uint8)
+
+
+def predict_case(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    fov: np.ndarray,
+    options: EvaluateConfig,
+    device: torch.device | str = "cpu",
+    out_fov: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Segment one prepared case: the one way validation, evaluate and predict apply a model.
+
+    Steps: (1) `predict_probabilities` at the model's resolution; (2) where the case was
+    resized (``out_fov`` of another size), probabilities brought to the size of ``out_fov``
+    (bilinear), so that scores are counted at the ground truth's resolution; (3) nothing claimed
+    outside the FOV (probability 0, background 1); (4) `segment`, background outside the FOV
+    even at threshold 0.
+
+    Args:
+        model: network in eval mode on ``device`` (e.g. `medseg.bundle.Bundle.model`).
+        image: (C, h, w) float32 as `medseg.preprocess.prepare_image` gives it.
+        fov: (h, w) bool field of view at the model's resolution.
+        options: threshold, window, overlap, batch size, blending, tta.
+        device: where the model lives.
+        out_fov: (H, W) bool FOV at the output resolution; default ``fov``.
+
+    Returns:
+        (H, W) uint8 labels (0/1 for a binary model) and (K, H, W) float32 probabilities.
+    """
+    probs = predict_probabilities(
+        model, image, options.window, options.overlap, options.batch_size, device,
+        blending=options.blending, tta=options.tta,
+    )  # fmt: skip
+    inside = fov if out_fov is None else out_fov
+    if probs.shape[1:] != inside.shape:
+        probs = np.clip(resize_image(probs, inside.shape), 0.0, 1.0)
+    probs[:, ~inside] = 0.0
+    if probs.shape[0] > 1:
+        probs[0, ~inside] = 1.0
+    labels = segment(probs, options.threshold)
+    labels[~inside] = 0
+    return labels, probs

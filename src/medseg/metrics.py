@@ -224,3 +224,53 @@ def roc_points(prob: np.ndarray, truth: np.ndarray, n: int = 201) -> dict[str, n
     """
     c = curves(*threshold_counts(prob, truth, n))
     return {k: c[k] for k in ("threshold", "fpr", "tpr")}
+
+
+# Score histograms for pooled AUC-ROC and AUC-PR in bounded memory. A probability's bin is the
+# top bits of its float32 pattern, mirrored at 0.5 (1 - p is exact in float32 for p >= 0.5), so
+# the bins are about 2**-11 relative wide near 0 and near 1 alike, where a trained model's
+# scores crowd; only pairs of scores that share a bin are counted as ties.
+_SHIFT = 12
+_HALF = int(np.float32(0.5).view(np.uint32)) >> _SHIFT
+HISTOGRAM_BINS = 2 * _HALF + 1
+
+
+def score_bins(prob: np.ndarray) -> np.ndarray:
+    """The `ScoreHistogram` bin of each probability: (N,) int64, non-decreasing in ``prob``."""
+    p = np.clip(np.asarray(prob, dtype=np.float32).ravel(), 0.0, 1.0)
+    low = p < 0.5
+    q = np.where(low, p, np.float32(1.0) - p)
+    bits = (q.view(np.uint32) >> _SHIFT).astype(np.int64)
+    return np.where(low, bits, 2 * _HALF - bits)
+
+
+class ScoreHistogram:
+    """Positive and negative counts per score bin, added up image by image; AUC-ROC and
+    average precision from them, within about 1e-4 of the exact values (tested against
+    scikit-learn) in a fixed 8 MB, whatever the number of pixels."""
+
+    def __init__(self) -> None:
+        self.pos = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
+        self.neg = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
+
+    def add(self, prob: np.ndarray, truth: np.ndarray) -> None:
+        """Count the scores ``prob`` (any shape, in [0, 1]) with their bool ``truth``."""
+        bins = score_bins(prob)
+        t = np.asarray(truth).astype(bool, copy=False).ravel()
+        self.pos += np.bincount(bins[t], minlength=HISTOGRAM_BINS)
+        self.neg += np.bincount(bins[~t], minlength=HISTOGRAM_BINS)
+
+    def scores(self) -> dict[str, float]:
+        """``auc_roc`` (pairs in one bin count half) and ``auc_pr`` (average precision with one
+        threshold per bin); NaN for both when the truth held one class only."""
+        n_pos, n_neg = int(self.pos.sum()), int(self.neg.sum())
+        if n_pos == 0 or n_neg == 0:
+            return {"auc_roc": float("nan"), "auc_pr": float("nan")}
+        pos, neg = self.pos.astype(np.float64), self.neg.astype(np.float64)
+        below = np.cumsum(neg) - neg
+        auc = float(np.sum(pos * (below + 0.5 * neg)) / (float(n_pos) * float(n_neg)))
+        tp, fp = np.cumsum(pos[::-1]), np.cumsum(neg[::-1])
+        gained = pos[::-1]
+        hit = gained > 0
+        ap = float(np.sum(gained[hit] * tp[hit] / (tp[hit] + fp[hit])) / n_pos)
+        return {"auc_roc": auc, "auc_pr": ap}

@@ -1,15 +1,13 @@
-"""The segmentation network, built from params with segmentation-models-pytorch, and its files."""
+"""The segmentation network, built from params with segmentation-models-pytorch (its files:
+`medseg.bundle`)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import segmentation_models_pytorch as smp
 import torch
-from safetensors.torch import load_file, save_file
 
 from medseg.config import TrainConfig
 from medseg.errors import MedsegError
@@ -108,22 +106,6 @@ def build_model(spec: ModelSpec, encoder_weights: str | None = None) -> torch.nn
         ) from err
 
 
-def foreground_logits(logits: torch.Tensor) -> torch.Tensor:
-    """One foreground logit per pixel, whatever the number of classes.
-
-    Args:
-        logits: (B, C, H, W). C == 1: a sigmoid output, returned as it is. C > 1: softmax over
-            classes with class 0 the background; returns log(P(class > 0) / P(class 0)), so
-            that ``sigmoid`` of the result is the probability of any foreground class.
-
-    Returns:
-        (B, 1, H, W).
-    """
-    if logits.shape[1] == 1:
-        return logits
-    return torch.logsumexp(logits[:, 1:], dim=1, keepdim=True) - logits[:, :1]
-
-
 def check_names(arch: str, encoder: str) -> None:
     """Fail early, naming the parameter, on an unknown architecture or encoder.
 
@@ -139,35 +121,6 @@ def check_names(arch: str, encoder: str) -> None:
             f"params: train.encoder {encoder!r} is not a segmentation-models-pytorch encoder"
             + (f"; similar: {', '.join(close)}" if close else "")
         )
-
-
-def save_model(model: torch.nn.Module, spec: ModelSpec, path: str | Path) -> None:
-    """Write ``path`` (safetensors weights) and ``path`` with ``.json`` ending (the spec)."""
-    save_weights(model.state_dict(), spec, path)
-
-
-def save_weights(state: dict[str, torch.Tensor], spec: ModelSpec, path: str | Path) -> None:
-    """`save_model` for a state dict (e.g. the best epoch's weights kept in memory)."""
-    path = Path(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    save_file(state, str(path))
-    path.with_suffix(".json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
-
-
-def load_model(
-    path: str | Path, device: torch.device | str = "cpu"
-) -> tuple[torch.nn.Module, ModelSpec]:
-    """Rebuild a network saved by `save_model` and load its weights, in eval mode."""
-    path = Path(path)
-    spec_path = path.with_suffix(".json")
-    if not path.is_file() or not spec_path.is_file():
-        raise MedsegError(
-            f"{path}: model weights or their {spec_path.name} are missing; train first"
-        )
-    spec = ModelSpec(**json.loads(spec_path.read_text()))
-    model = build_model(spec)
-    model.load_state_dict(load_file(str(path), device="cpu"))
-    return model.to(device).eval(), spec
 
 
 def resolve_device(name: str) -> torch.device:

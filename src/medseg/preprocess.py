@@ -1,4 +1,5 @@
-"""Model-ready arrays: channel choice, FOV-aware normalisation, padding and the train/val split."""
+"""Model-ready cases: channel choice, optional resizing, FOV-aware normalisation, the train/val
+split, written as one case store (a few shard files) per split."""
 
 from __future__ import annotations
 
@@ -6,18 +7,21 @@ import dataclasses
 import json
 import logging
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
 from skimage import exposure
 
 from medseg.config import CONVERT_RECORD, PreprocessConfig, parse
 from medseg.errors import MedsegError
 from medseg.io.atomic import atomic_dir, write_json
 from medseg.io.images import binarize, read_raster
+from medseg.io.shards import CaseStore, ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -26,120 +30,125 @@ RECORD = "preprocess.json"  # the preprocess params, for `medseg predict` on new
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
-@dataclass(frozen=True)
-class SplitArrays:
-    """One split's cases, padded to a common size.
-
-    Attributes:
-        images: (N, 1, H, W) float32, zero mean and unit variance inside the FOV, 0 outside
-            it and in the padding.
-        masks: (N, H, W) uint8 ground truth, 0/1.
-        fov: (N, H, W) uint8 field of view, 0/1 (0 in the padding).
-        shapes: (N, 2) int64 original (height, width) of each case; the data sits top-left.
-        case_ids: (N,) str.
-        masks2: (N, H, W) uint8 second observer's truth, 0/1, or None when no case has one
-            (the manifest's optional ``mask2`` column, e.g. DRIVE ``2nd_manual``).
-        has_mask2: (N,) bool, which cases have a second observer; None with ``masks2``.
-    """
-
-    images: np.ndarray
-    masks: np.ndarray
-    fov: np.ndarray
-    shapes: np.ndarray
-    case_ids: np.ndarray
-    masks2: np.ndarray | None = None
-    has_mask2: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.case_ids)
-
-    def cases(self) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-        """Each case cropped back to its original size.
-
-        Yields:
-            case id; image (C, h, w) float32; mask (h, w) bool; FOV (h, w) bool.
-        """
-        for case_id, image, mask, fov, (h, w) in zip(
-            self.case_ids, self.images, self.masks, self.fov, self.shapes, strict=True
-        ):
-            yield (
-                str(case_id),
-                crop_to(image, h, w),
-                crop_to(mask, h, w) > 0,
-                crop_to(fov, h, w) > 0,
-            )
-
-    def second_observer(self) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-        """The cases that have a second observer, cropped back to their size.
-
-        Yields:
-            case id; first observer's mask (h, w) uint8 labels; second observer's (h, w) uint8
-            labels; FOV (h, w) bool.
-        """
-        if self.masks2 is None or self.has_mask2 is None:
-            return
-        for i in np.flatnonzero(self.has_mask2):
-            h, w = self.shapes[i]
-            yield (
-                str(self.case_ids[i]),
-                crop_to(self.masks[i], h, w),
-                crop_to(self.masks2[i], h, w),
-                crop_to(self.fov[i], h, w) > 0,
-            )
-
-
-def select_channel(image: np.ndarray, channel: str) -> np.ndarray:
-    """One channel of an image as float32 in [0, 1].
+def select_channel(image: np.ndarray, channel: str, path: str | Path = "image") -> np.ndarray:
+    """The model's input channels of an image, as float32 in [0, 1].
 
     Args:
         image: (H, W) or (H, W, 3), uint8 or uint16.
         channel: ``green`` (the vessel-contrast channel of a fundus photograph; a grey image is
-            used as it is) or ``gray`` (luma of an RGB image).
+            used as it is), ``gray`` (luma of an RGB image) or ``rgb`` (all three channels:
+            dermoscopy, endoscopy, histology; the image must be colour).
+        path: the image's file, for messages.
 
     Returns:
-        (H, W) float32.
+        (C, H, W) float32: C = 3 for ``rgb``, else 1.
+
+    Raises:
+        MedsegError: ``rgb`` asked of a grey image.
     """
     scale = 65535.0 if image.dtype == np.uint16 else 255.0
     x = image.astype(np.float32) / scale
+    if channel == "rgb":
+        if x.ndim != 3 or x.shape[2] != 3:
+            raise MedsegError(
+                f"{path}: a grey image, but preprocess.channel is rgb (3 colour channels); "
+                "use preprocess.channel: gray for grey data sets"
+            )
+        return np.ascontiguousarray(x.transpose(2, 0, 1))
     if x.ndim == 2:
-        return x
+        return x[None]
     if channel == "green":
-        return np.ascontiguousarray(x[..., 1])
-    return x @ _LUMA
+        return np.ascontiguousarray(x[None, ..., 1])
+    return (x @ _LUMA)[None]
+
+
+def in_channels(channel: str) -> int:
+    """Input channels of the model for ``preprocess.channel``."""
+    return 3 if channel == "rgb" else 1
 
 
 def normalize_in_fov(x: np.ndarray, fov: np.ndarray) -> np.ndarray:
-    """Zero mean, unit variance using only FOV pixels; pixels outside the FOV become 0.
+    """Per channel: zero mean, unit variance using only FOV pixels; 0 outside the FOV.
 
     Args:
-        x: (H, W) float32 image.
+        x: (C, H, W) or (H, W) float32 image.
         fov: (H, W) bool field of view (at least one pixel).
 
     Returns:
-        (H, W) float32. A constant FOV gives zeros, never NaN.
+        float32 of the shape of ``x``. A constant FOV gives zeros, never NaN.
     """
-    inside = x[fov]
-    std = float(inside.std())
-    out = (x - float(inside.mean())) / (std if std > 1e-6 else 1.0)
-    out[~fov] = 0.0
-    return out.astype(np.float32)
+    flat = x[None] if x.ndim == 2 else x
+    out = np.empty(flat.shape, dtype=np.float32)
+    for c, channel in enumerate(flat):
+        inside = channel[fov].astype(np.float64)
+        std = float(inside.std())
+        out[c] = (channel - float(inside.mean())) / (std if std > 1e-6 else 1.0)
+        out[c][~fov] = 0.0
+    return out[0] if x.ndim == 2 else out
 
 
-def prepare_image(image: np.ndarray, fov: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+def model_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:
+    """The size a case is given to the model: its own, or scaled down to ``max_side``."""
+    if max_side is None or max(height, width) <= max_side:
+        return height, width
+    scale = max_side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize_image(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(C, H, W) float32 to (C, h, w): area averaging down (no aliasing), bilinear up."""
+    if x.shape[-2:] == size:
+        return x
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]
+    down = size[0] <= x.shape[-2] and size[1] <= x.shape[-1]
+    if down:
+        out = F.interpolate(t, size=size, mode="area")
+    else:
+        out = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+    return out[0].numpy()
+
+
+def resize_labels(labels: np.ndarray, size: tuple[int, int], n_labels: int) -> np.ndarray:
+    """(H, W) integer labels to (h, w) uint8: each pixel takes the label covering most of it
+    (area-weighted vote), so a resized mask keeps the classes' areas."""
+    if labels.shape == size:
+        return labels.astype(np.uint8, copy=False)
+    onehot = np.stack([labels == k for k in range(n_labels)]).astype(np.float32)
+    return resize_image(onehot, size).argmax(axis=0).astype(np.uint8)
+
+
+def prepare_image(
+    image: np.ndarray, fov: np.ndarray, cfg: PreprocessConfig, path: str | Path = "image"
+) -> tuple[np.ndarray, np.ndarray]:
     """The model input for one image: the same steps for the pipeline and ``medseg predict``.
+
+    Steps: (1) the channels of ``preprocess.channel``; (2) optionally CLAHE, per channel, at
+    full resolution; (3) scaled down to ``preprocess.max_side`` where the user asks for it;
+    (4) zero mean and unit variance inside the FOV, 0 outside.
 
     Args:
         image: (H, W) or (H, W, 3) uint8 or uint16, as the readers of `medseg.io` return it.
         fov: (H, W) bool field of view (at least one pixel).
         cfg: the preprocess params the model was trained with.
+        path: the image's file, for messages.
 
     Returns:
-        (1, H, W) float32, unpadded.
+        (C, h, w) float32 input and its (h, w) bool FOV, unpadded; (h, w) = (H, W) unless
+        resized.
     """
-    x = select_channel(image, cfg.channel)
+    x = select_channel(image, cfg.channel, path)
     if cfg.contrast == "clahe":
-        x = clahe(x, cfg.clahe_clip, cfg.clahe_tiles)
-    return normalize_in_fov(x, fov)[None]
+        x = np.stack([clahe(c, cfg.clahe_clip, cfg.clahe_tiles) for c in x])
+    size = model_size(fov.shape[0], fov.shape[1], cfg.max_side)
+    if size != fov.shape:
+        x = resize_image(x, size)
+        fov = resize_labels(fov, size, 2) > 0
+        if not fov.any():
+            raise MedsegError(
+                f"{path}: the field of view vanishes at preprocess.max_side {cfg.max_side}; "
+                "raise it"
+            )
+    return normalize_in_fov(x, fov), fov
 
 
 def clahe(x: np.ndarray, clip: float, tiles: int) -> np.ndarray:
@@ -164,22 +173,6 @@ def clahe(x: np.ndarray, clip: float, tiles: int) -> np.ndarray:
     kernel = (max(2, -(-x.shape[0] // tiles)), max(2, -(-x.shape[1] // tiles)))
     out = exposure.equalize_adapthist(np.clip(x, 0.0, 1.0), kernel_size=kernel, clip_limit=clip)
     return out.astype(np.float32)
-
-
-def padded_size(height: int, width: int, multiple: int) -> tuple[int, int]:
-    """The smallest (height, width) at least as large, each a multiple of ``multiple``."""
-    return -(-height // multiple) * multiple, -(-width // multiple) * multiple
-
-
-def pad_to(x: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Zero-pad the last two axes of ``x`` at the bottom and right to (height, width)."""
-    pad = [(0, 0)] * (x.ndim - 2) + [(0, height - x.shape[-2]), (0, width - x.shape[-1])]
-    return np.pad(x, pad)
-
-
-def crop_to(x: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Undo `pad_to`: keep the top-left (height, width) of the last two axes."""
-    return x[..., :height, :width]
 
 
 def split_cases(
@@ -212,14 +205,87 @@ def split_cases(
     return {cid for cid in train_ids if group_of[cid] in chosen}
 
 
-def preprocess_dataset(cfg: PreprocessConfig, converted: str | Path, out: str | Path) -> dict:
-    """Turn the converted PNGs + manifest into ``out/{train,val,test}.npz``, ``split.csv``,
-    ``stats.json`` and ``preprocess.json`` (``cfg``, for `load_record`).
+CLASSES = "classes.json"  # the class names, label order, background first (written by convert)
+BINARY = ("background", "foreground")
 
-    Each npz holds the fields of `SplitArrays`. All splits share one padded size (the largest
-    image rounded up to ``cfg.pad_multiple``), so one array per split holds every case; images are
-    never resized, which would erase thin vessels. A manifest column ``mask2`` (optional; empty
-    where a case has none) adds the second observer's masks as ``masks2`` and ``has_mask2``.
+
+@dataclass(frozen=True)
+class Case:
+    """One preprocessed case, as `read_case` gives it.
+
+    Attributes:
+        case_id: its id.
+        image: (C, h, w) float32 model input (zero mean, unit variance inside the FOV).
+        mask: (h, w) uint8 labels at the model's resolution (0/1 binary, else 0..K-1).
+        fov: (h, w) bool field of view at the model's resolution.
+        truth: (H, W) uint8 labels at the ground truth's resolution, where scores are counted
+            (the same array as ``mask`` unless ``preprocess.max_side`` resized the case).
+        truth_fov: (H, W) bool, the FOV at that resolution.
+        mask2: (H, W) uint8 second observer's labels, or None.
+    """
+
+    case_id: str
+    image: np.ndarray
+    mask: np.ndarray
+    fov: np.ndarray
+    truth: np.ndarray
+    truth_fov: np.ndarray
+    mask2: np.ndarray | None = None
+
+
+def read_case(store: CaseStore, i: int) -> Case:
+    """Case ``i`` of a split written by `preprocess_dataset` (views into its shards)."""
+    fov = store.get(i, "fov") > 0
+    mask = store.get(i, "mask")
+    resized = store.has(i, "mask_full")
+    return Case(
+        store.ids[i],
+        store.get(i, "image"),
+        mask,
+        fov,
+        store.get(i, "mask_full") if resized else mask,
+        store.get(i, "fov_full") > 0 if resized else fov,
+        store.get(i, "mask2") if store.has(i, "mask2") else None,
+    )
+
+
+def open_split(data_dir: str | Path, split: str, ram: bool = False) -> CaseStore:
+    """The cases of one split written by `preprocess_dataset`."""
+    return CaseStore.open(data_dir, split, ram=ram)
+
+
+def read_class_names(folder: str | Path) -> list[str]:
+    """The class names in label order (background first) from ``folder/classes.json``; the
+    binary pair when the file is absent."""
+    path = Path(folder) / CLASSES
+    if not path.is_file():
+        return list(BINARY)
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))["names"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise MedsegError(f"{path}: not a readable class list ({err})") from err
+    if (
+        not isinstance(names, list)
+        or len(names) < 2
+        or not all(isinstance(n, str) and n for n in names)
+        or len(set(names)) != len(names)
+    ):
+        raise MedsegError(f"{path}: names must be a list of two or more distinct class names")
+    return names
+
+
+def preprocess_dataset(cfg: PreprocessConfig, converted: str | Path, out: str | Path) -> dict:
+    """Turn the converted PNGs + manifest into one case store per split (see `medseg.io.shards`:
+    ``out/<split>.json`` + ``out/<split>-NNNNN.bin``), ``split.csv``, ``stats.json``,
+    ``preprocess.json`` (``cfg``, for `load_record`), ``classes.json``, and the convert
+    stage's ``convert.json`` passed on.
+
+    Cases are read, prepared and written one at a time, each at its own size (never padded to
+    the largest; resized only with ``preprocess.max_side``, the ground truth then kept at full
+    size as well), so memory stays that of one case whatever the data set's size. Each case
+    stores ``image``, ``mask``, ``fov``, the FOV and per-class foreground pixel counts per row
+    (``fov_rows``, ``fg_rows``: the patch sampler draws centres from them without holding
+    pixel lists), and ``mask2`` where the manifest names a second observer.
 
     Returns:
         The statistics written to ``stats.json``.
@@ -228,38 +294,30 @@ def preprocess_dataset(cfg: PreprocessConfig, converted: str | Path, out: str | 
     manifest_path = converted / "manifest.csv"
     if not manifest_path.is_file():
         raise MedsegError(f"{manifest_path}: no manifest; run the convert stage first")
-    manifest = pd.read_csv(manifest_path, dtype={"case_id": str})
+    manifest = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
     train_ids = manifest.loc[manifest["split"] == "train", "case_id"].tolist()
     if not train_ids:
         raise MedsegError(f"{manifest_path}: no training cases (split == 'train')")
     if not (manifest["split"] == "test").any():
         raise MedsegError(f"{manifest_path}: no test cases (split == 'test')")
+    names = read_class_names(converted)
     val_ids = split_cases(train_ids, cfg.val_fraction, cfg.seed, _source_groups(manifest))
     manifest["split"] = [
         "val" if cid in val_ids else split
         for cid, split in zip(manifest["case_id"], manifest["split"], strict=True)
     ]
-    height, width = padded_size(
-        int(manifest["height"].max()), int(manifest["width"].max()), cfg.pad_multiple
-    )
-    stats: dict = {"padded_height": height, "padded_width": width, "channel": cfg.channel}
+    stats: dict = {"channel": cfg.channel, "classes": names, "max_side": cfg.max_side}
     with atomic_dir(out) as tmp:
         for split in SPLITS:
             rows = manifest[manifest["split"] == split]
-            arrays = _load_split(rows, converted, cfg, height, width)
-            fields = {k: v for k, v in arrays.__dict__.items() if v is not None}
-            np.savez(tmp / f"{split}.npz", **fields)
-            fg = arrays.masks[arrays.fov.astype(bool)]
-            stats[split] = {
-                "cases": len(arrays),
-                "foreground_fraction_in_fov": round(float(fg.mean()), 4) if fg.size else None,
-            }
+            stats[split] = _write_split(rows, converted, cfg, names, tmp, split)
         manifest[["case_id", "split"]].to_csv(tmp / "split.csv", index=False)
         write_json(tmp / "stats.json", stats)
         save_record(cfg, tmp / RECORD)
+        write_json(tmp / CLASSES, {"names": names})
         if (converted / CONVERT_RECORD).is_file():  # passed on to the model, for predict
             shutil.copyfile(converted / CONVERT_RECORD, tmp / CONVERT_RECORD)
-    log.info("preprocessed %d cases to %dx%d", len(manifest), height, width)
+    log.info("preprocessed %d cases", len(manifest))
     return stats
 
 
@@ -270,53 +328,107 @@ def _source_groups(manifest: pd.DataFrame) -> dict[str, str] | None:
     return dict(zip(manifest["case_id"], manifest["source"].astype(str), strict=True))
 
 
-def _load_split(
-    rows: pd.DataFrame, converted: Path, cfg: PreprocessConfig, height: int, width: int
-) -> SplitArrays:
-    n = len(rows)
-    images = np.zeros((n, 1, height, width), dtype=np.float32)
-    masks = np.zeros((n, height, width), dtype=np.uint8)
-    fovs = np.zeros((n, height, width), dtype=np.uint8)
-    shapes = np.zeros((n, 2), dtype=np.int64)
-    second = _second_masks(rows)
-    masks2 = np.zeros((n, height, width), dtype=np.uint8) if second.any() else None
-    for i, row in enumerate(rows.itertuples(index=False)):
-        fov = binarize(read_raster(converted / str(row.fov)))
-        h, w = fov.shape
-        images[i, :, :h, :w] = prepare_image(read_raster(converted / str(row.image)), fov, cfg)
-        masks[i, :h, :w] = binarize(read_raster(converted / str(row.mask)))
-        if masks2 is not None and second[i]:
-            mask2 = binarize(read_raster(converted / str(row.mask2)))
-            if mask2.shape != (h, w):
-                raise MedsegError(
-                    f"{converted / str(row.mask2)}: second observer's mask is "
-                    f"{mask2.shape[1]}x{mask2.shape[0]}, its image {w}x{h}; they must match"
-                )
-            masks2[i, :h, :w] = mask2
-        fovs[i, :h, :w] = fov
-        shapes[i] = (h, w)
-    ids = np.array(rows["case_id"].tolist(), dtype=str)
-    if masks2 is None:
-        return SplitArrays(images, masks, fovs, shapes, ids)
-    return SplitArrays(images, masks, fovs, shapes, ids, masks2, second)
+def _write_split(
+    rows: pd.DataFrame, converted: Path, cfg: PreprocessConfig, names: list[str], out: Path,
+    split: str,
+) -> dict:  # fmt: skip
+    """Prepare and append each case of one split to its shards; return the split's stats."""
+    writer = ShardWriter(out, split)
+    n_labels = len(names)
+    fg = np.zeros(n_labels, dtype=np.int64)
+    inside = resized = pixels = 0
+    try:
+        for row in rows.itertuples(index=False):
+            arrays, meta = _prepare_case(row, converted, cfg, n_labels)
+            writer.add(str(row.case_id), arrays, **meta)
+            fg[1:] += arrays["fg_rows"].sum(axis=1)
+            inside += int(arrays["fov_rows"].sum())
+            resized += int("mask_full" in arrays)
+            pixels += meta["height"] * meta["width"]
+    finally:
+        writer.close()
+    shares = {
+        name: round(float(fg[k]) / inside, 4) if inside else None
+        for k, name in enumerate(names)
+        if k > 0
+    }
+    out_stats: dict = {"cases": len(rows), "pixels": pixels, "resized": resized}
+    if n_labels == 2:
+        out_stats["foreground_fraction_in_fov"] = shares[names[1]]
+    else:
+        out_stats["class_fraction_in_fov"] = shares
+    return out_stats
 
 
-def _second_masks(rows: pd.DataFrame) -> np.ndarray:
-    """(N,) bool: which rows name a second observer's mask (optional manifest column ``mask2``,
-    empty where a case has none)."""
-    if "mask2" not in rows.columns:
-        return np.zeros(len(rows), dtype=bool)
-    names = rows["mask2"]
-    return (names.notna() & (names.astype(str).str.strip() != "")).to_numpy()
+def _prepare_case(
+    row: Any, converted: Path, cfg: PreprocessConfig, n_labels: int
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read, check and prepare one manifest row; every check before anything is written."""
+    image_path = converted / str(row.image)
+    fov_full = binarize(read_raster(converted / str(row.fov)))
+    truth = read_labels(converted / str(row.mask), n_labels)
+    image = read_raster(image_path)
+    for what, arr, name in (("mask", truth, row.mask), ("FOV mask", fov_full, row.fov)):
+        if arr.shape != image.shape[:2]:
+            raise MedsegError(
+                f"{converted / str(name)}: {what} is {arr.shape[1]}x{arr.shape[0]} but its image "
+                f"{image_path} is {image.shape[1]}x{image.shape[0]} (width x height); they must "
+                "match"
+            )
+    if not fov_full.any():
+        raise MedsegError(f"{converted / str(row.fov)}: the field-of-view mask is empty")
+    x, fov = prepare_image(image, fov_full, cfg, image_path)
+    mask = resize_labels(truth, fov.shape, n_labels)
+    arrays: dict[str, np.ndarray] = {
+        "image": x,
+        "mask": mask,
+        "fov": fov.astype(np.uint8),
+        "fov_rows": fov.sum(axis=1, dtype=np.int32),
+        "fg_rows": np.stack(
+            [((mask == k) & fov).sum(axis=1, dtype=np.int32) for k in range(1, n_labels)]
+        ),
+    }
+    if fov.shape != fov_full.shape:
+        arrays["mask_full"] = truth
+        arrays["fov_full"] = fov_full.astype(np.uint8)
+    mask2_name = str(getattr(row, "mask2", "") or "").strip()
+    if mask2_name:
+        mask2 = read_labels(converted / mask2_name, n_labels)
+        if mask2.shape != truth.shape:
+            raise MedsegError(
+                f"{converted / mask2_name}: second observer's mask is "
+                f"{mask2.shape[1]}x{mask2.shape[0]}, its image {truth.shape[1]}x{truth.shape[0]}; "
+                "they must match"
+            )
+        arrays["mask2"] = mask2
+    meta = {
+        "height": int(fov.shape[0]),
+        "width": int(fov.shape[1]),
+        "full_height": int(fov_full.shape[0]),
+        "full_width": int(fov_full.shape[1]),
+    }
+    return arrays, meta
 
 
-def load_split(path: str | Path) -> SplitArrays:
-    """Read one ``<split>.npz`` written by `preprocess_dataset`."""
-    path = Path(path)
-    if not path.is_file():
-        raise MedsegError(f"{path}: missing; run the preprocess stage first")
-    with np.load(path, allow_pickle=False) as z:
-        return SplitArrays(**{k: z[k] for k in z.files})
+def read_labels(path: Path, n_labels: int) -> np.ndarray:
+    """A converted mask as (H, W) uint8 labels: 0/1 for a binary data set (0/255 on disk),
+    else the label values 0..n_labels-1 that convert wrote.
+
+    Raises:
+        MedsegError: a label outside the classes of ``classes.json``.
+    """
+    raw = read_raster(path)
+    if n_labels == 2:
+        return binarize(raw).astype(np.uint8)
+    if raw.ndim != 2:
+        raise MedsegError(f"{path}: a label map must have one channel, this one has {raw.shape[2]}")
+    top = int(raw.max(initial=0))
+    if top >= n_labels:
+        raise MedsegError(
+            f"{path}: label {top} but data.classes names {n_labels - 1} classes (labels 1.."
+            f"{n_labels - 1}); rerun convert with the data.classes of this data set"
+        )
+    return raw.astype(np.uint8)
 
 
 def save_record(cfg: PreprocessConfig, path: str | Path) -> None:

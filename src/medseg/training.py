@@ -1,4 +1,5 @@
-"""The fit loop: patches from memory, AdamW with warm-up and a schedule, AMP, DDP, checkpoints.
+"""The fit loop: patches from the cases (in RAM or memory-mapped), AdamW with warm-up and a
+schedule, AMP, DDP, checkpoints.
 
 One epoch, step by step:
 
@@ -22,7 +23,6 @@ import contextlib
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -34,6 +34,7 @@ from dvclive import Live
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from medseg.bundle import save_bundle
 from medseg.checkpoint import (
     CHECKPOINT,
     StopSignals,
@@ -44,7 +45,7 @@ from medseg.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from medseg.config import CONVERT_RECORD, TrainConfig
+from medseg.config import EvaluateConfig, TrainConfig
 from medseg.data import Augmentation, Batch, PatchSampler, Plan, augment
 from medseg.distributed import (
     World,
@@ -56,25 +57,16 @@ from medseg.distributed import (
     world_from_env,
 )
 from medseg.errors import MedsegError
-from medseg.inference import predict_probs
+from medseg.inference import predict_case
 from medseg.io.atomic import atomic_dir
+from medseg.io.shards import CaseStore
 from medseg.losses import make_loss
-from medseg.metrics import confusion, scores
-from medseg.model import (
-    ModelSpec,
-    build_model,
-    check_names,
-    foreground_logits,
-    resolve_device,
-    save_weights,
-)
-from medseg.preprocess import RECORD as PREPROCESS_RECORD
-from medseg.preprocess import SplitArrays, load_split
+from medseg.metrics import class_confusion, confusion_matrix, scores
+from medseg.model import ModelSpec, build_model, check_names, resolve_device
+from medseg.preprocess import CLASSES, open_split, read_case, read_class_names
 
 log = logging.getLogger(__name__)
 
-BEST = "model.safetensors"
-LAST = "last.safetensors"
 STOP_CHECK_EVERY = 8  # steps between stop-signal checks across processes (a collective op)
 
 
@@ -85,7 +77,7 @@ def fit(
     logs_dir: str | Path,
     checkpoint_dir: str | Path | None = None,
 ) -> dict:
-    """Train a network on ``data_dir/train.npz``, choosing the best epoch on ``val.npz``.
+    """Train a network on the ``train`` split in ``data_dir``, choosing the best epoch on ``val``.
 
     Writes ``models_dir/model.safetensors`` (best validation Dice; the last epoch when there is
     no validation split) and ``last.safetensors``, each with a ``.json`` spec, and per-epoch
@@ -140,15 +132,21 @@ class _Trainer:
         self.cfg, self.world, self.device, self.stop = cfg, world, device, stop
         self.share = world.share(cfg.batch_size)
         self.data_dir = data_dir
-        self.train = load_split(data_dir / "train.npz")
-        self.val = load_split(data_dir / "val.npz")
+        self.train = open_split(data_dir, "train", ram=_in_ram(cfg, data_dir))
+        self.val = open_split(data_dir, "val")
         if len(self.train) == 0:
-            raise MedsegError(f"{data_dir / 'train.npz'}: no training cases")
-        _check_classes(cfg, self.train, data_dir / "train.npz")
+            raise MedsegError(f"{data_dir / 'train.json'}: no training cases")
+        self.class_names = read_class_names(data_dir)
+        _check_classes(cfg, self.class_names, data_dir)
         self.ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
-        self.hash = params_hash(cfg, [data_dir / "train.npz", data_dir / "val.npz"])
+        self.hash = params_hash(cfg, [*self.train.files(), *self.val.files()])
         torch.manual_seed(cfg.seed)
-        self.spec = ModelSpec.from_config(cfg, in_channels=self.train.images.shape[1])
+        aug = Augmentation.from_config(cfg)
+        rng = np.random.default_rng(cfg.seed)
+        self.sampler = PatchSampler(
+            self.train, cfg.patch_size, cfg.foreground_fraction, rng, aug, len(self.class_names)
+        )
+        self.spec = ModelSpec.from_config(cfg, in_channels=self.sampler.channels)
         self.model = build_model(self.spec, cfg.encoder_weights)
         _check_input_size(self.model, self.spec, cfg.patch_size)
         if world.size > 1 and cfg.sync_batchnorm:
@@ -174,12 +172,6 @@ class _Trainer:
         self.loss_fn = make_loss(
             cfg.loss, cfg.bce_weight, cfg.cldice_weight, cfg.cldice_iters, allsum
         )
-        aug = Augmentation(
-            cfg.aug_dihedral, cfg.aug_prob, cfg.aug_rotate, cfg.aug_scale,
-            cfg.aug_brightness, cfg.aug_contrast, cfg.aug_gamma,
-        )  # fmt: skip
-        rng = np.random.default_rng(cfg.seed)
-        self.sampler = PatchSampler(self.train, cfg.patch_size, cfg.foreground_fraction, rng, aug)
         # the position and history of the run, all saved in a checkpoint
         self.epoch, self.step = 0, 0
         self.epoch_rng: dict[str, Any] = dict(rng.bit_generator.state)
@@ -297,8 +289,7 @@ class _Trainer:
             record["gpu_peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if len(self.val) and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
             if self.world.main:
-                net = _Foreground(self.model) if cfg.classes > 1 else self.model
-                record["val/dice"] = validate(net, self.val, self.device)
+                record["val/dice"] = validate(self.model, self.val, self.device)
             barrier()
         dice = record.get("val/dice")
         no_val_last = not len(self.val) and epoch == cfg.epochs
@@ -418,12 +409,7 @@ class _Trainer:
         last = self.model.state_dict()
         best = self.best_state if self.best_state is not None else last
         with atomic_dir(models_dir) as out:
-            save_weights(best, self.spec, out / BEST)
-            save_weights(last, self.spec, out / LAST)
-            for name in (PREPROCESS_RECORD, CONVERT_RECORD):  # how `medseg predict` reads and
-                record = self.data_dir / name  # prepares new images for this model
-                if record.is_file():
-                    shutil.copyfile(record, out / name)
+            save_bundle(out, best, last, self.spec, self.data_dir)
 
 
 class _Steps(torch.utils.data.Dataset):
@@ -439,31 +425,35 @@ class _Steps(torch.utils.data.Dataset):
         return self.sampler.crop(self.plan, self.first + i, self.share)
 
 
-def validate(model: torch.nn.Module, val: SplitArrays, device: torch.device) -> float:
-    """Dice inside the FOV, pooled over the whole validation images, at threshold 0.5.
+# Validation scores whole cases as evaluate does, at its default settings and threshold 0.5.
+VALIDATION = EvaluateConfig(
+    threshold=0.5, window=1024, overlap=0.25, blending="gaussian", tta=False, batch_size=4,
+    device="auto",
+)  # fmt: skip
+
+
+def validate(model: torch.nn.Module, val: CaseStore, device: torch.device) -> float:
+    """Dice inside the FOV, pooled over the whole validation cases (at the ground truth's
+    resolution), through `medseg.inference.predict_case`; for several classes the mean over
+    the foreground classes.
 
     Args:
-        model: a network with one foreground logit per pixel (see `medseg.model.foreground_logits`).
+        model: the network, (B, C, H, W) -> (B, K, H, W) logits; K = 1 is binary.
     """
     model.eval()
-    total = None
-    for _, image, truth, inside in val.cases():
-        prob = predict_probs(model, image, window=1024, device=device)
-        c = confusion(prob >= 0.5, truth, inside)
-        total = c if total is None else total + c
-    assert total is not None
-    return scores(total)["dice"]
-
-
-class _Foreground(torch.nn.Module):
-    """A network's logits reduced to one foreground logit (for multi-class validation)."""
-
-    def __init__(self, net: torch.nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return foreground_logits(self.net(x))
+    totals: np.ndarray | None = None
+    for i in val:
+        case = read_case(val, i)
+        labels, probs = predict_case(
+            model, case.image, case.fov, VALIDATION, device, out_fov=case.truth_fov
+        )
+        n = max(probs.shape[0], 2)
+        m = confusion_matrix(labels, case.truth, n, case.truth_fov)
+        totals = m if totals is None else totals + m
+        val.release(i)
+    assert totals is not None
+    dice = [scores(class_confusion(totals, k))["dice"] for k in range(1, len(totals))]
+    return float(np.mean(dice))
 
 
 # Curves only: they measure the machine, not the model, and would show as a change in every
@@ -498,13 +488,42 @@ def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimize
     return cls(groups, lr=cfg.lr, fused=next(model.parameters()).is_cuda or None)
 
 
-def _check_classes(cfg: TrainConfig, train: SplitArrays, path: Path) -> None:
-    top = int(train.masks.max(initial=0))
-    if top >= max(cfg.classes, 2):
-        raise MedsegError(
-            f"{path}: the masks hold class {top} but train.classes is {cfg.classes}; "
-            f"set train.classes to at least {top + 1}"
-        )
+def _check_classes(cfg: TrainConfig, names: list[str], data_dir: Path) -> None:
+    """``train.classes`` must fit the labels the data has (``classes.json``)."""
+    n = len(names)
+    if cfg.classes == n or (n == 2 and cfg.classes == 1):
+        return
+    want = "1 (sigmoid) or 2 (softmax)" if n == 2 else str(n)
+    raise MedsegError(
+        f"params: train.classes is {cfg.classes} but the data ({data_dir / CLASSES}) has {n} "
+        f"labels ({', '.join(names)}); set train.classes to {want}"
+    )
+
+
+# train.cache auto: the training cases are read into RAM when they take at most this share of
+# the memory available now (and at most RAM_CACHE_MAX bytes); else they stay memory-mapped.
+RAM_CACHE_SHARE = 0.25
+RAM_CACHE_MAX = 4 << 30
+
+
+def _in_ram(cfg: TrainConfig, data_dir: Path) -> bool:
+    """Whether ``train.cache`` keeps the training split in RAM (the result is the same either
+    way; only speed and memory differ)."""
+    if cfg.cache != "auto":
+        return cfg.cache == "ram"
+    size = open_split(data_dir, "train").nbytes()
+    return size <= min(RAM_CACHE_SHARE * _available_memory(), RAM_CACHE_MAX)
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def _check_input_size(model: torch.nn.Module, spec: ModelSpec, patch_size: int) -> None:
