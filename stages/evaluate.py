@@ -1,4 +1,4 @@
-"""evaluate: weights + test arrays -> metrics.json, per_image.csv, roc.csv, overlays/."""
+"""evaluate: model bundle + test cases -> metrics.json, per_image.csv, roc.csv, overlays/."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", required=True, help="output folder of the preprocess stage")
-    parser.add_argument("--model", required=True, help="weights file (safetensors)")
+    parser.add_argument("--model", required=True, help="model bundle folder (or its weights)")
     parser.add_argument("--out", required=True, help="folder for metrics, tables and images")
     return parser.parse_args(argv)
 

@@ -1,4 +1,5 @@
-"""preprocess: converted PNGs + manifest -> {train,val,test}.npz, split.csv, stats.json."""
+"""preprocess: converted PNGs + manifest -> one case store per split ({train,val,test}.json +
+shard files), split.csv, stats.json, the preprocess, convert and class records."""
 
 from __future__ import annotations
 

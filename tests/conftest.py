@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pydicom
 import pytest
 import yaml
 from pydicom.data import get_testdata_file
+
+# medseg is imported inside the helpers below: HF_HUB_OFFLINE must be set before
+# segmentation_models_pytorch (huggingface_hub) is first imported
+if TYPE_CHECKING:
+    from medseg.io.shards import CaseStore
+    from medseg.model import ModelSpec
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download during tests
 
@@ -56,6 +63,67 @@ def write_grey_dicom16(path: Path, image: np.ndarray, **fields: Any) -> None:
         setattr(ds, keyword, value)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path)
+
+
+def make_store(
+    folder: Path,
+    images: list[np.ndarray] | np.ndarray,
+    masks: list[np.ndarray] | np.ndarray,
+    fovs: list[np.ndarray] | np.ndarray | None = None,
+    split: str = "train",
+    n_labels: int = 2,
+    ram: bool = False,
+    masks2: list[np.ndarray | None] | None = None,
+    ids: list[str] | None = None,
+) -> CaseStore:
+    """A case store of the given cases, written as the preprocess stage writes one.
+
+    Args:
+        images: per case (C, h, w) float32; masks: (h, w) labels; fovs: (h, w), default all;
+        masks2: per case a second observer's (h, w) labels or None; ids: default ``case<i>``.
+    """
+    from medseg.io.shards import CaseStore, ShardWriter
+    from medseg.preprocess import case_arrays
+
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(folder, split)
+    for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
+        fov = np.ones(mask.shape, bool) if fovs is None else np.asarray(fovs[i]) > 0
+        h, w = mask.shape
+        meta = {"height": h, "width": w, "full_height": h, "full_width": w}
+        arrays = case_arrays(image, mask, fov, n_labels)
+        if masks2 is not None and masks2[i] is not None:
+            arrays["mask2"] = np.asarray(masks2[i], np.uint8)
+        writer.add(ids[i] if ids else f"case{i}", arrays, **meta)
+    writer.close()
+    return CaseStore.open(folder, split, ram=ram)
+
+
+def make_bundle(
+    folder: Path,
+    spec: ModelSpec,
+    channel: str = "green",
+    names: list[str] | None = None,
+    seed: int = 0,
+) -> Path:
+    """A model bundle with random weights, as the train stage writes one; returns ``folder``."""
+    import torch
+
+    from medseg.bundle import save_bundle
+    from medseg.config import PreprocessConfig
+    from medseg.model import build_model
+    from medseg.preprocess import CLASSES, RECORD, save_record
+
+    torch.manual_seed(seed)
+    state = build_model(spec).state_dict()
+    records = folder.parent / f".{folder.name}-records"
+    records.mkdir(parents=True, exist_ok=True)
+    save_record(PreprocessConfig(channel=channel, val_fraction=0.2, seed=0), records / RECORD)
+    if names is not None:
+        (records / CLASSES).write_text(json.dumps({"names": names}))
+    folder.mkdir(parents=True, exist_ok=True)
+    save_bundle(folder, state, state, spec, records)
+    return folder
 
 
 def write_params(path: Path, params: dict[str, Any]) -> Path:

@@ -1,22 +1,39 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import make_store
 
 from medseg.data import Augmentation, PatchSampler, augment_dihedral
-from medseg.preprocess import SplitArrays
+from medseg.io.shards import CaseStore
 
 
-def _split(n: int = 3, size: int = 64) -> SplitArrays:
+def _arrays(n: int = 3, size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     images = rng.normal(size=(n, 1, size, size)).astype(np.float32)
     masks = np.zeros((n, size, size), np.uint8)
     masks[:, 30:34, :] = 1  # a horizontal "vessel"
     fov = np.ones((n, size, size), np.uint8)
-    return SplitArrays(images, masks, fov, np.full((n, 2), size), np.array(["a", "b", "c"][:n]))
+    return images, masks, fov
+
+
+@pytest.fixture
+def store_at(tmp_path: Path):
+    """Write cases to a fresh store: ``store_at(images, masks, fov, n_labels=2)``."""
+    count = iter(range(1000))
+
+    def make(*arrays: np.ndarray, **kw: int) -> CaseStore:
+        return make_store(tmp_path / f"s{next(count)}", *arrays, **kw)
+
+    return make
+
+
+def _split(store_at, n: int = 3, size: int = 64) -> CaseStore:
+    return store_at(*_arrays(n, size))
 
 
 def test_all_eight_dihedral_transforms_are_distinct():
@@ -25,10 +42,10 @@ def test_all_eight_dihedral_transforms_are_distinct():
     assert len(results) == 8
 
 
-def test_patches_shapes_and_pairing():
-    data = _split()
+def test_patches_shapes_and_pairing(store_at):
+    _, masks, fov = _arrays()
     # an image identical to its mask shows that both get the same crop, rotation and flip
-    data = SplitArrays(data.masks[:, None].astype(np.float32), *list(data.__dict__.values())[1:])
+    data = store_at(masks[:, None].astype(np.float32), masks, fov)
     sampler = PatchSampler(data, 32, 0.5, np.random.default_rng(0))
     x, y, v = sampler.sample(16)
     assert x.shape == y.shape == v.shape == (16, 1, 32, 32)
@@ -38,8 +55,8 @@ def test_patches_shapes_and_pairing():
     assert any((p.sum(axis=1) > 0).all() for p in y[:, 0].numpy())
 
 
-def test_foreground_fraction_and_seeding():
-    data = _split()
+def test_foreground_fraction_and_seeding(store_at):
+    data = _split(store_at)
     fg = PatchSampler(data, 32, 1.0, np.random.default_rng(0)).sample(32)[1]
     assert all(p.any() for p in fg)
     a = PatchSampler(data, 32, 0.5, np.random.default_rng(7)).sample(8)[0]
@@ -47,8 +64,8 @@ def test_foreground_fraction_and_seeding():
     assert np.array_equal(a.numpy(), b.numpy())
 
 
-def test_images_smaller_than_patch_are_padded():
-    data = _split(size=20)
+def test_images_smaller_than_patch_are_padded(store_at):
+    data = _split(store_at, size=20)
     x, _, v = PatchSampler(data, 32, 0.5, np.random.default_rng(0)).sample(4)
     assert x.shape == (4, 1, 32, 32)
     assert v.sum() == 4 * 20 * 20  # only the real pixels count
@@ -57,10 +74,10 @@ def test_images_smaller_than_patch_are_padded():
 AFFINE = Augmentation(prob=1.0, rotate=30.0, scale=0.2)
 
 
-def _mask_as_image(n: int = 3, size: int = 64) -> SplitArrays:
+def _mask_as_image(store_at, n: int = 3, size: int = 64) -> CaseStore:
     """An image identical to its mask, so that any mismatch of the two shows."""
-    data = _split(n, size)
-    return SplitArrays(data.masks[:, None].astype(np.float32), *list(data.__dict__.values())[1:])
+    _, masks, fov = _arrays(n, size)
+    return store_at(masks[:, None].astype(np.float32), masks, fov)
 
 
 def test_context_holds_every_rotated_and_zoomed_patch():
@@ -70,8 +87,8 @@ def test_context_holds_every_rotated_and_zoomed_patch():
     assert side >= need and (side - 32) % 2 == 0
 
 
-def test_affine_augmentation_moves_image_mask_and_fov_together():
-    data = _mask_as_image()
+def test_affine_augmentation_moves_image_mask_and_fov_together(store_at):
+    data = _mask_as_image(store_at)
     sampler = PatchSampler(data, 32, 0.5, np.random.default_rng(0), AFFINE)
     x, y, v = sampler.sample(16)
     assert x.shape == y.shape == v.shape == (16, 1, 32, 32)
@@ -85,20 +102,21 @@ def test_affine_augmentation_moves_image_mask_and_fov_together():
     assert rows_partly_on > 0
 
 
-def test_no_affine_is_an_exact_crop():
+def test_no_affine_is_an_exact_crop(store_at):
     """With rotation and zoom off, the patches are plain crops: values unchanged."""
-    data = _split()
+    data = _split(store_at)
     sampler = PatchSampler(data, 32, 0.5, np.random.default_rng(0), Augmentation(dihedral=False))
     plan = sampler.plan(1, 4)
     x, _, _ = sampler.augment(sampler.crop(plan, 0))
     for b in range(4):
         i, t, left = plan.image[0, b], plan.top[0, b], plan.left[0, b]
-        assert np.array_equal(x[b, 0].numpy(), data.images[i, 0, t : t + 32, left : left + 32])
+        ref = data.get(i, "image")[0, t : t + 32, left : left + 32]
+        assert np.array_equal(x[b, 0].numpy(), ref)
 
 
-def test_identity_affine_reproduces_the_crop():
+def test_identity_affine_reproduces_the_crop(store_at):
     """grid_sample with rotation 0 and zoom 1 lands on pixel centres: the crop, unchanged."""
-    data = _split()
+    data = _split(store_at)
     aug = Augmentation(dihedral=False, prob=1.0, rotate=10.0)
     sampler = PatchSampler(data, 32, 0.5, np.random.default_rng(0), aug)
     plan = sampler.plan(1, 2)
@@ -107,21 +125,23 @@ def test_identity_affine_reproduces_the_crop():
     x, _, _ = sampler.augment(batch)
     for b in range(2):
         i, t, left = plan.image[0, b], plan.top[0, b], plan.left[0, b]
-        ref = data.images[i, 0, t : t + 32, left : left + 32]
+        ref = data.get(i, "image")[0, t : t + 32, left : left + 32]
         np.testing.assert_allclose(x[b, 0].numpy(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_fov_is_zero_where_a_rotated_patch_leaves_the_image():
-    data = _split(size=40)  # FOV everywhere, but patches of 32 rotated near the border see outside
+def test_fov_is_zero_where_a_rotated_patch_leaves_the_image(store_at):
+    # FOV everywhere, but patches of 32 rotated near the border see outside
+    data = _split(store_at, size=40)
     sampler = PatchSampler(data, 32, 0.0, np.random.default_rng(1), AFFINE)
     _, _, v = sampler.sample(32)
     assert (v == 0).any() and (v == 1).any()
 
 
-def test_intensity_changes_stay_inside_the_fov():
-    data = _split()
-    data.fov[:, :, :10] = 0
-    data.images[:, :, :, :10] = 0
+def test_intensity_changes_stay_inside_the_fov(store_at):
+    images, masks, fov = _arrays()
+    fov[:, :, :10] = 0
+    images[:, :, :, :10] = 0
+    data = store_at(images, masks, fov)
     aug = Augmentation(dihedral=False, prob=1.0, brightness=0.5, contrast=0.5, gamma=0.5)
     sampler = PatchSampler(data, 32, 0.5, np.random.default_rng(0), aug)
     plan = sampler.plan(1, 8)
@@ -131,8 +151,8 @@ def test_intensity_changes_stay_inside_the_fov():
     assert not torch.equal(x, batch.image * batch.fov)
 
 
-def test_brightness_and_contrast_by_hand():
-    data = _split()
+def test_brightness_and_contrast_by_hand(store_at):
+    data = _split(store_at)
     sampler = PatchSampler(data, 32, 0.5, np.random.default_rng(0), Augmentation(prob=1.0))
     batch = sampler.crop(sampler.plan(1, 2), 0)
     batch.contrast = torch.tensor([2.0, 1.0])
@@ -146,8 +166,8 @@ def test_brightness_and_contrast_by_hand():
     torch.testing.assert_close(x[1], batch.image[1] - 0.5)
 
 
-def test_gamma_keeps_the_range_inside_the_fov():
-    data = _split()
+def test_gamma_keeps_the_range_inside_the_fov(store_at):
+    data = _split(store_at)
     sampler = PatchSampler(data, 32, 0.5, np.random.default_rng(0), Augmentation(prob=1.0))
     batch = sampler.crop(sampler.plan(1, 1), 0)
     batch.gamma = torch.tensor([1.5])
@@ -163,8 +183,8 @@ def test_gamma_keeps_the_range_inside_the_fov():
     assert (x[mid] < before[mid]).all()
 
 
-def test_plan_is_seeded_and_shares_split_the_global_batch():
-    data = _split()
+def test_plan_is_seeded_and_shares_split_the_global_batch(store_at):
+    data = _split(store_at)
     a = PatchSampler(data, 32, 0.5, np.random.default_rng(3), AFFINE)
     b = PatchSampler(data, 32, 0.5, np.random.default_rng(3), AFFINE)
     pa, pb = a.plan(2, 8), b.plan(2, 8)
@@ -178,23 +198,71 @@ def test_plan_is_seeded_and_shares_split_the_global_batch():
     assert torch.equal(torch.cat([h.theta for h in halves]), whole.theta)
 
 
-def test_class_index_masks_are_resampled_by_nearest_neighbour():
-    data = _split()
-    masks = data.masks.copy()
+def test_class_index_masks_are_resampled_by_nearest_neighbour(store_at):
+    images, masks, fov = _arrays()
     masks[:, 40:44, :] = 2  # a second class
-    data = SplitArrays(data.images, masks, data.fov, data.shapes, data.case_ids)
-    sampler = PatchSampler(data, 32, 0.5, np.random.default_rng(0), AFFINE)
+    data = store_at(images, masks, fov, n_labels=3)
+    sampler = PatchSampler(data, 32, 0.5, np.random.default_rng(0), AFFINE, n_labels=3)
     assert sampler.multiclass
     _, y, _ = sampler.sample(16)
     assert set(torch.unique(y).tolist()) <= {0.0, 1.0, 2.0} and (y == 2).any()
 
 
-def test_every_foreground_class_is_a_patch_centre_candidate():
-    data = _split()
-    masks = np.zeros_like(data.masks)
-    masks[:, 10:12, 10:20] = 1
-    masks[:, 30:32, 10:20] = 2  # an even label: a bitwise AND with the 0/1 FOV would drop it
-    fov = np.ones_like(data.fov)
-    data = SplitArrays(data.images, masks, fov, data.shapes, data.case_ids)
-    sampler = PatchSampler(data, 32, 1.0, np.random.default_rng(0), AFFINE)
-    assert all(len(fg) == 40 for fg in sampler._fg)
+def test_every_foreground_class_is_a_patch_centre_candidate(store_at):
+    images, _, fov = _arrays()
+    masks = np.zeros_like(fov)
+    masks[:, 20:22, 20:30] = 1
+    masks[:, 40:42, 30:40] = 2  # an even label: a bitwise AND with the 0/1 FOV would drop it
+    data = store_at(images, masks, fov, n_labels=3)
+    sampler = PatchSampler(data, 32, 1.0, np.random.default_rng(0), n_labels=3)
+    plan = sampler.plan(8, 16)
+    at_centre = masks[plan.image, plan.top + 16, plan.left + 16]
+    # every patch is centred on foreground, and both classes are drawn (a class is chosen
+    # first, then one of its pixels: the 20-pixel class as often as the other)
+    assert set(np.unique(at_centre)) == {1, 2}
+    assert 0.3 < (at_centre == 2).mean() < 0.7
+
+
+def test_centres_are_uniform_over_the_fov(store_at):
+    """The row-count sampler draws every FOV pixel with the same chance."""
+    images, masks, fov = _arrays(n=1, size=64)
+    fov[:] = 0
+    fov[0, 5, 7] = fov[0, 5, 9] = fov[0, 40, 3] = fov[0, 63, 63] = 1
+    sampler = PatchSampler(store_at(images, masks, fov), 32, 0.0, np.random.default_rng(0))
+    draws = [sampler._centre(0, 0, w) for w in np.random.default_rng(1).random(4000)]
+    counts = {p: draws.count(p) for p in set(draws)}
+    assert set(counts) == {(5, 7), (5, 9), (40, 3), (63, 63)}
+    assert all(900 < c < 1100 for c in counts.values())
+
+
+def test_cases_of_mixed_sizes_and_colour(store_at):
+    """Cases keep their own sizes; patches near a small case's border are zero-padded, and all
+    three channels travel."""
+    rng = np.random.default_rng(0)
+    sizes = [(20, 90), (64, 64), (130, 40)]
+    images = [rng.normal(size=(3, h, w)).astype(np.float32) for h, w in sizes]
+    masks = [(rng.random((h, w)) < 0.2).astype(np.uint8) for h, w in sizes]
+    data = store_at(images, masks)
+    sampler = PatchSampler(data, 32, 0.5, np.random.default_rng(0), Augmentation(dihedral=False))
+    assert sampler.channels == 3
+    plan = sampler.plan(4, 8)
+    batch = sampler.crop(plan, 2)
+    x, _, v = sampler.augment(batch)
+    assert x.shape == (8, 3, 32, 32) and v.shape == (8, 1, 32, 32)
+    for b in range(8):
+        i, t, left = plan.image[2, b], plan.top[2, b], plan.left[2, b]
+        ref = images[i][:, t : t + 32, left : left + 32]
+        got = x[b].numpy()[:, : ref.shape[1], : ref.shape[2]]
+        np.testing.assert_array_equal(got, ref)
+        assert v[b, 0].sum() == ref.shape[1] * ref.shape[2]  # padding lies outside the FOV
+
+
+def test_ram_and_mapped_stores_give_the_same_batches(store_at, tmp_path: Path):
+    images, masks, fov = _arrays()
+    mapped = store_at(images, masks, fov)
+    ram = CaseStore.open(mapped.folder, "train", ram=True)
+    a = PatchSampler(mapped, 32, 0.5, np.random.default_rng(5), AFFINE)
+    b = PatchSampler(ram, 32, 0.5, np.random.default_rng(5), AFFINE)
+    pa, pb = a.plan(2, 4), b.plan(2, 4)
+    assert np.array_equal(pa.top, pb.top) and np.array_equal(pa.image, pb.image)
+    assert torch.equal(a.crop(pa, 1).image, b.crop(pb, 1).image)

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -10,10 +8,7 @@ from medseg.model import (
     ARCHS,
     ModelSpec,
     build_model,
-    foreground_logits,
-    load_model,
     resolve_device,
-    save_model,
 )
 
 SPEC = ModelSpec("unet", "resnet18", [32, 16, 16, 8, 8], in_channels=1, classes=1)
@@ -26,17 +21,6 @@ def test_build_forward_shape():
     assert out.shape == (2, 1, 64, 96)
 
 
-def test_save_load_round_trip(tmp_path: Path):
-    torch.manual_seed(0)
-    model = build_model(SPEC).eval()
-    save_model(model, SPEC, tmp_path / "m.safetensors")
-    loaded, spec = load_model(tmp_path / "m.safetensors")
-    assert spec == SPEC
-    x = torch.randn(1, 1, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(model(x), loaded(x))
-
-
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
@@ -47,11 +31,6 @@ def test_save_load_round_trip(tmp_path: Path):
 def test_bad_names_are_user_errors(spec: ModelSpec, message: str):
     with pytest.raises(MedsegError, match=message):
         build_model(spec)
-
-
-def test_missing_weights(tmp_path: Path):
-    with pytest.raises(MedsegError, match="train first"):
-        load_model(tmp_path / "absent.safetensors")
 
 
 def test_device_resolution():
@@ -82,11 +61,3 @@ def test_pretrained_weights_offline_are_a_clear_error(monkeypatch: pytest.Monkey
     monkeypatch.setenv("TORCH_HOME", "/nonexistent-medseg-test")
     with pytest.raises(MedsegError, match=r"encoder_weights 'imagenet'.*use null"):
         build_model(SPEC, "imagenet")
-
-
-def test_foreground_logits():
-    binary = torch.randn(2, 1, 4, 4)
-    assert foreground_logits(binary) is binary
-    logits = torch.randn(2, 3, 4, 4)
-    p_fg = 1 - torch.softmax(logits, dim=1)[:, :1]
-    torch.testing.assert_close(torch.sigmoid(foreground_logits(logits)), p_fg)

@@ -12,7 +12,7 @@ from conftest import STAGES, ran, run, tiny_params, write_grey_dicom16, write_pa
 from PIL import Image
 
 from medseg.config import SynthesizeConfig, parse
-from medseg.preprocess import load_split
+from medseg.preprocess import open_split
 from medseg.synthetic import generate_case
 
 N_CASES = 6
@@ -94,8 +94,8 @@ def test_manifest_layout_through_convert_and_preprocess(project: Path, tmp_path:
     assert manifest["fov_source"].tolist() == ["given"] * 3 + ["threshold"] * 3
     assert sorted(set(manifest["source_format"])) == ["dicom", "tiff"]
     assert (manifest["bit_depth"] == 16).all() and (manifest["channels"] == 1).all()
-    test = load_split(project / "data" / "processed" / "test.npz")
-    assert sorted(test.case_ids.tolist()) == ["p04", "p05"]
+    test = open_split(project / "data" / "processed", "test")
+    assert sorted(test.ids) == ["p04", "p05"]
     # a changed image reruns convert; the same data again does nothing
     assert ran(run(project, "dvc", "repro", "preprocess")) == []
     (tmp_path / "data" / "labels" / "v0.gif").unlink()

@@ -6,29 +6,33 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_bundle
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+from medseg.bundle import load_bundle
 from medseg.cli import main
 from medseg.config import CONVERT_RECORD, ConvertConfig, PreprocessConfig
 from medseg.convert import fov_from_image
 from medseg.io.dicom import read_dicom
 from medseg.io.images import read_image, read_raster, write_png
-from medseg.model import ModelSpec, build_model, save_model
-from medseg.predict import collect_inputs, find_fov, load_predictor, read_input
+from medseg.model import ModelSpec
+from medseg.predict import collect_inputs, find_fov, read_input
 from medseg.preprocess import RECORD, save_record
 
 CT_SMALL = get_testdata_file("CT_small.dcm")  # 128x128, 16-bit CT, ships with pydicom
 
 
-def _model(folder: Path, classes: int = 1, in_channels: int = 1, record: bool = True) -> Path:
+def _model(
+    folder: Path, classes: int = 1, in_channels: int = 1, record: bool = True,
+    channel: str = "green",
+) -> Path:  # fmt: skip
     spec = ModelSpec("unet", "resnet18", [16, 8, 8, 8, 8], in_channels, classes)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "model.safetensors"
-    save_model(build_model(spec), spec, path)
-    if record:
-        save_record(PreprocessConfig("green", 32, 0.2, 0), folder / RECORD)
-    return path
+    names = ["background", *(f"class{k}" for k in range(1, classes))] if classes > 1 else None
+    make_bundle(folder, spec, channel=channel, names=names)
+    if not record:
+        (folder / RECORD).unlink()
+    return folder / "model.safetensors"
 
 
 def _run(*args: str | Path) -> int:
@@ -91,6 +95,7 @@ def test_predict_multiclass_writes_labels(tmp_path: Path, png: Path):
     ("setup", "message"),
     [
         ("in_channels", "takes 3 input channel(s)"),
+        ("malformed_spec", "malformed model spec"),
         ("classes", "weights do not fit"),
         ("no_record", "preprocess.json: missing"),
         ("bad_record", "unknown key preprocess.colour"),
@@ -103,6 +108,9 @@ def test_predict_refuses_mismatched_models(tmp_path: Path, png: Path, capsys, se
     if setup == "classes":  # a spec that does not belong to these weights
         spec = json.loads(spec_path.read_text())
         spec_path.write_text(json.dumps({**spec, "classes": 2}))
+    if setup == "malformed_spec":  # nothing is built or allocated from a spec like this
+        spec = json.loads(spec_path.read_text())
+        spec_path.write_text(json.dumps({**spec, "decoder_channels": [10**12] * 5}))
     if setup == "bad_record":
         record = model.parent / RECORD
         record.write_text(json.dumps({**json.loads(record.read_text()), "colour": "red"}))
@@ -206,9 +214,9 @@ def test_predict_reads_dicom_with_the_models_window_override(tmp_path: Path):
     assert CT_SMALL is not None
     model = _model(tmp_path / "models")
     _convert_record(model.parent, window_center=40.0, window_width=400.0)  # a CT soft-tissue window
-    predictor = load_predictor(model)
+    bundle = load_bundle(model)
     assert np.array_equal(
-        read_input(predictor, Path(CT_SMALL)), read_image(CT_SMALL, window=(40.0, 400.0))
+        read_input(bundle, Path(CT_SMALL)), read_image(CT_SMALL, window=(40.0, 400.0))
     )
     assert not np.array_equal(read_image(CT_SMALL, window=(40.0, 400.0)), read_image(CT_SMALL))
 
@@ -218,3 +226,18 @@ def test_a_broken_convert_record_is_refused_naming_it(tmp_path: Path, png: Path,
     (model.parent / CONVERT_RECORD).write_text('{"window_center": null}')
     assert _run("--model", model, "--out", tmp_path / "out", png) == 2
     assert "convert.json: missing key convert.window_width" in capsys.readouterr().err
+
+
+def test_predict_colour_and_resized_models_answer_at_the_input_size(tmp_path: Path, png: Path):
+    """An rgb model takes all three channels; a model trained with preprocess.max_side
+    predicts at its own scale and answers at the input's size."""
+    model = _model(tmp_path / "models", in_channels=3, channel="rgb")
+    record = model.parent / RECORD
+    save_record(PreprocessConfig("rgb", 0.2, 0, max_side=32), record)
+    out = tmp_path / "out"
+    assert _run("--model", model, "--out", out, png, "--probabilities") == 0
+    assert read_raster(out / "fundus.png").shape == (70, 90)
+    assert read_raster(out / "probabilities" / "fundus.png").shape == (70, 90)
+    grey = tmp_path / "grey.png"
+    write_png(grey, np.zeros((40, 40), np.uint8))
+    assert _run("--model", model, "--out", tmp_path / "o2", grey) == 2

@@ -13,42 +13,62 @@ from medseg.io.images import read_raster, write_png
 from medseg.preprocess import (
     RECORD,
     clahe,
-    crop_to,
     load_record,
-    load_split,
+    model_size,
     normalize_in_fov,
-    pad_to,
-    padded_size,
+    open_split,
     prepare_image,
     preprocess_dataset,
+    read_case,
+    resize_labels,
     select_channel,
     split_cases,
 )
 from medseg.synthetic import write_dataset
 
 
-@pytest.mark.parametrize(
-    ("size", "expected"), [((565, 584), (576, 608)), ((32, 64), (32, 64)), ((1, 33), (32, 64))]
-)
-def test_padded_size(size: tuple[int, int], expected: tuple[int, int]):
-    assert padded_size(*size, 32) == expected
-
-
-def test_pad_crop_round_trip():
-    x = np.random.default_rng(0).random((2, 565, 584)).astype(np.float32)
-    padded = pad_to(x, *padded_size(565, 584, 32))
-    assert padded.shape == (2, 576, 608)
-    assert not padded[:, 565:].any() and not padded[:, :, 584:].any()
-    assert np.array_equal(crop_to(padded, 565, 584), x)
-
-
 def test_channels():
     img = np.zeros((2, 2, 3), np.uint8)
     img[..., 1] = 255
-    assert select_channel(img, "green").tolist() == [[1.0, 1.0], [1.0, 1.0]]
-    assert select_channel(img, "gray") == pytest.approx(np.full((2, 2), 0.587))
+    img[..., 2] = 51
+    assert select_channel(img, "green").tolist() == [[[1.0, 1.0], [1.0, 1.0]]]
+    assert select_channel(img, "gray") == pytest.approx(np.full((1, 2, 2), 0.587 + 0.114 * 0.2))
+    rgb = select_channel(img, "rgb")
+    assert rgb.shape == (3, 2, 2) and rgb[:, 0, 0] == pytest.approx([0.0, 1.0, 0.2])
     grey16 = np.full((2, 2), 65535, np.uint16)
-    assert select_channel(grey16, "green") == pytest.approx(np.ones((2, 2)))
+    assert select_channel(grey16, "green") == pytest.approx(np.ones((1, 2, 2)))
+    with pytest.raises(MedsegError, match=r"scan\.png: a grey image, but preprocess\.channel"):
+        select_channel(grey16, "rgb", "scan.png")
+
+
+def test_normalize_per_channel():
+    rng = np.random.default_rng(0)
+    x = np.stack([rng.normal(m, s, (30, 30)) for m, s in ((1, 2), (5, 0.5), (-3, 7))])
+    fov = np.zeros((30, 30), bool)
+    fov[5:25, 2:28] = True
+    out = normalize_in_fov(x.astype(np.float32), fov)
+    assert out.shape == (3, 30, 30)
+    for c in out:
+        assert c[fov].mean() == pytest.approx(0.0, abs=1e-5)
+        assert c[fov].std() == pytest.approx(1.0, abs=1e-4)
+        assert not c[~fov].any()
+
+
+def test_resizing_on_request_only():
+    assert model_size(3504, 2336, None) == (3504, 2336)
+    assert model_size(500, 400, 512) == (500, 400)
+    assert model_size(3504, 2336, 1024) == (1024, 683)
+    labels = np.zeros((40, 40), np.uint8)
+    labels[:20] = 1
+    labels[30:, 30:] = 2
+    small = resize_labels(labels, (10, 10), 3)
+    assert (small[:5] == 1).all() and (small[8:, 8:] == 2).all() and small[6, 2] == 0
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, size=(300, 200, 3), dtype=np.uint8)
+    fov = np.ones((300, 200), bool)
+    cfg = PreprocessConfig("rgb", 0.2, 0, max_side=150)
+    x, small_fov = prepare_image(image, fov, cfg)
+    assert x.shape == (3, 150, 100) and small_fov.shape == (150, 100)
 
 
 def test_normalize_in_fov():
@@ -90,30 +110,32 @@ def test_preprocess_dataset(tmp_path: Path):
     convert_dataset(
         DataConfig(str(tmp_path / "raw"), "drive"), ConvertConfig(None, None), tmp_path / "c"
     )
-    cfg = PreprocessConfig(channel="green", pad_multiple=32, val_fraction=0.2, seed=0)
+    cfg = PreprocessConfig(channel="green", val_fraction=0.2, seed=0)
     stats = preprocess_dataset(cfg, tmp_path / "c", tmp_path / "p")
-    assert (stats["padded_height"], stats["padded_width"]) == (96, 96)
     assert (stats["train"]["cases"], stats["val"]["cases"], stats["test"]["cases"]) == (4, 1, 2)
+    assert stats["classes"] == ["background", "foreground"]
+    assert 0.05 < stats["train"]["foreground_fraction_in_fov"] < 0.3
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [
-        "convert.json", "preprocess.json", "split.csv", "stats.json", "test.npz", "train.npz",
-        "val.npz",
+        "classes.json", "convert.json", "preprocess.json", "split.csv", "stats.json",
+        "test-00000.bin", "test.json", "train-00000.bin", "train.json", "val-00000.bin",
+        "val.json",
     ]  # fmt: skip
     assert load_record(tmp_path / "p" / RECORD) == cfg
     # the convert params are passed on unchanged (train copies them beside the weights)
     assert (tmp_path / "p" / "convert.json").read_bytes() == (
         tmp_path / "c" / "convert.json"
     ).read_bytes()
-    train = load_split(tmp_path / "p" / "train.npz")
-    assert train.images.shape == (4, 1, 96, 96) and train.images.dtype == np.float32
-    assert train.masks.shape == (4, 96, 96) and set(np.unique(train.masks)) == {0, 1}
-    assert train.shapes.tolist() == [[70, 66]] * 4
-    assert not train.fov[:, 70:].any() and not train.fov[:, :, 66:].any()
-    fov = train.fov[0].astype(bool)
-    assert train.images[0, 0][fov].mean() == pytest.approx(0.0, abs=1e-4)
+    train = open_split(tmp_path / "p", "train")
+    case = read_case(train, 0)
+    assert case.image.shape == (1, 70, 66) and case.image.dtype == np.float32
+    assert case.mask.shape == (70, 66) and set(np.unique(case.mask)) == {0, 1}
+    assert case.truth is case.mask and case.mask2 is None
+    assert case.image[0][case.fov].mean() == pytest.approx(0.0, abs=1e-4)
+    assert train.get(0, "fov_rows").sum() == case.fov.sum()
+    assert train.get(0, "fg_rows").sum() == (case.mask.astype(bool) & case.fov).sum()
     split = pd.read_csv(tmp_path / "p" / "split.csv", dtype=str)
     assert (split["split"] == "val").sum() == 1
     assert set(split.loc[split["split"] == "test", "case_id"]) == {"01_test", "02_test"}
-    assert train.masks2 is None and train.has_mask2 is None
 
 
 def test_second_observer_masks_travel_when_the_manifest_has_them(tmp_path: Path):
@@ -132,15 +154,14 @@ def test_second_observer_masks_travel_when_the_manifest_has_them(tmp_path: Path)
         "masks2.png" if cid == first["case_id"] else "" for cid in manifest["case_id"]
     ]
     manifest.to_csv(tmp_path / "c" / "manifest.csv", index=False)
-    cfg = PreprocessConfig(channel="green", pad_multiple=32, val_fraction=0.0, seed=0)
+    cfg = PreprocessConfig(channel="green", val_fraction=0.0, seed=0)
     preprocess_dataset(cfg, tmp_path / "c", tmp_path / "p")
-    test = load_split(tmp_path / "p" / "test.npz")
-    assert test.has_mask2 is not None and test.has_mask2.tolist() == [True, False]
-    cases = list(test.second_observer())
-    assert [c[0] for c in cases] == [first["case_id"]]
-    _, truth, second, _ = cases[0]
-    assert np.array_equal(second > 0, mask) and not np.array_equal(truth, second)
-    assert load_split(tmp_path / "p" / "train.npz").masks2 is None
+    test = open_split(tmp_path / "p", "test")
+    cases = [read_case(test, i) for i in test]
+    assert [c.case_id for c in cases if c.mask2 is not None] == [first["case_id"]]
+    second = cases[0].mask2
+    assert second is not None
+    assert np.array_equal(second > 0, mask) and not np.array_equal(cases[0].truth, second)
 
 
 def test_prepare_image_is_channel_then_fov_normalisation():
@@ -148,10 +169,10 @@ def test_prepare_image_is_channel_then_fov_normalisation():
     image = rng.integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
     fov = np.zeros((20, 30), bool)
     fov[2:18, 3:27] = True
-    cfg = PreprocessConfig(channel="green", pad_multiple=32, val_fraction=0.2, seed=0)
-    x = prepare_image(image, fov, cfg)
-    assert x.shape == (1, 20, 30) and x.dtype == np.float32
-    assert np.array_equal(x[0], normalize_in_fov(select_channel(image, "green"), fov))
+    cfg = PreprocessConfig(channel="green", val_fraction=0.2, seed=0)
+    x, same = prepare_image(image, fov, cfg)
+    assert x.shape == (1, 20, 30) and x.dtype == np.float32 and same is fov
+    assert np.array_equal(x, normalize_in_fov(select_channel(image, "green"), fov))
 
 
 def _faint_lines_on_a_ramp() -> np.ndarray:
@@ -186,11 +207,11 @@ def test_clahe_of_a_constant_image_is_constant_and_finite():
 def test_prepare_image_applies_clahe_before_normalisation():
     image = (_faint_lines_on_a_ramp() * 255).astype(np.uint8)
     fov = np.ones(image.shape, bool)
-    cfg = PreprocessConfig("gray", 32, 0.2, 0, contrast="clahe", clahe_clip=0.02, clahe_tiles=4)
-    x = prepare_image(image, fov, cfg)
-    expected = normalize_in_fov(clahe(select_channel(image, "gray"), 0.02, 4), fov)
+    cfg = PreprocessConfig("gray", 0.2, 0, contrast="clahe", clahe_clip=0.02, clahe_tiles=4)
+    x, _ = prepare_image(image, fov, cfg)
+    expected = normalize_in_fov(clahe(select_channel(image, "gray")[0], 0.02, 4), fov)
     assert np.array_equal(x[0], expected)
-    plain = prepare_image(image, fov, PreprocessConfig("gray", 32, 0.2, 0))
+    plain, _ = prepare_image(image, fov, PreprocessConfig("gray", 0.2, 0))
     assert not np.allclose(x, plain)
 
 
@@ -200,11 +221,12 @@ def test_prepare_image_applies_clahe_before_normalisation():
         ("contrast", "hist", "preprocess.contrast must be one of"),
         ("clahe_clip", 0.0, "preprocess.clahe_clip"),
         ("clahe_tiles", 0, "preprocess.clahe_tiles"),
+        ("max_side", 16, "preprocess.max_side must be >= 32"),
     ],
 )
 def test_bad_contrast_params_are_refused(key: str, value: object, message: str):
     with pytest.raises(MedsegError, match=message):
-        PreprocessConfig("green", 32, 0.2, 0, **{key: value})  # type: ignore[arg-type]
+        PreprocessConfig("green", 0.2, 0, **{key: value})  # type: ignore[arg-type]
 
 
 def test_load_record_errors_name_the_file(tmp_path: Path):
@@ -215,8 +237,94 @@ def test_load_record_errors_name_the_file(tmp_path: Path):
     with pytest.raises(MedsegError, match=r"bad\.json: not a valid preprocess record"):
         load_record(bad)
     bad.write_text(
-        '{"channel": "blue", "pad_multiple": 32, "val_fraction": 0.2, "seed": 0, '
-        '"contrast": "none", "clahe_clip": 0.01, "clahe_tiles": 8}'
+        '{"channel": "blue", "val_fraction": 0.2, "seed": 0, '
+        '"contrast": "none", "clahe_clip": 0.01, "clahe_tiles": 8, "max_side": null}'
     )
     with pytest.raises(MedsegError, match=r"preprocess\.channel must be one of"):
         load_record(bad)
+
+
+def _converted(tmp_path: Path, sizes: list[tuple[int, int]], rgb: bool = False,
+               labels: int = 2) -> Path:  # fmt: skip
+    """A convert-stage output folder of synthetic cases of the given sizes, half train."""
+    out = tmp_path / "c"
+    for sub in ("images", "masks", "fov"):
+        (out / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (h, w) in enumerate(sizes):
+        cid = f"case{i}"
+        shape = (h, w, 3) if rgb else (h, w)
+        write_png(out / "images" / f"{cid}.png", rng.integers(0, 256, shape, dtype=np.uint8))
+        mask = rng.integers(0, labels, (h, w)).astype(np.uint8)
+        write_png(out / "masks" / f"{cid}.png", mask * 255 if labels == 2 else mask)
+        write_png(out / "fov" / f"{cid}.png", np.full((h, w), 255, np.uint8))
+        rows.append({"case_id": cid, "split": "train" if i % 2 == 0 else "test",
+                     "image": f"images/{cid}.png", "mask": f"masks/{cid}.png",
+                     "fov": f"fov/{cid}.png", "source": cid, "mask2": ""})  # fmt: skip
+    pd.DataFrame(rows).to_csv(out / "manifest.csv", index=False)
+    if labels > 2:
+        names = ["background", *(f"c{k}" for k in range(1, labels))]
+        (out / "classes.json").write_text('{"names": ["' + '", "'.join(names) + '"]}')
+    return out
+
+
+def test_mixed_sizes_are_kept_unpadded_and_rgb_travels(tmp_path: Path):
+    sizes = [(40, 300), (256, 64), (90, 90), (33, 47), (128, 200), (64, 64)]
+    converted = _converted(tmp_path, sizes, rgb=True)
+    cfg = PreprocessConfig(channel="rgb", val_fraction=0.0, seed=0)
+    preprocess_dataset(cfg, converted, tmp_path / "p")
+    got = {}
+    for split in ("train", "test"):
+        store = open_split(tmp_path / "p", split)
+        for i in store:
+            case = read_case(store, i)
+            got[case.case_id] = case.image.shape
+    assert got == {f"case{i}": (3, h, w) for i, (h, w) in enumerate(sizes)}
+    # the shards hold the cases' own pixels, nothing padded to the largest
+    total = sum((tmp_path / "p" / f).stat().st_size for f in ("train-00000.bin", "test-00000.bin"))
+    pixels = sum(h * w for h, w in sizes)
+    assert total < pixels * (3 * 4 + 2) + 64 * 8 * len(sizes) + sum(h for h, _ in sizes) * 8
+
+
+def test_max_side_keeps_the_truth_at_full_size(tmp_path: Path):
+    converted = _converted(tmp_path, [(200, 100), (50, 40)])
+    cfg = PreprocessConfig(channel="gray", val_fraction=0.0, seed=0, max_side=64)
+    stats = preprocess_dataset(cfg, converted, tmp_path / "p")
+    assert stats["train"]["resized"] == 1
+    case = read_case(open_split(tmp_path / "p", "train"), 0)
+    assert case.image.shape == (1, 64, 32) and case.mask.shape == (64, 32)
+    assert case.truth.shape == (200, 100) and case.truth_fov.shape == (200, 100)
+    assert read_case(open_split(tmp_path / "p", "test"), 0).image.shape == (1, 50, 40)
+
+
+def test_label_maps_keep_their_classes(tmp_path: Path):
+    converted = _converted(tmp_path, [(30, 40), (20, 20)], labels=4)
+    stats = preprocess_dataset(PreprocessConfig("gray", 0.0, 0), converted, tmp_path / "p")
+    assert stats["classes"] == ["background", "c1", "c2", "c3"]
+    assert set(stats["train"]["class_fraction_in_fov"]) == {"c1", "c2", "c3"}
+    store = open_split(tmp_path / "p", "train")
+    assert set(np.unique(read_case(store, 0).mask)) == {0, 1, 2, 3}
+    assert store.get(0, "fg_rows").shape == (3, 30)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("label", r"case0\.png: label 7 but data\.classes names 3 classes"),
+        ("size", r"masks/case0\.png: mask is 10x10 but its image .* is 40x30"),
+        ("grey_for_rgb", r"case0\.png: a grey image, but preprocess\.channel is rgb"),
+    ],
+)
+def test_bad_cases_are_one_clear_error_and_no_output(tmp_path: Path, change: str, message: str):
+    converted = _converted(tmp_path, [(30, 40), (20, 20)], labels=4)
+    cfg = PreprocessConfig("gray", 0.0, 0)
+    if change == "label":
+        write_png(converted / "masks" / "case0.png", np.full((30, 40), 7, np.uint8))
+    elif change == "size":
+        write_png(converted / "masks" / "case0.png", np.zeros((10, 10), np.uint8))
+    else:
+        cfg = PreprocessConfig("rgb", 0.0, 0)
+    with pytest.raises(MedsegError, match=message):
+        preprocess_dataset(cfg, converted, tmp_path / "p")
+    assert not (tmp_path / "p").exists()

@@ -54,8 +54,8 @@ def _cfg(tmp_path: Path, **train: object) -> TrainConfig:
 def test_fit_writes_weights_and_curves(processed: Path, tmp_path: Path):
     summary = fit(_cfg(tmp_path), processed, tmp_path / "models", tmp_path / "logs")
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
-        "convert.json", "last.json", "last.safetensors", "model.json", "model.safetensors",
-        "preprocess.json",
+        "classes.json", "convert.json", "last.json", "last.safetensors", "model.json",
+        "model.safetensors", "preprocess.json",
     ]  # fmt: skip
     # the preprocess params travel with the weights, for `medseg predict`
     assert (tmp_path / "models" / "preprocess.json").read_bytes() == (
@@ -191,14 +191,11 @@ def test_two_classes_softmax_and_validation_every_second_epoch(processed: Path, 
     assert json.loads((tmp_path / "m" / "model.json").read_text())["classes"] == 2
 
 
-def test_masks_with_more_classes_than_params_say(processed: Path, tmp_path: Path):
+def test_data_with_more_classes_than_params_say(processed: Path, tmp_path: Path):
     data = tmp_path / "proc"
     shutil.copytree(processed, data)
-    with np.load(data / "train.npz") as z:
-        arrays = {k: z[k] for k in z.files}
-    arrays["masks"][0, 0, 0] = 2
-    np.savez(data / "train.npz", **arrays)
-    with pytest.raises(MedsegError, match=r"class 2 but train.classes is 1"):
+    (data / "classes.json").write_text('{"names": ["background", "vessel", "disc"]}')
+    with pytest.raises(MedsegError, match=r"train.classes is 1 but the data .* has 3 labels"):
         fit(_cfg(tmp_path), data, tmp_path / "m", tmp_path / "l")
 
 

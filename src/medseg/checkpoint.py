@@ -51,12 +51,12 @@ def mark_finished(directory: str | Path) -> None:
 def params_hash(cfg: TrainConfig, data_files: list[Path], code: Path | None = None) -> str:
     """SHA-256 of the train params, the package's code and the bytes of the data files (hex).
 
-    ``device`` and ``workers`` are left out: they change where and how fast the work is done,
-    not its result. The code (``code``: the medseg package by default) counts, so that a run
-    preempted before a code change is not finished by the new code (the checkpoint folder
+    ``device``, ``workers`` and ``cache`` are left out: they change where and how fast the work
+    is done, not its result. The code (``code``: the medseg package by default) counts, so that
+    a run preempted before a code change is not finished by the new code (the checkpoint folder
     outlives the change).
     """
-    params = {k: v for k, v in asdict(cfg).items() if k not in ("device", "workers")}
+    params = {k: v for k, v in asdict(cfg).items() if k not in ("device", "workers", "cache")}
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     package = code or Path(__file__).resolve().parent
     for source in sorted(package.rglob("*.py")):

@@ -155,7 +155,9 @@ def predict_probabilities(
     ph, pw = -(-h // 32) * 32, -(-w // 32) * 32
     win_h, win_w = min(window, ph), min(window, pw)
     x = torch.zeros((c, ph, pw), dtype=torch.float32)
-    x[:, :h, :w] = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    x[:, :h, :w] = torch.from_numpy(
+        np.array(image, dtype=np.float32)
+    )  # a copy: views are read-only
     stride_h = max(1, int(win_h * (1.0 - overlap)))
     stride_w = max(1, int(win_w * (1.0 - overlap)))
     tiles = [

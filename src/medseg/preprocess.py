@@ -378,16 +378,7 @@ def _prepare_case(
     if not fov_full.any():
         raise MedsegError(f"{converted / str(row.fov)}: the field-of-view mask is empty")
     x, fov = prepare_image(image, fov_full, cfg, image_path)
-    mask = resize_labels(truth, fov.shape, n_labels)
-    arrays: dict[str, np.ndarray] = {
-        "image": x,
-        "mask": mask,
-        "fov": fov.astype(np.uint8),
-        "fov_rows": fov.sum(axis=1, dtype=np.int32),
-        "fg_rows": np.stack(
-            [((mask == k) & fov).sum(axis=1, dtype=np.int32) for k in range(1, n_labels)]
-        ),
-    }
+    arrays = case_arrays(x, resize_labels(truth, fov.shape, n_labels), fov, n_labels)
     if fov.shape != fov_full.shape:
         arrays["mask_full"] = truth
         arrays["fov_full"] = fov_full.astype(np.uint8)
@@ -408,6 +399,34 @@ def _prepare_case(
         "full_width": int(fov_full.shape[1]),
     }
     return arrays, meta
+
+
+def case_arrays(
+    image: np.ndarray, mask: np.ndarray, fov: np.ndarray, n_labels: int
+) -> dict[str, np.ndarray]:
+    """The arrays a case store keeps of one prepared case.
+
+    Args:
+        image: (C, h, w) float32 model input.
+        mask: (h, w) integer labels, in [0, n_labels).
+        fov: (h, w) bool.
+        n_labels: labels, background included (2: binary).
+
+    Returns:
+        ``image``, ``mask`` (uint8), ``fov`` (uint8 0/1), ``fov_rows`` ((h,) int32 FOV pixels
+        per row) and ``fg_rows`` ((n_labels - 1, h) int32 pixels of each foreground label
+        inside the FOV per row).
+    """
+    fov = fov.astype(bool, copy=False)
+    return {
+        "image": np.asarray(image, dtype=np.float32),
+        "mask": mask.astype(np.uint8, copy=False),
+        "fov": fov.astype(np.uint8),
+        "fov_rows": fov.sum(axis=1, dtype=np.int32),
+        "fg_rows": np.stack(
+            [((mask == k) & fov).sum(axis=1, dtype=np.int32) for k in range(1, n_labels)]
+        ),
+    }
 
 
 def read_labels(path: Path, n_labels: int) -> np.ndarray:
