@@ -2,7 +2,7 @@
 metric computation; and the DRIVE second observer scored like a model.
 
 The test images are read and preprocessed the pipeline's way (`prepare_image`) into a temporary
-``test.npz``; the model is an untrained resnet18 UNet with the default params (timing does not
+case store; the model is an untrained resnet18 UNet with the default params (timing does not
 depend on the weights). Prints Markdown tables.
 
     python bench/evaluate.py --drive ../shared/datasets/DRIVE          # 2 threads, default
@@ -21,50 +21,49 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medseg.bundle import save_bundle
 from medseg.config import EvaluateConfig, PreprocessConfig, TrainConfig, load_params
-from medseg.evaluation import ScoreTally, evaluate_model, second_observer_scores
+from medseg.evaluation import ScoreTally, SecondObserver, evaluate_model
 from medseg.inference import predict_probabilities, prepare_model, segment
 from medseg.io.images import binarize, read_raster
-from medseg.model import ModelSpec, build_model, save_model
-from medseg.preprocess import SplitArrays, padded_size, prepare_image
+from medseg.io.shards import CaseStore, ShardWriter
+from medseg.model import ModelSpec, build_model
+from medseg.preprocess import RECORD, case_arrays, prepare_image, read_case, save_record
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def drive_test_split(root: Path, pre: PreprocessConfig) -> SplitArrays:
-    """DRIVE ``test/``: images, 1st and 2nd manual, FOV masks, preprocessed and padded."""
+def drive_test_store(root: Path, pre: PreprocessConfig, out: Path) -> CaseStore:
+    """DRIVE ``test/``: images, 1st and 2nd manual, FOV masks, preprocessed into a case store."""
     images = sorted((root / "test" / "images").glob("*.tif"))
     if not images:
         raise SystemExit(f"{root}/test/images: no DRIVE test images")
-    cases = []
+    out.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(out, "test")
     for path in images:
         key = path.stem.split("_")[0]
         fov = binarize(read_raster(next((root / "test" / "mask").glob(f"{key}_*"))))
         truth = binarize(read_raster(next((root / "test" / "1st_manual").glob(f"{key}_*"))))
         second = binarize(read_raster(next((root / "test" / "2nd_manual").glob(f"{key}_*"))))
-        cases.append((path.stem, prepare_image(read_raster(path), fov, pre), truth, second, fov))
-    h, w = padded_size(*cases[0][1].shape[1:], 32)
-    n = len(cases)
-    x = np.zeros((n, 1, h, w), np.float32)
-    masks, masks2, fovs = (np.zeros((n, h, w), np.uint8) for _ in range(3))
-    shapes = np.zeros((n, 2), np.int64)
-    for i, (_, image, truth, second, fov) in enumerate(cases):
-        ih, iw = fov.shape
-        x[i, :, :ih, :iw], masks[i, :ih, :iw], masks2[i, :ih, :iw] = image, truth, second
-        fovs[i, :ih, :iw], shapes[i] = fov, (ih, iw)
-    ids = np.array([c[0] for c in cases])
-    return SplitArrays(x, masks, fovs, shapes, ids, masks2, np.ones(n, bool))
+        x, _ = prepare_image(read_raster(path), fov, pre)
+        arrays = case_arrays(x, truth.astype(np.uint8), fov, 2)
+        arrays["mask2"] = second.astype(np.uint8)
+        h, w = fov.shape
+        writer.add(path.stem, arrays, height=h, width=w, full_height=h, full_width=w)
+    writer.close()
+    return CaseStore.open(out, "test")
 
 
 def infer_times(
-    model, split: SplitArrays, cfg: EvaluateConfig
+    model, store: CaseStore, cfg: EvaluateConfig
 ) -> tuple[list[float], list[float], list]:
     """Wall and CPU seconds (all threads) per image, and the probabilities."""
     walls, cpus, probs = [], [], []
-    for (h, w), image in zip(split.shapes, split.images, strict=True):
+    for i in store:
+        case = read_case(store, i)
         start, cpu = time.perf_counter(), time.process_time()
         p = predict_probabilities(
-            model, image[:, :h, :w], cfg.window, cfg.overlap, cfg.batch_size, "cpu",
+            model, case.image, cfg.window, cfg.overlap, cfg.batch_size, "cpu",
             blending=cfg.blending, tta=cfg.tta,
         )  # fmt: skip
         walls.append(time.perf_counter() - start)
@@ -73,16 +72,15 @@ def infer_times(
     return walls, cpus, probs
 
 
-def metric_time(split: SplitArrays, probs: list[np.ndarray], threshold: float) -> float:
+def metric_time(store: CaseStore, probs: list[np.ndarray], threshold: float) -> float:
     start = time.perf_counter()
     tally = ScoreTally(1)
     for i, p in enumerate(probs):
-        h, w = split.shapes[i]
-        fov = split.fov[i, :h, :w] > 0
+        case = read_case(store, i)
         p = p.copy()
-        p[:, ~fov] = 0.0
+        p[:, ~case.fov] = 0.0
         pred = segment(p, threshold)
-        tally.add(str(split.case_ids[i]), p, pred, split.masks[i, :h, :w], fov)
+        tally.add(case.case_id, p, pred, case.truth, case.fov)
     tally.summary()
     tally.curves()
     tally.confusion_table()
@@ -101,7 +99,6 @@ def main() -> None:
     cfg = EvaluateConfig(**{**cfg.__dict__, "device": "cpu"})
     train = load_params(args.params, TrainConfig)
     pre = load_params(args.params, PreprocessConfig)
-    split = drive_test_split(args.drive, pre)
     spec = ModelSpec.from_config(train, in_channels=1)
     torch.manual_seed(0)
     net = build_model(spec).eval()
@@ -109,31 +106,36 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        (tmp / "data").mkdir()
-        fields = {k: v for k, v in split.__dict__.items() if v is not None}
-        np.savez(tmp / "data" / "test.npz", **fields)
-        save_model(net, spec, tmp / "model.safetensors")
+        split = drive_test_store(args.drive, pre, tmp / "data")
+        save_record(pre, tmp / "data" / RECORD)
+        (tmp / "models").mkdir()
+        save_bundle(tmp / "models", net.state_dict(), net.state_dict(), spec, tmp / "data")
         infer_times(model, split, cfg)  # warm-up: first calls allocate and pick kernels
         start, cpu = time.perf_counter(), time.process_time()
-        evaluate_model(cfg, tmp / "data", tmp / "model.safetensors", tmp / "results")
+        evaluate_model(cfg, tmp / "data", tmp / "models", tmp / "results")
         full, full_cpu = time.perf_counter() - start, time.process_time() - cpu
-
-    rows = []
-    variants = [
-        ("params.yaml", cfg),
-        ("window 512", EvaluateConfig(**{**cfg.__dict__, "window": 512})),
-        ("constant blending", EvaluateConfig(**{**cfg.__dict__, "blending": "constant"})),
-        ("flip TTA", EvaluateConfig(**{**cfg.__dict__, "tta": True})),
-    ]
-    probs_default: list = []
-    for name, variant in variants:
-        walls, cpus, probs = infer_times(model, split, variant)
-        if name == "params.yaml":
-            probs_default = probs
-        rows.append((name, variant, min(walls), min(cpus), statistics.median(walls)))
-    start_cpu = time.process_time()
-    metrics_s = min(metric_time(split, probs_default, cfg.threshold) for _ in range(3))
-    metrics_cpu = (time.process_time() - start_cpu) / 3
+        rows = []
+        variants = [
+            ("params.yaml", cfg),
+            ("window 512", EvaluateConfig(**{**cfg.__dict__, "window": 512})),
+            ("constant blending", EvaluateConfig(**{**cfg.__dict__, "blending": "constant"})),
+            ("flip TTA", EvaluateConfig(**{**cfg.__dict__, "tta": True})),
+        ]
+        probs_default: list = []
+        for name, variant in variants:
+            walls, cpus, probs = infer_times(model, split, variant)
+            if name == "params.yaml":
+                probs_default = probs
+            rows.append((name, variant, min(walls), min(cpus), statistics.median(walls)))
+        start_cpu = time.process_time()
+        metrics_s = min(metric_time(split, probs_default, cfg.threshold) for _ in range(3))
+        metrics_cpu = (time.process_time() - start_cpu) / 3
+        observer = SecondObserver(1)
+        for i in split:
+            case = read_case(split, i)
+            assert case.mask2 is not None
+            observer.add(case.truth, case.mask2, case.truth_fov)
+        second = observer.summary()
     load = os.getloadavg()[0]
     n = args.threads
 
@@ -158,7 +160,6 @@ def main() -> None:
         print(f"| {name} | {variant.window} | {wall:.3f}, {wall_median:.3f} | {cpu_s / n:.3f} | "
               f"{cpu_s / rows[0][3]:.2f}x |")  # fmt: skip
 
-    second = second_observer_scores(split, 1)
     assert second is not None
     print("\nDRIVE second observer vs first, inside the FOV, pooled over the 20 test images\n")
     print("| " + " | ".join(k for k in second if k != "n_images") + " |")

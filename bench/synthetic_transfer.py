@@ -28,7 +28,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--drive", type=Path, required=True, help="the DRIVE folder")
-    parser.add_argument("--model", type=Path, default=REPO / "models" / "model.safetensors")
+    parser.add_argument("--model", type=Path, default=REPO / "models")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="medseg-transfer-") as tmp:
@@ -36,11 +36,15 @@ def main() -> None:
         convert_dataset(
             DataConfig(str(args.drive), "drive"), ConvertConfig(None, None), work / "conv"
         )
-        preprocess_dataset(PreprocessConfig("green", 32, 0.0, 0), work / "conv", work / "proc")
-        # score the training images: put them where evaluate looks for the test split
-        (work / "score").mkdir()
-        shutil.copy(work / "proc" / "train.npz", work / "score" / "test.npz")
-        cfg = EvaluateConfig(threshold=0.5, window=512, overlap=0.25, batch_size=4, device="auto")
+        preprocess_dataset(PreprocessConfig("green", 0.0, 0), work / "conv", work / "proc")
+        # score the training images: their index where evaluate looks for the test split (it
+        # names its own shard files)
+        shutil.copytree(work / "proc", work / "score")
+        shutil.copy(work / "proc" / "train.json", work / "score" / "test.json")
+        cfg = EvaluateConfig(
+            threshold=0.5, window=512, overlap=0.25, blending="gaussian", tta=False,
+            batch_size=4, device="auto",
+        )  # fmt: skip
         metrics = evaluate_model(cfg, work / "score", args.model, work / "out")
 
     fov = metrics["test"]["fov"]

@@ -4,7 +4,8 @@ The naive loop is what a first tutorial does (and the seed article did): every s
 decodes its image, vessel mask and FOV mask files from disk (DRIVE: LZW TIFF and GIF), takes the
 green channel, normalises it inside the FOV, crops a random patch and flips it; a plain fp32
 PyTorch loop with Adam and the same loss. Ours is the train stage's own training step
-(`medseg.training`) on the same images, decoded once into memory: patches cut from arrays,
+(`medseg.training`) on the same images, decoded once into a case store: patches cut from the
+cases held in RAM or memory-mapped,
 augmentation on the batch, channels-last, AdamW with warm-up and schedule, gradient clipping,
 optionally bf16 autocast or DataLoader workers. Same model, batch and patch size (from
 params.yaml unless overridden). Each loop first runs a few untimed steps (the first convolutions
@@ -42,9 +43,10 @@ from medseg.data import Batch
 from medseg.distributed import World
 from medseg.io.images import binarize, read_raster
 from medseg.io.layouts import CaseFiles, find_cases
+from medseg.io.shards import ShardWriter
 from medseg.losses import bce_dice_loss
 from medseg.model import ModelSpec, build_model
-from medseg.preprocess import SplitArrays, normalize_in_fov, pad_to, padded_size, select_channel
+from medseg.preprocess import case_arrays, normalize_in_fov, select_channel
 from medseg.training import _Steps, _Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,22 +126,18 @@ class OurLoop:
             t._train_step(batch)
 
 
-def write_arrays(cases: list[CaseFiles], out: Path) -> None:
-    """The cases decoded once, as the preprocess stage writes them (no validation split)."""
-    loaded = [load_case(c) for c in cases]
-    height, width = padded_size(
-        max(a[0].shape[0] for a in loaded), max(a[0].shape[1] for a in loaded), 32
-    )
-    images = np.stack([pad_to(a[0], height, width) for a in loaded])[:, None]
-    masks = np.stack([pad_to(a[1], height, width) for a in loaded]).astype(np.uint8)
-    fovs = np.stack([pad_to(a[2], height, width) for a in loaded]).astype(np.uint8)
-    shapes = np.array([a[0].shape for a in loaded], dtype=np.int64)
-    ids = np.array([c.case_id for c in cases])
-    train = SplitArrays(images.astype(np.float32), masks, fovs, shapes, ids)
-    val = SplitArrays(images[:0], masks[:0], fovs[:0], shapes[:0], ids[:0])
+def write_store(cases: list[CaseFiles], out: Path) -> None:
+    """The cases decoded once into a case store, as the preprocess stage writes it (no
+    validation split)."""
     out.mkdir(parents=True, exist_ok=True)
-    for name, split in (("train", train), ("val", val)):
-        np.savez(out / f"{name}.npz", **{k: v for k, v in split.__dict__.items() if v is not None})
+    writer = ShardWriter(out, "train")
+    for case in cases:
+        image, mask, fov = load_case(case)
+        h, w = mask.shape
+        arrays = case_arrays(image, mask, fov, 2)
+        writer.add(case.case_id, arrays, height=h, width=w, full_height=h, full_width=w)
+    writer.close()
+    ShardWriter(out, "val").close()
 
 
 def main() -> None:
@@ -173,16 +171,22 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
-        write_arrays(cases, data)
+        write_store(cases, data)
         total = args.warmup + args.rounds * args.steps
+        fp32 = dataclasses.replace(cfg, amp_cpu=False)
         loops: dict[str, NaiveLoop | OurLoop] = {
             "naive: files read per sample, fp32": NaiveLoop(cases, cfg, args.seed),
-            "ours: in memory, fp32": OurLoop(data, dataclasses.replace(cfg, amp_cpu=False), total),
-            "ours: in memory, fp32, 2 DataLoader workers cut patches": OurLoop(
-                data, dataclasses.replace(cfg, amp_cpu=False, workers=2), total
+            "ours: in RAM (train.cache ram), fp32": OurLoop(
+                data, dataclasses.replace(fp32, cache="ram"), total
             ),
-            "ours: in memory, bf16 autocast (train.amp_cpu)": OurLoop(
-                data, dataclasses.replace(cfg, amp_cpu=True), total
+            "ours: memory-mapped (train.cache none), fp32": OurLoop(
+                data, dataclasses.replace(fp32, cache="none"), total
+            ),
+            "ours: in RAM, fp32, 2 DataLoader workers cut patches": OurLoop(
+                data, dataclasses.replace(fp32, cache="ram", workers=2), total
+            ),
+            "ours: in RAM, bf16 autocast (train.amp_cpu)": OurLoop(
+                data, dataclasses.replace(cfg, cache="ram", amp_cpu=True), total
             ),
         }
         for loop in loops.values():  # the first steps of a process are slow: not timed

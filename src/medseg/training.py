@@ -503,7 +503,7 @@ def _check_classes(cfg: TrainConfig, names: list[str], data_dir: Path) -> None:
 # train.cache auto: the training cases are read into RAM when they take at most this share of
 # the memory available now (and at most RAM_CACHE_MAX bytes); else they stay memory-mapped.
 RAM_CACHE_SHARE = 0.25
-RAM_CACHE_MAX = 4 << 30
+RAM_CACHE_MAX = 1 << 30
 
 
 def _in_ram(cfg: TrainConfig, data_dir: Path) -> bool:
