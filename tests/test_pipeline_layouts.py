@@ -102,3 +102,46 @@ def test_manifest_layout_through_convert_and_preprocess(project: Path, tmp_path:
     proc = run(project, "dvc", "repro", "preprocess", check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stdout + proc.stderr
     assert "list.csv line 2, column mask: labels/v0.gif does not exist" in proc.stdout + proc.stderr
+
+
+def test_colour_images_of_mixed_sizes_through_the_whole_pipeline(project: Path, tmp_path: Path):
+    """Dermoscopy-like data: RGB photographs of six sizes, a lesion darker in every channel,
+    three channels to the network, the larger cases scaled down (preprocess.max_side) and
+    scored at their own size."""
+    root = tmp_path / "data"
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    sizes = [(48, 80), (100, 60), (72, 72), (130, 90), (64, 40), (90, 120)]
+    for i, (h, w) in enumerate(sizes):
+        yy, xx = np.ogrid[:h, :w]
+        lesion = (yy - h / 2) ** 2 / (h / 4) ** 2 + (xx - w / 2) ** 2 / (w / 5) ** 2 < 1
+        skin = np.array([200, 150, 130]) + rng.normal(0, 8, (h, w, 3))
+        skin[lesion] = np.array([110, 60, 50]) + rng.normal(0, 8, (int(lesion.sum()), 3))
+        Image.fromarray(np.clip(skin, 0, 255).astype(np.uint8)).save(root / "images" / f"{i}.png")
+        Image.fromarray(lesion.astype(np.uint8) * 255).save(root / "masks" / f"{i}.png")
+    params = tiny_params(
+        data={"root": str(root), "layout": "folders", "test_fraction": 0.34},
+        convert={"fov_fallback": "whole_image"},
+        preprocess={"channel": "rgb", "max_side": 96},
+    )
+    write_params(project / "params.yaml", params)
+    assert ran(run(project, "dvc", "repro")) == list(STAGES)
+    spec = json.loads((project / "models" / "model.json").read_text())
+    assert spec["in_channels"] == 3
+    manifest = _manifest(project)
+    test = manifest[manifest["split"] == "test"]
+    overlays = project / "results" / "evaluate" / "overlays"
+    for row in test.itertuples():
+        with Image.open(overlays / f"{row.case_id}.png") as im:  # at the ground truth's size
+            assert im.size == (row.width, row.height)
+    stats = json.loads((project / "data" / "processed" / "stats.json").read_text())
+    assert sum(stats[s]["resized"] for s in ("train", "val", "test")) == 3  # sides over 96
+    table = pd.read_csv(project / "results" / "evaluate" / "per_image.csv", dtype={"case_id": str})
+    assert sorted(table["case_id"]) == sorted(test["case_id"])
+    # a trained bundle segments a new photograph at its own size
+    new = tmp_path / "new.png"
+    Image.fromarray(rng.integers(0, 255, (150, 110, 3), dtype=np.uint8)).save(new)
+    run(project, "medseg", "predict", "--model", "models", "--out", "pred", str(new))
+    with Image.open(project / "pred" / "new.png") as im:
+        assert im.size == (110, 150)
