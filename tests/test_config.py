@@ -120,3 +120,25 @@ def test_bad_training_values_name_the_key(tmp_path: Path, train: dict, message: 
     with pytest.raises(MedsegError) as err:
         load_params(path, TrainConfig)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("classes", "message"),
+    [
+        ({}, "at least one class"),
+        ({"background": 1}, "is not a class name"),
+        ({"9lives": 1}, "is not a class name"),
+        ({"liver": 0}, r"data\.classes\.liver must be a mask value"),
+        ({"liver": "1"}, r"data\.classes\.liver must be a mask value"),
+        ({"liver": 1, "kidney": [2, 1]}, "mask value 1 is given twice"),
+    ],
+)
+def test_bad_data_classes_are_refused_naming_the_key(classes: dict, message: str):
+    with pytest.raises(MedsegError, match=message):
+        DataConfig("d", "folders", classes=classes)
+
+
+def test_data_classes_map_values_to_labels_in_order():
+    from medseg.config import label_map
+
+    assert label_map({"liver": 63, "kidney": [126, 189]}) == {63: 1, 126: 2, 189: 2}

@@ -17,7 +17,7 @@ from scipy import ndimage
 from medseg.config import ConvertConfig, DataConfig, SynthesizeConfig, load_params
 from medseg.convert import MANIFEST_COLUMNS, convert_dataset, fov_from_image
 from medseg.errors import MedsegError
-from medseg.io.images import read_image, write_png
+from medseg.io.images import read_image, read_raster, write_png
 from medseg.synthetic import generate_case, write_dataset
 
 
@@ -359,3 +359,79 @@ def test_window_override_applies_to_images_not_to_dicom_masks(tmp_path: Path):
     image = read_image(tmp_path / "out" / manifest["image"][0])
     assert image.min() == 0 and image.max() == 65535  # the window clipped the ramp
     assert np.array_equal(read_image(tmp_path / "out" / manifest["mask"][0]) > 0, truth)
+
+
+def _label_set(root: Path, values: list[int]) -> None:
+    """Two grey PNG cases whose masks are label maps holding ``values``, in the folders layout."""
+    for split in ("train", "test"):
+        for sub in ("images", "masks"):
+            (root / split / sub).mkdir(parents=True, exist_ok=True)
+        mask = np.zeros((20, 30), np.uint8)
+        for k, v in enumerate(values):
+            mask[2 + 4 * k : 5 + 4 * k, 3:20] = v
+        write_png(root / split / "images" / "0001.png", np.full((20, 30), 90, np.uint8))
+        write_png(root / split / "masks" / "0001.png", mask)
+
+
+def test_label_maps_are_mapped_to_the_named_classes(tmp_path: Path):
+    _label_set(tmp_path / "raw", [63, 126, 189])
+    data = DataConfig(str(tmp_path / "raw"), "folders",
+                      classes={"liver": 63, "kidney": [126, 189]})  # fmt: skip
+    cfg = ConvertConfig(None, None, fov_fallback="whole_image")
+    manifest = convert_dataset(data, cfg, tmp_path / "c")
+    assert json.loads((tmp_path / "c" / "classes.json").read_text()) == {
+        "names": ["background", "liver", "kidney"]
+    }
+    # the same file name under both splits is two cases
+    assert len(manifest) == 2 and manifest["case_id"].is_unique
+    mask = read_raster(tmp_path / "c" / manifest["mask"][0])
+    assert set(np.unique(mask)) == {0, 1, 2} and (mask == 2).sum() == 2 * 3 * 17
+
+
+def test_a_mask_value_not_in_data_classes_is_one_error_and_no_output(tmp_path: Path):
+    _label_set(tmp_path / "raw", [1, 7])
+    data = DataConfig(str(tmp_path / "raw"), "folders", classes={"liver": 1})
+    with pytest.raises(MedsegError, match=r"0001\.png: mask value\(s\) 7 are not in data\.classes"):
+        convert_dataset(data, ConvertConfig(None, None), tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
+def test_binary_data_sets_name_their_one_class_foreground(tmp_path: Path):
+    _label_set(tmp_path / "raw", [255])
+    convert_dataset(DataConfig(str(tmp_path / "raw"), "folders"), ConvertConfig(None, None),
+                    tmp_path / "c")  # fmt: skip
+    names = json.loads((tmp_path / "c" / "classes.json").read_text())["names"]
+    assert names == ["background", "foreground"]
+
+
+def test_every_common_raster_format_converts(tmp_path: Path):
+    root = tmp_path / "raw"
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, ext in enumerate(("ppm", "pgm", "webp", "jp2", "bmp", "tga")):
+        mode = "L" if ext == "pgm" else "RGB"
+        shape = (24, 32) if mode == "L" else (24, 32, 3)
+        kw = {"lossless": True} if ext == "webp" else {}
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(
+            root / "images" / f"c{i}.{ext}", **kw
+        )
+        write_png(root / "masks" / f"c{i}.png", np.eye(24, 32, dtype=bool))
+    manifest = convert_dataset(DataConfig(str(root), "folders", test_fraction=0.34),
+                               ConvertConfig(None, None, fov_fallback="whole_image"),
+                               tmp_path / "c")  # fmt: skip
+    assert len(manifest) == 6 and set(manifest["height"]) == {24}
+
+
+def test_a_folder_of_files_no_reader_takes_is_named_not_empty(tmp_path: Path):
+    root = tmp_path / "raw"
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    for i in range(3):
+        (root / "images" / f"scan{i}.xyz").write_bytes(b"\x00" * 64)
+        write_png(root / "masks" / f"scan{i}.png", np.zeros((4, 4), bool))
+    with pytest.raises(MedsegError, match=r"scan0\.xyz: not an image type medseg reads") as info:
+        convert_dataset(DataConfig(str(root), "folders"), ConvertConfig(None, None),
+                        tmp_path / "c")  # fmt: skip
+    assert "empty" not in str(info.value)
+    assert not (tmp_path / "c").exists()

@@ -166,3 +166,39 @@ def test_preempted_train_resumes_on_the_next_repro(project: Path):
     curve = project / "results" / "train" / "plots" / "metrics" / "train" / "loss.tsv"
     assert len(curve.read_text().splitlines()) == 1 + 3
     assert json.loads(run(project, "dvc", "status", "--json").stdout) == {}
+
+
+def test_label_maps_with_named_classes_through_the_dag(project: Path):
+    """The multi-class synthetic variant (1 vessel, 2 optic disc) with data.classes naming
+    both: convert keeps the label maps, train uses softmax over 3 labels, metrics name each
+    class, `dvc metrics diff` reads them, predict writes label maps."""
+    params = tiny_params(
+        synthesize={"labels": "vessels_disc"},
+        data={"classes": {"vessel": 1, "disc": 2}},
+        train={"classes": 3, "epochs": 2},
+    )
+    write_params(project / "params.yaml", params)
+    assert ran(run(project, "dvc", "repro")) == list(STAGES)
+    classes = json.loads((project / "data" / "converted" / "classes.json").read_text())
+    assert classes == {"names": ["background", "vessel", "disc"]}
+    mask = np.asarray(Image.open(next((project / "data" / "converted" / "masks").iterdir())))
+    assert set(np.unique(mask)) == {0, 1, 2}
+    metrics = json.loads((project / "results" / "evaluate" / "metrics.json").read_text())
+    assert set(metrics["test"]["classes"]) == {"vessel", "disc"}
+    for name in ("vessel", "disc"):
+        assert 0.0 <= metrics["test"]["classes"][name]["fov"]["dice"] <= 1.0
+    conf = (project / "results" / "evaluate" / "confusion.csv").read_text()
+    assert "disc" in conf and "vessel" in conf
+    run(project, "git", "add", "-A")
+    run(project, "git", "commit", "-qm", "multi-class run")
+    params["train"]["lr"] = 0.01
+    write_params(project / "params.yaml", params)
+    assert ran(run(project, "dvc", "repro")) == ["train", "evaluate"]
+    diff = json.loads(run(project, "dvc", "metrics", "diff", "--all", "--json").stdout)
+    keys = diff["results/evaluate/metrics.json"]
+    assert "test.classes.disc.fov.dice" in keys and "test.classes.vessel.fov.auc_roc" in keys
+    image = next((project / "data" / "raw" / "synthetic" / "test" / "images").glob("*.tif"))
+    run(project, "medseg", "predict", "--model", "models", "--out", "pred", str(image))
+    assert set(np.unique(np.asarray(Image.open(project / "pred" / f"{image.stem}.png")))) <= {
+        0, 1, 2,
+    }  # fmt: skip

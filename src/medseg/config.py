@@ -7,6 +7,7 @@ key (``train.lr``) so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -26,15 +27,49 @@ class DataConfig:
     manifest: str = "manifest.csv"
     test_fraction: float = 0.2
     split_seed: int = 0
+    classes: dict[str, Any] | None = None  # class name -> mask value or list of values
 
     def __post_init__(self) -> None:
         _choice("data.layout", self.layout, ("drive", "folders", "manifest"))
+        if self.classes is not None:
+            label_map(self.classes)
         if not self.manifest:
             raise MedsegError("params: data.manifest must name the CSV file under data.root")
         if not 0.0 < self.test_fraction < 1.0:
             raise MedsegError(
                 f"params: data.test_fraction must be in (0, 1), got {self.test_fraction}"
             )
+
+
+_CLASS_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+def label_map(classes: dict[str, Any]) -> dict[int, int]:
+    """Mask value -> label (1..K in the order of ``data.classes``); 0 is the background.
+
+    Raises:
+        MedsegError: a name that cannot be a metrics key, ``background``, a value that is not a
+            positive integer, or a value given to two classes.
+    """
+    if not classes:
+        raise MedsegError("params: data.classes must name at least one class, or be null")
+    out: dict[int, int] = {}
+    for label, (name, values) in enumerate(classes.items(), start=1):
+        if not isinstance(name, str) or not _CLASS_NAME.match(name) or name == "background":
+            raise MedsegError(
+                f"params: data.classes: {str(name)[:40]!r} is not a class name (letters, digits, "
+                "_ and -, starting with a letter; 'background' is class 0)"
+            )
+        for value in values if isinstance(values, list) else [values]:
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**16:
+                raise MedsegError(
+                    f"params: data.classes.{name} must be a mask value (an integer 1..65535) or "
+                    f"a list of them, got {str(value)[:40]!r}; 0 is the background"
+                )
+            if value in out:
+                raise MedsegError(f"params: data.classes: mask value {value} is given twice")
+            out[value] = label
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +85,10 @@ class SynthesizeConfig:
     vessel_width_max: float
     vessel_width_min: float
     noise: float
+    labels: str = "vessels"  # vessels (binary) or vessels_disc (label map: 1 vessel, 2 disc)
 
     def __post_init__(self) -> None:
+        _choice("synthesize.labels", self.labels, ("vessels", "vessels_disc"))
         _positive("synthesize.n_train", self.n_train)
         _positive("synthesize.n_test", self.n_test)
         _at_least("synthesize.height", self.height, 32)
@@ -69,6 +106,9 @@ class SynthesizeConfig:
 # (preprocess, then train copies it beside the weights) so that `medseg predict` reads new
 # images with the same DICOM window and makes a missing FOV the same way.
 CONVERT_RECORD = "convert.json"
+# The class names in label order, background first, written by convert and carried on likewise
+# (the data's labels for train, the metrics' names for evaluate).
+CLASSES = "classes.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,6 +398,10 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, key, source)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise MedsegError(f"{source}: {key} must be a mapping, got {str(value)[:60]!r}")
+        return dict(value)
     if origin is list:
         if not isinstance(value, list):
             raise MedsegError(f"{source}: {key} must be a list, got {value!r}")

@@ -26,7 +26,7 @@ import pandas as pd
 from scipy import ndimage
 from tqdm import tqdm
 
-from medseg.config import CONVERT_RECORD, ConvertConfig, DataConfig
+from medseg.config import CLASSES, CONVERT_RECORD, ConvertConfig, DataConfig, label_map
 from medseg.errors import MedsegError
 from medseg.io.atomic import atomic_dir, write_json
 from medseg.io.images import ReadOptions, mask_to_bool, read_frames, source_format, write_png
@@ -49,6 +49,7 @@ class _Job:
     root: Path
     out: Path
     cfg: ConvertConfig
+    labels: dict[int, int] | None = None  # mask value -> label (data.classes); None: binary
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,8 @@ def convert_dataset(data: DataConfig, cfg: ConvertConfig, out: str | Path) -> pd
     with atomic_dir(out) as tmp:
         for sub in ("images", "masks", "fov", "masks2"):
             (tmp / sub).mkdir()
-        jobs = [_Job(case, root, tmp, cfg) for case in scan.cases]
+        labels = label_map(data.classes) if data.classes is not None else None
+        jobs = [_Job(case, root, tmp, cfg, labels) for case in scan.cases]
         results = _run(jobs, cfg)
         rows = [row for r in results for row in r.rows]
         problems = scan.problems + [r.problem for r in results if r.problem is not None]
@@ -104,6 +106,8 @@ def convert_dataset(data: DataConfig, cfg: ConvertConfig, out: str | Path) -> pd
         }
         write_json(tmp / "report.json", report)
         write_json(tmp / CONVERT_RECORD, dataclasses.asdict(cfg))
+        names = ["background", *data.classes] if data.classes else ["background", "foreground"]
+        write_json(tmp / CLASSES, {"names": names})
     log.info(
         "converted %d cases (%d skipped%s)",
         len(manifest), len(problems), ", listed in skipped.csv" if problems else "",
@@ -193,7 +197,7 @@ def convert_case(job: _Job) -> _Result:
     Runs in a worker process: everything it needs comes in ``job``.
     """
     try:
-        return _Result(_convert(job.case, job.root, job.out, job.cfg))
+        return _Result(_convert(job.case, job.root, job.out, job.cfg, job.labels))
     except Exception as err:  # raised before anything of the case is written
         reason = str(err) if isinstance(err, MedsegError) else _unexpected(job.case, err)
         if job.cfg.names == "hash":  # no name from the path in the outputs, the report included
@@ -204,7 +208,9 @@ def convert_case(job: _Job) -> _Result:
         return _Result([], Problem(job.case.image, reason))
 
 
-def _convert(case: CaseFiles, root: Path, out: Path, cfg: ConvertConfig) -> list[dict[str, object]]:
+def _convert(
+    case: CaseFiles, root: Path, out: Path, cfg: ConvertConfig, labels: dict[int, int] | None
+) -> list[dict[str, object]]:
     window = None
     if cfg.window_center is not None and cfg.window_width is not None:
         window = (cfg.window_center, cfg.window_width)
@@ -218,8 +224,8 @@ def _convert(case: CaseFiles, root: Path, out: Path, cfg: ConvertConfig) -> list
     source = _source_name(case, root, cfg)
     images = read_frames(case.image, options)
     raw = dataclasses.replace(options, window=None)  # a window is for images, never for masks
-    masks = _read_mask(case.mask, raw, cfg, images, "mask")
-    masks2 = _read_mask(case.mask2, raw, cfg, images, "mask") if case.mask2 else None
+    masks = _read_mask(case.mask, raw, cfg, images, "mask", labels)
+    masks2 = _read_mask(case.mask2, raw, cfg, images, "mask", labels) if case.mask2 else None
     if case.fov is not None:
         fovs = _read_mask(case.fov, raw, cfg, images, "FOV mask")
         if not fovs.any(axis=(1, 2)).all():
@@ -269,12 +275,17 @@ def _convert(case: CaseFiles, root: Path, out: Path, cfg: ConvertConfig) -> list
 
 
 def _read_mask(
-    path: Path | None, options: ReadOptions, cfg: ConvertConfig, images: np.ndarray, what: str
-) -> np.ndarray:
+    path: Path | None, options: ReadOptions, cfg: ConvertConfig, images: np.ndarray, what: str,
+    labels: dict[int, int] | None = None,
+) -> np.ndarray:  # fmt: skip
     """A mask file as (F, H, W) bool matching the image's frames and size (an FOV mask may have
-    one frame for all)."""
+    one frame for all); with ``labels`` (mask value -> label) as (F, H, W) uint8 labels."""
     assert path is not None
-    frames = mask_to_bool(read_frames(path, options), path, cfg.mask_threshold)
+    raw = read_frames(path, options)
+    if labels is not None:
+        frames = to_labels(raw, path, labels)
+    else:
+        frames = mask_to_bool(raw, path, cfg.mask_threshold)
     n, h, w = images.shape[:3]
     if frames.shape[1:] != (h, w):
         raise MedsegError(
@@ -287,6 +298,37 @@ def _read_mask(
             "frame per image frame"
         )
     return frames
+
+
+def to_labels(raw: np.ndarray, path: Path, labels: dict[int, int]) -> np.ndarray:
+    """A label-map mask (F, H, W) (or grey-valued colour) as uint8 labels 1..K, 0 background.
+
+    Raises:
+        MedsegError: a colour mask whose channels differ, or a value not in ``data.classes``.
+    """
+    if raw.ndim == 4:
+        if not (
+            np.array_equal(raw[..., 0], raw[..., 1]) and np.array_equal(raw[..., 1], raw[..., 2])
+        ):
+            raise MedsegError(
+                f"{path}: a colour mask; a label map with data.classes must be single-channel "
+                "(grey) with one value per class"
+            )
+        raw = raw[..., 0]
+    values = np.unique(raw)
+    unknown = [int(v) for v in values if v != 0 and int(v) not in labels]
+    if unknown:
+        shown = ", ".join(map(str, unknown[:6])) + (", ..." if len(unknown) > 6 else "")
+        known = ", ".join(f"{v} ({k})" for v, k in sorted(labels.items()))
+        raise MedsegError(
+            f"{path}: mask value(s) {shown} are not in data.classes (known: 0 background, "
+            f"{known} as labels); add them to data.classes or fix the mask"
+        )
+    lut = np.zeros(int(values[-1]) + 1, dtype=np.uint8)
+    for value, label in labels.items():
+        if value < len(lut):
+            lut[value] = label
+    return lut[raw]
 
 
 def fov_from_image(image: np.ndarray, threshold: float, erode: int = 0) -> np.ndarray:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from skimage import exposure
 
-from medseg.config import CONVERT_RECORD, PreprocessConfig, parse
+from medseg.config import CLASSES, CONVERT_RECORD, PreprocessConfig, parse
 from medseg.errors import MedsegError
 from medseg.io.atomic import atomic_dir, write_json
 from medseg.io.images import binarize, read_raster
@@ -205,7 +205,6 @@ def split_cases(
     return {cid for cid in train_ids if group_of[cid] in chosen}
 
 
-CLASSES = "classes.json"  # the class names, label order, background first (written by convert)
 BINARY = ("background", "foreground")
 
 

@@ -246,7 +246,8 @@ def write_dataset(cfg: SynthesizeConfig, out: str | Path) -> int:
     """Write the synthetic data set in the DRIVE folder layout; return the number of cases.
 
     ``out/training`` and ``out/test`` each hold ``images/`` (TIFF, or DICOM for a seeded share of
-    ``cfg.dicom_fraction`` of the cases), ``1st_manual/`` (GIF vessel masks, 0/255) and ``mask/``
+    ``cfg.dicom_fraction`` of the cases), ``1st_manual/`` (GIF vessel masks, 0/255; with
+    ``labels: vessels_disc`` label maps, see `label_map`) and ``mask/``
     (GIF FOV masks). Test cases are numbered from 01, training cases after them, as in DRIVE.
     """
     out = Path(out)
@@ -267,11 +268,26 @@ def write_dataset(cfg: SynthesizeConfig, out: str | Path) -> int:
                 write_rgb_dicom(images / f"{num}_{suffix}.dcm", case.image, f"{cfg.seed}-{num}")
             else:
                 tifffile.imwrite(images / f"{num}_{suffix}.tif", case.image, photometric="rgb")
-            _write_gif(out / folder / "1st_manual" / f"{num}_manual1.gif", case.vessels)
+            if cfg.labels == "vessels_disc":
+                _write_gif(out / folder / "1st_manual" / f"{num}_manual1.gif", label_map(case), 1)
+            else:
+                _write_gif(out / folder / "1st_manual" / f"{num}_manual1.gif", case.vessels)
             _write_gif(out / folder / "mask" / f"{num}_{suffix}_mask.gif", case.fov)
             index += 1
     return n_total
 
 
-def _write_gif(path: Path, mask: np.ndarray) -> None:
-    Image.fromarray(mask.astype(np.uint8) * 255).save(path, format="GIF")
+def label_map(case: SyntheticCase) -> np.ndarray:
+    """(H, W) uint8 labels of a case for the multi-class variant: 2 optic disc (the whole disc,
+    the vessels crossing it included, as disc segmentation sets label it), 1 vessel elsewhere,
+    0 background."""
+    h, w = case.fov.shape
+    yy, xx = np.mgrid[:h, :w]
+    cx, cy, r = case.disc
+    labels = case.vessels.astype(np.uint8)
+    labels[(np.hypot(xx - cx, yy - cy) <= r) & case.fov] = 2
+    return labels
+
+
+def _write_gif(path: Path, mask: np.ndarray, scale: int = 255) -> None:
+    Image.fromarray(mask.astype(np.uint8) * scale).save(path, format="GIF")

@@ -21,7 +21,13 @@ from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from medseg.errors import MedsegError
 
-PILLOW_SUFFIXES = (".png", ".gif", ".jpg", ".jpeg", ".bmp")
+# The raster formats Pillow reads that medical and microscopy data come in: PNG, GIF, JPEG,
+# BMP, the netpbm family, WebP, JPEG 2000, AVIF, TGA, SGI, PCX, QOI (TIFF goes to tifffile).
+PILLOW_SUFFIXES = (
+    ".png", ".gif", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".ppm", ".pgm", ".pbm",
+    ".pnm", ".webp", ".jp2", ".j2k", ".j2c", ".jpx", ".jpf", ".avif", ".tga", ".sgi", ".rgb",
+    ".bw", ".pcx", ".qoi", ".apng",
+)  # fmt: skip
 TIFF_SUFFIXES = (".tif", ".tiff")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 IMAGE_SUFFIXES = PILLOW_SUFFIXES + TIFF_SUFFIXES + DICOM_SUFFIXES
@@ -70,7 +76,7 @@ def source_format(path: str | Path) -> str:
         return "dicom"
     if suffix in TIFF_SUFFIXES:
         return "tiff"
-    if suffix in (".jpg", ".jpeg"):
+    if suffix in (".jpg", ".jpeg", ".jpe", ".jfif"):
         return "jpeg"
     if suffix in PILLOW_SUFFIXES:
         return suffix[1:]

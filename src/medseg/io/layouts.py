@@ -14,6 +14,7 @@ from the cases it found, so the caller may skip them; `find_cases` raises on the
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Callable
@@ -130,7 +131,7 @@ def scan_cases(
         )
     if not scan.cases and not scan.problems:
         raise MedsegError(f"{root}: no cases found in the {layout} layout (the data set is empty)")
-    _check_unique(root, scan.cases)
+    scan.cases = _qualified(root, scan.cases)
     scan.cases.sort(key=lambda c: (c.split != "train", c.case_id))
     return scan
 
@@ -140,12 +141,34 @@ def safe_id(name: str) -> str:
     return _SAFE_ID.sub("_", name).strip("._") or "case"
 
 
+def _qualified(root: Path, cases: list[CaseFiles]) -> list[CaseFiles]:
+    """Ids need only be unique within their split: an id found in both splits (a common export:
+    ``training/images/0001.png`` and ``test/images/0001.png``) becomes ``<split>_<id>`` in each.
+
+    Raises:
+        MedsegError: two files of one split give the same id, or a qualified id collides.
+    """
+    for split in ("train", "test"):
+        _check_unique(root, [c for c in cases if c.split == split])
+    splits: dict[str, set[str]] = {}
+    for case in cases:
+        splits.setdefault(case.case_id, set()).add(case.split)
+    out = [
+        dataclasses.replace(case, case_id=f"{case.split}_{case.case_id}")
+        if len(splits[case.case_id]) > 1
+        else case
+        for case in cases
+    ]
+    _check_unique(root, out)
+    return out
+
+
 def _check_unique(root: Path, cases: list[CaseFiles]) -> None:
     seen: dict[str, Path] = {}
     for case in cases:
         if case.case_id in seen:
             raise MedsegError(
-                f"{root}: {seen[case.case_id].name} and {case.image.name} both give the case id "
+                f"{root}: {seen[case.case_id]} and {case.image} both give the case id "
                 f"{case.case_id}; rename one of them"
             )
         seen[case.case_id] = case.image
@@ -217,7 +240,12 @@ def _folder_pairs(base: Path) -> Scan:
     masks = _by_key(base / "masks", _stem)
     fovs = _by_key(base / "fov", _stem)
     scan = Scan()
-    for image in _images_in(base / "images"):
+    folder = base / "images"
+    if folder.is_dir():  # a file there that no reader takes is named, never silently dropped
+        for other in sorted(p for p in folder.iterdir() if p.is_file() and not _is_image(p)):
+            if not other.name.startswith("."):
+                scan.problems.append(Problem(other, _unsupported(other)))
+    for image in _images_in(folder):
         key = _stem(image)
         if key not in masks:
             scan.problems.append(
@@ -323,6 +351,14 @@ def _is_image(path: Path) -> bool:
     if not path.is_file() or path.name.startswith("."):
         return False
     return path.suffix.lower() in IMAGE_SUFFIXES or (not path.suffix and is_dicom_file(path))
+
+
+def _unsupported(path: Path) -> str:
+    return (
+        f"{path}: not an image type medseg reads ({path.suffix or 'no ending'}); supported: "
+        f"{', '.join(IMAGE_SUFFIXES)} and DICOM files without an ending. Convert it, move it "
+        "out of images/, or set convert.on_error: skip"
+    )
 
 
 def _images_in(folder: Path) -> list[Path]:
