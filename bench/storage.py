@@ -18,8 +18,9 @@ For each: write time (every file flushed with ``fsync``), bytes on disk (allocat
 files; then, each in a fresh process, the time to open the store and learn every case's size,
 random 128x128 patches of image, mask and FOV from random cases (the same windows for every
 format, copied into a batch buffer as training does), and a sequential pass reading every case
-whole (every byte touched), with that process's peak RSS growth (``VmHWM``, Linux's per-process ``ru_maxrss``). The shards
-reader calls ``release(i)`` after each case, as the pipeline does. Reads come from the page
+whole (every byte touched), with that process's peak RSS growth (``VmHWM``, Linux's
+per-process ``ru_maxrss``). The shards reader calls ``release(i)`` after each case, as the
+pipeline does. Reads come from the page
 cache unless ``--cold``, which evicts the files first (``posix_fadvise``). Byte sums of what was
 read must agree between formats. zarr is skipped, with a note, when it is not installed.
 Prints a Markdown table with ratios against the shards row.
