@@ -6,7 +6,7 @@ writes them in every format:
 
 - ``shards``: `medseg.io.shards` (a few flat files, a JSON index, read through ``mmap``);
 - ``zarr per case``: zarr v3, one group, a subgroup per case holding its three arrays, each
-  array one shard (the sharding codec) of 128x128 inner chunks, zarr's default zstd, consolidated
+  array one shard (the sharding codec) of 256x256 inner chunks, zarr's default zstd, consolidated
   metadata so that opening reads one file;
 - ``zarr stack``: zarr v3, the cases zero-padded into three (N, ..., S, S) arrays, one shard per
   32 cases (a shard is written whole, so the writer holds 32 padded cases), same inner chunks and
@@ -18,12 +18,11 @@ For each: write time (every file flushed with ``fsync``), bytes on disk (allocat
 files; then, each in a fresh process, the time to open the store and learn every case's size,
 random 128x128 patches of image, mask and FOV from random cases (the same windows for every
 format, copied into a batch buffer as training does), and a sequential pass reading every case
-whole (every byte touched), with that process's peak RSS growth (``VmHWM``, Linux's
-per-process ``ru_maxrss``). The shards reader calls ``release(i)`` after each case, as the
-pipeline does. Reads come from the page
-cache unless ``--cold``, which evicts the files first (``posix_fadvise``). Byte sums of what was
-read must agree between formats. zarr is skipped, with a note, when it is not installed.
-Prints a Markdown table with ratios against the shards row.
+whole (every byte touched), with that process's peak RSS growth (``VmHWM``: the per-process
+``ru_maxrss``). The shards reader calls ``release(i)`` after each case, as the pipeline does.
+Reads come from the page cache unless ``--cold``, which evicts the files first
+(``posix_fadvise``). Byte sums of what was read must agree between formats. zarr is skipped,
+with a note, when it is not installed. Prints a Markdown table with ratios against shards.
 
     python bench/storage.py                      # 300 cases, in a temporary folder
     python bench/storage.py --cases 1000 --out /scratch/bench --cold
@@ -56,7 +55,7 @@ from medseg.io.shards import CaseStore, ShardWriter
 
 NAMES = ("image", "mask", "fov")
 PATCH = 128
-CHUNK = 128  # zarr inner chunk side: the patch size
+CHUNK = 256  # zarr inner chunk side; zarr wrote and read whole cases faster than with 128
 STACK_SHARD_CASES = 32
 SPLIT = "train"
 
@@ -608,8 +607,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--patch-seconds",
         type=float,
-        default=5.0,
-        help="stop a format's patch reads after this long (5)",
+        default=4.0,
+        help="stop a format's patch reads after this long (4)",
     )
     parser.add_argument("--cold", action="store_true", help="read with the files not cached")
     parser.add_argument(
