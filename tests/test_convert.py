@@ -435,3 +435,25 @@ def test_a_folder_of_files_no_reader_takes_is_named_not_empty(tmp_path: Path):
                         tmp_path / "c")  # fmt: skip
     assert "empty" not in str(info.value)
     assert not (tmp_path / "c").exists()
+
+
+def test_a_thresholded_fov_that_cuts_away_labelled_anatomy_is_refused(tmp_path: Path):
+    """A dark structure at the border (air, lungs, a dark lesion) is not a surround: the
+    threshold made for fundus photographs would drop it from training and scoring."""
+    root = tmp_path / "raw"
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    image = np.full((40, 48), 160, np.uint8)
+    image[:, :14] = 5  # a dark lesion reaching the left border
+    mask = np.zeros((40, 48), np.uint8)
+    mask[10:30, 2:20] = 255  # labelled: mostly inside the dark part
+    for k in range(2):
+        write_png(root / "images" / f"c{k}.png", image)
+        write_png(root / "masks" / f"c{k}.png", mask)
+    data = DataConfig(str(root), "folders", test_fraction=0.5)
+    with pytest.raises(MedsegError, match=r"c\d\.png: 6\d\.\d% of the labelled pixels lie outside"
+                       r".*convert\.fov_fallback: whole_image"):  # fmt: skip
+        convert_dataset(data, _cfg(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    manifest = convert_dataset(data, _cfg(fov_fallback="whole_image"), tmp_path / "out")
+    assert len(manifest) == 2

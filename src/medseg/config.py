@@ -28,11 +28,16 @@ class DataConfig:
     test_fraction: float = 0.2
     split_seed: int = 0
     classes: dict[str, Any] | None = None  # class name -> mask value or list of values
+    seg: str | None = None  # DICOM SEG file or folder (under root) the masks come from
 
     def __post_init__(self) -> None:
         _choice("data.layout", self.layout, ("drive", "folders", "manifest"))
         if self.classes is not None:
             label_map(self.classes)
+        if self.seg is not None and (not isinstance(self.seg, str) or not self.seg.strip()):
+            raise MedsegError(
+                "params: data.seg must be a DICOM SEG file or folder under data.root, or null"
+            )
         if not self.manifest:
             raise MedsegError("params: data.manifest must name the CSV file under data.root")
         if not 0.0 < self.test_fraction < 1.0:

@@ -31,6 +31,7 @@ from medseg.errors import MedsegError
 from medseg.io.atomic import atomic_dir, write_json
 from medseg.io.images import ReadOptions, mask_to_bool, read_frames, source_format, write_png
 from medseg.io.layouts import CaseFiles, Problem, scan_cases
+from medseg.io.seg import SegIndex, class_names, is_seg, read_seg_mask
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +76,21 @@ def convert_dataset(data: DataConfig, cfg: ConvertConfig, out: str | Path) -> pd
         MedsegError: a bad case with ``on_error: fail``, or no usable case at all.
     """
     root = Path(data.root)
-    scan = scan_cases(root, data.layout, data.manifest, data.test_fraction, data.split_seed)
+    segs = _seg_index(root, data.seg) if data.seg is not None else None
+    scan = scan_cases(
+        root, data.layout, data.manifest, data.test_fraction, data.split_seed,
+        mask_of=segs.mask_of if segs is not None else None,
+    )  # fmt: skip
+    classes = data.classes
+    if classes is None and segs is not None:
+        classes = class_names(segs.headers)  # the segments' labels name the classes
+        log.info("classes from the DICOM SEG segment labels: %s", classes)
     if scan.problems and cfg.on_error == "fail":
         raise MedsegError(_fail_hint(scan.problems[0].reason))
     with atomic_dir(out) as tmp:
         for sub in ("images", "masks", "fov", "masks2"):
             (tmp / sub).mkdir()
-        labels = label_map(data.classes) if data.classes is not None else None
+        labels = label_map(classes) if classes is not None else None
         jobs = [_Job(case, root, tmp, cfg, labels) for case in scan.cases]
         results = _run(jobs, cfg)
         rows = [row for r in results for row in r.rows]
@@ -106,7 +115,7 @@ def convert_dataset(data: DataConfig, cfg: ConvertConfig, out: str | Path) -> pd
         }
         write_json(tmp / "report.json", report)
         write_json(tmp / CONVERT_RECORD, dataclasses.asdict(cfg))
-        names = ["background", *data.classes] if data.classes else ["background", "foreground"]
+        names = ["background", *classes] if classes else ["background", "foreground"]
         write_json(tmp / CLASSES, {"names": names})
     log.info(
         "converted %d cases (%d skipped%s)",
@@ -224,8 +233,10 @@ def _convert(
     source = _source_name(case, root, cfg)
     images = read_frames(case.image, options)
     raw = dataclasses.replace(options, window=None)  # a window is for images, never for masks
-    masks = _read_mask(case.mask, raw, cfg, images, "mask", labels)
-    masks2 = _read_mask(case.mask2, raw, cfg, images, "mask", labels) if case.mask2 else None
+    masks = _read_mask(case.mask, raw, cfg, images, "mask", labels, case.image)
+    masks2 = (
+        _read_mask(case.mask2, raw, cfg, images, "mask", labels, case.image) if case.mask2 else None
+    )
     if case.fov is not None:
         fovs = _read_mask(case.fov, raw, cfg, images, "FOV mask")
         if not fovs.any(axis=(1, 2)).all():
@@ -239,6 +250,7 @@ def _convert(
                 f"({cfg.fov_threshold}); lower it, give FOV masks, or set "
                 "convert.fov_fallback: whole_image"
             )
+        _check_fov_keeps_labels(case.image, masks, fovs)
         fov_source = "threshold"
     else:
         fovs = np.ones(images.shape[:3], dtype=bool)
@@ -276,13 +288,27 @@ def _convert(
 
 def _read_mask(
     path: Path | None, options: ReadOptions, cfg: ConvertConfig, images: np.ndarray, what: str,
-    labels: dict[int, int] | None = None,
+    labels: dict[int, int] | None = None, image: Path | None = None,
 ) -> np.ndarray:  # fmt: skip
     """A mask file as (F, H, W) bool matching the image's frames and size (an FOV mask may have
-    one frame for all); with ``labels`` (mask value -> label) as (F, H, W) uint8 labels."""
+    one frame for all); with ``labels`` (mask value -> label) as (F, H, W) uint8 labels.
+
+    A DICOM SEG mask gives the segment numbers of the frames that refer to ``image``."""
     assert path is not None
-    raw = read_frames(path, options)
-    if labels is not None:
+    if image is not None and is_seg(path):
+        if len(images) != 1:
+            raise MedsegError(
+                f"{image}: a multi-frame image with a DICOM SEG mask; medseg reads SEG masks of "
+                "single-frame images (one file per slice)"
+            )
+        raw = read_seg_mask(path, image, images.shape[1:3], options)
+        seg = True
+    else:
+        raw = read_frames(path, options)
+        seg = False
+    if seg and labels is None:  # binary: any segment is foreground
+        frames = raw > 0
+    elif labels is not None:
         frames = to_labels(raw, path, labels)
     else:
         frames = mask_to_bool(raw, path, cfg.mask_threshold)
@@ -362,6 +388,43 @@ def fov_from_image(image: np.ndarray, threshold: float, erode: int = 0) -> np.nd
     if erode > 0:
         mask = ndimage.distance_transform_edt(mask) > erode
     return np.asarray(mask, dtype=bool)
+
+
+FOV_LABEL_TOLERANCE = 0.01  # share of a case's labelled pixels a thresholded FOV may leave out
+
+
+def _seg_index(root: Path, seg: str) -> SegIndex:
+    """The DICOM SEG objects that ``data.seg`` names (a path under ``data.root``)."""
+    location = Path(os.path.normpath(root / seg))
+    top = Path(os.path.normpath(root))
+    if location != top and top not in location.parents:
+        raise MedsegError(
+            f"data.seg: {seg} is outside data.root ({root}); put the SEG objects under it, so "
+            "that DVC tracks them with the images"
+        )
+    return SegIndex.scan(location)
+
+
+def _check_fov_keeps_labels(image: Path, masks: np.ndarray, fovs: np.ndarray) -> None:
+    """Refuse an FOV made by thresholding that cuts away labelled anatomy.
+
+    The threshold is made for a black surround (fundus photographs). On CT, X-ray or skin a dark
+    structure (air, lungs, a dark lesion) that touches the border is not a surround; pixels outside
+    the FOV are neither trained on nor scored, so cutting such a structure away would silently
+    drop it. More than ``FOV_LABEL_TOLERANCE`` of a case's labelled pixels outside is an error.
+    """
+    for k, mask in enumerate(masks):
+        labelled = mask > 0
+        total = int(np.count_nonzero(labelled))
+        outside = int(np.count_nonzero(labelled & ~fovs[k if len(fovs) > 1 else 0]))
+        if total and outside > FOV_LABEL_TOLERANCE * total:
+            frame = f" (frame {k + 1})" if len(masks) > 1 else ""
+            raise MedsegError(
+                f"{image}{frame}: {100.0 * outside / total:.1f}% of the labelled pixels lie "
+                "outside the field of view found by convert.fov_threshold; dark regions here "
+                "belong to the anatomy: set convert.fov_fallback: whole_image (CT, X-ray, "
+                "dermoscopy, microscopy) or give FOV masks"
+            )
 
 
 def _base_id(case: CaseFiles, root: Path, cfg: ConvertConfig) -> str:

@@ -33,6 +33,7 @@ MANIFEST_REQUIRED = ("image", "mask")
 MANIFEST_OPTIONAL = ("fov", "mask2", "split", "case_id")
 SPLIT_VALUES = {"train": "train", "training": "train", "test": "test", "testing": "test"}
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
+MaskOf = Callable[[Path], "Path | None"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ def scan_cases(
     manifest: str = "manifest.csv",
     test_fraction: float = 0.2,
     seed: int = 0,
+    mask_of: MaskOf | None = None,
 ) -> Scan:
     """Find the cases under ``root`` in the named layout.
 
@@ -105,6 +107,9 @@ def scan_cases(
         manifest: the CSV file under ``root`` (layout ``manifest``).
         test_fraction: share of cases sent to ``test`` where the layout gives no split.
         seed: seed of that split.
+        mask_of: where each image's mask comes from instead of the layout's mask files (a
+            DICOM SEG object that refers to it, ``data.seg``); ``None`` for an image that has
+            none. The layout's masks are then neither needed nor read.
 
     Returns:
         The cases, sorted by split (train first) and id, and the problems found.
@@ -120,11 +125,11 @@ def scan_cases(
             "(e.g. dvc exp run -S data.root=/path/to/DRIVE)"
         )
     if layout == "drive":
-        scan = _drive(root)
+        scan = _drive(root, mask_of)
     elif layout == "folders":
-        scan = _folders(root, test_fraction, seed)
+        scan = _folders(root, test_fraction, seed, mask_of)
     elif layout == "manifest":
-        scan = _manifest(root, manifest, test_fraction, seed)
+        scan = _manifest(root, manifest, test_fraction, seed, mask_of)
     else:
         raise MedsegError(
             f"data.layout: unknown layout {layout!r}; known: drive, folders, manifest"
@@ -174,7 +179,18 @@ def _check_unique(root: Path, cases: list[CaseFiles]) -> None:
         seen[case.case_id] = case.image
 
 
-def _drive(root: Path) -> Scan:
+def _given_mask(mask_of: MaskOf, image: Path) -> Path | Problem:
+    """The mask ``mask_of`` gives for ``image``, or the problem of its absence."""
+    try:
+        found = mask_of(image)
+    except MedsegError as err:
+        return Problem(image, str(err))
+    if found is None:
+        return Problem(image, f"{image}: no DICOM SEG object in data.seg refers to this image")
+    return found
+
+
+def _drive(root: Path, mask_of: MaskOf | None = None) -> Scan:
     """DRIVE: ``training|test/images/NN_*.ext``, ``1st_manual/NN_*``, ``mask/NN_*``."""
     present = [d for d in DRIVE_SPLITS if (root / d / "images").is_dir()]
     if not present:
@@ -191,7 +207,11 @@ def _drive(root: Path) -> Scan:
         seconds = _by_key(base / "2nd_manual", _drive_key)
         for image in _images_in(base / "images"):
             key = _drive_key(image)
-            if key not in masks:
+            mask = masks.get(key) if mask_of is None else _given_mask(mask_of, image)
+            if isinstance(mask, Problem):
+                scan.problems.append(mask)
+                continue
+            if mask is None:
                 reason = f"{image}: no vessel mask {folder}/1st_manual/{key}_* for this image"
                 scan.problems.append(Problem(image, reason))
                 continue
@@ -200,7 +220,7 @@ def _drive(root: Path) -> Scan:
                     case_id=safe_id(image.stem),
                     split=split,
                     image=image,
-                    mask=masks[key],
+                    mask=mask,
                     fov=fovs.get(key),
                     mask2=seconds.get(key),
                 )
@@ -208,7 +228,7 @@ def _drive(root: Path) -> Scan:
     return scan
 
 
-def _folders(root: Path, test_fraction: float, seed: int) -> Scan:
+def _folders(root: Path, test_fraction: float, seed: int, mask_of: MaskOf | None) -> Scan:
     """``images/``, ``masks/``, ``fov/`` at the root, or under ``train/`` and ``test/``."""
     split_dirs = {
         FOLDER_SPLITS[d.name.lower()]: d
@@ -223,7 +243,7 @@ def _folders(root: Path, test_fraction: float, seed: int) -> Scan:
     if split_dirs:
         scan = Scan()
         for split, base in sorted(split_dirs.items()):
-            part = _folder_pairs(base)
+            part = _folder_pairs(base, mask_of)
             scan.cases += [_with_split(c, split) for c in part.cases]
             scan.problems += part.problems
         return scan
@@ -232,11 +252,11 @@ def _folders(root: Path, test_fraction: float, seed: int) -> Scan:
             f"{root}: not a folders layout (expected images/ and masks/, or train/images and "
             "test/images); check data.root and data.layout"
         )
-    scan = _folder_pairs(root)
+    scan = _folder_pairs(root, mask_of)
     return Scan(_seeded_split(scan.cases, test_fraction, seed), scan.problems)
 
 
-def _folder_pairs(base: Path) -> Scan:
+def _folder_pairs(base: Path, mask_of: MaskOf | None) -> Scan:
     masks = _by_key(base / "masks", _stem)
     fovs = _by_key(base / "fov", _stem)
     scan = Scan()
@@ -247,16 +267,22 @@ def _folder_pairs(base: Path) -> Scan:
                 scan.problems.append(Problem(other, _unsupported(other)))
     for image in _images_in(folder):
         key = _stem(image)
-        if key not in masks:
+        mask = masks.get(key) if mask_of is None else _given_mask(mask_of, image)
+        if isinstance(mask, Problem):
+            scan.problems.append(mask)
+            continue
+        if mask is None:
             scan.problems.append(
                 Problem(image, f"{image}: no mask {base.name}/masks/{key}.* for this image")
             )
             continue
-        scan.cases.append(CaseFiles(safe_id(key), "", image, masks[key], fovs.get(key)))
+        scan.cases.append(CaseFiles(safe_id(key), "", image, mask, fovs.get(key)))
     return scan
 
 
-def _manifest(root: Path, name: str, test_fraction: float, seed: int) -> Scan:
+def _manifest(
+    root: Path, name: str, test_fraction: float, seed: int, mask_of: MaskOf | None
+) -> Scan:
     csv = root / name
     if not csv.is_file():
         raise MedsegError(
@@ -267,7 +293,8 @@ def _manifest(root: Path, name: str, test_fraction: float, seed: int) -> Scan:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise MedsegError(f"{csv}: not a readable CSV file ({err})") from err
     table.columns = [str(c).strip().lower() for c in table.columns]
-    missing = [c for c in MANIFEST_REQUIRED if c not in table.columns]
+    required = MANIFEST_REQUIRED if mask_of is None else ("image",)
+    missing = [c for c in required if c not in table.columns]
     unknown = [c for c in table.columns if c not in MANIFEST_REQUIRED + MANIFEST_OPTIONAL]
     if missing or unknown:
         what = f"missing column {missing[0]!r}" if missing else f"unknown column {unknown[0]!r}"
@@ -286,9 +313,14 @@ def _manifest(root: Path, name: str, test_fraction: float, seed: int) -> Scan:
                 for col in ("image", "mask", "fov", "mask2")
                 if row.get(col, "").strip()
             }
-            for col in MANIFEST_REQUIRED:
+            for col in required:
                 if col not in files:
                     raise MedsegError(f"{where}: the {col} column is empty")
+            if mask_of is not None:
+                mask = _given_mask(mask_of, files["image"])
+                if isinstance(mask, Problem):
+                    raise MedsegError(mask.reason)
+                files["mask"] = mask
             split = ""
             if has_split:
                 split = SPLIT_VALUES.get(row["split"].strip().lower(), "")
