@@ -1,0 +1,82 @@
+"""Every stage's `deps` in dvc.yaml cover every medseg module its script imports, directly or
+through other medseg modules, so that a change in any of them reruns the stage."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+SRC = REPO / "src"
+STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+def _module_file(name: str) -> Path | None:
+    """The file of a ``medseg`` module (``medseg.io.images`` -> src/medseg/io/images.py)."""
+    base = SRC / Path(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _imports(path: Path) -> set[str]:
+    """The ``medseg`` modules ``path`` imports anywhere (also inside functions), with the
+    packages they live in (importing ``medseg.io.images`` runs ``medseg/io/__init__.py``)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            if name == "medseg" or name.startswith("medseg."):
+                parts = name.split(".")
+                found.update(".".join(parts[:k]) for k in range(1, len(parts) + 1))
+    return {name for name in found if _module_file(name) is not None}
+
+
+def imported_files(script: Path) -> set[Path]:
+    """Every medseg source file ``script`` imports, transitively."""
+    seen: set[Path] = set()
+    todo = [script]
+    while todo:
+        for name in _imports(todo.pop()):
+            path = _module_file(name)
+            assert path is not None
+            if path not in seen:
+                seen.add(path)
+                todo.append(path)
+    return seen
+
+
+def _covered(path: Path, deps: list[str]) -> bool:
+    rel = path.relative_to(REPO)
+    return any(rel == Path(d) or Path(d) in rel.parents for d in deps)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stage_deps_list_every_module_its_script_imports(stage: str):
+    spec = STAGES[stage]
+    script = re.search(r"python (stages/\S+\.py)", spec["cmd"])
+    assert script, f"{stage}: cmd does not run a stages/ script"
+    deps = [str(d) for d in spec["deps"]]
+    assert script.group(1) in deps, f"{stage}: its own script is not a dep"
+    missing = sorted(
+        str(p.relative_to(REPO))
+        for p in imported_files(REPO / script.group(1))
+        if not _covered(p, deps)
+    )
+    assert not missing, f"dvc.yaml stage {stage}: add to deps: {', '.join(missing)}"
+
+
+def test_the_import_walk_finds_indirect_imports():
+    """The checker itself: stages/convert.py reaches io/images.py only through convert.py."""
+    files = {p.relative_to(REPO).as_posix() for p in imported_files(REPO / "stages/convert.py")}
+    assert {"src/medseg/convert.py", "src/medseg/io/images.py", "src/medseg/errors.py"} <= files
+    assert "src/medseg/training.py" not in files
