@@ -142,3 +142,9 @@ def test_data_classes_map_values_to_labels_in_order():
     from medseg.config import label_map
 
     assert label_map({"liver": 63, "kidney": [126, 189]}) == {63: 1, 126: 2, 189: 2}
+
+
+def test_more_classes_than_8_bit_labels_hold_are_refused():
+    classes = {f"c{k}": k for k in range(1, 257)}
+    with pytest.raises(MedsegError, match=r"data\.classes names 256 classes; at most 255"):
+        DataConfig("data", "folders", classes=classes)

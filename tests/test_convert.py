@@ -437,6 +437,16 @@ def test_a_folder_of_files_no_reader_takes_is_named_not_empty(tmp_path: Path):
     assert not (tmp_path / "c").exists()
 
 
+def test_file_browser_leftovers_in_images_are_not_cases(tmp_path: Path):
+    _folders(tmp_path / "raw", 3)
+    for name in ("Thumbs.db", "desktop.ini", ".DS_Store"):
+        (tmp_path / "raw" / "images" / name).write_bytes(b"\x00" * 16)
+    manifest = convert_dataset(DataConfig(str(tmp_path / "raw"), "folders", test_fraction=0.34),
+                               _cfg(), tmp_path / "c")  # fmt: skip
+    assert len(manifest) == 3
+    assert len(pd.read_csv(tmp_path / "c" / "skipped.csv")) == 0
+
+
 def test_a_thresholded_fov_that_cuts_away_labelled_anatomy_is_refused(tmp_path: Path):
     """A dark structure at the border (air, lungs, a dark lesion) is not a surround: the
     threshold made for fundus photographs would drop it from training and scoring."""

@@ -260,3 +260,27 @@ def test_streaming_evaluation_equals_the_in_memory_result_on_drive(tmp_path: Pat
     assert 0.3 < exact["auc_roc"] < 0.95  # a model that ranks, neither trivially nor perfectly
     for name, value in exact.items():
         assert streamed[name] == pytest.approx(value, abs=1e-4), name
+
+
+def test_histogram_counts_do_not_depend_on_how_the_pixels_come():
+    """Small images are held back and counted together: the same counts as one big image."""
+    from medseg.metrics import ScoreHistogram
+
+    rng = np.random.default_rng(5)
+    probs, truth = rng.random(50_000).astype(np.float32), rng.random(50_000) < 0.3
+    whole, pieces = ScoreHistogram(), ScoreHistogram()
+    whole.add(probs, truth)
+    pieces.FLUSH = 7_000  # flushes part way, leaves the rest for scores()
+    for start in range(0, 50_000, 1_000):
+        pieces.add(probs[start : start + 1_000], truth[start : start + 1_000])
+    assert np.array_equal(whole.pos, pieces.pos) and np.array_equal(whole.neg, pieces.neg)
+    assert whole.pos.sum() == truth.sum() and whole.scores() == pieces.scores()
+
+
+def test_nan_probabilities_name_the_case():
+    tally = ScoreTally(1)
+    probs = np.full((1, 4, 4), 0.5, np.float32)
+    probs[0, 1, 1] = np.nan
+    truth, fov = np.zeros((4, 4), np.uint8), np.ones((4, 4), bool)
+    with pytest.raises(MedsegError, match=r"case c7: the model gave NaN or infinite"):
+        tally.add("c7", probs, (probs[0] > 0.5).astype(np.uint8), truth, fov)

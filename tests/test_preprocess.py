@@ -328,3 +328,17 @@ def test_bad_cases_are_one_clear_error_and_no_output(tmp_path: Path, change: str
     with pytest.raises(MedsegError, match=message):
         preprocess_dataset(cfg, converted, tmp_path / "p")
     assert not (tmp_path / "p").exists()
+
+
+def test_a_colour_image_with_a_flat_chosen_channel_is_refused():
+    """Fluorescence in blue only: the green channel the fundus default takes is blank."""
+    image = np.zeros((12, 10, 3), np.uint8)
+    image[..., 2] = np.arange(120, dtype=np.uint8).reshape(12, 10)
+    fov = np.ones((12, 10), bool)
+    cfg = PreprocessConfig("green", 0.2, 0)
+    with pytest.raises(MedsegError, match=r"dapi\.png: its green channel is constant inside"):
+        prepare_image(image, fov, cfg, "dapi.png")
+    x, _ = prepare_image(image, fov, PreprocessConfig("rgb", 0.2, 0))
+    assert x.shape == (3, 12, 10) and x[2].std() > 0.9
+    grey = np.repeat(np.full((12, 10, 1), 7, np.uint8), 3, axis=2)  # flat everywhere: allowed
+    assert prepare_image(grey, fov, cfg)[0].shape == (1, 12, 10)

@@ -8,9 +8,10 @@ models/convert.json        the convert params its data went through (DICOM windo
 models/classes.json        the class names in label order, background first
 ```
 
-`save_bundle` writes it (the train stage), `load_bundle` is the one way a model is loaded:
-validation inside training, the evaluate stage and ``medseg predict`` all go through it, and
-every mismatch is refused naming the file.
+`save_bundle` writes it (the train stage), `load_bundle` is the one way a saved model is
+loaded: the evaluate stage and ``medseg predict`` go through it, and every mismatch is refused
+naming the file. (Validation inside training scores the model in memory, through the same
+`medseg.inference.predict_case`.)
 """
 
 from __future__ import annotations

@@ -58,6 +58,10 @@ def label_map(classes: dict[str, Any]) -> dict[int, int]:
     """
     if not classes:
         raise MedsegError("params: data.classes must name at least one class, or be null")
+    if len(classes) > 255:
+        raise MedsegError(
+            f"params: data.classes names {len(classes)} classes; at most 255 (labels are 8 bit)"
+        )
     out: dict[int, int] = {}
     for label, (name, values) in enumerate(classes.items(), start=1):
         if not isinstance(name, str) or not _CLASS_NAME.match(name) or name == "background":

@@ -100,6 +100,11 @@ class ScoreTally:
             truth: (H, W) integer true labels, in ``[0, max(K, 2))``.
             fov: (H, W) bool field of view; the FOV scores count only these pixels.
         """
+        if not np.isfinite(probs).all():
+            raise MedsegError(
+                f"case {case_id}: the model gave NaN or infinite probabilities; the weights "
+                "are broken (retrain, or check train.lr and the training log)"
+            )
         self.matrix += confusion_matrix(pred, truth, len(self.matrix), fov)
         for k in self.labels:
             prob_k = probs[0] if self.n_classes == 1 else probs[k]

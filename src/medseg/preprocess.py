@@ -117,6 +117,21 @@ def resize_labels(labels: np.ndarray, size: tuple[int, int], n_labels: int) -> n
     return resize_image(onehot, size).argmax(axis=0).astype(np.uint8)
 
 
+def _check_channel_has_content(
+    image: np.ndarray, chosen: np.ndarray, fov: np.ndarray, channel: str, path: str | Path
+) -> None:
+    """Refuse a colour image whose chosen channel is flat inside the FOV while its colours are
+    not (a stain or fluorescence in red or blue only): the network would see a blank input."""
+    inside = chosen[fov]
+    if inside.size and inside.min() == inside.max():
+        colours = image[fov]
+        if (colours.max(axis=0) != colours.min(axis=0)).any():
+            raise MedsegError(
+                f"{path}: its {channel} channel is constant inside the field of view but its "
+                "colour channels are not; set preprocess.channel: rgb (or gray)"
+            )
+
+
 def prepare_image(
     image: np.ndarray, fov: np.ndarray, cfg: PreprocessConfig, path: str | Path = "image"
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -137,6 +152,8 @@ def prepare_image(
         resized.
     """
     x = select_channel(image, cfg.channel, path)
+    if image.ndim == 3 and cfg.channel != "rgb":
+        _check_channel_has_content(image, x[0], fov, cfg.channel, path)
     if cfg.contrast == "clahe":
         x = np.stack([clahe(c, cfg.clahe_clip, cfg.clahe_tiles) for c in x])
     size = model_size(fov.shape[0], fov.shape[1], cfg.max_side)

@@ -132,7 +132,7 @@ class _Trainer:
         self.cfg, self.world, self.device, self.stop = cfg, world, device, stop
         self.share = world.share(cfg.batch_size)
         self.data_dir = data_dir
-        self.train = open_split(data_dir, "train", ram=_in_ram(cfg, data_dir))
+        self.train = open_split(data_dir, "train", ram=_in_ram(cfg, data_dir, world.size))
         self.val = open_split(data_dir, "val")
         if len(self.train) == 0:
             raise MedsegError(f"{data_dir / 'train.json'}: no training cases")
@@ -506,12 +506,13 @@ RAM_CACHE_SHARE = 0.25
 RAM_CACHE_MAX = 1 << 30
 
 
-def _in_ram(cfg: TrainConfig, data_dir: Path) -> bool:
+def _in_ram(cfg: TrainConfig, data_dir: Path, processes: int = 1) -> bool:
     """Whether ``train.cache`` keeps the training split in RAM (the result is the same either
-    way; only speed and memory differ)."""
+    way; only speed and memory differ). Each of the ``processes`` of a distributed run holds
+    its own copy, so they share the budget (counted as if all ran on one machine)."""
     if cfg.cache != "auto":
         return cfg.cache == "ram"
-    size = open_split(data_dir, "train").nbytes()
+    size = open_split(data_dir, "train").nbytes() * processes
     return size <= min(RAM_CACHE_SHARE * _available_memory(), RAM_CACHE_MAX)
 
 

@@ -33,6 +33,7 @@ MANIFEST_REQUIRED = ("image", "mask")
 MANIFEST_OPTIONAL = ("fov", "mask2", "split", "case_id")
 SPLIT_VALUES = {"train": "train", "training": "train", "test": "test", "testing": "test"}
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
+OS_LEFTOVERS = ("thumbs.db", "ehthumbs.db", "desktop.ini")  # written by file browsers, skipped
 MaskOf = Callable[[Path], "Path | None"]
 
 
@@ -222,7 +223,7 @@ def _drive(root: Path, mask_of: MaskOf | None = None) -> Scan:
                     image=image,
                     mask=mask,
                     fov=fovs.get(key),
-                    mask2=seconds.get(key),
+                    mask2=seconds.get(key) if mask_of is None else None,
                 )
             )
     return scan
@@ -263,7 +264,7 @@ def _folder_pairs(base: Path, mask_of: MaskOf | None) -> Scan:
     folder = base / "images"
     if folder.is_dir():  # a file there that no reader takes is named, never silently dropped
         for other in sorted(p for p in folder.iterdir() if p.is_file() and not _is_image(p)):
-            if not other.name.startswith("."):
+            if not other.name.startswith(".") and other.name.lower() not in OS_LEFTOVERS:
                 scan.problems.append(Problem(other, _unsupported(other)))
     for image in _images_in(folder):
         key = _stem(image)
@@ -319,7 +320,8 @@ def _manifest(
             if mask_of is not None:
                 mask = _given_mask(mask_of, files["image"])
                 if isinstance(mask, Problem):
-                    raise MedsegError(mask.reason)
+                    scan.problems.append(mask)
+                    continue
                 files["mask"] = mask
             split = ""
             if has_split:

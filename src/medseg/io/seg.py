@@ -83,7 +83,9 @@ def read_seg_header(path: Path) -> SegHeader:
         for series in ds.get("ReferencedSeriesSequence", []):
             for ref in series.get("ReferencedInstanceSequence", []):
                 instances.add(str(ref.ReferencedSOPInstanceUID))
-        for frame in ds.get("PerFrameFunctionalGroupsSequence", []):
+        groups = [*ds.get("PerFrameFunctionalGroupsSequence", [])]
+        groups += [*ds.get("SharedFunctionalGroupsSequence", [])]
+        for frame in groups:
             for derivation in frame.get("DerivationImageSequence", []):
                 for source in derivation.get("SourceImageSequence", []):
                     instances.add(str(source.ReferencedSOPInstanceUID))
@@ -181,8 +183,8 @@ def _open_seg(seg_path: Path, max_pixels: int) -> tuple[SegHeader, Any, tuple[in
     try:
         seg = hd.seg.segread(seg_path, lazy_frame_retrieval=True)
     except Exception as err:
-        raise MedsegError(
-            f"{seg_path}: cannot read the DICOM SEG ({type(err).__name__}: {str(err)[:200]})"
+        raise MedsegError(  # the message may quote header values (UIDs): only its type
+            f"{seg_path}: cannot read the DICOM SEG ({type(err).__name__}); is it complete?"
         ) from err
     return header, seg, (rows, cols)
 
@@ -213,9 +215,9 @@ def read_seg_mask(
             rescale_fractional=True,
         )
     except Exception as err:  # a damaged or unusual SEG, in any way highdicom reports it
-        raise MedsegError(
-            f"{seg_path}: cannot read the DICOM SEG for {image} ({type(err).__name__}: "
-            f"{str(err)[:200]})"
+        raise MedsegError(  # the message may quote header values (UIDs): only its type
+            f"{seg_path}: cannot read the DICOM SEG for {image} ({type(err).__name__}); is it "
+            "complete?"
         ) from err
     out = np.zeros(shape, dtype=np.uint16)
     for k, number in enumerate(seg.segment_numbers):  # a later segment wins where they overlap
