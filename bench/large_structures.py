@@ -2,23 +2,33 @@
 
 The defaults are tuned for thin vessels: 96-pixel patches at full resolution, which see only part
 of an organ. This benchmark clones the repository's committed state into a temporary folder and,
-with the real `dvc exp run`, trains each candidate on a large-structure data set (default: the
-CHAOS CT liver slices in ``../shared/datasets/CHAOS_CT3``, folders layout, DICOM), every
+with the real `dvc exp run`, trains each candidate on a large-structure data set, every
 candidate with the same budget of training pixels (patches per epoch x patch side^2 x epochs)
 and the same seed:
 
 - ``full-96``: the defaults (patch 96, full resolution);
 - ``full-192``: patch 192 at full resolution (more context, 4x fewer patches);
-- ``half-128``: ``preprocess.max_side`` half the image side (256 for 512^2 CT), patch 128;
-- ``half-256``: the same downscale, patch 256 (the whole slice in one patch);
-- ``quarter-128``: a quarter of the side (128), patch 128 (the whole slice).
+- ``half-128``: ``preprocess.max_side`` half the image side, patch 128;
+- ``half-256``: the same downscale, patch 256 (the whole image in one patch at side 512);
+- ``quarter-128``: a quarter of the side, patch 128 (the whole image).
+
+Data sets (``--data``):
+
+- ``synthetic`` (the default): independent 384x384 "abdomen" slices made here, in the folders
+  layout: a textured body, a large organ on the left (the label) and, on the right, a smaller
+  one of the same intensity and texture that is not labelled (as liver and spleen are alike on
+  CT): a patch inside either cannot tell them apart, the whole image can. Cases are independent,
+  so the validation split measures generalisation.
+- a folder: any folders-layout set with ``training/`` and ``test/`` (e.g. the CHAOS CT liver
+  slices in ``../shared/datasets/CHAOS_CT3``: contiguous slices of one patient, so a random
+  validation split holds neighbours of training slices and flatters every candidate).
 
 The choice is the best validation Dice (``best_val_dice`` of the train stage: Dice inside the
 FOV on the held-out training cases, at the ground truth's resolution). Test metrics are printed
 beside it but are not used to choose. Prints a Markdown table.
 
-    python bench/large_structures.py                          # CHAOS_CT3, 20 epochs
-    python bench/large_structures.py --data /data/lits2d --side 512 --epochs 30
+    python bench/large_structures.py                                   # synthetic, 20 epochs
+    python bench/large_structures.py --data ../shared/datasets/CHAOS_CT3 --side 512
 """
 
 from __future__ import annotations
@@ -32,6 +42,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_PATCHES = 512  # patches per epoch at patch 96; the others keep patches x side^2
@@ -48,6 +62,41 @@ def candidates(side: int) -> dict[str, tuple[int | None, int]]:
     }
 
 
+def _blob(shape: tuple[int, int], centre: tuple[float, float], radius: float, rng) -> np.ndarray:
+    """A smooth, irregular blob: an ellipse whose rim is moved by low-frequency noise."""
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
+    angle = rng.uniform(0, np.pi)
+    ry, rx = radius * rng.uniform(0.75, 1.0), radius * rng.uniform(0.75, 1.0)
+    dy, dx = yy - centre[0], xx - centre[1]
+    u = (dy * np.cos(angle) + dx * np.sin(angle)) / ry
+    v = (-dy * np.sin(angle) + dx * np.cos(angle)) / rx
+    wobble = ndimage.gaussian_filter(rng.standard_normal(shape), 24) * 6.0
+    return u**2 + v**2 < 1.0 + wobble
+
+
+def make_synthetic(root: Path, n_train: int = 48, n_test: int = 16, side: int = 384) -> None:
+    """The synthetic large-structure set (see the module text), seeded, in the folders layout."""
+    rng = np.random.default_rng(0)
+    for split, n in (("training", n_train), ("test", n_test)):
+        for sub in ("images", "masks"):
+            (root / split / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            shape = (side, side)
+            body = _blob(shape, (side / 2, side / 2), side * 0.46, rng)
+            organ = _blob(shape, (side * rng.uniform(0.4, 0.6), side * 0.33), side * 0.2, rng)
+            other = _blob(shape, (side * rng.uniform(0.4, 0.6), side * 0.72), side * 0.12, rng)
+            organ &= body
+            other &= body & ~organ
+            texture = ndimage.gaussian_filter(rng.standard_normal(shape), 2) * 40
+            image = np.where(body, 90.0, 10.0) + texture + 45.0 * (organ | other)
+            image += rng.standard_normal(shape) * 12
+            image = np.clip(image, 0, 255).astype(np.uint8)
+            Image.fromarray(image).save(root / split / "images" / f"{i:03d}.png")
+            Image.fromarray(organ.astype(np.uint8) * 255).save(
+                root / split / "masks" / f"{i:03d}.png"
+            )
+
+
 def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> None:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -59,19 +108,22 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument(
-        "--data", type=Path, default=REPO.parent / "shared" / "datasets" / "CHAOS_CT3",
-        help="a folders-layout data set with training/ and test/ (CHAOS_CT3)",
+        "--data", default="synthetic",
+        help="synthetic (made here), or a folders-layout data set with training/ and test/",
     )  # fmt: skip
-    parser.add_argument("--side", type=int, default=512, help="the images' side (512)")
+    parser.add_argument("--side", type=int, default=384, help="the images' side (384)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--only", nargs="*", help="run only these candidates")
     parser.add_argument("--keep", action="store_true", help="keep the temporary clone")
     args = parser.parse_args()
-    data = args.data.resolve()
-    if not data.is_dir():
-        sys.exit(f"{data}: not found; give a large-structure data set with --data")
-
     work = Path(tempfile.mkdtemp(prefix="medseg-large-"))
+    if args.data == "synthetic":
+        data = work / "synthetic"
+        make_synthetic(data, side=args.side)
+    else:
+        data = Path(args.data).resolve()
+        if not data.is_dir():
+            sys.exit(f"{data}: not found; give a large-structure data set with --data")
     clone = work / "medseg"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(clone / "src"))
