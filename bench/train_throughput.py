@@ -53,7 +53,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_case(case: CaseFiles) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Read and decode one case from disk: normalised green channel, mask, FOV (H, W) each."""
+    """Read and decode one case from disk: normalised green channel (1, H, W), mask and FOV
+    (H, W)."""
     assert case.fov is not None
     fov = binarize(read_raster(case.fov))
     image = normalize_in_fov(select_channel(read_raster(case.image), "green"), fov)
@@ -76,7 +77,8 @@ class NaiveLoop:
         ys: list[torch.Tensor] = []
         vs: list[torch.Tensor] = []
         for _ in range(cfg.batch_size):
-            image, mask, fov = load_case(self.cases[int(rng.integers(len(self.cases)))])
+            channels, mask, fov = load_case(self.cases[int(rng.integers(len(self.cases)))])
+            image = channels[0]
             top = int(rng.integers(image.shape[0] - p + 1))
             left = int(rng.integers(image.shape[1] - p + 1))
             crop = (slice(top, top + p), slice(left, left + p))
