@@ -1,7 +1,9 @@
 """Memory and time of preprocess, train and evaluate as the data set grows (run by hand).
 
 Generates data sets of ``--cases`` (default 500 and 5,000) grey cases whose sides are drawn
-log-uniformly from 256 to 2048 pixels (so 256x2048 and 2048x2048 both occur), with blob-shaped
+log-uniformly from 256 to 2048 pixels, with the extremes pinned in every split (the first test
+case and the first training case are 2048x2048, the second of each 256x2048), so that the
+largest case met is the same at every size and the figures measure the number of cases; blob-shaped
 masks, written as the convert stage writes its output (PNG + manifest.csv). Each stage then runs
 in a fresh process, through its own stage script, and reports its peak resident memory (the
 process's ``ru_maxrss``) and wall time:
@@ -60,8 +62,10 @@ def generate(out: Path, n: int, test_share: float, seed: int) -> tuple[int, int]
     for sub in ("images", "masks", "fov"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     rows, pixels, n_test = [], 0, max(1, round(test_share * n))
+    pinned = {0: (2048, 2048), 1: (256, 2048), n_test: (2048, 2048), n_test + 1: (256, 2048)}
     for i in range(n):
-        h, w = (round(256 * 8 ** rng.random()) for _ in range(2))
+        h, w = (round(256 * 8 ** rng.random()) for _ in range(2))  # drawn always: same stream
+        h, w = pinned.get(i, (h, w))
         yy, xx = np.ogrid[:h, :w]
         image = (40 + 120 * (yy / h) + 60 * (xx / w)).astype(np.float32)
         mask = np.zeros((h, w), bool)
