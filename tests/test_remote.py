@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import dvc_env, ran, run, write_params
@@ -264,3 +266,29 @@ def test_versioned_data_set_pushed_and_pulled_gives_the_same_manifest(
     assert hashes(clone, ("data/converted",)) == hashes(project, ("data/converted",))
     status = run(clone, "dvc", "status", "convert", "--json", env=ENV_WITH_KEYS)
     assert json.loads(status.stdout) == {}
+
+
+def test_the_model_artifact_fetched_by_dvc_artifacts_get_predicts(reproduced: Path, tmp_path: Path):
+    """The registry path: `dvc artifacts get` of the declared model into a fresh folder (data
+    from the default local remote), then `medseg predict` with what it fetched."""
+    from PIL import Image
+
+    missing = run(reproduced, "dvc", "artifacts", "get", str(reproduced), "segmentation-model",
+                  check=False)  # fmt: skip
+    assert missing.returncode != 0  # no version registered yet
+    # a version, as `gto register` writes it: an annotated tag <name>@v<semver>
+    run(reproduced, "git", "tag", "-a", "segmentation-model@v0.1.0", "-m", "first model")
+    run(reproduced, "dvc", "push")
+    shutil.rmtree(reproduced / ".dvc" / "cache")  # the remote is the only copy left
+    fetched = tmp_path / "elsewhere" / "model"
+    fetched.parent.mkdir()
+    run(fetched.parent, "dvc", "artifacts", "get", str(reproduced), "segmentation-model",
+        "-o", str(fetched))  # fmt: skip
+    assert sorted(p.name for p in fetched.iterdir()) == sorted(
+        p.name for p in (reproduced / "models").iterdir()
+    )
+    image = sorted((reproduced / "data" / "converted" / "images").iterdir())[0]
+    out = tmp_path / "predicted"
+    run(tmp_path, "medseg", "predict", "--model", str(fetched), "--out", str(out), str(image))
+    mask = np.asarray(Image.open(out / f"{image.stem}.png"))
+    assert mask.shape == np.asarray(Image.open(image)).shape[:2]
