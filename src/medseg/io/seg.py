@@ -59,6 +59,8 @@ class SegHeader:
     path: Path
     segments: dict[int, str]  # segment number -> label
     instances: frozenset[str]  # SOP Instance UIDs of the source images
+    size: tuple[int, int]  # rows, columns of each frame
+    n_frames: int
 
 
 def read_seg_header(path: Path) -> SegHeader:
@@ -89,6 +91,8 @@ def read_seg_header(path: Path) -> SegHeader:
             for derivation in frame.get("DerivationImageSequence", []):
                 for source in derivation.get("SourceImageSequence", []):
                     instances.add(str(source.ReferencedSOPInstanceUID))
+        size = (int(ds.Rows), int(ds.Columns))
+        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     except MedsegError:
         raise
     except Exception as err:  # a damaged sequence: the message may quote values, so omit it
@@ -97,7 +101,7 @@ def read_seg_header(path: Path) -> SegHeader:
         ) from err
     if not segments:
         raise MedsegError(f"{path}: DICOM SEG without segments")
-    return SegHeader(path, segments, frozenset(instances))
+    return SegHeader(path, segments, frozenset(instances), size, n_frames)
 
 
 @dataclass
@@ -165,28 +169,23 @@ def class_names(headers: list[SegHeader]) -> dict[str, int]:
 
 
 @functools.lru_cache(maxsize=2)
-def _open_seg(seg_path: Path, max_pixels: int) -> tuple[SegHeader, Any, tuple[int, int]]:
-    """Header, highdicom object (frames read lazily) and frame size of a SEG, kept for the next
-    image of the same series (one SEG usually covers many)."""
+def _open_seg(seg_path: Path, max_pixels: int) -> tuple[SegHeader, Any]:
+    """Header and highdicom object (frames read lazily) of a SEG, kept for the next image of the
+    same series (one SEG usually covers many)."""
     import highdicom as hd  # imported here: only data sets with SEG masks need it
 
     header = read_seg_header(seg_path)
-    try:
-        ds = pydicom.dcmread(seg_path, stop_before_pixels=True)
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except Exception as err:
-        raise MedsegError(
-            f"{seg_path}: DICOM SEG without a valid size ({type(err).__name__})"
-        ) from err
-    check_pixel_count(seg_path, rows * cols * n_frames, max_pixels, "rows x columns x frames")
+    rows, cols = header.size
+    check_pixel_count(
+        seg_path, rows * cols * header.n_frames, max_pixels, "rows x columns x frames"
+    )
     try:
         seg = hd.seg.segread(seg_path, lazy_frame_retrieval=True)
     except Exception as err:
         raise MedsegError(  # the message may quote header values (UIDs): only its type
             f"{seg_path}: cannot read the DICOM SEG ({type(err).__name__}); is it complete?"
         ) from err
-    return header, seg, (rows, cols)
+    return header, seg
 
 
 def read_seg_mask(
@@ -197,7 +196,8 @@ def read_seg_mask(
     Raises:
         MedsegError: naming the SEG file (and the image) and the reason.
     """
-    header, seg, size = _open_seg(seg_path, options.max_pixels)
+    header, seg = _open_seg(seg_path, options.max_pixels)
+    size = header.size
     uid = instance_uid(image)
     if uid not in header.instances:
         raise MedsegError(f"{seg_path}: does not refer to the image {image}")
