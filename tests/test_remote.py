@@ -108,7 +108,7 @@ ENV_WITH_KEYS = no_aws_env(AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRE
 
 def add_s3_remote(project: Path, s3: MotoServer, prefix: str = "store") -> None:
     """Make ``s3://BUCKET/prefix`` at the moto server the default remote and commit it; put the
-    keys in ``.dvc/config.local``, as the README says, and check git ignores that file."""
+    keys in ``.dvc/config.local``, as docs/remotes.md says, and check git ignores that file."""
     run(project, "dvc", "remote", "add", "-d", "-f", "s3", f"s3://{BUCKET}/{prefix}")
     run(project, "dvc", "remote", "modify", "s3", "endpointurl", s3.url)
     run(project, "dvc", "remote", "modify", "--local", "s3", "access_key_id", KEY_ID)
