@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 
 from conftest import REPO
 
@@ -27,3 +28,12 @@ def test_stage_times_are_measured_between_dvc_stage_lines():
         end=12.0,
     )
     assert times == {"train": 8.5, "evaluate": 2.5}
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    """The README's two commands (set up + repro, set up + tests); .ci/run runs the second."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    setup = 'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[dev]" && '
+    commands = re.findall(r"^python3 -m venv .*$", readme, flags=re.MULTILINE)
+    assert commands == [setup + "dvc repro", setup + "pytest"]
+    assert commands[1] in (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines()

@@ -1,4 +1,6 @@
-"""The ``medseg`` command: user-facing helpers; ``dvc repro`` runs the stages themselves."""
+"""The medseg command: user-facing helpers; dvc repro runs the stages themselves."""
+
+# The docstring above is the --help description: plain text, no reST (tests/test_docs.py).
 
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     predict.add_argument(
         "--fov", help="field-of-view mask file, or folder of masks named <stem>*.ext; "
-        "default: the whole image",
+        "default: made as the model's convert stage made a missing one",
     )  # fmt: skip
     predict.add_argument(
         "--preprocess", help="the model's preprocess.json (default: beside the weights)"
