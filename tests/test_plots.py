@@ -23,7 +23,7 @@ from dvc_render.base import Renderer
 
 from medseg.cli import main
 from medseg.errors import MedsegError
-from medseg.plots import TEMPLATE, inline_script, write_report
+from medseg.plots import TEMPLATE, collect, inline_script, write_report
 
 CHROMIUM = shutil.which("chromium")
 needs_chromium = pytest.mark.skipif(
@@ -203,6 +203,11 @@ def test_a_fresh_clone_keeps_dvcs_cdn_page_which_stays_blank_offline(
     # plus a blank one for each image folder, which a clone lacks until `dvc pull`
     assert {Renderer.remove_special_chars(name) for name in _charts(workspace)} <= set(embedded)
     assert dom.marks == {}
+    # the same clone through medseg: the charts, and the image folders named as not pulled
+    plots = collect(clone)
+    assert sorted(chart.name for chart in plots.charts) == sorted(_charts(workspace))
+    assert plots.images == []
+    assert any("overlays" in line for line in plots.missing)
     assert {url.split("/npm/")[0] for url in _left_the_machine(urls)} == {
         "https://cdn.jsdelivr.net"
     }
@@ -213,8 +218,9 @@ def test_report_without_plot_data_is_a_user_error(tmp_path: Path):
     run(tmp_path, "dvc", "init", "-q")
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    with pytest.raises(MedsegError, match=r"no plot data in the workspace.*dvc repro"):
+    with pytest.raises(MedsegError, match=r"no plot data in the workspace.*dvc repro") as err:
         write_report(tmp_path / "report.html", tmp_path)
+    assert "\n" not in str(err.value)
     assert not (tmp_path / "report.html").exists()
     with pytest.raises(MedsegError, match="not inside a DVC repository"):
         write_report(tmp_path / "report.html", tmp_path.parent)

@@ -121,7 +121,10 @@ def _plots(args: argparse.Namespace) -> None:
         print(f"wrote {install_dvc_template(args.repo)}; `dvc plots show` now renders offline")
     else:
         found = write_report(args.out, args.repo, args.targets)
-        print(f"wrote {args.out}: {len(found.charts)} chart(s), {len(found.images)} image(s)")
+        print(
+            f"wrote {args.out}: {len(found.charts)} chart(s), {len(found.images)} image(s), "
+            f"{len(found.missing)} not in the workspace"
+        )
 
 
 def _report(args: argparse.Namespace) -> None:

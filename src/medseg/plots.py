@@ -55,7 +55,8 @@ class Image:
 
 @dataclass(frozen=True)
 class Plots:
-    """What DVC found for the workspace: charts, images, and plots whose files are absent."""
+    """What DVC found for the workspace: charts, images, and what it could not load (a plot
+    whose file is absent, an image folder not pulled), one line each."""
 
     charts: list[Chart]
     images: list[Image]
@@ -103,7 +104,7 @@ def collect(repo_dir: str | Path = ".", targets: list[str] | None = None) -> Plo
         data = repo.plots.show(targets=targets or None)
         # out=None: DVC hands images over as base64 instead of copying them to a folder
         found = match_defs_renderers(data=data, templates_dir=repo.plots.templates_dir)
-    charts, images, missing = [], [], []
+    charts, images, missing = [], [], _load_errors(data)
     for item in found:
         renderer = item.renderer
         if not renderer.datapoints:
@@ -115,7 +116,21 @@ def collect(repo_dir: str | Path = ".", targets: list[str] | None = None) -> Plo
             ]
         else:
             charts.append(Chart(renderer.name, renderer.get_filled_template()))
-    return Plots(charts, sorted(images, key=lambda i: i.name), sorted(missing))
+    return Plots(charts, sorted(images, key=lambda i: i.name), missing)
+
+
+def _load_errors(data: dict[str, Any]) -> list[str]:
+    """DVC's errors in ``repo.plots.show`` data: a definition it could not expand (an image
+    folder whose DVC-cached output is not in the workspace) or a data file it could not read."""
+    errors = []
+    for by_rev in data.values():
+        for definition in by_rev.get("definitions", {}).get("data", {}).values():
+            if "error" in definition:
+                errors.append(" ".join(str(definition["error"]).split()))
+        for source, loaded in by_rev.get("sources", {}).get("data", {}).items():
+            if "error" in loaded:
+                errors.append(" ".join(f"{source}: {loaded['error']}".split()))
+    return errors
 
 
 def chart_svg(spec: dict[str, Any], vl_version: str) -> str:
@@ -162,8 +177,11 @@ def report_html(plots: Plots, title: str) -> str:
         )
         body.append(f'<section class="images"><h2>{html.escape(folder)}</h2>{figures}</section>')
     if plots.missing:
-        names = ", ".join(html.escape(m) for m in plots.missing)
-        body.append(f"<p>Not in the workspace (run <code>dvc repro</code> or pull): {names}</p>")
+        items = "".join(f"<li>{html.escape(m)}</li>" for m in plots.missing)
+        body.append(
+            "<section><h2>Not shown</h2><p>Not in the workspace: run <code>dvc pull</code> or "
+            f"<code>dvc repro</code>.</p><ul>{items}</ul></section>"
+        )
     return (
         '<!DOCTYPE html>\n<html>\n<head>\n<meta charset="utf-8">\n'
         f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">\n'
@@ -183,10 +201,9 @@ def write_report(
     """
     plots = collect(repo_dir, targets)
     if not plots.charts and not plots.images:
-        absent = f" (absent: {', '.join(plots.missing)})" if plots.missing else ""
         raise MedsegError(
-            f"no plot data in the workspace of {repo_dir}{absent}; run `dvc repro` or "
-            "`dvc pull` first, or check the plots of dvc.yaml"
+            f"no plot data in the workspace of {repo_dir}: none of the plot files of its dvc.yaml "
+            "is there; run `dvc repro` or `dvc pull` first"
         )
     title = f"Plots of {Path(repo_dir).resolve().name}"
     write_text(out, report_html(plots, title))
