@@ -28,7 +28,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     report.add_argument("--repo", default=".", help="the repository (default: here)")
     report.add_argument("-o", "--out", help="write the Markdown to this file, not stdout")
     _add_predict(sub)
+    _add_plots(sub)
     return parser.parse_args(argv)
+
+
+def _add_plots(sub: argparse._SubParsersAction) -> None:
+    plots = sub.add_parser(
+        "plots",
+        help="the plots of dvc.yaml as one HTML page that renders with no network",
+        description="Write every plot DVC finds in the workspace into one self-contained page: "
+        "charts rendered to inline SVG, images inlined, no script and no URL to fetch. With "
+        "--dvc-template, instead set up plain `dvc plots show` to write offline pages.",
+    )
+    plots.add_argument("targets", nargs="*", metavar="TARGET", help="plot files (default: all)")
+    plots.add_argument("-o", "--out", default="plots.html", help="the page (plots.html)")
+    plots.add_argument("--repo", default=".", help="the repository (default: here)")
+    plots.add_argument(
+        "--dvc-template", action="store_true",
+        help="write .dvc/plots/offline.html (Vega inlined) and name it in .dvc/config.local",
+    )  # fmt: skip
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -94,6 +112,21 @@ def _main(argv: Sequence[str] | None) -> None:
         _report(args)
     elif args.command == "predict":
         _predict(args)
+    elif args.command == "plots":
+        _plots(args)
+
+
+def _plots(args: argparse.Namespace) -> None:
+    from medseg.plots import install_dvc_template, write_report
+
+    if args.dvc_template:
+        print(f"wrote {install_dvc_template(args.repo)}; `dvc plots show` now renders offline")
+    else:
+        found = write_report(args.out, args.repo, args.targets)
+        print(
+            f"wrote {args.out}: {len(found.charts)} chart(s), {len(found.images)} image(s), "
+            f"{len(found.missing)} not in the workspace"
+        )
 
 
 def _report(args: argparse.Namespace) -> None:
