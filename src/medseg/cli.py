@@ -38,7 +38,7 @@ def _add_plots(sub: argparse._SubParsersAction) -> None:
         help="the plots of dvc.yaml as one HTML page that renders with no network",
         description="Write every plot DVC finds in the workspace into one self-contained page: "
         "charts rendered to inline SVG, images inlined, no script and no URL to fetch. With "
-        "--dvc-template, instead set up plain `dvc plots show` to write offline pages.",
+        "--dvc-template, instead set up plain 'dvc plots show' to write offline pages.",
     )
     plots.add_argument("targets", nargs="*", metavar="TARGET", help="plot files (default: all)")
     plots.add_argument("-o", "--out", default="plots.html", help="the page (plots.html)")
