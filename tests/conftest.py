@@ -225,3 +225,25 @@ def reproduced(_reproduced: Path, tmp_path: Path) -> Path:
         return ["tmp"] if Path(folder).name == ".dvc" else []
 
     return Path(shutil.copytree(_reproduced, tmp_path / "project", ignore=skip_dvc_tmp))
+
+
+@pytest.fixture(scope="session")
+def processed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny synthetic data set through synthesize, convert and preprocess: a case store."""
+    from medseg.config import (
+        ConvertConfig,
+        DataConfig,
+        PreprocessConfig,
+        SynthesizeConfig,
+        load_params,
+    )
+    from medseg.convert import convert_dataset
+    from medseg.preprocess import preprocess_dataset
+    from medseg.synthetic import write_dataset
+
+    tmp = tmp_path_factory.mktemp("processed")
+    params = write_params(tmp / "params.yaml", tiny_params())
+    write_dataset(load_params(params, SynthesizeConfig), tmp / "raw")
+    convert_dataset(DataConfig(str(tmp / "raw"), "drive"), ConvertConfig(None, None), tmp / "conv")
+    preprocess_dataset(load_params(params, PreprocessConfig), tmp / "conv", tmp / "proc")
+    return tmp / "proc"
