@@ -21,7 +21,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from medseg.errors import MedsegError
-from medseg.io.images import ReadOptions, check_pixel_count, is_dicom_file
+from medseg.io.dicom import is_dicom_file
+from medseg.io.limits import ReadOptions, check_pixel_count
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 _NOT_NAME = re.compile(r"[^a-z0-9_-]+")
