@@ -56,6 +56,13 @@ _CODESTREAMS = {
 }  # fmt: skip
 # Bytes inflated per step of a deflated data set (the check against the limit runs per step).
 _INFLATE_STEP = 2**20
+# pydicom's decode warnings that report a header it has corrected from the pixel data itself, or
+# padding it has dropped: the image is whole. Every other warning while decoding is an error.
+_BENIGN = (
+    r"The \(0028,0004\) 'Photometric Interpretation' value is",
+    r"The pixel data is \d+ bytes long, which indicates it contains \d+ bytes of excess padding",
+    r"The decoded RLE segment contains non-conformant padding",
+)
 # Value representations whose length field is 4 bytes in explicit VR (PS3.5 7.1.2).
 _LONG_VRS = frozenset(
     (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
@@ -334,7 +341,7 @@ def _decode(path: Path, ds: Dataset) -> tuple[np.ndarray, dict[str, Any]]:
             f"{path}: transfer syntax {name} needs a decoder plugin that is not installed "
             "(pylibjpeg with -libjpeg, -openjpeg, -rle); reinstall medseg's dependencies"
         )
-    with decode_guard(path, f"decode DICOM pixel data (transfer syntax {name})"):
+    with decode_guard(path, f"decode DICOM pixel data (transfer syntax {name})", _BENIGN):
         arr, info = decoder.as_array(ds, as_rgb=True)  # type: ignore[arg-type]
     frames = int(info.get("number_of_frames", 1) or 1)
     samples = int(info.get("samples_per_pixel", 1) or 1)

@@ -126,7 +126,7 @@ def check_file_size(path: Path, options: ReadOptions) -> int:
 
 
 @contextmanager
-def decode_guard(path: Path, action: str) -> Iterator[None]:
+def decode_guard(path: Path, action: str, benign: tuple[str, ...] = ()) -> Iterator[None]:
     """Run a decode with every warning an error, and every failure a `MedsegError` naming the
     file: a decoder that warns about truncated or damaged data has not produced a true image.
 
@@ -134,10 +134,14 @@ def decode_guard(path: Path, action: str) -> Iterator[None]:
         path: the file, for the message.
         action: what is done, for the message: ``"read png image"``, ``"decode DICOM pixel
             data"``.
+        benign: regular expressions matching the start of warnings that report a header
+            inconsistency the decoder has corrected (not damaged data); those are let pass.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
+            for pattern in benign:
+                warnings.filterwarnings("ignore", message=pattern)
             yield
     except MedsegError:
         raise
