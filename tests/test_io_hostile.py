@@ -70,6 +70,39 @@ def test_default_limit_refuses_the_many_page_tiff_and_huge_headers(tmp_path: Pat
             read(HOSTILE[name][0](tmp_path), ReadOptions())
 
 
+def test_deflate_bomb_as_a_seg_candidate_is_not_inflated(tmp_path: Path):
+    """Masks are asked whether they are DICOM SEG before they are read: that look must not
+    inflate a deflated file either (pydicom would, whole)."""
+    from medseg.io.seg import is_seg, read_seg_header
+
+    path = dicom_deflate_bomb(tmp_path)
+    assert not is_seg(path)
+    with pytest.raises(MedsegError, match="deflated DICOM SEG is not supported"):
+        read_seg_header(path)
+
+
+def test_bits_allocated_outside_the_standard_is_refused(tmp_path: Path):
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds.BitsAllocated = 4096
+    ds.save_as(tmp_path / "bits.dcm")
+    with pytest.raises(MedsegError, match="BitsAllocated is 4096"):
+        read(tmp_path / "bits.dcm")
+
+
+def test_the_two_readers_do_not_import_each_other():
+    """DICOM and raster readers meet only in io/reader.py; the demo writer is not a reader's."""
+    import ast
+
+    for name, other in (("dicom", "images"), ("images", "dicom")):
+        tree = ast.parse((REPO / f"src/medseg/io/{name}.py").read_text())
+        imported = {
+            node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+        } | {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+             for alias in node.names}  # fmt: skip
+        assert f"medseg.io.{other}" not in imported and "medseg.io.reader" not in imported
+    assert "write_rgb_dicom" not in (REPO / "src/medseg/io/dicom.py").read_text()
+
+
 def _wrapped(path: Path, syntax: str, stream: bytes) -> Path:
     ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0

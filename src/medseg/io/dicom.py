@@ -86,6 +86,16 @@ def is_dicom_file(path: str | Path) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
+def is_deflated(path: str | Path) -> bool:
+    """Whether a DICOM file's data set is deflate-compressed (read from its file meta only):
+    such a file must not reach `pydicom.dcmread`, which inflates it whole."""
+    try:
+        syntax = read_file_meta_info(path).get("TransferSyntaxUID")
+    except Exception:  # not DICOM, or a damaged meta group: the reader says why, later
+        return False
+    return bool(syntax == DeflatedExplicitVRLittleEndian)
+
+
 def read_dicom_frames(path: str | Path, options: ReadOptions) -> np.ndarray:
     """Read every frame of a DICOM file as display-ready images.
 
@@ -108,6 +118,7 @@ def read_dicom_frames(path: str | Path, options: ReadOptions) -> np.ndarray:
         ds = _read_dataset(path, options)
         _drop_empty(ds)
         _check_header(path, ds, options)
+        _check_bits_allocated(path, ds)
         _check_codestreams(path, ds)
     arr, meta = _decode(path, ds)  # decoder warnings are errors here
     with warnings.catch_warnings():
@@ -212,6 +223,15 @@ def _dataset_offset(path: Path, raw: bytes) -> int:
     if pos > len(raw):
         raise MedsegError(f"{path}: the DICOM file meta information is truncated")
     return pos
+
+
+def _check_bits_allocated(path: Path, ds: Dataset) -> None:
+    """Bytes per sample are bounded too: the limit counts samples of at most 8 bytes."""
+    bits = _header_int(path, ds, "BitsAllocated", 8)
+    if bits not in (1, 8, 16, 32, 64):
+        raise MedsegError(
+            f"{path}: BitsAllocated is {bits}; DICOM pixel data has 1, 8, 16, 32 or 64"
+        )
 
 
 def _check_codestreams(path: Path, ds: Dataset) -> None:
