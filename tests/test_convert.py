@@ -17,7 +17,8 @@ from scipy import ndimage
 from medseg.config import ConvertConfig, DataConfig, SynthesizeConfig, load_params
 from medseg.convert import MANIFEST_COLUMNS, convert_dataset, fov_from_image
 from medseg.errors import MedsegError
-from medseg.io.images import read_image, read_raster, write_png
+from medseg.io.images import read_raster, write_png
+from medseg.io.reader import read
 from medseg.synthetic import generate_case, write_dataset
 
 
@@ -45,9 +46,9 @@ def test_converts_tiff_and_dicom_losslessly(raw: Path, tmp_path: Path):
     cfg = load_params(write_params(tmp_path / "p2.yaml", tiny_params()), SynthesizeConfig)
     row = manifest.set_index("case_id").loc["01_test"]  # synthetic case index 0
     case = generate_case(cfg, 0)
-    assert np.array_equal(read_image(out / row["image"]), case.image)
-    assert np.array_equal(read_image(out / row["mask"]) > 0, case.vessels)
-    assert np.array_equal(read_image(out / row["fov"]) > 0, case.fov)
+    assert np.array_equal(read(out / row["image"])[0], case.image)
+    assert np.array_equal(read(out / row["mask"])[0] > 0, case.vessels)
+    assert np.array_equal(read(out / row["fov"])[0] > 0, case.fov)
     assert row["bit_depth"] == 8 and row["channels"] == 3 and row["fov_source"] == "given"
     assert not any("SYNTHETIC" in str(v) for v in manifest.to_numpy().ravel())
 
@@ -85,8 +86,8 @@ def test_real_drive_converts(drive: tuple[pd.DataFrame, Path]):
     assert (manifest[["height", "width", "channels"]] == [584, 565, 3]).all().all()
     row = manifest.set_index("case_id").loc["01_test"]
     assert row["source"] == "test/images/01_test.tif"
-    vessels = read_image(out / row["mask"]) > 0
-    fov = read_image(out / row["fov"]) > 0
+    vessels = read(out / row["mask"])[0] > 0
+    fov = read(out / row["fov"])[0] > 0
     assert 0.08 < vessels[fov].mean() < 0.18  # DRIVE's vessel share inside the FOV is about 12%
 
 
@@ -127,12 +128,12 @@ def test_folders_layout_with_fov_from_the_image(tmp_path: Path):
     assert len(manifest) == 5 and (manifest["split"] == "test").sum() == 2
     assert set(manifest["fov_source"]) == {"threshold"} and manifest["mask2"].isna().all()
     for row in manifest.itertuples():
-        fov = read_image(tmp_path / "out" / row.fov) > 0
+        fov = read(tmp_path / "out" / row.fov)[0] > 0
         assert (fov == discs[row.case_id]).mean() > 0.97
         assert row.source == f"images/{row.case_id}.png"
     whole = convert_dataset(data, _cfg(fov_fallback="whole_image"), tmp_path / "out2")
     assert set(whole["fov_source"]) == {"whole_image"}
-    assert (read_image(tmp_path / "out2" / whole["fov"][0]) == 255).all()
+    assert (read(tmp_path / "out2" / whole["fov"][0])[0] == 255).all()
 
 
 def test_black_image_has_no_fov_and_says_what_to_do(tmp_path: Path):
@@ -157,7 +158,7 @@ def test_multiframe_is_split_or_refused(tmp_path: Path):
     assert manifest["case_id"].tolist() == ["vol_f1", "vol_f2", "vol_f3"]
     assert set(manifest["source"]) == {"images/vol.tif"} and manifest["split"].nunique() == 1
     assert (manifest["bit_depth"] == 16).all()
-    assert np.array_equal(read_image(tmp_path / "out" / "images" / "vol_f2.png"), stack[1])
+    assert np.array_equal(read(tmp_path / "out" / "images" / "vol_f2.png")[0], stack[1])
     with pytest.raises(MedsegError, match=r"vol\.tif: holds 3 frames and convert\.multiframe"):
         convert_dataset(data, _cfg(multiframe="refuse"), tmp_path / "out3")
     short = masks[:2]
@@ -177,12 +178,12 @@ def test_16_bit_kept_or_reduced_to_8(tmp_path: Path):
     (raw / "masks" / "b.tif").write_bytes((raw / "masks" / "ramp.tif").read_bytes())
     data = DataConfig(str(raw), "folders")
     kept = convert_dataset(data, _cfg(fov_fallback="whole_image"), tmp_path / "o16")
-    assert np.array_equal(read_image(tmp_path / "o16" / kept["image"][0]), ramp)
+    assert np.array_equal(read(tmp_path / "o16" / kept["image"][0])[0], ramp)
     assert (kept["bit_depth"] == 16).all()
     small = convert_dataset(
         data, _cfg(fov_fallback="whole_image", max_bit_depth=8), tmp_path / "o8"
     )
-    eight = read_image(tmp_path / "o8" / small["image"][0])
+    eight = read(tmp_path / "o8" / small["image"][0])[0]
     assert eight.dtype == np.uint8 and eight.min() == 0 and eight.max() == 255
     assert (small["bit_depth"] == 8).all()
 
@@ -282,7 +283,7 @@ def test_no_patient_identifier_reaches_the_outputs(tmp_path: Path):
     )
     for secret in ("DOE", "JANE", "PID-98765", "19700101", uid, "a.dcm"):
         assert secret not in written
-    assert np.array_equal(read_image(tmp_path / "out" / manifest["image"][0]), ramp)
+    assert np.array_equal(read(tmp_path / "out" / manifest["image"][0])[0], ramp)
 
 
 def test_workers_give_the_same_result_as_one_process(tmp_path: Path):
@@ -317,16 +318,16 @@ def test_real_drive_masks_binary_second_observer_and_fov_from_image(
     )
     row = test.iloc[0]
     for col in ("mask", "fov", "mask2"):
-        assert set(np.unique(read_image(out / row[col]))) == {0, 255}
-    m1 = read_image(out / row["mask"]) > 0
-    m2 = read_image(out / row["mask2"]) > 0
-    fov = read_image(out / row["fov"]) > 0
+        assert set(np.unique(read(out / row[col])[0])) == {0, 255}
+    m1 = read(out / row["mask"])[0] > 0
+    m2 = read(out / row["mask2"])[0] > 0
+    fov = read(out / row["fov"])[0] > 0
     agreement = (m1 == m2)[fov].mean()
     assert 0.92 < agreement < 0.97  # the second observer's accuracy is about 0.947 in DRIVE papers
     for case in manifest.itertuples():
         if case.case_id in ("01_test", "21_training", "40_training"):
-            image = read_image(out / case.image)
-            given = read_image(out / case.fov) > 0
+            image = read(out / case.image)[0]
+            given = read(out / case.fov)[0] > 0
             made = fov_from_image(image, 0.1)
             assert (made & given).sum() / (made | given).sum() > 0.97
 
@@ -356,9 +357,9 @@ def test_window_override_applies_to_images_not_to_dicom_masks(tmp_path: Path):
         _dicom_with_patient(raw / "masks" / f"{stem}.dcm", truth.astype(np.uint16))
     cfg = _cfg(fov_fallback="whole_image", window_center=30000.0, window_width=2000.0)
     manifest = convert_dataset(DataConfig(str(raw), "folders"), cfg, tmp_path / "out")
-    image = read_image(tmp_path / "out" / manifest["image"][0])
+    image = read(tmp_path / "out" / manifest["image"][0])[0]
     assert image.min() == 0 and image.max() == 65535  # the window clipped the ramp
-    assert np.array_equal(read_image(tmp_path / "out" / manifest["mask"][0]) > 0, truth)
+    assert np.array_equal(read(tmp_path / "out" / manifest["mask"][0])[0] > 0, truth)
 
 
 def _label_set(root: Path, values: list[int]) -> None:

@@ -11,15 +11,16 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 
 from medseg.errors import MedsegError
-from medseg.io.dicom import read_dicom, read_dicom_frames, window_to_unit, write_rgb_dicom
-from medseg.io.images import ReadOptions
+from medseg.io.dicom import window_to_unit
+from medseg.io.reader import ReadOptions, read
+from medseg.synthetic import write_rgb_dicom
 
 
 def test_ct_modality_lut_scaled_from_stored_bit_range():
     path = get_testdata_file("CT_small.dcm")
     ds = pydicom.dcmread(path)
     assert "WindowCenter" not in ds  # so the stored-bit range gives the bounds
-    out = read_dicom(path)
+    out = read(path)[0]
     assert out.dtype == np.uint16 and out.shape == (128, 128)
     # by hand: HU = raw * slope + intercept; bounds are the signed 16-bit range through the same
     raw = ds.pixel_array.astype(np.float64)
@@ -35,10 +36,10 @@ def test_mr_voi_window_by_hand():
     c, w = float(ds.WindowCenter), float(ds.WindowWidth)
     raw = ds.pixel_array.astype(np.float64)  # no rescale in this file
     unit = np.clip((raw - (c - 0.5)) / (w - 1) + 0.5, 0, 1)
-    assert np.array_equal(read_dicom(path), (unit * 65535 + 0.5).astype(np.uint16))
+    assert np.array_equal(read(path)[0], (unit * 65535 + 0.5).astype(np.uint16))
     # a params override replaces the file's window
-    wide = read_dicom(path, window=(c, 4 * w))
-    assert np.ptp(wide.astype(float)) < np.ptp(read_dicom(path).astype(float))
+    wide = read(path, ReadOptions(window=(c, 4 * w)))[0]
+    assert np.ptp(wide.astype(float)) < np.ptp(read(path)[0].astype(float))
 
 
 def test_window_functions():
@@ -50,24 +51,24 @@ def test_window_functions():
 
 def test_monochrome1_is_inverted(tmp_path: Path):
     ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
-    normal = read_dicom(get_testdata_file("MR_small.dcm"))
+    normal = read(get_testdata_file("MR_small.dcm"))[0]
     ds.PhotometricInterpretation = "MONOCHROME1"
     ds.save_as(tmp_path / "m1.dcm")
-    assert np.array_equal(read_dicom(tmp_path / "m1.dcm"), 65535 - normal)
+    assert np.array_equal(read(tmp_path / "m1.dcm")[0], 65535 - normal)
 
 
 def test_constant_image_stays_constant_not_nan(tmp_path: Path):
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     ds.PixelData = np.full((128, 128), 40, dtype=np.int16).tobytes()
     ds.save_as(tmp_path / "flat.dcm")
-    out = read_dicom(tmp_path / "flat.dcm")
+    out = read(tmp_path / "flat.dcm")[0]
     assert np.unique(out).size == 1
 
 
 def test_rgb_round_trip_and_no_patient_data(tmp_path: Path):
     img = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
     write_rgb_dicom(tmp_path / "a.dcm", img, "seed-1")
-    assert np.array_equal(read_dicom(tmp_path / "a.dcm"), img)
+    assert np.array_equal(read(tmp_path / "a.dcm")[0], img)
     ds = pydicom.dcmread(tmp_path / "a.dcm")
     assert ds.Modality == "OP" and str(ds.PatientName) == "SYNTHETIC^PHANTOM"
 
@@ -76,16 +77,16 @@ def test_broken_files_give_clear_errors(tmp_path: Path):
     with pytest.raises(MedsegError, match="not a readable DICOM"):
         bad = tmp_path / "junk.dcm"
         bad.write_bytes(b"not dicom at all")
-        read_dicom(bad)
+        read(bad)[0]
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     del ds.PixelData
     ds.save_as(tmp_path / "nopixels.dcm")
     with pytest.raises(MedsegError, match=re.escape("nopixels.dcm: DICOM file has no pixel data")):
-        read_dicom(tmp_path / "nopixels.dcm")
+        read(tmp_path / "nopixels.dcm")[0]
     full = Path(get_testdata_file("CT_small.dcm")).read_bytes()
     (tmp_path / "cut.dcm").write_bytes(full[: len(full) // 2])
     with pytest.raises(MedsegError, match=re.escape("cut.dcm")):
-        read_dicom(tmp_path / "cut.dcm")
+        read(tmp_path / "cut.dcm")[0]
 
 
 # --- compressed syntaxes, colour, multi-frame, policies (pydicom's bundled files, offline) ---
@@ -109,13 +110,13 @@ MR = get_testdata_file("MR_small.dcm")
 
 @pytest.mark.parametrize("name", MR_VARIANTS)
 def test_lossless_syntaxes_give_the_uncompressed_result(name: str):
-    assert np.array_equal(read_dicom(get_testdata_file(name)), read_dicom(MR))
+    assert np.array_equal(read(get_testdata_file(name))[0], read(MR)[0])
 
 
 def test_jpeg_extended_12_bit_scaled_from_stored_bits():
     path = get_testdata_file("JPGExtended.dcm")
     ds = pydicom.dcmread(path)
-    out = read_dicom(path)
+    out = read(path)[0]
     assert out.dtype == np.uint16 and out.shape == (1024, 256)
     raw = ds.pixel_array.astype(np.float64)  # 12 bits stored, no rescale, no window
     assert np.array_equal(out, (raw / 4095 * 65535 + 0.5).astype(np.uint16))
@@ -123,7 +124,7 @@ def test_jpeg_extended_12_bit_scaled_from_stored_bits():
 
 @pytest.mark.parametrize("name", ["JPEG2000.dcm", "693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm"])
 def test_jpeg2000_grey_decodes(name: str):
-    out = read_dicom(get_testdata_file(name))
+    out = read(get_testdata_file(name))[0]
     assert out.dtype == np.uint16 and out.ndim == 2 and np.ptp(out) > 0
 
 
@@ -141,21 +142,21 @@ def test_jpeg2000_grey_decodes(name: str):
     ],
 )
 def test_colour_comes_out_as_rgb(name: str, tolerance: int):
-    out = read_dicom(get_testdata_file(name))
+    out = read(get_testdata_file(name))[0]
     assert out.dtype == np.uint8 and out.shape == (100, 100, 3)
     got = np.array([out[10 * i + 5, 50] for i in range(10)], dtype=int)
     assert np.abs(got - np.array(SC_RGB_BANDS)).max() <= tolerance
 
 
 def test_16_bit_rgb_is_kept():
-    out = read_dicom(get_testdata_file("SC_rgb_rle_16bit.dcm"))
+    out = read(get_testdata_file("SC_rgb_rle_16bit.dcm"))[0]
     assert out.dtype == np.uint16 and out.shape == (100, 100, 3)
     got = np.array([out[10 * i + 5, 50] for i in range(10)], dtype=int)
     assert np.array_equal(got, np.array(SC_RGB_BANDS) * 257)
 
 
 def test_32_bit_rgb_is_scaled_to_16():
-    out = read_dicom(get_testdata_file("SC_rgb_rle_32bit.dcm"))
+    out = read(get_testdata_file("SC_rgb_rle_32bit.dcm"))[0]
     assert out.dtype == np.uint16
     assert tuple(out[5, 50]) == (65535, 0, 0) and tuple(out[95, 50]) == (65535, 65535, 65535)
 
@@ -163,7 +164,7 @@ def test_32_bit_rgb_is_scaled_to_16():
 def test_palette_colour_by_hand():
     path = get_testdata_file("examples_palette.dcm")
     ds = pydicom.dcmread(path)
-    out = read_dicom(path)
+    out = read(path)[0]
     index = ds.pixel_array
     red = np.frombuffer(ds.RedPaletteColorLookupTableData, dtype="<u2")
     first = int(ds.RedPaletteColorLookupTableDescriptor[1])
@@ -173,15 +174,13 @@ def test_palette_colour_by_hand():
 
 def test_multiframe_frames_and_refusal():
     path = get_testdata_file("SC_rgb_rle_2frame.dcm")
-    frames = read_dicom_frames(path)
+    frames = read(path)
     assert frames.shape == (2, 100, 100, 3)
     assert tuple(frames[0, 5, 50]) == (255, 0, 0)
     assert np.array_equal(frames[1], 255 - frames[0])  # the second frame is the negative
     with pytest.raises(MedsegError, match=r"2 frames\) and convert\.multiframe is 'refuse'"):
-        read_dicom_frames(path, ReadOptions(allow_multiframe=False))
-    with pytest.raises(MedsegError, match="2 frames where one image was expected"):
-        read_dicom(path)
-    video = read_dicom_frames(get_testdata_file("examples_ybr_color.dcm"))
+        read(path, ReadOptions(allow_multiframe=False))
+    video = read(get_testdata_file("examples_ybr_color.dcm"))
     assert video.shape == (30, 240, 320, 3) and video.dtype == np.uint8
 
 
@@ -194,7 +193,7 @@ def test_monochrome1_cr_files_by_hand(name: str):
     c, w = float(ds.WindowCenter), float(ds.WindowWidth)
     unit = np.clip((hu - (c - 0.5)) / (w - 1) + 0.5, 0, 1)
     expected = ((1.0 - unit) * 65535 + 0.5).astype(np.uint16)  # inverted: bright means dense
-    assert np.array_equal(read_dicom(path), expected)
+    assert np.array_equal(read(path)[0], expected)
 
 
 def test_voi_lut_sequence_by_hand(tmp_path: Path):
@@ -210,7 +209,7 @@ def test_voi_lut_sequence_by_hand(tmp_path: Path):
     raw = ds.pixel_array.astype(int)
     expected_unit = table[np.clip(raw - first, 0, n - 1)] / 4095.0
     assert np.array_equal(
-        read_dicom(tmp_path / "voi.dcm"), (expected_unit * 65535 + 0.5).astype(np.uint16)
+        read(tmp_path / "voi.dcm")[0], (expected_unit * 65535 + 0.5).astype(np.uint16)
     )
 
 
@@ -232,7 +231,7 @@ def test_enhanced_multiframe_rescale_and_window_per_frame(tmp_path: Path):
         per_frame.append(group)
     ds.PerFrameFunctionalGroupsSequence = per_frame
     ds.save_as(tmp_path / "enhanced.dcm")
-    frames = read_dicom_frames(tmp_path / "enhanced.dcm")
+    frames = read(tmp_path / "enhanced.dcm")
     values = raw.astype(np.float64) * 2 - 100
     for frame, (c, w) in zip(frames, ((1000.0, 800.0), (2000.0, 3000.0)), strict=True):
         unit = np.clip((values - (c - 0.5)) / (w - 1) + 0.5, 0, 1)
@@ -247,14 +246,14 @@ def test_synthetic_16_bit_keeps_its_full_range(tmp_path: Path):
     ds.PixelRepresentation, ds.BitsStored, ds.HighBit = 0, 16, 15
     ds.PixelData = ramp.tobytes()
     ds.save_as(tmp_path / "ramp.dcm")
-    assert np.array_equal(read_dicom(tmp_path / "ramp.dcm"), ramp)  # every one of 65536 levels
+    assert np.array_equal(read(tmp_path / "ramp.dcm")[0], ramp)  # every one of 65536 levels
 
 
 def test_pixel_limit_is_checked_before_decoding():
     # MR_truncated's pixel data is short: decoding would fail, the size check comes first
     with pytest.raises(MedsegError, match=r"64x64x1x1\) = 4,096 samples exceeds"):
-        read_dicom_frames(get_testdata_file("MR_truncated.dcm"), ReadOptions(max_pixels=4000))
-    assert read_dicom_frames(MR, ReadOptions(max_pixels=4096)).shape == (1, 64, 64)
+        read(get_testdata_file("MR_truncated.dcm"), ReadOptions(max_pixels=4000))
+    assert read(MR, ReadOptions(max_pixels=4096)).shape == (1, 64, 64)
 
 
 def test_burned_in_annotation_is_refused_unless_allowed(tmp_path: Path):
@@ -262,9 +261,9 @@ def test_burned_in_annotation_is_refused_unless_allowed(tmp_path: Path):
     ds.BurnedInAnnotation = "YES"
     ds.save_as(tmp_path / "burned.dcm")
     with pytest.raises(MedsegError, match=r"burned\.dcm: BurnedInAnnotation is YES"):
-        read_dicom_frames(tmp_path / "burned.dcm")
-    allowed = read_dicom_frames(tmp_path / "burned.dcm", ReadOptions(allow_burned_in=True))
-    assert np.array_equal(allowed[0], read_dicom(MR))
+        read(tmp_path / "burned.dcm")
+    allowed = read(tmp_path / "burned.dcm", ReadOptions(allow_burned_in=True))
+    assert np.array_equal(allowed[0], read(MR)[0])
 
 
 @pytest.mark.parametrize(
@@ -281,7 +280,7 @@ def test_burned_in_annotation_is_refused_unless_allowed(tmp_path: Path):
 def test_broken_bundled_files_give_one_clear_message(name: str, message: str):
     path = get_testdata_file(name)
     with pytest.raises(MedsegError, match=message) as info:
-        read_dicom_frames(path)
+        read(path)
     assert str(info.value).startswith(f"{path}: ")
 
 
@@ -291,7 +290,7 @@ def test_unsupported_transfer_syntax(tmp_path: Path):
     ds.PixelData = encapsulate([b"\x00" * 64])
     ds.save_as(tmp_path / "mpeg.dcm")
     with pytest.raises(MedsegError, match=r"mpeg\.dcm: unsupported transfer syntax MPEG2"):
-        read_dicom_frames(tmp_path / "mpeg.dcm")
+        read(tmp_path / "mpeg.dcm")
 
 
 def test_messages_never_quote_patient_fields(tmp_path: Path):
@@ -299,7 +298,7 @@ def test_messages_never_quote_patient_fields(tmp_path: Path):
     ds.PatientName, ds.PatientID, ds.PatientBirthDate = "DOE^JANE", "PID-98765", "19700101"
     ds.save_as(tmp_path / "a.dcm")
     with pytest.raises(MedsegError) as info:
-        read_dicom_frames(tmp_path / "a.dcm")
+        read(tmp_path / "a.dcm")
     for secret in ("DOE", "JANE", "PID-98765", "19700101", str(ds.SOPInstanceUID)):
         assert secret not in str(info.value)
 
@@ -313,7 +312,7 @@ def test_empty_display_attributes_count_as_absent(tmp_path: Path):
     del plain.WindowCenter, plain.WindowWidth
     plain.save_as(tmp_path / "no_window.dcm")
     assert np.array_equal(
-        read_dicom(tmp_path / "blank_window.dcm"), read_dicom(tmp_path / "no_window.dcm")
+        read(tmp_path / "blank_window.dcm")[0], read(tmp_path / "no_window.dcm")[0]
     )
 
     ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
@@ -321,7 +320,7 @@ def test_empty_display_attributes_count_as_absent(tmp_path: Path):
     ct.save_as(tmp_path / "blank_rescale.dcm")
     raw = ct.pixel_array.astype(np.float64)  # no rescale: the stored values, signed 16 bit
     expected = ((raw + 32768) / 65535 * 65535 + 0.5).astype(np.uint16)
-    assert np.array_equal(read_dicom(tmp_path / "blank_rescale.dcm"), expected)
+    assert np.array_equal(read(tmp_path / "blank_rescale.dcm")[0], expected)
 
 
 def test_malformed_lut_is_one_clear_error_naming_the_file(tmp_path: Path):
@@ -332,4 +331,4 @@ def test_malformed_lut_is_one_clear_error_naming_the_file(tmp_path: Path):
     ds.VOILUTSequence = [item]
     ds.save_as(tmp_path / "bad_lut.dcm")
     with pytest.raises(MedsegError, match=r"bad_lut\.dcm: cannot apply the file's rescale"):
-        read_dicom(tmp_path / "bad_lut.dcm")
+        read(tmp_path / "bad_lut.dcm")[0]

@@ -14,8 +14,8 @@ from medseg.bundle import load_bundle
 from medseg.cli import main
 from medseg.config import CONVERT_RECORD, ConvertConfig, PreprocessConfig
 from medseg.convert import fov_from_image
-from medseg.io.dicom import read_dicom
-from medseg.io.images import read_image, read_raster, write_png
+from medseg.io.images import read_raster, write_png
+from medseg.io.reader import ReadOptions, read
 from medseg.model import ModelSpec
 from medseg.predict import collect_inputs, find_fov, read_input
 from medseg.preprocess import RECORD, save_record
@@ -58,7 +58,7 @@ def test_predict_dicom_and_png_end_to_end(tmp_path: Path, png: Path, capsys):
                 "--window", "64", "--tta")  # fmt: skip
     assert code == 0, capsys.readouterr().err
     assert "wrote 2 mask(s)" in capsys.readouterr().out
-    for stem, shape in (("CT_small", read_dicom(CT_SMALL).shape), ("fundus", (70, 90))):
+    for stem, shape in (("CT_small", read(CT_SMALL)[0].shape), ("fundus", (70, 90))):
         mask = read_raster(out / f"{stem}.png")
         assert mask.shape == shape[:2] and mask.dtype == np.uint8
         assert set(np.unique(mask)) <= {0, 255}
@@ -216,9 +216,11 @@ def test_predict_reads_dicom_with_the_models_window_override(tmp_path: Path):
     _convert_record(model.parent, window_center=40.0, window_width=400.0)  # a CT soft-tissue window
     bundle = load_bundle(model)
     assert np.array_equal(
-        read_input(bundle, Path(CT_SMALL)), read_image(CT_SMALL, window=(40.0, 400.0))
+        read_input(bundle, Path(CT_SMALL)), read(CT_SMALL, ReadOptions(window=(40.0, 400.0)))[0]
     )
-    assert not np.array_equal(read_image(CT_SMALL, window=(40.0, 400.0)), read_image(CT_SMALL))
+    assert not np.array_equal(
+        read(CT_SMALL, ReadOptions(window=(40.0, 400.0)))[0], read(CT_SMALL)[0]
+    )
 
 
 def test_a_broken_convert_record_is_refused_naming_it(tmp_path: Path, png: Path, capsys):

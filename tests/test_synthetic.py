@@ -8,7 +8,8 @@ from conftest import tiny_params, write_params
 from scipy import ndimage
 
 from medseg.config import SynthesizeConfig, load_params
-from medseg.io.images import binarize, read_image
+from medseg.io.images import binarize
+from medseg.io.reader import read
 from medseg.synthetic import generate_case, write_dataset
 
 
@@ -76,12 +77,12 @@ def test_write_dataset_drive_layout_with_dicom(cfg: SynthesizeConfig, tmp_path: 
     assert [n.split(".")[0] for n in train_images] == ["03_training", "04_training", "05_training"]
     suffixes = [n.rsplit(".", 1)[1] for n in test_images + train_images]
     assert suffixes.count("dcm") == 2 and suffixes.count("tif") == 3
-    mask = binarize(read_image(out / "training" / "1st_manual" / "03_manual1.gif"))
-    fov = binarize(read_image(out / "training" / "mask" / "03_training_mask.gif"))
+    mask = binarize(read(out / "training" / "1st_manual" / "03_manual1.gif")[0])
+    fov = binarize(read(out / "training" / "mask" / "03_training_mask.gif")[0])
     case = generate_case(cfg, 2)
     assert np.array_equal(mask, case.vessels) and np.array_equal(fov, case.fov)
     image_file = next((out / "training" / "images").glob("03_training.*"))
-    assert np.array_equal(read_image(image_file), case.image)  # TIFF and DICOM both lossless
+    assert np.array_equal(read(image_file)[0], case.image)  # TIFF and DICOM both lossless
 
 
 def test_write_dataset_is_byte_identical(cfg: SynthesizeConfig, tmp_path: Path):

@@ -29,8 +29,9 @@ from tqdm import tqdm
 from medseg.config import CLASSES, CONVERT_RECORD, ConvertConfig, DataConfig, label_map
 from medseg.errors import MedsegError
 from medseg.io.atomic import atomic_dir, write_json
-from medseg.io.images import ReadOptions, mask_to_bool, read_frames, source_format, write_png
+from medseg.io.images import mask_to_bool, write_png
 from medseg.io.layouts import CaseFiles, Problem, scan_cases
+from medseg.io.reader import ReadOptions, read, source_format
 from medseg.io.seg import SegIndex, class_names, is_seg, read_seg_mask
 
 log = logging.getLogger(__name__)
@@ -220,18 +221,10 @@ def convert_case(job: _Job) -> _Result:
 def _convert(
     case: CaseFiles, root: Path, out: Path, cfg: ConvertConfig, labels: dict[int, int] | None
 ) -> list[dict[str, object]]:
-    window = None
-    if cfg.window_center is not None and cfg.window_width is not None:
-        window = (cfg.window_center, cfg.window_width)
-    options = ReadOptions(
-        window=window,
-        max_pixels=cfg.max_pixels,
-        allow_multiframe=cfg.multiframe == "split",
-        allow_burned_in=cfg.allow_burned_in,
-    )
+    options = ReadOptions.from_convert(cfg)
     base = _base_id(case, root, cfg)
     source = _source_name(case, root, cfg)
-    images = read_frames(case.image, options)
+    images = read(case.image, options)
     raw = dataclasses.replace(options, window=None)  # a window is for images, never for masks
     masks = _read_mask(case.mask, raw, cfg, images, "mask", labels, case.image)
     masks2 = (
@@ -304,7 +297,7 @@ def _read_mask(
         raw = read_seg_mask(path, image, images.shape[1:3], options)
         seg = True
     else:
-        raw = read_frames(path, options)
+        raw = read(path, options)
         seg = False
     if seg and labels is None:  # binary: any segment is foreground
         frames = raw > 0

@@ -3,6 +3,7 @@ preprocessing and inference (the model bundle: `medseg.bundle`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -17,7 +18,8 @@ from medseg.config import EvaluateConfig
 from medseg.convert import fov_from_image
 from medseg.errors import MedsegError
 from medseg.inference import predict_case
-from medseg.io.images import IMAGE_SUFFIXES, binarize, read_image, source_format, write_png
+from medseg.io.images import binarize, write_png
+from medseg.io.reader import IMAGE_SUFFIXES, ReadOptions, read, source_format
 from medseg.preprocess import prepare_image
 
 PROBABILITIES = "probabilities"
@@ -25,21 +27,29 @@ PROBABILITIES = "probabilities"
 log = logging.getLogger(__name__)
 
 
+def read_options(bundle: Bundle) -> ReadOptions:
+    """How inputs are read: as the convert stage read the model's training images (its DICOM
+    window override and its size limit ``convert.max_pixels``; the default limit where the
+    model has no convert record), one image per file. BurnedInAnnotation is not refused: no
+    pixel of the input reaches an output."""
+    options = ReadOptions.from_convert(bundle.convert, single=True)
+    return dataclasses.replace(options, allow_burned_in=True)
+
+
 def read_input(bundle: Bundle, path: Path) -> np.ndarray:
-    """Read an input image as the convert stage read the model's training images (its DICOM
-    window override included)."""
-    cfg = bundle.convert
-    window = None
-    if cfg is not None and cfg.window_center is not None and cfg.window_width is not None:
-        window = (cfg.window_center, cfg.window_width)
-    return read_image(path, window=window)
+    """Read an input image as the convert stage read the model's training images.
+
+    Returns:
+        (H, W) or (H, W, 3) uint8/uint16.
+    """
+    return read(path, read_options(bundle))[0]
 
 
 def input_fov(bundle: Bundle, fov_path: Path | None, image: np.ndarray, path: Path) -> np.ndarray:
     """The FOV of an input: its mask file, else made as convert made a missing one (from the
     image with the model's ``convert.fov_threshold`` and ``fov_erode``, or the whole image)."""
     if fov_path is not None or bundle.convert is None:
-        return read_fov(fov_path, image.shape[:2])
+        return read_fov(fov_path, image.shape[:2], read_options(bundle))
     cfg = bundle.convert
     if cfg.fov_fallback != "threshold":
         return np.ones(image.shape[:2], dtype=bool)
@@ -122,11 +132,15 @@ def find_fov(fov: Path | None, image: Path, n_inputs: int) -> Path | None:
     return matches[0]
 
 
-def read_fov(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
-    """The FOV mask as (H, W) bool: the file's, or the whole image when ``path`` is None."""
+def read_fov(
+    path: Path | None, shape: tuple[int, int], options: ReadOptions | None = None
+) -> np.ndarray:
+    """The FOV mask as (H, W) bool: the file's (read with ``options``, no window), or the whole
+    image when ``path`` is None."""
     if path is None:
         return np.ones(shape, dtype=bool)
-    fov = binarize(read_image(path))
+    options = dataclasses.replace(options or ReadOptions(allow_multiframe=False), window=None)
+    fov = binarize(read(path, options)[0])
     if fov.shape != shape:
         raise MedsegError(
             f"{path}: FOV mask is {fov.shape[1]}x{fov.shape[0]}, its image "
@@ -144,7 +158,7 @@ def predict_image(
 
     Args:
         bundle: from `medseg.bundle.load_bundle`.
-        image: (H, W) or (H, W, 3) uint8/uint16, as `medseg.io.images.read_image` returns it.
+        image: (H, W) or (H, W, 3) uint8/uint16, as `read_input` returns it.
         fov: (H, W) bool; nothing is predicted outside it.
         options: threshold, window, overlap, blending, tta, batch size.
 

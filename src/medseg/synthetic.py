@@ -25,12 +25,15 @@ from pathlib import Path
 import numpy as np
 import tifffile
 from PIL import Image, ImageDraw
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
 from medseg.config import SynthesizeConfig
-from medseg.io.dicom import write_rgb_dicom
 
 _SUPERSAMPLE = 2
+# Ophthalmic Photography 8 Bit Image Storage: what a fundus camera writes.
+OPHTHALMIC_PHOTOGRAPHY_8BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
 # Fraction of vessel darkening seen in each channel (R, G, B): haemoglobin absorbs green most.
 _VESSEL_ABSORPTION = np.array([0.22, 1.0, 0.65], dtype=np.float32)
 _BACKGROUND_RGB = np.array([0.78, 0.40, 0.17], dtype=np.float32)
@@ -291,3 +294,36 @@ def label_map(case: SyntheticCase) -> np.ndarray:
 
 def _write_gif(path: Path, mask: np.ndarray, scale: int = 255) -> None:
     Image.fromarray(mask.astype(np.uint8) * scale).save(path, format="GIF")
+
+
+def write_rgb_dicom(path: str | Path, image: np.ndarray, case_uid_seed: str) -> None:
+    """Write an (H, W, 3) uint8 photograph as an uncompressed ophthalmic-photography DICOM.
+
+    Used by the synthetic data set. Patient fields are fixed placeholders and UIDs are derived
+    from ``case_uid_seed``, so the file's bytes are deterministic.
+    """
+    meta = FileMetaDataset()
+    sop_uid = generate_uid(entropy_srcs=[case_uid_seed, "sop"])
+    meta.MediaStorageSOPClassUID = UID(OPHTHALMIC_PHOTOGRAPHY_8BIT)
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = OPHTHALMIC_PHOTOGRAPHY_8BIT
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=[case_uid_seed, "study"])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[case_uid_seed, "series"])
+    ds.Modality = "OP"
+    ds.PatientName = "SYNTHETIC^PHANTOM"
+    ds.PatientID = "SYNTHETIC"
+    ds.BurnedInAnnotation = "NO"
+    ds.Rows, ds.Columns = int(image.shape[0]), int(image.shape[1])
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.ascontiguousarray(image, dtype=np.uint8).tobytes()
+    ds.save_as(path, enforce_file_format=True)

@@ -1,4 +1,4 @@
-"""DICOM reading (pixel data with modality and VOI LUTs applied) and writing of demo files.
+"""DICOM reading: pixel data with modality and VOI LUTs applied.
 
 Grey images go through the modality LUT (RescaleSlope/Intercept or a Modality LUT Sequence),
 then a window (from `convert` params, else the file's WindowCenter/Width or VOI LUT), and are
@@ -8,20 +8,28 @@ inverted so that bright means dense. Colour (RGB, YBR, palette) comes out as RGB
 multi-frame files take their rescale and window per frame from the functional groups.
 
 The header is checked before the pixel data is decoded (presence, size against a limit,
-multi-frame and burned-in-annotation policy), and the pixel data is decoded once. Nothing
+multi-frame and burned-in-annotation policy), and the pixel data is decoded once. Before that,
+the file's size is bounded, a deflated data set is inflated only up to the limit, and every
+compressed frame's own header (`medseg.io.codestream`) must agree with Rows, Columns and
+SamplesPerPixel and the frame must be whole; a warning while decoding is an error. Nothing
 identifying the patient is read: messages name the file and technical attributes only.
 """
 
 from __future__ import annotations
 
+import tempfile
 import warnings
+import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
+import imagecodecs
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset, read_file_meta_info
 from pydicom.pixels import (
     apply_color_lut,
     apply_modality_lut,
@@ -29,13 +37,36 @@ from pydicom.pixels import (
     convert_color_space,
     get_decoder,
 )
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from medseg.errors import MedsegError
-from medseg.io.images import ReadOptions, check_pixel_count
+from medseg.io.codestream import CodestreamError, frame_header
+from medseg.io.limits import ReadOptions, check_file_size, check_pixel_count, decode_guard
 
-# Ophthalmic Photography 8 Bit Image Storage: what a fundus camera writes.
-OPHTHALMIC_PHOTOGRAPHY_8BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
+DICOM_SUFFIXES = (".dcm", ".dicom")
+# Encapsulated transfer syntaxes by the codestream their frames hold.
+_CODESTREAMS = {
+    **dict.fromkeys(("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51",  # JPEG baseline, ext.
+                     "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70"), "jpeg"),  # lossless
+    **dict.fromkeys(("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"), "jpegls"),
+    **dict.fromkeys(("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",  # JPEG 2000
+                     "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",  # HTJ2K
+                     "1.2.840.10008.1.2.4.203"), "j2k"),
+    "1.2.840.10008.1.2.5": "rle",
+}  # fmt: skip
+# Bytes inflated per step of a deflated data set (the check against the limit runs per step).
+_INFLATE_STEP = 2**20
+# pydicom's decode warnings that report a header it has corrected from the pixel data itself, or
+# padding it has dropped: the image is whole. Every other warning while decoding is an error.
+_BENIGN = (
+    r"The \(0028,0004\) 'Photometric Interpretation' value is",
+    r"The pixel data is \d+ bytes long, which indicates it contains \d+ bytes of excess padding",
+    r"The decoded RLE segment contains non-conformant padding",
+)
+# Value representations whose length field is 4 bytes in explicit VR (PS3.5 7.1.2).
+_LONG_VRS = frozenset(
+    (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
+)
 # Elements that the modality and VOI LUT steps read, per frame in enhanced multi-frame files.
 _LUT_SEQUENCES = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
 _LUT_KEYWORDS = (
@@ -44,29 +75,28 @@ _LUT_KEYWORDS = (
 )  # fmt: skip
 
 
-def read_dicom(path: str | Path, window: tuple[float, float] | None = None) -> np.ndarray:
-    """Read the pixel data of a single-frame DICOM file as a display-ready image.
-
-    Args:
-        path: the file.
-        window: ``(center, width)`` overriding the file's VOI window, or ``None``.
-
-    Returns:
-        (H, W) uint8 or uint16 grey image (16 bit when more than 8 bits are stored), or
-        (H, W, 3) uint8 or uint16 RGB.
-
-    Raises:
-        MedsegError: the file is not DICOM, has no pixel data, cannot be decoded or is multi-frame.
-    """
-    frames = read_dicom_frames(
-        path, ReadOptions(window=window, max_pixels=2**62, allow_burned_in=True)
-    )
-    if len(frames) != 1:
-        raise MedsegError(f"{path}: holds {len(frames)} frames where one image was expected")
-    return frames[0]
+def is_dicom_file(path: str | Path) -> bool:
+    """Whether ``path`` starts with the DICOM preamble and ``DICM`` prefix (for files without an
+    ending, as scanners often write them)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
 
 
-def read_dicom_frames(path: str | Path, options: ReadOptions | None = None) -> np.ndarray:
+def is_deflated(path: str | Path) -> bool:
+    """Whether a DICOM file's data set is deflate-compressed (read from its file meta only):
+    such a file must not reach `pydicom.dcmread`, which inflates it whole."""
+    try:
+        syntax = read_file_meta_info(path).get("TransferSyntaxUID")
+    except Exception:  # not DICOM, or a damaged meta group: the reader says why, later
+        return False
+    return bool(syntax == DeflatedExplicitVRLittleEndian)
+
+
+def read_dicom_frames(path: str | Path, options: ReadOptions) -> np.ndarray:
     """Read every frame of a DICOM file as display-ready images.
 
     Args:
@@ -81,15 +111,18 @@ def read_dicom_frames(path: str | Path, options: ReadOptions | None = None) -> n
     Raises:
         MedsegError: naming the file and the reason.
     """
-    options = options or ReadOptions()
     path = Path(path)
     with warnings.catch_warnings():
         # pydicom warns about odd element values, quoting them: they may identify the patient
         warnings.simplefilter("ignore")
-        ds = _read_dataset(path)
+        ds = _read_dataset(path, options)
         _drop_empty(ds)
         _check_header(path, ds, options)
-        arr, meta = _decode(path, ds)
+        _check_bits_allocated(path, ds)
+        _check_codestreams(path, ds)
+    arr, meta = _decode(path, ds)  # decoder warnings are errors here
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         try:
             return _display(path, ds, arr, meta, options.window)
         except MedsegError:
@@ -116,9 +149,15 @@ def _drop_empty(ds: Dataset) -> None:
             del ds[keyword]
 
 
-def _read_dataset(path: Path) -> Dataset:
+def _read_dataset(path: Path, options: ReadOptions) -> Dataset:
+    check_file_size(path, options)  # pydicom holds every element's value in memory
     try:
+        meta = read_file_meta_info(path)
+        if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            return _read_deflated(path, meta, options)
         return pydicom.dcmread(path)
+    except MedsegError:
+        raise
     except InvalidDicomError as err:
         raise MedsegError(f"{path}: not a readable DICOM file ({err})") from err
     except OSError as err:
@@ -129,6 +168,131 @@ def _read_dataset(path: Path) -> Dataset:
             f"{path}: not a readable DICOM file (header cannot be parsed: {type(err).__name__}); "
             "is the file complete?"
         ) from err
+
+
+def _read_deflated(path: Path, meta: FileMetaDataset, options: ReadOptions) -> Dataset:
+    """A Deflated Explicit VR Little Endian file, inflated at most to ``options.max_bytes``
+    (pydicom would inflate it whole, however large it grows).
+
+    The data set is inflated piece by piece into a temporary file, so that memory holds one
+    copy of it (as pydicom reads it back), not the inflated bytes and the parsed data set.
+    """
+    with open(path, "rb") as f:
+        f.seek(_dataset_offset(path, f.read(min(options.max_bytes, 2**20))))
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        with tempfile.TemporaryFile() as inflated:
+            size = 0
+            while not inflater.eof:
+                chunk = inflater.unconsumed_tail or f.read(2**20)
+                try:
+                    piece = inflater.decompress(chunk, _INFLATE_STEP)
+                except zlib.error as err:
+                    raise MedsegError(
+                        f"{path}: the deflated DICOM data set is damaged ({err})"
+                    ) from err
+                if not chunk and not piece:
+                    break  # the file ended before the deflate stream did
+                size += len(piece)
+                if size > options.max_bytes:
+                    raise MedsegError(
+                        f"{path}: the deflated DICOM data set inflates past "
+                        f"{options.max_bytes:,} bytes, more than convert.max_pixels "
+                        f"({options.max_pixels:,}) samples can fill; raise convert.max_pixels if "
+                        "the file is genuine"
+                    )
+                inflated.write(piece)
+            if not inflater.eof:
+                raise MedsegError(f"{path}: the deflated DICOM data set is truncated")
+            inflated.seek(0)
+            dataset = read_dataset(
+                cast(BinaryIO, inflated), is_implicit_VR=False, is_little_endian=True
+            )
+    return FileDataset(str(path), dataset, None, meta, False, True)
+
+
+def _dataset_offset(path: Path, raw: bytes) -> int:
+    """Where the data set starts: after the preamble, ``DICM`` and the group 0002 elements
+    (always explicit VR little endian)."""
+    pos = 132
+    while pos + 8 <= len(raw) and int.from_bytes(raw[pos : pos + 2], "little") == 0x0002:
+        vr = raw[pos + 4 : pos + 6]
+        if vr in _LONG_VRS:
+            pos += 12 + int.from_bytes(raw[pos + 8 : pos + 12], "little")
+        else:
+            pos += 8 + int.from_bytes(raw[pos + 6 : pos + 8], "little")
+    if pos > len(raw):
+        raise MedsegError(f"{path}: the DICOM file meta information is truncated")
+    return pos
+
+
+def _check_bits_allocated(path: Path, ds: Dataset) -> None:
+    """Bytes per sample are bounded too: the limit counts samples of at most 8 bytes."""
+    bits = _header_int(path, ds, "BitsAllocated", 8)
+    if bits not in (1, 8, 16, 32, 64):
+        raise MedsegError(
+            f"{path}: BitsAllocated is {bits}; DICOM pixel data has 1, 8, 16, 32 or 64"
+        )
+
+
+def _check_codestreams(path: Path, ds: Dataset) -> None:
+    """Every compressed frame declares the size of the header and is whole, before decoding.
+
+    A decoder sizes its output from the codestream, not from Rows and Columns: a disagreement
+    could allocate far past the limit, or decode a different image than the header describes.
+    """
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    kind = _CODESTREAMS.get(syntax)
+    if kind is None:
+        return
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    bits = int(ds.get("BitsAllocated", 8) or 8)
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    count = 0
+    try:
+        for count, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=n_frames), 1):
+            if count > n_frames:
+                break
+            header = frame_header("jpeg" if kind == "jpegls" else kind, frame)
+            if kind == "rle":
+                expected = samples * -(-bits // 8)
+                if header.samples != expected:
+                    raise CodestreamError(
+                        f"frame {count} has {header.samples} RLE segments where "
+                        f"{samples} samples x {bits} bits need {expected}"
+                    )
+            elif (header.rows, header.columns, header.samples) != (rows, cols, samples):
+                raise CodestreamError(
+                    f"frame {count} is {header.columns}x{header.rows} with {header.samples} "
+                    f"samples by its own header, but Columns x Rows is {cols}x{rows} with "
+                    f"{samples} samples"
+                )
+            elif header.bits > bits:
+                raise CodestreamError(
+                    f"frame {count} has {header.bits}-bit samples but BitsAllocated is {bits}"
+                )
+            if kind == "jpegls":
+                _check_jpegls(frame)
+    except CodestreamError as err:
+        raise MedsegError(f"{path}: compressed pixel data refused: {err}") from None
+    except Exception as err:  # fragments that cannot be split into frames
+        raise MedsegError(
+            f"{path}: the encapsulated pixel data is malformed ({type(err).__name__}: {err})"
+        ) from None
+    if count != n_frames:
+        raise MedsegError(
+            f"{path}: the encapsulated pixel data holds {count} frames but NumberOfFrames is "
+            f"{n_frames}; the file is damaged or incomplete"
+        )
+
+
+def _check_jpegls(frame: bytes) -> None:
+    """JPEG-LS frames are decoded once by CharLS, which detects damaged entropy-coded data that
+    the decoder pydicom uses passes over."""
+    try:
+        imagecodecs.jpegls_decode(frame)
+    except Exception as err:
+        raise CodestreamError(f"the JPEG-LS data is damaged ({err})") from None
 
 
 def _header_int(path: Path, ds: Dataset, keyword: str, default: int | None = None) -> int:
@@ -197,12 +361,8 @@ def _decode(path: Path, ds: Dataset) -> tuple[np.ndarray, dict[str, Any]]:
             f"{path}: transfer syntax {name} needs a decoder plugin that is not installed "
             "(pylibjpeg with -libjpeg, -openjpeg, -rle); reinstall medseg's dependencies"
         )
-    try:
+    with decode_guard(path, f"decode DICOM pixel data (transfer syntax {name})", _BENIGN):
         arr, info = decoder.as_array(ds, as_rgb=True)  # type: ignore[arg-type]
-    except Exception as err:  # pydicom and its plugins raise many types on damaged data
-        raise MedsegError(
-            f"{path}: cannot decode DICOM pixel data (transfer syntax {name}): {err}"
-        ) from err
     frames = int(info.get("number_of_frames", 1) or 1)
     samples = int(info.get("samples_per_pixel", 1) or 1)
     expected_ndim = 2 + (frames > 1) + (samples > 1)
@@ -361,36 +521,3 @@ def _first(value: object) -> float:
     ):
         return float(value[0])  # type: ignore[index]
     return float(value)  # type: ignore[arg-type]
-
-
-def write_rgb_dicom(path: str | Path, image: np.ndarray, case_uid_seed: str) -> None:
-    """Write an (H, W, 3) uint8 photograph as an uncompressed ophthalmic-photography DICOM.
-
-    Used by the synthetic data set. Patient fields are fixed placeholders and UIDs are derived
-    from ``case_uid_seed``, so the file's bytes are deterministic.
-    """
-    meta = FileMetaDataset()
-    sop_uid = generate_uid(entropy_srcs=[case_uid_seed, "sop"])
-    meta.MediaStorageSOPClassUID = UID(OPHTHALMIC_PHOTOGRAPHY_8BIT)
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = OPHTHALMIC_PHOTOGRAPHY_8BIT
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyInstanceUID = generate_uid(entropy_srcs=[case_uid_seed, "study"])
-    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[case_uid_seed, "series"])
-    ds.Modality = "OP"
-    ds.PatientName = "SYNTHETIC^PHANTOM"
-    ds.PatientID = "SYNTHETIC"
-    ds.BurnedInAnnotation = "NO"
-    ds.Rows, ds.Columns = int(image.shape[0]), int(image.shape[1])
-    ds.SamplesPerPixel = 3
-    ds.PhotometricInterpretation = "RGB"
-    ds.PlanarConfiguration = 0
-    ds.BitsAllocated = 8
-    ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    ds.PixelData = np.ascontiguousarray(image, dtype=np.uint8).tobytes()
-    ds.save_as(path, enforce_file_format=True)

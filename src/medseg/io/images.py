@@ -1,25 +1,35 @@
-"""Raster image reading and writing, chosen by file ending.
+"""Raster image reading (TIFF, PNG, GIF, JPEG, BMP, ...) and PNG writing.
 
 TIFF goes through tifffile (8/16-bit, RGB, multi-page); PNG, GIF, JPEG and BMP through Pillow
-(16-bit colour PNG through imagecodecs, which Pillow reads as 8 bit); DICOM through
-`medseg.io.dicom`. Readers return numpy arrays of dtype uint8 or uint16 and raise `MedsegError`
-naming the file when they cannot. `read_frames` returns every frame, (F, H, W) or (F, H, W, 3),
-after checking the pixel count against a limit before anything is decoded.
+(16-bit colour PNG through imagecodecs, which Pillow reads as 8 bit). `read_raster_frames`
+returns numpy arrays of dtype uint8 or uint16 and raises `MedsegError` naming the file when it
+cannot. Every size (pages and their shapes from the TIFF IFDs, Pillow's image size and frame
+count) is checked against `ReadOptions` before anything is decoded, and a decoder's warning (a
+truncated image, Pillow's decompression-bomb warning, tifffile's log) is an error. Untrusted
+files are read through `medseg.io.reader.read`, which also covers DICOM.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import imagecodecs
 import numpy as np
 import tifffile
-from PIL import Image, ImageSequence, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageSequence
 
 from medseg.errors import MedsegError
+from medseg.io.limits import (
+    ReadOptions,
+    check_file_size,
+    check_frame_count,
+    check_pixel_count,
+    decode_guard,
+)
 
 # The raster formats Pillow reads that medical and microscopy data come in: PNG, GIF, JPEG,
 # BMP, the netpbm family, WebP, JPEG 2000, AVIF, TGA, SGI, PCX, QOI (TIFF goes to tifffile).
@@ -29,80 +39,30 @@ PILLOW_SUFFIXES = (
     ".bw", ".pcx", ".qoi", ".apng",
 )  # fmt: skip
 TIFF_SUFFIXES = (".tif", ".tiff")
-DICOM_SUFFIXES = (".dcm", ".dicom")
-IMAGE_SUFFIXES = PILLOW_SUFFIXES + TIFF_SUFFIXES + DICOM_SUFFIXES
+RASTER_SUFFIXES = PILLOW_SUFFIXES + TIFF_SUFFIXES
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Values within this share of a mask's range from its lowest or highest value count as those
 # values: DRIVE's 2nd_manual GIFs hold 2/4 and 252/254, yet are binary.
 MASK_TOLERANCE = 0.05
 
 
-@dataclass(frozen=True)
-class ReadOptions:
-    """How images are read; the `convert` params fill it.
-
-    Attributes:
-        window: DICOM VOI window ``(center, width)`` overriding each file's own, or ``None``.
-        max_pixels: largest rows x columns x frames x samples accepted, checked before decoding.
-        allow_multiframe: read every frame of a multi-frame file; ``False`` refuses such files.
-        allow_burned_in: accept DICOM files flagged ``BurnedInAnnotation = YES``.
-    """
-
-    window: tuple[float, float] | None = None
-    max_pixels: int = 200_000_000
-    allow_multiframe: bool = True
-    allow_burned_in: bool = False
-
-
-def is_dicom_file(path: str | Path) -> bool:
-    """Whether ``path`` starts with the DICOM preamble and ``DICM`` prefix (for files without an
-    ending, as scanners often write them)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:] == b"DICM"
-
-
-def source_format(path: str | Path) -> str:
-    """The format name of ``path``: ``dicom``, ``tiff``, ``png``, ``gif``, ``jpeg`` or ``bmp``.
-
-    Chosen by the file ending; a file without a known ending counts as DICOM when it carries the
-    DICOM prefix.
-    """
+def raster_format(path: str | Path) -> str:
+    """The format name of a raster file by its ending: ``tiff``, ``jpeg``, ``png``, ``gif``,
+    ``bmp``, ... (the ending without its dot); ``""`` for an ending that is not a raster's."""
     suffix = Path(path).suffix.lower()
-    if suffix in DICOM_SUFFIXES:
-        return "dicom"
     if suffix in TIFF_SUFFIXES:
         return "tiff"
     if suffix in (".jpg", ".jpeg", ".jpe", ".jfif"):
         return "jpeg"
-    if suffix in PILLOW_SUFFIXES:
-        return suffix[1:]
-    if is_dicom_file(path):
-        return "dicom"
-    raise MedsegError(
-        f"{path}: unsupported file type {suffix or '(no ending)'}; "
-        f"supported: {', '.join(IMAGE_SUFFIXES)} and DICOM files without an ending"
-    )
+    return suffix[1:] if suffix in PILLOW_SUFFIXES else ""
 
 
-def check_pixel_count(path: str | Path, count: int, limit: int, what: str) -> None:
-    """Refuse an image whose ``count`` of samples exceeds ``limit``, before it is decoded."""
-    if count > limit:
-        raise MedsegError(
-            f"{path}: {what} = {count:,} samples exceeds convert.max_pixels ({limit:,}); "
-            "raise convert.max_pixels if the file is genuine"
-        )
-
-
-def read_frames(path: str | Path, options: ReadOptions | None = None) -> np.ndarray:
-    """Read every frame of any supported image (DICOM, TIFF, PNG, GIF, JPEG, BMP).
+def read_raster_frames(path: str | Path, options: ReadOptions) -> np.ndarray:
+    """Read every frame or page of a raster image, within ``options``' limits.
 
     Args:
-        path: the file.
-        options: window override, pixel limit, multi-frame and burned-in-annotation policy.
+        path: a file with one of `RASTER_SUFFIXES`.
+        options: pixel limit and multi-frame policy (the DICOM fields are unused).
 
     Returns:
         (F, H, W) or (F, H, W, 3) array, uint8 or uint16, F >= 1.
@@ -110,58 +70,36 @@ def read_frames(path: str | Path, options: ReadOptions | None = None) -> np.ndar
     Raises:
         MedsegError: naming the file and the reason.
     """
-    options = options or ReadOptions()
     path = Path(path)
-    fmt = source_format(path)
-    if fmt == "dicom":
-        from medseg.io.dicom import read_dicom_frames
-
-        return read_dicom_frames(path, options)
-    try:
+    fmt = raster_format(path)
+    check_file_size(path, options)
+    with decode_guard(path, f"read {fmt or 'raster'} image"):
         frames = _tiff_frames(path, options) if fmt == "tiff" else _pillow_frames(path, options)
-    except MedsegError:
-        raise
-    except PermissionError as err:
-        raise MedsegError(f"{path}: cannot read the file (permission denied)") from err
-    except (OSError, ValueError, UnidentifiedImageError, tifffile.TiffFileError) as err:
-        raise MedsegError(
-            f"{path}: cannot read {fmt} image ({err}); is the file complete?"
-        ) from err
-    except Exception as err:  # a decoder failing on a damaged file, in any way it likes
-        raise MedsegError(f"{path}: cannot read {fmt} image ({type(err).__name__}: {err})") from err
-    return np.stack([_canonical(path, f) for f in frames])
+    return _stack(path, [_canonical(path, f) for f in frames])
 
 
 def read_raster(path: str | Path) -> np.ndarray:
-    """Read a single-frame TIFF, PNG, GIF, JPEG or BMP file.
+    """Read a single-frame raster the pipeline wrote itself (a converted PNG), without a size
+    limit beyond Pillow's own; user files go through `medseg.io.reader.read`.
 
     Returns:
         (H, W) or (H, W, 3) array, uint8 or uint16. Alpha is dropped, palettes are expanded,
         bilevel images become 0/255.
     """
-    if source_format(path) == "dicom":
-        raise MedsegError(f"{path}: a DICOM file where a raster image was expected")
-    return _single(path, read_frames(path, ReadOptions(max_pixels=2**62)))
-
-
-def read_image(path: str | Path, window: tuple[float, float] | None = None) -> np.ndarray:
-    """Read any supported single-frame image (DICOM, TIFF, PNG, GIF, JPEG, BMP).
-
-    Args:
-        path: the file.
-        window: DICOM VOI window ``(center, width)`` override; ignored for other formats.
-
-    Returns:
-        (H, W) or (H, W, 3) array, uint8 or uint16.
-    """
-    options = ReadOptions(window=window, max_pixels=2**62, allow_burned_in=True)
-    return _single(path, read_frames(path, options))
-
-
-def _single(path: str | Path, frames: np.ndarray) -> np.ndarray:
-    if len(frames) != 1:
-        raise MedsegError(f"{path}: holds {len(frames)} frames where one image was expected")
+    if not raster_format(path):
+        raise MedsegError(f"{path}: not a raster image ({', '.join(RASTER_SUFFIXES)})")
+    frames = read_raster_frames(path, ReadOptions(max_pixels=2**50, allow_multiframe=False))
     return frames[0]
+
+
+def _stack(path: Path, frames: list[np.ndarray]) -> np.ndarray:
+    """Frames as one (F, H, W[, 3]) array; grey frames among colour ones (a GIF whose first
+    frame has a grey palette) become colour."""
+    if any(f.ndim == 3 for f in frames):
+        frames = [np.repeat(f[..., None], 3, axis=2) if f.ndim == 2 else f for f in frames]
+    if len({(f.shape, f.dtype) for f in frames}) > 1:
+        raise MedsegError(f"{path}: its frames differ in size or sample type")
+    return np.stack(frames)
 
 
 def _canonical(path: Path, arr: np.ndarray) -> np.ndarray:
@@ -184,7 +122,9 @@ def _canonical(path: Path, arr: np.ndarray) -> np.ndarray:
 
 
 def _tiff_frames(path: Path, options: ReadOptions) -> list[np.ndarray]:
-    with tifffile.TiffFile(path) as tif:
+    with _tifffile_log_as_errors(), tifffile.TiffFile(path) as tif:
+        # the IFD chain gives the page count without parsing each page's tags
+        check_frame_count(path, len(tif.pages), options)
         if not tif.series:
             raise MedsegError(f"{path}: TIFF file holds no image")
         series = tif.series[0]
@@ -202,34 +142,50 @@ def _tiff_frames(path: Path, options: ReadOptions) -> list[np.ndarray]:
     arr = np.transpose(arr, order)
     lead = arr.shape[: len(order) - (3 if "S" in axes else 2)]
     arr = arr.reshape(-1, *arr.shape[len(lead) :])
-    _check_frames(path, len(arr), options)
+    check_frame_count(path, len(arr), options)
     return list(arr)
 
 
+class _RaiseOnLog(logging.Handler):
+    """tifffile reports a damaged strip or tile in its log and goes on with the rest."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        raise ValueError(f"tifffile: {record.getMessage()}")
+
+
+@contextmanager
+def _tifffile_log_as_errors() -> Iterator[None]:
+    log = tifffile.logger()
+    handler = _RaiseOnLog(logging.WARNING)
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+
+
 def _pillow_frames(path: Path, options: ReadOptions) -> list[np.ndarray]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
-        try:
-            im = Image.open(path)
-        except Image.DecompressionBombError as err:
-            raise MedsegError(f"{path}: image too large for Pillow ({err})") from err
-    with im:
-        n = getattr(im, "n_frames", 1)
-        check_pixel_count(
-            path, im.width * im.height * len(im.getbands()) * n, options.max_pixels, "the image"
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # set by some other library in this process
+        raise MedsegError(
+            f"{path}: not read, because PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on in this "
+            "process and a truncated image would pass as whole; unset it"
         )
-        _check_frames(path, n, options)
+    try:
+        im = Image.open(path)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        raise MedsegError(
+            f"{path}: larger than Pillow's decompression-bomb limit of "
+            f"{Image.MAX_IMAGE_PIXELS:,} pixels ({err}); convert it to TIFF if it is genuine"
+        ) from None
+    with im:
+        samples = 3 if im.mode in ("P", "PA") else len(im.getbands())  # palettes expand
+        check_pixel_count(path, im.width * im.height * samples, options.max_pixels, "one frame")
+        n = getattr(im, "n_frames", 1)  # GIF: counted by skipping frames, never decoding them
+        check_frame_count(path, n, options)
+        check_pixel_count(path, im.width * im.height * samples * n, options.max_pixels, "the image")
         if im.format == "PNG" and _png_is_16bit_colour(path):
             return [imagecodecs.png_decode(path.read_bytes())]
         return [_pillow_array(path, frame) for frame in ImageSequence.Iterator(im)]
-
-
-def _check_frames(path: Path, n: int, options: ReadOptions) -> None:
-    if n > 1 and not options.allow_multiframe:
-        raise MedsegError(
-            f"{path}: holds {n} frames and convert.multiframe is 'refuse'; "
-            "set convert.multiframe: split to make one case per frame"
-        )
 
 
 def _png_is_16bit_colour(path: Path) -> bool:

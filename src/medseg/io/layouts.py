@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from medseg.errors import MedsegError
-from medseg.io.images import IMAGE_SUFFIXES, is_dicom_file
+from medseg.io.reader import IMAGE_SUFFIXES, is_dicom_file
 
 DRIVE_SPLITS = {"training": "train", "test": "test"}
 FOLDER_SPLITS = {"train": "train", "training": "train", "test": "test", "testing": "test"}

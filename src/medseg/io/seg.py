@@ -21,7 +21,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from medseg.errors import MedsegError
-from medseg.io.images import ReadOptions, check_pixel_count, is_dicom_file
+from medseg.io.dicom import is_deflated, is_dicom_file
+from medseg.io.limits import ReadOptions, check_pixel_count
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 _NOT_NAME = re.compile(r"[^a-z0-9_-]+")
@@ -29,7 +30,7 @@ _NOT_NAME = re.compile(r"[^a-z0-9_-]+")
 
 def is_seg(path: str | Path) -> bool:
     """Whether ``path`` is a DICOM Segmentation object (reads the header only)."""
-    if not is_dicom_file(path):
+    if not is_dicom_file(path) or is_deflated(path):  # a deflated file: read as an image
         return False
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
@@ -65,6 +66,8 @@ class SegHeader:
 
 def read_seg_header(path: Path) -> SegHeader:
     """Segments and referenced images of a SEG file, without its pixel data."""
+    if is_deflated(path):  # pydicom would inflate it whole, whatever its size
+        raise MedsegError(f"{path}: a deflated DICOM SEG is not supported; re-export it")
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception as err:
