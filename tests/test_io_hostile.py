@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 import tempfile
 import tracemalloc
+import zlib
 from pathlib import Path
 
 import imagecodecs
@@ -22,6 +24,7 @@ from hostile_files import (
     GREY,
     HOSTILE,
     LIMIT,
+    _png_chunk,
     dicom_deflate_bomb,
     dicom_deflated_ok,
 )
@@ -68,6 +71,22 @@ def test_default_limit_refuses_the_many_page_tiff_and_huge_headers(tmp_path: Pat
     for name in ("tiff_many_pages", "dicom_huge_header", "png_huge_ihdr", "tiff_huge_page"):
         with pytest.raises(MedsegError, match=HOSTILE[name][1]):
             read(HOSTILE[name][0](tmp_path), ReadOptions())
+
+
+def test_convert_max_pixels_governs_below_pillows_own_bomb_limit(tmp_path: Path):
+    """A 10000 x 10000 grey PNG header (100M pixels, past Pillow's 89.5M warning): refused by
+    our limit when it is lower, and not refused as a bomb when our limit allows it."""
+    ihdr = struct.pack(">IIBBBBB", 10_000, 10_000, 8, 0, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
+    data += _png_chunk(b"IDAT", zlib.compress(bytes(1000))) + _png_chunk(b"IEND", b"")
+    path = tmp_path / "big.png"
+    path.write_bytes(data)
+    with pytest.raises(MedsegError, match=r"big\.png") as low:
+        read(path, ReadOptions(max_pixels=50_000_000))
+    assert "decompression-bomb" not in str(low.value) and "50,000,000" in str(low.value)
+    with pytest.raises(MedsegError, match=r"big\.png") as high:  # the data is far too short
+        read(path, ReadOptions(max_pixels=200_000_000))
+    assert "decompression-bomb" not in str(high.value)
 
 
 def test_deflate_bomb_as_a_seg_candidate_is_not_inflated(tmp_path: Path):

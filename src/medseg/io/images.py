@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -171,8 +172,12 @@ def _pillow_frames(path: Path, options: ReadOptions) -> list[np.ndarray]:
             "process and a truncated image would pass as whole; unset it"
         )
     try:
-        im = Image.open(path)
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        with warnings.catch_warnings():
+            # Pillow warns from 89.5M pixels on; the size is checked against our own limit
+            # below, before anything is decoded. Its error (twice that) still stops the read.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except Image.DecompressionBombError as err:
         raise MedsegError(
             f"{path}: larger than Pillow's decompression-bomb limit of "
             f"{Image.MAX_IMAGE_PIXELS:,} pixels ({err}); convert it to TIFF if it is genuine"
