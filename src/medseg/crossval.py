@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medseg.bundle import RECORDS, load_bundle
+from medseg.bundle import RECORDS, Bundle, load_bundle
 from medseg.config import CrossvalConfig, EvaluateConfig
 from medseg.errors import MedsegError
 from medseg.evaluation import (
@@ -37,7 +37,7 @@ from medseg.inference import predict_case, segment
 from medseg.io.atomic import atomic_dir, write_json, write_text
 from medseg.io.images import write_png
 from medseg.io.shards import CaseStore, write_view
-from medseg.preprocess import open_split, read_case, shuffled_groups, source_groups
+from medseg.preprocess import Case, open_split, read_case, shuffled_groups, source_groups
 
 log = logging.getLogger(__name__)
 
@@ -194,25 +194,13 @@ def ensemble_folds(
     names = [ENSEMBLE, *folds]
     tallies = {name: ScoreTally(n_classes, bundles[0].classes) for name in names}
     second = SecondObserver(n_classes)
+    by_fold = dict(zip(folds, bundles, strict=True))
     with atomic_dir(out) as tmp:
         for name in names:
             (tmp / "probabilities" / name).mkdir(parents=True)
         for i in test:
             case = read_case(test, i)
-            total: np.ndarray | None = None
-            for name, bundle in zip(folds, bundles, strict=True):
-                pred, probs = predict_case(
-                    bundle.model, case.image, case.fov, cfg, bundle.device, out_fov=case.truth_fov
-                )
-                tallies[name].add(case.case_id, probs, pred, case.truth, case.truth_fov)
-                _write_probability(tmp / "probabilities" / name / f"{case.case_id}.png", probs)
-                total = probs.astype(np.float64) if total is None else total + probs
-            assert total is not None
-            mean = (total / len(bundles)).astype(np.float32)
-            pred = segment(mean, cfg.threshold)
-            pred[~case.truth_fov] = 0  # as predict_case: background outside the FOV
-            tallies[ENSEMBLE].add(case.case_id, mean, pred, case.truth, case.truth_fov)
-            _write_probability(tmp / "probabilities" / ENSEMBLE / f"{case.case_id}.png", mean)
+            _ensemble_case(case, cfg, by_fold, tallies, tmp)
             if case.mask2 is not None:
                 second.add(case.truth, case.mask2, case.truth_fov)
             test.release(i)
@@ -230,6 +218,32 @@ def ensemble_folds(
         [metrics[name]["test"]["fov"]["dice"] for name in folds],
     )
     return metrics
+
+
+def _ensemble_case(
+    case: Case, cfg: EvaluateConfig, bundles: dict[str, Bundle], tallies: dict[str, ScoreTally],
+    out: Path,
+) -> None:  # fmt: skip
+    """Predict one case with every fold's model, then with their mean; score and save each.
+
+    Steps: (1) per fold, `predict_case` (probabilities at the truth's resolution, nothing
+    outside the FOV) and its score; (2) the mean of those probabilities, thresholded by
+    `segment`, background outside the FOV as `predict_case` makes it, and its score.
+    """
+    total: np.ndarray | None = None
+    for name, bundle in bundles.items():
+        pred, probs = predict_case(
+            bundle.model, case.image, case.fov, cfg, bundle.device, out_fov=case.truth_fov
+        )
+        tallies[name].add(case.case_id, probs, pred, case.truth, case.truth_fov)
+        _write_probability(out / "probabilities" / name / f"{case.case_id}.png", probs)
+        total = probs.astype(np.float64) if total is None else total + probs
+    assert total is not None
+    mean = (total / len(bundles)).astype(np.float32)
+    pred = segment(mean, cfg.threshold)
+    pred[~case.truth_fov] = 0
+    tallies[ENSEMBLE].add(case.case_id, mean, pred, case.truth, case.truth_fov)
+    _write_probability(out / "probabilities" / ENSEMBLE / f"{case.case_id}.png", mean)
 
 
 def _write_probability(path: Path, probs: np.ndarray) -> None:
