@@ -23,7 +23,7 @@ def test_repository_params_load_with_every_section():
     assert isinstance(params.train, TrainConfig)
     assert params.train.encoder_weights is None  # offline by default
     assert [f.name for f in dataclasses.fields(Params)] == [
-        "data", "synthesize", "convert", "preprocess", "train", "evaluate",
+        "data", "synthesize", "convert", "preprocess", "train", "evaluate", "crossval",
     ]  # fmt: skip
 
 
@@ -61,6 +61,9 @@ def test_int_is_accepted_for_float(tmp_path: Path):
         ({"evaluate": {"blending": "mean"}}, "evaluate.blending must be one of gaussian"),
         ({"evaluate": {"tta": "yes"}}, "evaluate.tta must be of type bool"),
         ({"convert": {"window_center": 40.0}}, "must be set together"),
+        ({"crossval": {"folds": [0]}}, "crossval.folds must be [0, 1, ..., k-1] with k >= 2"),
+        ({"crossval": {"folds": [1, 2]}}, "crossval.folds must be [0, 1, ..., k-1]"),
+        ({"crossval": {"folds": 5}}, "crossval.folds must be a list"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, changes: dict, message: str):

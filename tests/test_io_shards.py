@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from medseg.errors import MedsegError
-from medseg.io.shards import CaseStore, ShardWriter
+from medseg.io.shards import CaseStore, ShardWriter, write_view
 
 
 def _write(folder: Path, n: int = 5, shard_bytes: int = 1 << 30) -> list[dict[str, np.ndarray]]:
@@ -72,3 +72,27 @@ def test_missing_truncated_and_foreign_files_are_named(tmp_path: Path):
     (tmp_path / "train.json").write_text('{"cases": []}')
     with pytest.raises(MedsegError, match="not a medseg-shards index"):
         CaseStore.open(tmp_path, "train")
+
+
+def test_a_view_reads_cases_of_other_stores_without_a_copy(tmp_path: Path):
+    (tmp_path / "data").mkdir()
+    train = _write(tmp_path / "data", n=4, shard_bytes=20_000)  # several shards
+    writer = ShardWriter(tmp_path / "data", "val")
+    writer.add("v0", {"image": np.full((1, 3, 4), 7.0, np.float32)}, height=3, width=4)
+    writer.close()
+    stores = [CaseStore.open(tmp_path / "data", split) for split in ("train", "val")]
+    tmp, final = tmp_path / "cv" / ".fold0.tmp", tmp_path / "cv" / "fold0"
+    tmp.mkdir(parents=True)
+    write_view(tmp, "train", [(stores[1], 0), (stores[0], 3), (stores[0], 1)], final=final)
+    tmp.rename(final)  # as atomic_dir does: the paths hold in the final folder
+    view = CaseStore.open(final, "train")
+    assert view.ids == ["v0", "c3", "c1"]
+    assert [p.suffix for p in final.iterdir()] == [".json"]  # an index only, no shard
+    assert all(name.startswith("../../data/") for name in view.shards)
+    assert view.get(0, "image").tolist() == [[[7.0] * 4] * 3]
+    for i, source in ((1, 3), (2, 1)):
+        for name, arr in train[source].items():
+            assert np.array_equal(view.get(i, name), arr)
+    assert view.meta(1)["height"] == train[3]["image"].shape[1]
+    shards = {p.resolve() for p in stores[0].files()[1:] + stores[1].files()[1:]}
+    assert {p.resolve() for p in view.files()[1:]} == shards

@@ -1,18 +1,34 @@
-"""Every stage's `deps` in dvc.yaml cover every medseg module its script imports, directly or
-through other medseg modules, so that a change in any of them reruns the stage."""
+"""Every stage's `deps` in every dvc.yaml (the pipeline's and crossval/dvc.yaml) cover every
+medseg module its script imports, directly or through other medseg modules, so that a change in
+any of them reruns the stage."""
 
 from __future__ import annotations
 
 import ast
+import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from conftest import REPO
 
 SRC = REPO / "src"
-STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+PIPELINES = ("dvc.yaml", "crossval/dvc.yaml")
+
+
+def _stages() -> dict[str, tuple[Path, dict[str, Any]]]:
+    """``file:stage`` -> (the folder its paths are relative to, the stage; a foreach stage's
+    ``do`` template, whose ``${item}`` parts name no module)."""
+    out = {}
+    for name in PIPELINES:
+        for stage, spec in yaml.safe_load((REPO / name).read_text())["stages"].items():
+            out[f"{name}:{stage}"] = ((REPO / name).parent, spec.get("do", spec))
+    return out
+
+
+STAGES = _stages()
 
 
 def _module_file(name: str) -> Path | None:
@@ -60,19 +76,35 @@ def _covered(path: Path, deps: list[str]) -> bool:
     return any(rel == Path(d) or Path(d) in rel.parents for d in deps)
 
 
+def _in_repo(wdir: Path, path: str) -> str:
+    """A dvc.yaml path (relative to its folder) relative to the repository root."""
+    return Path(os.path.relpath(os.path.normpath(wdir / path), REPO)).as_posix()
+
+
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_stage_deps_list_every_module_its_script_imports(stage: str):
-    spec = STAGES[stage]
-    script = re.search(r"python (stages/\S+\.py)", spec["cmd"])
+    wdir, spec = STAGES[stage]
+    script = re.search(r"python (\S*stages/\S+\.py)", spec["cmd"])
     assert script, f"{stage}: cmd does not run a stages/ script"
-    deps = [str(d) for d in spec["deps"]]
+    deps = [str(next(iter(d)) if isinstance(d, dict) else d) for d in spec["deps"]]
     assert script.group(1) in deps, f"{stage}: its own script is not a dep"
+    deps = [_in_repo(wdir, d) for d in deps]
     missing = sorted(
-        str(p.relative_to(REPO))
-        for p in imported_files(REPO / script.group(1))
+        os.path.relpath(p, wdir)
+        for p in imported_files(REPO / _in_repo(wdir, script.group(1)))
         if not _covered(p, deps)
     )
-    assert not missing, f"dvc.yaml stage {stage}: add to deps: {', '.join(missing)}"
+    assert not missing, f"{stage}: add to deps: {', '.join(missing)}"
+
+
+def test_every_pipeline_file_is_checked():
+    """A new dvc.yaml must be added to `PIPELINES`."""
+    found = {
+        p.relative_to(REPO).as_posix()
+        for p in REPO.rglob("dvc.yaml")
+        if not any(part.startswith(".") for part in p.relative_to(REPO).parts)
+    }
+    assert found == set(PIPELINES)
 
 
 def test_the_import_walk_finds_indirect_imports():

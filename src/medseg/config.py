@@ -313,6 +313,21 @@ class EvaluateConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CrossvalConfig:
+    """The opt-in k-fold cross-validation (``crossval/dvc.yaml``): folds of the training cases."""
+
+    folds: list[int]  # [0, 1, ..., k-1]: one train stage per fold (DVC's foreach needs a list)
+    seed: int
+
+    def __post_init__(self) -> None:
+        if len(self.folds) < 2 or self.folds != list(range(len(self.folds))):
+            raise MedsegError(
+                f"params: crossval.folds must be [0, 1, ..., k-1] with k >= 2 (one train stage "
+                f"per fold), got {self.folds}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
 class Params:
     """The whole ``params.yaml``: one field per section."""
 
@@ -322,6 +337,7 @@ class Params:
     preprocess: PreprocessConfig
     train: TrainConfig
     evaluate: EvaluateConfig
+    crossval: CrossvalConfig
 
 
 T = TypeVar("T")

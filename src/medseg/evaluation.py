@@ -264,13 +264,7 @@ def evaluate_model(
     test = open_split(data_dir, "test")
     if len(test) == 0:
         raise MedsegError(f"{Path(data_dir) / 'test.json'}: no test cases to evaluate")
-    data_names = read_class_names(data_dir)
-    if data_names != bundle.classes:
-        raise MedsegError(
-            f"{model_path}: the model was trained on the classes {', '.join(bundle.classes)}, "
-            f"the test data ({Path(data_dir) / CLASSES}) has {', '.join(data_names)}; train it "
-            "on this data (dvc repro)"
-        )
+    check_classes(bundle.classes, data_dir, model_path)
     n_classes = bundle.spec.classes
     tally = ScoreTally(n_classes, bundle.classes)
     second = SecondObserver(n_classes)
@@ -301,6 +295,17 @@ def evaluate_model(
     fov = metrics["test"]["fov"]
     log.info("test (FOV, pooled): dice %s auc %s", fov["dice"], fov["auc_roc"])
     return metrics
+
+
+def check_classes(model_classes: list[str], data_dir: str | Path, model_path: str | Path) -> None:
+    """Refuse a model trained on other classes than the test data in ``data_dir`` has."""
+    data_names = read_class_names(data_dir)
+    if data_names != model_classes:
+        raise MedsegError(
+            f"{model_path}: the model was trained on the classes {', '.join(model_classes)}, "
+            f"the test data ({Path(data_dir) / CLASSES}) has {', '.join(data_names)}; train it "
+            "on this data (dvc repro)"
+        )
 
 
 def build_metrics(tally: ScoreTally, second: dict | None, threshold: float) -> dict:

@@ -212,14 +212,34 @@ def split_cases(
         The ids moved to validation: ``round(val_fraction * n)`` groups of the ``n``, at least one
         when ``val_fraction > 0`` and there are two or more groups, never every group.
     """
-    group_of = groups or {cid: cid for cid in train_ids}
-    keys = sorted({group_of[cid] for cid in train_ids})
+    group_of, keys = shuffled_groups(train_ids, seed, groups)
     n_val = round(val_fraction * len(keys))
     if val_fraction > 0 and len(keys) >= 2:
         n_val = max(n_val, 1)
     n_val = min(n_val, len(keys) - 1)
-    chosen = set(np.random.default_rng(seed).permutation(keys)[:n_val].tolist())
+    chosen = set(keys[:n_val])
     return {cid for cid in train_ids if group_of[cid] in chosen}
+
+
+def shuffled_groups(
+    train_ids: list[str], seed: int, groups: dict[str, str] | None = None
+) -> tuple[dict[str, str], list[str]]:
+    """The groups of the training cases in a seeded random order, for splits that keep a
+    group (the frames of one source file) on one side: validation here, the folds of
+    `medseg.crossval`.
+
+    Args:
+        train_ids: the training case ids.
+        seed: the seed of the order.
+        groups: case id -> group; default: every case is its own group.
+
+    Returns:
+        Case id -> group, and the distinct groups shuffled (the same order whatever the order
+        of ``train_ids``).
+    """
+    group_of = groups or {cid: cid for cid in train_ids}
+    keys = sorted({group_of[cid] for cid in train_ids})
+    return group_of, np.random.default_rng(seed).permutation(keys).tolist()
 
 
 BINARY = ("background", "foreground")
@@ -317,7 +337,7 @@ def preprocess_dataset(cfg: PreprocessConfig, converted: str | Path, out: str | 
     if not (manifest["split"] == "test").any():
         raise MedsegError(f"{manifest_path}: no test cases (split == 'test')")
     names = read_class_names(converted)
-    val_ids = split_cases(train_ids, cfg.val_fraction, cfg.seed, _source_groups(manifest))
+    val_ids = split_cases(train_ids, cfg.val_fraction, cfg.seed, source_groups(manifest))
     manifest["split"] = [
         "val" if cid in val_ids else split
         for cid, split in zip(manifest["case_id"], manifest["split"], strict=True)
@@ -337,7 +357,7 @@ def preprocess_dataset(cfg: PreprocessConfig, converted: str | Path, out: str | 
     return stats
 
 
-def _source_groups(manifest: pd.DataFrame) -> dict[str, str] | None:
+def source_groups(manifest: pd.DataFrame) -> dict[str, str] | None:
     """Case id -> source file, where some file gave several cases (frames); else None."""
     if "source" not in manifest.columns or not manifest["source"].duplicated().any():
         return None

@@ -11,15 +11,19 @@ is touched, and `CaseStore.release` hands a case's pages back after use, so that
 of any size keeps the resident memory of one case. `CaseStore.open` with ``ram=True`` reads the
 shards into memory instead (small splits; the same views, the same results).
 
+An index may also name shards of another folder by a relative path (`write_view`): a view of
+cases chosen from other splits, such as a cross-validation fold, that copies no array.
+
 The format was chosen by measurement over zarr and one file per case; see ``bench/storage.py``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -95,8 +99,45 @@ class ShardWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
-        index = {"format": FORMAT, "version": VERSION, "shards": self.shards, "cases": self.cases}
-        index_path(self.folder, self.split).write_text(json.dumps(index), encoding="utf-8")
+        _write_index(self.folder, self.split, self.shards, self.cases)
+
+
+def _write_index(folder: Path, split: str, shards: list[str], cases: list[dict[str, Any]]) -> None:
+    index = {"format": FORMAT, "version": VERSION, "shards": shards, "cases": cases}
+    index_path(folder, split).write_text(json.dumps(index), encoding="utf-8")
+
+
+def write_view(
+    folder: str | Path,
+    split: str,
+    cases: Sequence[tuple[CaseStore, int]],
+    final: str | Path | None = None,
+) -> None:
+    """Write ``folder/<split>.json``: an index of cases of other stores that points into their
+    shards by relative paths, so `CaseStore.open` reads them without a copy of any array.
+
+    Args:
+        folder: where the index goes (existing).
+        split: the view's split name.
+        cases: (store, case number) pairs, in the view's order.
+        final: the folder the view will live in, when ``folder`` is a temporary one that is
+            renamed there afterwards (`medseg.io.atomic.atomic_dir`); the paths are relative to
+            it. Default: ``folder``.
+    """
+    home = Path(final if final is not None else folder).absolute()
+    shards: list[str] = []
+    position: dict[str, int] = {}
+    entries: list[dict[str, Any]] = []
+    for store, i in cases:
+        entry = copy.deepcopy(store.cases[i])
+        shard = store.folder.absolute() / store.shards[int(entry["shard"])]
+        name = Path(os.path.relpath(shard, home)).as_posix()
+        if name not in position:
+            position[name] = len(shards)
+            shards.append(name)
+        entry["shard"] = position[name]
+        entries.append(entry)
+    _write_index(Path(folder), split, shards, entries)
 
 
 @dataclass(frozen=True)
