@@ -8,6 +8,10 @@ models/convert.json        the convert params its data went through (DICOM windo
 models/classes.json        the class names in label order, background first
 ```
 
+A model exported by ``medseg export`` (`medseg.export`) is a bundle in one ``.onnx`` file, its
+records in the file's metadata (`medseg.onnx_model`); `load_bundle` loads it the same way,
+without torch.
+
 `save_bundle` writes it (the train stage), `load_bundle` is the one way a saved model is
 loaded: the evaluate stage and ``medseg predict`` go through it, and every mismatch is refused
 naming the file. (Validation inside training scores the model in memory, through the same
@@ -21,15 +25,26 @@ import logging
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from medseg.config import CONVERT_RECORD, ConvertConfig, PreprocessConfig, parse
 from medseg.errors import MedsegError
-from medseg.inference import prepare_model
-from medseg.model import ModelSpec, build_model, resolve_device
-from medseg.preprocess import BINARY, CLASSES, RECORD, in_channels, load_record, read_class_names
+from medseg.onnx_model import SUFFIX, open_onnx
+from medseg.preprocess import (
+    BINARY,
+    CLASSES,
+    RECORD,
+    check_class_names,
+    in_channels,
+    load_record,
+    read_class_names,
+)
+from medseg.spec import ModelSpec
+
+if TYPE_CHECKING:  # torch is imported where a torch model is loaded: ONNX bundles run without
+    import torch
+
+    from medseg.inference import Runner
 
 WEIGHTS = "model.safetensors"  # the best epoch: what evaluate and predict use
 LAST = "last.safetensors"  # the last epoch
@@ -44,20 +59,21 @@ class Bundle:
 
     Attributes:
         model: the network in eval mode on ``device``, prepared for inference (batch norms
-            folded); (B, C, H, W) -> (B, K, H, W) logits.
+            folded); (B, C, H, W) -> (B, K, H, W) logits. For an ONNX export, its
+            `medseg.onnx_model.OnnxRunner`.
         spec: its spec.
         preprocess: the preprocess params it was trained with.
         classes: class names in label order, background first (``background, foreground`` for
             a binary model).
-        device: where it runs.
+        device: where it runs (``cpu`` or ``cuda`` for an ONNX export).
         convert: the convert params of its training data; None where they did not travel.
     """
 
-    model: torch.nn.Module
+    model: torch.nn.Module | Runner
     spec: ModelSpec
     preprocess: PreprocessConfig
     classes: list[str]
-    device: torch.device
+    device: torch.device | str
     convert: ConvertConfig | None = None
 
     @property
@@ -101,7 +117,8 @@ def load_bundle(
 
     Args:
         path: the bundle folder, or a weights file in it (``model.safetensors``,
-            ``last.safetensors``; the spec is the ``.json`` beside it).
+            ``last.safetensors``; the spec is the ``.json`` beside it), or an ONNX export
+            (``.onnx``: run by onnxruntime, torch is not imported).
         device: ``auto``, ``cpu`` or ``cuda``.
         preprocess: a ``preprocess.json`` to use instead of the one in the bundle.
 
@@ -110,6 +127,8 @@ def load_bundle(
             weights, or the model's input channels or classes do not match its records.
     """
     weights = Path(path)
+    if weights.suffix.lower() == SUFFIX:
+        return _load_onnx(weights, str(device), preprocess)
     if weights.is_dir():
         weights = weights / WEIGHTS
     spec_path = weights.with_suffix(".json")
@@ -129,18 +148,11 @@ def load_bundle(
         )
     pre = load_record(record)
     spec = read_spec(spec_path)
-    if spec.in_channels != in_channels(pre.channel):
-        raise MedsegError(
-            f"{spec_path}: the model takes {spec.in_channels} input channel(s) but its "
-            f"preprocessing (preprocess.channel={pre.channel} in {record}) gives "
-            f"{in_channels(pre.channel)}"
-        )
     classes = read_class_names(folder)
-    if spec.classes != len(classes) and not (spec.classes == 1 and len(classes) == 2):
-        raise MedsegError(
-            f"{spec_path}: the model has {spec.classes} output class(es) but {folder / CLASSES} "
-            f"names {len(classes)} labels ({', '.join(classes)})"
-        )
+    _check_fits(spec, pre, classes, spec_path, f"in {record}", folder / CLASSES)
+    from medseg.inference import prepare_model
+    from medseg.model import build_model, resolve_device
+
     net = build_model(spec)
     try:
         net.load_state_dict(read_weights(weights))
@@ -156,15 +168,70 @@ def load_bundle(
     return Bundle(model, spec, pre, classes, dev, _convert_record(folder / CONVERT_RECORD))
 
 
+def _check_fits(
+    spec: ModelSpec, pre: PreprocessConfig, classes: list[str], where: Path, pre_from: str,
+    classes_from: Path | str,
+) -> None:  # fmt: skip
+    """Refuse a model whose input channels or classes do not match its records."""
+    if spec.in_channels != in_channels(pre.channel):
+        raise MedsegError(
+            f"{where}: the model takes {spec.in_channels} input channel(s) but its "
+            f"preprocessing (preprocess.channel={pre.channel} {pre_from}) gives "
+            f"{in_channels(pre.channel)}"
+        )
+    if spec.classes != len(classes) and not (spec.classes == 1 and len(classes) == 2):
+        raise MedsegError(
+            f"{where}: the model has {spec.classes} output class(es) but {classes_from} "
+            f"names {len(classes)} labels ({', '.join(classes)})"
+        )
+
+
+def _load_onnx(path: Path, device: str, preprocess: str | Path | None) -> Bundle:
+    """`load_bundle` of an ONNX export: the records from its metadata (`METADATA`)."""
+    runner, meta = open_onnx(path, device)
+    spec = parse_spec(_metadata(path, meta, "medseg.spec"), f"{path} (medseg.spec)")
+    if preprocess is not None:
+        pre, pre_from = load_record(preprocess), f"in {preprocess}"
+    else:
+        pre_raw = _metadata(path, meta, "medseg.preprocess")
+        pre = parse(PreprocessConfig, pre_raw, prefix="preprocess.", source=str(path))
+        pre_from = "in its metadata"
+    classes = check_class_names(_metadata(path, meta, "medseg.classes"), f"{path} (medseg.classes)")
+    _check_fits(spec, pre, classes, path, pre_from, "its medseg.classes")
+    convert_raw = _metadata(path, meta, "medseg.convert")
+    convert = (
+        None if convert_raw is None
+        else parse(ConvertConfig, convert_raw, prefix="convert.", source=str(path))
+    )  # fmt: skip
+    used = "cuda" if runner.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+    return Bundle(runner, spec, pre, classes, used, convert)
+
+
+def _metadata(path: Path, meta: dict[str, str], key: str) -> Any:
+    """One JSON entry of an ONNX export's metadata."""
+    try:
+        return json.loads(meta[key])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise MedsegError(
+            f"{path}: its metadata lacks a readable {key} ({err}); export the model again"
+        ) from err
+
+
 def read_spec(path: Path) -> ModelSpec:
     """A model spec from JSON, every field type-checked before anything is built."""
     try:
         raw: Any = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MedsegError(f"{path}: not a readable model spec ({err})") from err
+    return parse_spec(raw, str(path))
+
+
+def parse_spec(raw: Any, source: str) -> ModelSpec:
+    """A model spec from its JSON value, every field type-checked; ``source`` names it in
+    errors."""
     want = {f.name for f in fields(ModelSpec)}
     if not isinstance(raw, dict) or set(raw) != want:
-        raise MedsegError(f"{path}: a model spec has exactly the keys {', '.join(sorted(want))}")
+        raise MedsegError(f"{source}: a model spec has exactly the keys {', '.join(sorted(want))}")
     ok = (
         isinstance(raw["arch"], str)
         and isinstance(raw["encoder"], str)
@@ -176,7 +243,7 @@ def read_spec(path: Path) -> ModelSpec:
     )
     if not ok:
         raise MedsegError(
-            f"{path}: malformed model spec: arch and encoder must be names, decoder_channels a "
+            f"{source}: malformed model spec: arch and encoder must be names, decoder_channels a "
             "list of up to 8 positive integers, in_channels and classes positive integers"
         )
     return ModelSpec(**raw)

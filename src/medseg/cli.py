@@ -29,6 +29,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     report.add_argument("-o", "--out", help="write the Markdown to this file, not stdout")
     _add_predict(sub)
     _add_plots(sub)
+    _add_export(sub)
     return parser.parse_args(argv)
 
 
@@ -49,6 +50,24 @@ def _add_plots(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser(
+        "export",
+        help="a trained model as one ONNX file for deployment (onnxruntime, Triton)",
+        description="Write the model with its preprocess, convert and class records in the "
+        "file's metadata, dynamic batch, height and width, after checking it against the "
+        "torch model with onnxruntime on a DRIVE-sized image. Needs: pip install 'medseg[onnx]'.",
+    )
+    export.add_argument(
+        "--model", required=True, help="weights file (models/model.safetensors) or its folder"
+    )
+    export.add_argument("--format", choices=("onnx",), default="onnx")
+    export.add_argument("--out", required=True, help="the file to write (model.onnx)")
+    export.add_argument(
+        "--preprocess", help="the model's preprocess.json (default: beside the weights)"
+    )
+
+
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     predict = sub.add_parser(
         "predict",
@@ -58,8 +77,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "the values the repository's params.yaml ships in its evaluate section.",
     )
     predict.add_argument(
-        "--model", required=True, help="weights file (models/model.safetensors) or its folder"
-    )
+        "--model", required=True,
+        help="weights file (models/model.safetensors), its folder, or an ONNX export (.onnx)",
+    )  # fmt: skip
     predict.add_argument("--out", required=True, help="output folder (created if needed)")
     predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     predict.add_argument(
@@ -114,6 +134,8 @@ def _main(argv: Sequence[str] | None) -> None:
         _predict(args)
     elif args.command == "plots":
         _plots(args)
+    elif args.command == "export":
+        _export(args)
 
 
 def _plots(args: argparse.Namespace) -> None:
@@ -127,6 +149,16 @@ def _plots(args: argparse.Namespace) -> None:
             f"wrote {args.out}: {len(found.charts)} chart(s), {len(found.images)} image(s), "
             f"{len(found.missing)} not in the workspace"
         )
+
+
+def _export(args: argparse.Namespace) -> None:
+    from medseg.export import CHECK_SIZE, export_onnx  # imports torch: only when exporting
+
+    diff = export_onnx(args.model, args.out, preprocess=args.preprocess)
+    print(
+        f"wrote {args.out}; onnxruntime vs torch on a {CHECK_SIZE[1]}x{CHECK_SIZE[0]} image: "
+        f"largest probability difference {diff:.2g}"
+    )
 
 
 def _report(args: argparse.Namespace) -> None:

@@ -1,17 +1,23 @@
 """Whole-image inference: padded sliding windows in batches, Gaussian or constant blending,
-flip test-time augmentation, thresholding. The same code serves ``evaluate`` and ``predict``."""
+flip test-time augmentation, thresholding. The same code serves ``evaluate`` and ``predict``,
+for a torch module and for an exported ONNX model alike: the network sits behind `Runner`.
+
+torch is imported inside the functions that need it, so that an ONNX model predicts without it.
+"""
 
 from __future__ import annotations
 
 import copy
 import itertools
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
-import torch
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from medseg.config import EvaluateConfig
 from medseg.preprocess import resize_image
+
+if TYPE_CHECKING:
+    import torch
 
 BLENDINGS = ("gaussian", "constant")
 # sigma of the Gaussian weight as a share of the window side (nnU-Net's choice): the centre of a
@@ -35,6 +41,8 @@ def prepare_model(model: torch.nn.Module, in_channels: int) -> torch.nn.Module:
     Returns:
         A new module in eval mode; ``model`` itself is not changed.
     """
+    import torch
+
     plain = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
     folded = copy.deepcopy(plain)
     _fold_batchnorm(folded)
@@ -49,6 +57,9 @@ def prepare_model(model: torch.nn.Module, in_channels: int) -> torch.nn.Module:
 
 
 def _fold_batchnorm(module: torch.nn.Module) -> None:
+    import torch
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
     children = list(module.named_children())
     for (name, child), (next_name, after) in itertools.pairwise(children):
         if (
@@ -71,7 +82,7 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
     return [*starts, size - window]
 
 
-def blend_weights(height: int, width: int, blending: str) -> torch.Tensor:
+def blend_weights(height: int, width: int, blending: str) -> np.ndarray:
     """Per-pixel weight of one window's prediction when overlapping windows are averaged.
 
     Args:
@@ -83,43 +94,124 @@ def blend_weights(height: int, width: int, blending: str) -> torch.Tensor:
         (height, width) float32.
     """
     if blending == "constant":
-        return torch.ones((height, width), dtype=torch.float32)
+        return np.ones((height, width), dtype=np.float32)
     if blending != "gaussian":
         raise ValueError(f"blending must be one of {BLENDINGS}, got {blending!r}")
 
-    def axis(n: int) -> torch.Tensor:
-        x = torch.arange(n, dtype=torch.float64) - (n - 1) / 2.0
-        g = torch.exp(-0.5 * (x / (GAUSSIAN_SIGMA * n)) ** 2)
+    def axis(n: int) -> np.ndarray:
+        x = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
+        g = np.exp(-0.5 * (x / (GAUSSIAN_SIGMA * n)) ** 2)
         # floored per axis, so that along an image border (where every window has its rim)
         # the window centred across the border still outweighs the others
-        return (g / g.max()).clamp_min(_MIN_WEIGHT)
+        return np.maximum(g / g.max(), _MIN_WEIGHT)
 
-    return torch.outer(axis(height), axis(width)).float()
+    return np.outer(axis(height), axis(width)).astype(np.float32)
 
 
-def _activate(logits: torch.Tensor) -> torch.Tensor:
-    """Sigmoid for one output channel (binary), softmax over channels for several classes."""
+@runtime_checkable
+class Runner(Protocol):
+    """A network behind one call, whatever runs it: a torch module (`TorchRunner`) or an
+    onnxruntime session (`medseg.onnx_model.OnnxRunner`)."""
+
+    @property
+    def divisor(self) -> int:
+        """Input height and width must be multiples of this (the encoder's output stride)."""
+        ...
+
+    def probabilities(self, windows: np.ndarray) -> np.ndarray:
+        """(N, C, h, w) float32 windows -> (N, K, h, w) float32 class probabilities (sigmoid
+        for K = 1, softmax over K > 1 classes)."""
+        ...
+
+
+def activate(logits: torch.Tensor) -> torch.Tensor:
+    """Sigmoid for one output channel (binary), softmax over channels for several classes:
+    (N, K, h, w) logits -> float32 probabilities. The exported ONNX model ends with it too."""
+    import torch
+
     logits = logits.float()
     return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
 
 
-def _forward(model: torch.nn.Module, batch: torch.Tensor, tta: bool) -> torch.Tensor:
+def model_divisor(model: torch.nn.Module) -> int:
+    """What the input sides must divide by: the smp encoder's output stride (2 to the power of
+    its depth), 32 for a network without one."""
+    stride = getattr(getattr(model, "encoder", None), "output_stride", None)
+    return stride if isinstance(stride, int) and stride > 0 else 32
+
+
+class TorchRunner:
+    """A torch module as a `Runner`: windows to ``device`` in channels-last layout, bf16
+    autocast on CUDA, probabilities back on the host.
+
+    Args:
+        model: network in eval mode on ``device``, (N, C, h, w) -> (N, K, h, w) logits.
+        device: where it lives.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device | str = "cpu") -> None:
+        import torch
+
+        self.model = model
+        self.device = torch.device(device)
+        self._divisor = model_divisor(model)
+
+    @property
+    def divisor(self) -> int:
+        """See `Runner.divisor`."""
+        return self._divisor
+
+    def probabilities(self, windows: np.ndarray) -> np.ndarray:
+        """See `Runner.probabilities`."""
+        import torch
+
+        x = torch.from_numpy(windows).to(self.device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        cuda = self.device.type == "cuda"
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda),
+        ):
+            return activate(self.model(x)).cpu().numpy()
+
+
+def as_runner(model: torch.nn.Module | Runner, device: torch.device | str = "cpu") -> Runner:
+    """``model`` itself where it is a `Runner`, else the torch module in a `TorchRunner`."""
+    return model if isinstance(model, Runner) else TorchRunner(model, device)
+
+
+def _window_probabilities(runner: Runner, batch: np.ndarray, tta: bool) -> np.ndarray:
     """Probabilities for a batch of windows; with ``tta`` the mean over the identity and the
     horizontal, vertical and double flips (each undone before averaging), in one forward pass."""
     if not tta:
-        return _activate(model(batch))
+        return runner.probabilities(batch)
     flips: list[tuple[int, ...]] = [(), (-1,), (-2,), (-2, -1)]
-    views = torch.cat([batch.flip(f) if f else batch for f in flips])
-    probs = _activate(model(views)).chunk(len(flips))
-    mean = probs[0].clone()
+    views = np.concatenate([np.flip(batch, f) if f else batch for f in flips])
+    probs = np.split(runner.probabilities(views), len(flips))
+    mean = probs[0].copy()
     for p, f in zip(probs[1:], flips[1:], strict=True):
-        mean += p.flip(f)
+        mean += np.flip(p, f)
     return mean / len(flips)
 
 
-@torch.inference_mode()
+def pad_to_multiple(image: np.ndarray, divisor: int) -> np.ndarray:
+    """Zero-pad at the bottom and right so that height and width divide by ``divisor``.
+
+    Args:
+        image: (C, H, W).
+        divisor: e.g. `Runner.divisor`.
+
+    Returns:
+        A new (C, ceil(H / divisor) * divisor, ceil(W / divisor) * divisor) float32 array.
+    """
+    c, h, w = image.shape
+    x = np.zeros((c, -(-h // divisor) * divisor, -(-w // divisor) * divisor), np.float32)
+    x[:, :h, :w] = image
+    return x
+
+
 def predict_probabilities(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Runner,
     image: np.ndarray,
     window: int = 512,
     overlap: float = 0.25,
@@ -130,34 +222,32 @@ def predict_probabilities(
 ) -> np.ndarray:
     """Class probabilities for every pixel of one image of any size.
 
-    Steps: (1) zero-pad the image at the bottom and right to a multiple of 32; (2) cut it into
-    windows of ``window`` pixels (the padded size where that is smaller) overlapping by
-    ``overlap``; (3) run them ``batch_size`` at a time, optionally with flips; (4) add each
-    window's probabilities, weighted by `blend_weights`, and divide by the summed weights;
-    (5) crop back to the image's size.
+    Steps: (1) zero-pad the image at the bottom and right to a multiple of the model's
+    divisor (32 for a 5-level encoder); (2) cut it into windows of ``window`` pixels (the
+    padded size where that is smaller) overlapping by ``overlap``; (3) run them ``batch_size``
+    at a time, optionally with flips; (4) add each window's probabilities, weighted by
+    `blend_weights`, and divide by the summed weights; (5) crop back to the image's size.
 
     Args:
-        model: network in eval mode, (B, C, h, w) -> (B, K, h, w) logits; K = 1 means binary
-            (sigmoid), K > 1 means K classes with background as class 0 (softmax).
+        model: a `Runner`, or a torch network in eval mode, (B, C, h, w) -> (B, K, h, w)
+            logits; K = 1 means binary (sigmoid), K > 1 means K classes with background as
+            class 0 (softmax).
         image: (C, H, W) float32.
         window: window side, a multiple of 32.
         overlap: share of a window shared with its neighbour, in [0, 1).
         batch_size: windows per forward pass (times 4 with ``tta``).
-        device: where the model lives.
+        device: where a torch model lives (a `Runner` knows its own).
         blending: ``gaussian`` or ``constant``, see `blend_weights`.
         tta: average over the flipped images too.
 
     Returns:
         (K, H, W) float32 probabilities in [0, 1]; for K > 1 they sum to 1 over classes.
     """
-    device = torch.device(device)
-    c, h, w = image.shape
-    ph, pw = -(-h // 32) * 32, -(-w // 32) * 32
+    runner = as_runner(model, device)
+    _, h, w = image.shape
+    x = pad_to_multiple(image, runner.divisor)
+    ph, pw = x.shape[1:]
     win_h, win_w = min(window, ph), min(window, pw)
-    x = torch.zeros((c, ph, pw), dtype=torch.float32)
-    x[:, :h, :w] = torch.from_numpy(
-        np.array(image, dtype=np.float32)
-    )  # a copy: views are read-only
     stride_h = max(1, int(win_h * (1.0 - overlap)))
     stride_w = max(1, int(win_w * (1.0 - overlap)))
     tiles = [
@@ -165,26 +255,24 @@ def predict_probabilities(
         for top in window_starts(ph, win_h, stride_h)
         for left in window_starts(pw, win_w, stride_w)
     ]
-    weight = blend_weights(win_h, win_w, blending).to(device)
-    total: torch.Tensor | None = None
-    weight_sum = torch.zeros((ph, pw), dtype=torch.float32, device=device)
+    weight = blend_weights(win_h, win_w, blending)
+    total: np.ndarray | None = None
+    weight_sum = np.zeros((ph, pw), dtype=np.float32)
     for i in range(0, len(tiles), batch_size):
         chunk = tiles[i : i + batch_size]
-        batch = torch.stack([x[:, t : t + win_h, c0 : c0 + win_w] for t, c0 in chunk])
-        batch = batch.to(device).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            probs = _forward(model, batch, tta)
+        batch = np.stack([x[:, t : t + win_h, c0 : c0 + win_w] for t, c0 in chunk])
+        probs = _window_probabilities(runner, batch, tta)
         if total is None:
-            total = torch.zeros((probs.shape[1], ph, pw), dtype=torch.float32, device=device)
+            total = np.zeros((probs.shape[1], ph, pw), dtype=np.float32)
         for (t, c0), p in zip(chunk, probs, strict=True):
             total[:, t : t + win_h, c0 : c0 + win_w] += p * weight
             weight_sum[t : t + win_h, c0 : c0 + win_w] += weight
     assert total is not None
-    return (total / weight_sum)[:, :h, :w].cpu().numpy()
+    return (total / weight_sum)[:, :h, :w]
 
 
 def predict_probs(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Runner,
     image: np.ndarray,
     window: int = 512,
     overlap: float = 0.25,
@@ -224,7 +312,7 @@ def segment(probs: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def predict_case(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Runner,
     image: np.ndarray,
     fov: np.ndarray,
     options: EvaluateConfig,
@@ -240,7 +328,8 @@ def predict_case(
     even at threshold 0.
 
     Args:
-        model: network in eval mode on ``device`` (e.g. `medseg.bundle.Bundle.model`).
+        model: a `Runner` or a network in eval mode on ``device`` (e.g.
+            `medseg.bundle.Bundle.model`).
         image: (C, h, w) float32 as `medseg.preprocess.prepare_image` gives it.
         fov: (h, w) bool field of view at the model's resolution.
         options: threshold, window, overlap, batch size, blending, tta.

@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import segmentation_models_pytorch as smp
 import torch
 
-from medseg.config import TrainConfig
 from medseg.errors import MedsegError
+from medseg.spec import ModelSpec  # re-exported: its home before the ONNX export
 
 
 def _per_block(channels: list[int]) -> dict:
@@ -53,22 +52,6 @@ _ARCHS: dict[str, tuple[type[torch.nn.Module], Callable[[list[int]], dict]]] = {
     "segformer": (smp.Segformer, _segformer),
 }
 ARCHS = tuple(_ARCHS)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything needed to rebuild the network; stored as JSON beside the weights."""
-
-    arch: str
-    encoder: str
-    decoder_channels: list[int]
-    in_channels: int
-    classes: int
-
-    @classmethod
-    def from_config(cls, cfg: TrainConfig, in_channels: int) -> ModelSpec:
-        """The spec described by the train params, for images with ``in_channels`` channels."""
-        return cls(cfg.arch, cfg.encoder, list(cfg.decoder_channels), in_channels, cfg.classes)
 
 
 def build_model(spec: ModelSpec, encoder_weights: str | None = None) -> torch.nn.Module:

@@ -13,8 +13,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
 from skimage import exposure
 
 from medseg.config import CLASSES, CONVERT_RECORD, PreprocessConfig, parse
@@ -99,6 +97,9 @@ def resize_image(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(C, H, W) float32 to (C, h, w): area averaging down (no aliasing), bilinear up."""
     if x.shape[-2:] == size:
         return x
+    import torch  # here, not at the top: an ONNX model predicts without torch
+    import torch.nn.functional as F
+
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]
     down = size[0] <= x.shape[-2] and size[1] <= x.shape[-1]
     if down:
@@ -300,13 +301,18 @@ def read_class_names(folder: str | Path) -> list[str]:
         names = json.loads(path.read_text(encoding="utf-8"))["names"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise MedsegError(f"{path}: not a readable class list ({err})") from err
+    return check_class_names(names, str(path))
+
+
+def check_class_names(names: Any, source: str) -> list[str]:
+    """``names`` as a list of two or more distinct class names; ``source`` names it in errors."""
     if (
         not isinstance(names, list)
         or len(names) < 2
         or not all(isinstance(n, str) and n for n in names)
         or len(set(names)) != len(names)
     ):
-        raise MedsegError(f"{path}: names must be a list of two or more distinct class names")
+        raise MedsegError(f"{source}: names must be a list of two or more distinct class names")
     return names
 
 
