@@ -18,28 +18,11 @@ from safetensors.numpy import load_file
 
 from medseg.checkpoint import CHECKPOINT, FINISHED, save_checkpoint
 from medseg.config import (
-    ConvertConfig,
-    DataConfig,
-    PreprocessConfig,
-    SynthesizeConfig,
     TrainConfig,
     load_params,
 )
-from medseg.convert import convert_dataset
 from medseg.errors import MedsegError
-from medseg.preprocess import preprocess_dataset
-from medseg.synthetic import write_dataset
 from medseg.training import MACHINE_CURVES, fit, lr_factor
-
-
-@pytest.fixture(scope="module")
-def processed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("train")
-    params = write_params(tmp / "params.yaml", tiny_params())
-    write_dataset(load_params(params, SynthesizeConfig), tmp / "raw")
-    convert_dataset(DataConfig(str(tmp / "raw"), "drive"), ConvertConfig(None, None), tmp / "conv")
-    preprocess_dataset(load_params(params, PreprocessConfig), tmp / "conv", tmp / "proc")
-    return tmp / "proc"
 
 
 def _curve(out: Path, name: str) -> list[str]:
