@@ -91,15 +91,10 @@ def collect(repo_dir: str | Path = ".", targets: list[str] | None = None) -> Plo
     Raises:
         MedsegError: ``repo_dir`` is not in a DVC repository.
     """
-    from dvc.exceptions import NotDvcRepoError
     from dvc.render.match import match_defs_renderers
-    from dvc.repo import Repo
     from dvc_render import ImageRenderer
 
-    try:
-        repo = Repo(str(repo_dir))
-    except NotDvcRepoError as err:
-        raise MedsegError(f"{repo_dir} is not inside a DVC repository (run `dvc init`)") from err
+    repo = _open_repo(repo_dir)
     with repo:
         data = repo.plots.show(targets=targets or None)
         # out=None: DVC hands images over as base64 instead of copying them to a folder
@@ -255,13 +250,7 @@ def install_dvc_template(repo_dir: str | Path = ".") -> Path:
     Raises:
         MedsegError: ``repo_dir`` is not in a DVC repository.
     """
-    from dvc.exceptions import NotDvcRepoError
-    from dvc.repo import Repo
-
-    try:
-        repo = Repo(str(repo_dir))
-    except NotDvcRepoError as err:
-        raise MedsegError(f"{repo_dir} is not inside a DVC repository (run `dvc init`)") from err
+    repo = _open_repo(repo_dir)
     with repo:
         assert repo.dvc_dir is not None
         path = Path(repo.dvc_dir) / TEMPLATE
@@ -270,3 +259,14 @@ def install_dvc_template(repo_dir: str | Path = ".") -> Path:
         with repo.config.edit("local") as conf:
             conf["plots"]["html_template"] = TEMPLATE
     return path
+
+
+def _open_repo(repo_dir: str | Path) -> Any:
+    """The DVC repository around ``repo_dir``, or one line saying there is none."""
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+
+    try:
+        return Repo(str(repo_dir))
+    except NotDvcRepoError as err:
+        raise MedsegError(f"{repo_dir} is not inside a DVC repository (run `dvc init`)") from err
