@@ -147,8 +147,9 @@ def output_failure(
 
     The output side failed when: the OS error is one that only writing raises (no space, quota,
     read-only file system, cross-device rename, busy); it is a permission error on a path of the
-    output (``out``, a folder on the way to it, or inside ``tmp``) or while only ``writing``; or some other error (a library's own, e.g. the
-    safetensors writer) came while ``tmp``'s file system is full or read-only.
+    output (``out``, a folder on the way to it, or inside ``tmp``) or while the block did
+    nothing but ``writing``; or some other error (a library's own, e.g. the safetensors writer)
+    came while ``tmp``'s file system is full or read-only.
     """
     if isinstance(err, MedsegError | KeyboardInterrupt) or not isinstance(err, Exception):
         return None
