@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from medseg.config import ConvertConfig, DataConfig, load_params
 from medseg.convert import convert_dataset
 from medseg.errors import run_cli
+from medseg.io.atomic import check_output
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -23,6 +24,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     data = load_params(args.params, DataConfig)
     cfg = load_params(args.params, ConvertConfig)
+    check_output(args.out, {"data.root": data.root, "--params": args.params})
     convert_dataset(data, cfg, args.out)
 
 

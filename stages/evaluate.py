@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from medseg.config import EvaluateConfig, load_params
 from medseg.errors import run_cli
 from medseg.evaluation import evaluate_model
+from medseg.io.atomic import check_output
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -24,6 +25,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = load_params(args.params, EvaluateConfig)
+    check_output(args.out, {"--data": args.data, "--model": args.model, "--params": args.params})
     evaluate_model(cfg, data_dir=args.data, model_path=args.model, out=args.out)
 
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from medseg.config import PreprocessConfig, load_params
 from medseg.errors import run_cli
+from medseg.io.atomic import check_output
 from medseg.preprocess import preprocess_dataset
 
 
@@ -24,6 +25,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = load_params(args.params, PreprocessConfig)
+    check_output(args.out, {"--converted": args.converted, "--params": args.params})
     preprocess_dataset(cfg, args.converted, args.out)
 
 

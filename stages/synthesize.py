@@ -23,7 +23,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = load_params(args.params, SynthesizeConfig)
-    with atomic_dir(args.out) as tmp:
+    with atomic_dir(args.out, {"--params": args.params}) as tmp:
         n = write_dataset(cfg, tmp)
     logging.getLogger("medseg").info("wrote %d synthetic cases to %s", n, args.out)
 

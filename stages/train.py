@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from medseg.config import TrainConfig, load_params
 from medseg.errors import run_cli
+from medseg.io.atomic import check_output
 from medseg.training import fit
 
 
@@ -31,6 +32,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = load_params(args.params, TrainConfig)
+    folders = {"--models": args.models, "--logs": args.logs, "--checkpoints": args.checkpoints}
+    for option, folder in folders.items():  # each may be replaced or cleaned: none may hold another
+        if folder is not None:
+            others = {k: v for k, v in folders.items() if k != option}
+            check_output(folder, {"--data": args.data, "--params": args.params, **others})
     fit(
         cfg,
         data_dir=args.data,

@@ -93,6 +93,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     predict.add_argument(
         "--preprocess", help="the model's preprocess.json (default: beside the weights)"
     )
+    predict.add_argument(
+        "--overwrite", action="store_true",
+        help="replace files in --out that medseg predict did not write (an input never is)",
+    )  # fmt: skip
     predict.add_argument("--threshold", type=float, default=0.5)
     predict.add_argument("--window", type=int, default=1024, help="sliding-window side")
     predict.add_argument("--overlap", type=float, default=0.25)
@@ -119,6 +123,7 @@ def _predict(args: argparse.Namespace) -> None:
     masks = predict_files(
         args.model, args.inputs, args.out, options,
         probabilities=args.probabilities, fov=args.fov, preprocess=args.preprocess,
+        overwrite=args.overwrite,
     )  # fmt: skip
     print(f"wrote {len(masks)} mask(s) to {args.out}")
 

@@ -8,12 +8,15 @@ either stops the run (``convert.on_error: fail``) or is left out and listed with
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import hashlib
 import logging
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import threading
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -28,7 +31,7 @@ from tqdm import tqdm
 
 from medseg.config import CLASSES, CONVERT_RECORD, ConvertConfig, DataConfig, label_map
 from medseg.errors import MedsegError
-from medseg.io.atomic import atomic_dir, write_json
+from medseg.io.atomic import atomic_dir, check_output, write_json
 from medseg.io.images import mask_to_bool, write_png
 from medseg.io.layouts import CaseFiles, Problem, scan_cases
 from medseg.io.reader import ReadOptions, read, source_format
@@ -55,6 +58,19 @@ class _Job:
 
 
 @dataclass(frozen=True)
+class _Checked:
+    """A case read and checked, ready to be written: (F, H, W[, 3]) images, (F, H, W) masks."""
+
+    base: str
+    source: str
+    images: np.ndarray
+    masks: np.ndarray
+    fovs: np.ndarray
+    masks2: np.ndarray | None
+    fov_source: str
+
+
+@dataclass(frozen=True)
 class _Result:
     rows: list[dict[str, object]]
     problem: Problem | None = None
@@ -74,9 +90,13 @@ def convert_dataset(data: DataConfig, cfg: ConvertConfig, out: str | Path) -> pd
         The manifest.
 
     Raises:
-        MedsegError: a bad case with ``on_error: fail``, or no usable case at all.
+        MedsegError: a bad case with ``on_error: fail``, no usable case at all, or ``out`` is,
+            holds or lies inside ``data.root``.
+        OutputError: writing ``out`` failed (disk full, read-only, permission), whatever
+            ``on_error`` says: only problems of input files are skipped.
     """
     root = Path(data.root)
+    check_output(out, {"data.root": root})  # before anything is read or removed
     segs = _seg_index(root, data.seg) if data.seg is not None else None
     scan = scan_cases(
         root, data.layout, data.manifest, data.test_fraction, data.split_seed,
@@ -88,7 +108,7 @@ def convert_dataset(data: DataConfig, cfg: ConvertConfig, out: str | Path) -> pd
         log.info("classes from the DICOM SEG segment labels: %s", classes)
     if scan.problems and cfg.on_error == "fail":
         raise MedsegError(_fail_hint(scan.problems[0].reason))
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, {"data.root": root}) as tmp:
         for sub in ("images", "masks", "fov", "masks2"):
             (tmp / sub).mkdir()
         labels = label_map(classes) if classes is not None else None
@@ -147,9 +167,12 @@ def _run(jobs: list[_Job], cfg: ConvertConfig) -> list[_Result]:
                 results[i] = _finish(convert_case(job), cfg)
                 bar.update()
         return [r for r in results if r is not None]
-    with ProcessPoolExecutor(n_workers, mp_context=_start_method()) as pool:
-        pending = {pool.submit(convert_case, job): i for i, job in enumerate(jobs)}
+    pool = ProcessPoolExecutor(
+        n_workers, mp_context=_start_method(), initializer=_worker_init, initargs=(os.getpid(),)
+    )
+    with pool:
         try:
+            pending = {pool.submit(convert_case, job): i for i, job in enumerate(jobs)}
             with _bar(len(jobs)) as bar:
                 while pending:
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -162,9 +185,30 @@ def _run(jobs: list[_Job], cfg: ConvertConfig) -> list[_Result]:
                 "or convert.max_pixels"
             ) from err
         except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
+            _stop_workers(pool)
             raise
     return [r for r in results if r is not None]
+
+
+def _worker_init(parent: int) -> None:
+    """In a worker: die with the parent, even when it is SIGKILLed (Linux), and leave Ctrl-C to
+    the parent, which stops the workers and removes the unfinished output."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's (forked) handler
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Kill the workers now (a failure or a stop signal): waiting for the cases they are on
+    would keep a stopped run alive, writing into an output that is about to be removed."""
+    processes = getattr(pool, "_processes", None) or {}  # no public way before Python 3.14
+    for process in list(processes.values()):
+        process.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Bar(tqdm):
@@ -202,13 +246,17 @@ def _unexpected(case: CaseFiles, err: Exception) -> str:
 
 
 def convert_case(job: _Job) -> _Result:
-    """Convert one case: read, check, write its PNGs; a user-caused problem becomes a `Problem`.
+    """Convert one case: read, check, write its PNGs; a problem of its input files becomes a
+    `Problem`. A failure to write (disk full, read-only, permission) is raised: no input is to
+    blame for it, and the run stops.
 
     Runs in a worker process: everything it needs comes in ``job``.
     """
     try:
-        return _Result(_convert(job.case, job.root, job.out, job.cfg, job.labels))
+        checked = _convert(job.case, job.root, job.out, job.cfg, job.labels)
     except Exception as err:  # raised before anything of the case is written
+        if isinstance(err, OSError) and err.errno in _NOT_THE_INPUT:
+            raise
         reason = str(err) if isinstance(err, MedsegError) else _unexpected(job.case, err)
         if job.cfg.names == "hash":  # no name from the path in the outputs, the report included
             case = job.case
@@ -216,11 +264,16 @@ def convert_case(job: _Job) -> _Result:
                 if path is not None:
                     reason = reason.replace(str(path), _hashed_source(path, job.root))
         return _Result([], Problem(job.case.image, reason))
+    return _Result(_write_case(job.case, job.out, job.cfg, checked))
+
+
+# OS errors that no input file causes, even while reading (a decoder's scratch file)
+_NOT_THE_INPUT = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 def _convert(
     case: CaseFiles, root: Path, out: Path, cfg: ConvertConfig, labels: dict[int, int] | None
-) -> list[dict[str, object]]:
+) -> _Checked:
     options = ReadOptions.from_convert(cfg)
     base = _base_id(case, root, cfg)
     source = _source_name(case, root, cfg)
@@ -248,7 +301,17 @@ def _convert(
     else:
         fovs = np.ones(images.shape[:3], dtype=bool)
         fov_source = "whole_image"
-    rows = []  # every check is done: from here on only writing
+    return _Checked(base, source, images, masks, fovs, masks2, fov_source)
+
+
+def _write_case(
+    case: CaseFiles, out: Path, cfg: ConvertConfig, checked: _Checked
+) -> list[dict[str, object]]:
+    """Write a checked case's PNGs into ``out``; its manifest rows."""
+    base, source, fov_source = checked.base, checked.source, checked.fov_source
+    masks, fovs, masks2 = checked.masks, checked.fovs, checked.masks2
+    images = checked.images
+    rows = []
     for k, image in enumerate(images):
         case_id = base if len(images) == 1 else f"{base}_f{k + 1}"
         if cfg.max_bit_depth == 8 and image.dtype == np.uint16:
@@ -389,8 +452,8 @@ FOV_RIM = 3  # pixels beyond the FOV's rim that count as the rim (a threshold sh
 
 def _seg_index(root: Path, seg: str) -> SegIndex:
     """The DICOM SEG objects that ``data.seg`` names (a path under ``data.root``)."""
-    location = Path(os.path.normpath(root / seg))
-    top = Path(os.path.normpath(root))
+    location = Path(os.path.realpath(root / seg))  # a link out of the root counts as out
+    top = Path(os.path.realpath(root))
     if location != top and top not in location.parents:
         raise MedsegError(
             f"data.seg: {seg} is outside data.root ({root}); put the SEG objects under it, so "
@@ -467,9 +530,17 @@ def _skip_row(problem: Problem, root: Path, cfg: ConvertConfig) -> dict[str, str
 
 
 def _check_unique_ids(manifest: pd.DataFrame) -> None:
-    dupes = manifest["case_id"][manifest["case_id"].duplicated()]
-    if len(dupes):
+    """Ids name the output files: ids equal up to letter case collide on macOS and Windows."""
+    folded = manifest["case_id"].str.casefold()
+    again = folded[folded.duplicated()]
+    if len(again):
+        first, second = manifest["case_id"][folded == again.iloc[0]].iloc[:2]
+        what = (
+            f"share the id {first}" if first == second
+            else f"have the ids {first} and {second}, equal but for letter case (their files "
+            "collide on macOS and Windows)"
+        )  # fmt: skip
         raise MedsegError(
-            f"two cases share the id {dupes.iloc[0]} (a frame id <id>_f<k> may collide with a "
-            "file of that name); rename one of the files"
+            f"two cases {what} (a frame id <id>_f<k> may collide with a file of that name); "
+            "rename one of the files"
         )

@@ -3,11 +3,14 @@ preprocessing and inference (the model bundle: `medseg.bundle`)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import shutil
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +21,14 @@ from medseg.config import EvaluateConfig
 from medseg.convert import fov_from_image
 from medseg.errors import MedsegError
 from medseg.inference import predict_case
+from medseg.io.atomic import cleaned_up, output_errors, remove_leftovers, temp_dir, write_json
 from medseg.io.images import binarize, write_png
 from medseg.io.reader import IMAGE_SUFFIXES, ReadOptions, read, source_format
 from medseg.preprocess import prepare_image
 
 PROBABILITIES = "probabilities"
+STAGING = ".medseg-predict.tmp-"  # a run's temporary folder inside --out; a killed run's is removed
+WRITTEN = ".medseg-predict.json"  # the files predict wrote into --out, with their SHA-256
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +96,14 @@ def collect_inputs(paths: list[str | Path]) -> list[Path]:
             raise MedsegError(f"{p}: no such file or folder")
     unique = list(dict.fromkeys(f.resolve() for f in found))
     stems: dict[str, Path] = {}
-    for f in unique:
-        if f.stem in stems:
+    for f in unique:  # letter case too: the masks would collide on macOS and Windows
+        if f.stem.casefold() in stems:
             raise MedsegError(
-                f"{f} and {stems[f.stem]} share the name {f.stem!r}; their masks would overwrite "
-                "each other in the output folder. Predict them in two runs"
+                f"{f} and {stems[f.stem.casefold()]} share the name {f.stem!r} (up to letter "
+                "case); their masks would overwrite each other in the output folder. Predict "
+                "them in two runs"
             )
-        stems[f.stem] = f
+        stems[f.stem.casefold()] = f
     return unique
 
 
@@ -177,14 +184,17 @@ def predict_files(
     probabilities: bool = False,
     fov: str | Path | None = None,
     preprocess: str | Path | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Segment image files (DICOM, TIFF, PNG, GIF, JPEG, BMP) and write one mask per image.
 
     Writes ``out/<stem>.png``: 0/255 for a binary model, the class labels 0..K-1 otherwise;
     with ``probabilities``, ``out/probabilities/<stem>.png`` (16-bit, probability x 65535; one
     ``<stem>_class<k>.png`` per foreground class for K > 1). Every output is written first into
-    a temporary folder and moved into ``out`` only when all images succeeded; other files in
-    ``out`` are left alone.
+    a temporary folder inside ``out`` (so ``out`` may be a mount point) and moved into place
+    only when all images succeeded; other files in ``out`` are left alone. A file in ``out`` that
+    predict did not write (or that was changed since) is never replaced, unless ``overwrite``;
+    an input never is. A killed run's temporary folder is removed by the next run.
 
     Args:
         model: weights file or its folder; see `medseg.bundle.load_bundle`.
@@ -194,12 +204,15 @@ def predict_files(
         probabilities: also write probability maps.
         fov: a FOV mask file (one input) or folder of masks; default: the whole image.
         preprocess: ``preprocess.json`` to use instead of the one beside the model.
+        overwrite: replace files in ``out`` that predict did not write.
 
     Returns:
         The mask files written.
 
     Raises:
-        MedsegError: bad model, input or FOV; nothing is written to ``out`` then.
+        MedsegError: bad model, input or FOV, or an output file that is not predict's;
+            nothing is written to ``out`` then.
+        OutputError: writing ``out`` failed (disk full, read-only, permission).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -209,11 +222,17 @@ def predict_files(
     fovs = {f: find_fov(fov_dir, f, len(files)) for f in files}
     names = [Path(f"{f.stem}.png") for f in files]
     _refuse_overwriting_inputs(out, names, files, probabilities)
+    _refuse_replacing(out, names, overwrite)
     bundle = load_bundle(model, options.device, preprocess)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    if probabilities:
+        _refuse_replacing(out, _probability_files(files, bundle.spec.classes), overwrite)
+    created = _missing_folders(out)
+    with output_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(out, STAGING)
+        tmp = temp_dir(out, STAGING)
     written: list[Path] = []
-    try:
+    with _removed_on_failure(created), cleaned_up(tmp, out):
         if probabilities:
             (tmp / PROBABILITIES).mkdir()
         for path, name in tqdm(
@@ -230,12 +249,82 @@ def predict_files(
                     rel = Path(PROBABILITIES) / f"{path.stem}{suffix}.png"
                     write_png(tmp / rel, (np.clip(prob, 0, 1) * 65535.0 + 0.5).astype(np.uint16))
                     written.append(rel)
+        _refuse_replacing(out, written, overwrite)  # once more: files may have come meanwhile
         (out / PROBABILITIES if probabilities else out).mkdir(parents=True, exist_ok=True)
+        record = _written(out)
         for rel in written:
+            record[rel.as_posix()] = _sha256(tmp / rel)
             os.replace(tmp / rel, out / rel)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_json(out / WRITTEN, {"files": dict(sorted(record.items()))})
+    shutil.rmtree(tmp, ignore_errors=True)
     return [out / n for n in names]
+
+
+def _missing_folders(out: Path) -> list[Path]:
+    """``out`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for folder in [out, *out.parents]:
+        if folder.exists() or folder.is_symlink():
+            break
+        missing.append(folder)
+    return missing
+
+
+@contextlib.contextmanager
+def _removed_on_failure(folders: list[Path]) -> Iterator[None]:
+    """Remove ``folders`` (deepest first, those this run made) if the block fails and they are
+    empty, so that a failed run leaves no trace."""
+    try:
+        yield
+    except BaseException:
+        for folder in folders:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _probability_files(files: list[Path], classes: int) -> list[Path]:
+    """The probability maps' paths relative to ``out``, as `_probability_maps` names them."""
+    suffixes = [""] if classes == 1 else [f"_class{k}" for k in range(1, classes)]
+    return [Path(PROBABILITIES) / f"{f.stem}{suffix}.png" for f in files for suffix in suffixes]
+
+
+def _refuse_replacing(out: Path, targets: list[Path], overwrite: bool) -> None:
+    """Nothing the user had is lost: a file in ``out`` is replaced only when predict wrote it
+    and it is unchanged since (``WRITTEN``), or with ``overwrite``; a folder never."""
+    record = _written(out)
+    for rel in targets:
+        target = out / rel
+        if target.is_dir():
+            raise MedsegError(f"{target}: a folder is in the way of a mask; move it away")
+        if overwrite or not (target.exists() or target.is_symlink()):
+            continue
+        if target.is_symlink() or record.get(rel.as_posix()) != _sha256(target):
+            raise MedsegError(
+                f"{target}: exists and was not written by medseg predict (or changed since); "
+                "move it away, choose another --out, or pass --overwrite to replace it"
+            )
+
+
+def _written(out: Path) -> dict[str, str]:
+    """The files predict wrote into ``out`` (relative POSIX path -> SHA-256); unreadable: none."""
+    try:
+        files = json.loads((out / WRITTEN).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    if not isinstance(files, dict):
+        return {}
+    return {str(k): str(v) for k, v in files.items()}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _probability_maps(probs: np.ndarray) -> list[tuple[str, np.ndarray]]:

@@ -8,6 +8,11 @@ data root.
 - ``manifest``: a CSV under the root with columns ``image, mask[, fov][, mask2][, split]
   [, case_id]``, paths relative to the CSV and inside the root.
 
+Every file must lie under the root once links are resolved (a link into DVC's cache, as
+``cache.type: symlink`` makes, is fine): DVC tracks only the root, and a link out of it could pull
+in anyone's files. Case ids that differ only in letter case are refused: their output files
+collide on macOS and Windows.
+
 `scan_cases` reports problems with single cases (an image without a mask, a missing file) apart
 from the cases it found, so the caller may skip them; `find_cases` raises on the first.
 """
@@ -33,6 +38,8 @@ MANIFEST_REQUIRED = ("image", "mask")
 MANIFEST_OPTIONAL = ("fov", "mask2", "split", "case_id")
 SPLIT_VALUES = {"train": "train", "training": "train", "test": "test", "testing": "test"}
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
+# an object of a DVC cache: ``<cache>/files/md5/ab/cdef...`` (DVC 2: ``<cache>/ab/cdef...``)
+_DVC_OBJECT = re.compile(r"(^|/)[0-9a-f]{2}/[0-9a-f]{30,}$")
 OS_LEFTOVERS = ("thumbs.db", "ehthumbs.db", "desktop.ini")  # written by file browsers, skipped
 MaskOf = Callable[[Path], "Path | None"]
 
@@ -137,6 +144,7 @@ def scan_cases(
         )
     if not scan.cases and not scan.problems:
         raise MedsegError(f"{root}: no cases found in the {layout} layout (the data set is empty)")
+    scan = _inside_root(root, scan)
     scan.cases = _qualified(root, scan.cases)
     scan.cases.sort(key=lambda c: (c.split != "train", c.case_id))
     return scan
@@ -147,9 +155,38 @@ def safe_id(name: str) -> str:
     return _SAFE_ID.sub("_", name).strip("._") or "case"
 
 
+def _inside_root(root: Path, scan: Scan) -> Scan:
+    """The scan without the cases that have a file outside ``root`` once links are resolved;
+    each becomes a `Problem` naming the file and where it leads."""
+    top = Path(os.path.realpath(root))
+    kept = Scan(problems=list(scan.problems))
+    for case in scan.cases:
+        files = [f for f in (case.image, case.mask, case.fov, case.mask2) if f is not None]
+        outside = [(f, real) for f in files if not _under(real := Path(os.path.realpath(f)), top)]
+        if not outside:
+            kept.cases.append(case)
+            continue
+        path, real = outside[0]
+        kept.problems.append(
+            Problem(
+                case.image,
+                f"{path}: leads to {real}, outside data.root ({root}) once links are resolved; "
+                "DVC tracks only what lies under data.root: copy the file in",
+            )
+        )
+    return kept
+
+
+def _under(real: Path, top: Path) -> bool:
+    """Whether a resolved path lies under ``top``, or is an object of a DVC cache."""
+    return top in real.parents or bool(_DVC_OBJECT.search(real.as_posix()))
+
+
 def _qualified(root: Path, cases: list[CaseFiles]) -> list[CaseFiles]:
     """Ids need only be unique within their split: an id found in both splits (a common export:
     ``training/images/0001.png`` and ``test/images/0001.png``) becomes ``<split>_<id>`` in each.
+
+    Ids are compared ignoring letter case (macOS and Windows do).
 
     Raises:
         MedsegError: two files of one split give the same id, or a qualified id collides.
@@ -158,10 +195,10 @@ def _qualified(root: Path, cases: list[CaseFiles]) -> list[CaseFiles]:
         _check_unique(root, [c for c in cases if c.split == split])
     splits: dict[str, set[str]] = {}
     for case in cases:
-        splits.setdefault(case.case_id, set()).add(case.split)
+        splits.setdefault(case.case_id.casefold(), set()).add(case.split)
     out = [
         dataclasses.replace(case, case_id=f"{case.split}_{case.case_id}")
-        if len(splits[case.case_id]) > 1
+        if len(splits[case.case_id.casefold()]) > 1
         else case
         for case in cases
     ]
@@ -170,14 +207,20 @@ def _qualified(root: Path, cases: list[CaseFiles]) -> list[CaseFiles]:
 
 
 def _check_unique(root: Path, cases: list[CaseFiles]) -> None:
-    seen: dict[str, Path] = {}
+    seen: dict[str, CaseFiles] = {}
     for case in cases:
-        if case.case_id in seen:
+        key = case.case_id.casefold()
+        if key in seen:
+            first = seen[key]
+            ids = (
+                f"the case id {case.case_id}" if first.case_id == case.case_id
+                else f"the case ids {first.case_id} and {case.case_id}, equal but for letter "
+                "case (their files collide on macOS and Windows)"
+            )  # fmt: skip
             raise MedsegError(
-                f"{root}: {seen[case.case_id]} and {case.image} both give the case id "
-                f"{case.case_id}; rename one of them"
+                f"{root}: {first.image} and {case.image} both give {ids}; rename one of them"
             )
-        seen[case.case_id] = case.image
+        seen[key] = case
 
 
 def _given_mask(mask_of: MaskOf, image: Path) -> Path | Problem:
@@ -254,6 +297,7 @@ def _folders(root: Path, test_fraction: float, seed: int, mask_of: MaskOf | None
             "test/images); check data.root and data.layout"
         )
     scan = _folder_pairs(root, mask_of)
+    _check_unique(root, scan.cases)  # one pool: a split must not part two colliding ids
     return Scan(_seeded_split(scan.cases, test_fraction, seed), scan.problems)
 
 
@@ -288,6 +332,11 @@ def _manifest(
     if not csv.is_file():
         raise MedsegError(
             f"{csv}: manifest not found; put the CSV under data.root and name it in data.manifest"
+        )
+    if not _under(Path(os.path.realpath(csv)), Path(os.path.realpath(root))):
+        raise MedsegError(
+            f"data.manifest: {csv} leads to {os.path.realpath(csv)}, outside data.root ({root}) "
+            "once links are resolved; put the CSV under data.root"
         )
     try:
         table = pd.read_csv(csv, dtype=str, keep_default_na=False, skipinitialspace=True)
@@ -349,6 +398,7 @@ def _manifest(
         )
     if has_split:
         return scan
+    _check_unique(root, scan.cases)  # one pool: a split must not part two colliding ids
     return Scan(_seeded_split(scan.cases, test_fraction, seed), scan.problems)
 
 
