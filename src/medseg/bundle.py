@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -25,10 +26,20 @@ from typing import Any
 
 import torch
 
-from medseg.config import CONVERT_RECORD, ConvertConfig, PreprocessConfig, parse
+from medseg.config import (
+    CONVERT_RECORD,
+    MAX_CLASSES,
+    MAX_DECODER_BLOCKS,
+    MAX_DECODER_WIDTH,
+    ConvertConfig,
+    PreprocessConfig,
+    parse,
+    read_json,
+    shown,
+)
 from medseg.errors import MedsegError
 from medseg.inference import prepare_model
-from medseg.model import ModelSpec, build_model, resolve_device
+from medseg.model import ARCHS, ModelSpec, build_model, resolve_device
 from medseg.preprocess import BINARY, CLASSES, RECORD, in_channels, load_record, read_class_names
 
 WEIGHTS = "model.safetensors"  # the best epoch: what evaluate and predict use
@@ -157,29 +168,49 @@ def load_bundle(
 
 
 def read_spec(path: Path) -> ModelSpec:
-    """A model spec from JSON, every field type-checked before anything is built."""
-    try:
-        raw: Any = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MedsegError(f"{path}: not a readable model spec ({err})") from err
-    want = {f.name for f in fields(ModelSpec)}
-    if not isinstance(raw, dict) or set(raw) != want:
-        raise MedsegError(f"{path}: a model spec has exactly the keys {', '.join(sorted(want))}")
-    ok = (
-        isinstance(raw["arch"], str)
-        and isinstance(raw["encoder"], str)
-        and isinstance(raw["decoder_channels"], list)
-        and 0 < len(raw["decoder_channels"]) <= 8
-        and all(_small_int(c, 4096) for c in raw["decoder_channels"])
-        and _small_int(raw["in_channels"], 64)
-        and _small_int(raw["classes"], 1024)
-    )
-    if not ok:
+    """A model spec from JSON, every field type- and range-checked before anything is built.
+
+    Raises:
+        MedsegError: naming the file and the first field that is missing, unknown, of the
+            wrong type or out of range.
+    """
+    raw = read_json(path, "model spec")
+    want = [f.name for f in fields(ModelSpec)]
+    if not isinstance(raw, dict):
+        raise MedsegError(f"{path}: a model spec is a JSON object with keys {', '.join(want)}")
+    unknown = sorted(k for k in raw if k not in want)
+    missing = [k for k in want if k not in raw]
+    if unknown or missing:
+        what = f"unknown field {shown(unknown[0])}" if unknown else f"missing field {missing[0]}"
+        raise MedsegError(f"{path}: {what}; a model spec has exactly {', '.join(want)}")
+    if not isinstance(raw["arch"], str) or raw["arch"] not in ARCHS:
         raise MedsegError(
-            f"{path}: malformed model spec: arch and encoder must be names, decoder_channels a "
-            "list of up to 8 positive integers, in_channels and classes positive integers"
+            f"{path}: field arch must be one of {', '.join(ARCHS)}, got {shown(raw['arch'])}"
         )
+    if not isinstance(raw["encoder"], str) or not _ENCODER.match(raw["encoder"]):
+        raise MedsegError(
+            f"{path}: field encoder must be an encoder name, got {shown(raw['encoder'])}"
+        )
+    channels = raw["decoder_channels"]
+    if (
+        not isinstance(channels, list)
+        or not 0 < len(channels) <= MAX_DECODER_BLOCKS
+        or not all(_small_int(c, MAX_DECODER_WIDTH) for c in channels)
+    ):
+        raise MedsegError(
+            f"{path}: field decoder_channels must be a list of 1 to {MAX_DECODER_BLOCKS} "
+            f"integers in 1..{MAX_DECODER_WIDTH}, got {shown(channels)}"
+        )
+    for name, top in (("in_channels", MAX_IN_CHANNELS), ("classes", MAX_CLASSES)):
+        if not _small_int(raw[name], top):
+            raise MedsegError(
+                f"{path}: field {name} must be an integer in 1..{top}, got {shown(raw[name])}"
+            )
     return ModelSpec(**raw)
+
+
+_ENCODER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+MAX_IN_CHANNELS = 3  # grey or RGB (preprocess.channel)
 
 
 def _small_int(value: Any, top: int) -> bool:
@@ -205,8 +236,5 @@ def _convert_record(path: Path) -> ConvertConfig | None:
             "count whole", path
         )  # fmt: skip
         return None
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise MedsegError(f"{path}: not a readable convert record ({err})") from err
+    raw = read_json(path, "convert record")
     return parse(ConvertConfig, raw, prefix="convert.", source=str(path))
