@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 
@@ -333,3 +335,71 @@ def test_malformed_lut_is_one_clear_error_naming_the_file(tmp_path: Path):
     ds.save_as(tmp_path / "bad_lut.dcm")
     with pytest.raises(MedsegError, match=r"bad_lut\.dcm: cannot apply the file's rescale"):
         read_dicom(tmp_path / "bad_lut.dcm")
+
+
+# --- burned-in annotation and secondary captures (issue 11) ---------------------------------
+
+
+def _flagged(path: Path, **elements: object) -> Path:
+    """MR_small with ``elements`` set as written (any case, padding or multiplicity)."""
+    ds = pydicom.dcmread(MR)
+    tags = {"BurnedInAnnotation": (0x00280301, "CS"), "ConversionType": (0x00080064, "CS")}
+    with warnings.catch_warnings():  # pydicom warns of the invalid values written on purpose
+        warnings.simplefilter("ignore")
+        for keyword, value in elements.items():
+            if keyword in tags:
+                ds.add(DataElement(*tags[keyword], value))
+            else:
+                setattr(ds, keyword, value)
+        ds.save_as(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["YES", "yes ", "Yes", " YES\0\0", "YES\0", ["NO", "YES"], "NO\\yes", "Y", "UNKNOWN"],
+)
+def test_burned_in_annotation_is_refused_whatever_its_spelling(tmp_path: Path, value: object):
+    path = _flagged(tmp_path / "burned.dcm", BurnedInAnnotation=value)
+    with pytest.raises(MedsegError) as info:
+        read_dicom_frames(path)
+    assert re.fullmatch(
+        rf"{re.escape(str(path))}: BurnedInAnnotation is (YES|not NO), so the pixels may show "
+        r"patient identifiers; remove or redact the file, or set convert\.allow_burned_in: true "
+        r"once you have checked the images",
+        str(info.value),
+    )
+    assert len(read_dicom_frames(path, ReadOptions(allow_burned_in=True))) == 1
+
+
+@pytest.mark.parametrize("value", ["NO", "no ", "NO\0", "", ["NO", "NO"]])
+def test_burned_in_annotation_no_or_empty_is_read(tmp_path: Path, value: object):
+    path = _flagged(tmp_path / "clean.dcm", BurnedInAnnotation=value)
+    assert np.array_equal(read_dicom_frames(path)[0], read_dicom(MR))
+
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+@pytest.mark.parametrize(
+    "elements",
+    [
+        {"SOPClassUID": SECONDARY_CAPTURE},  # a screenshot without the flag
+        {"SOPClassUID": SECONDARY_CAPTURE + ".4", "ConversionType": "WSD"},
+        {"ConversionType": "SYN"},  # the SC equipment module alone marks a secondary capture
+        {"ConversionType": "sd "},
+    ],
+)
+def test_a_secondary_capture_is_refused_unless_it_says_no_burned_in(tmp_path: Path, elements):
+    path = _flagged(tmp_path / "screen.dcm", **elements)
+    with pytest.raises(MedsegError, match=r"screen\.dcm: a secondary capture \(screenshot"):
+        read_dicom_frames(path)
+    assert len(read_dicom_frames(path, ReadOptions(allow_burned_in=True))) == 1
+    flagged = _flagged(tmp_path / "said_no.dcm", BurnedInAnnotation="NO", **elements)
+    assert len(read_dicom_frames(flagged)) == 1
+
+
+def test_a_bundled_secondary_capture_is_refused_by_default():
+    path = get_testdata_file("SC_rgb_rle.dcm")  # pydicom's own: SC, ConversionType SYN, no flag
+    with pytest.raises(MedsegError, match="a secondary capture"):
+        read_dicom_frames(path)

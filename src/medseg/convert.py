@@ -113,7 +113,7 @@ def _convert_dataset(
         classes = class_names(segs.headers)  # the segments' labels name the classes
         log.info("classes from the DICOM SEG segment labels: %s", classes)
     if scan.problems and cfg.on_error == "fail":
-        raise MedsegError(_fail_hint(scan.problems[0].reason))
+        raise MedsegError(_fail_hint(_skip_row(scan.problems[0], root, key)["reason"]))
     with atomic_dir(out) as tmp:
         for sub in ("images", "masks", "fov", "masks2"):
             (tmp / sub).mkdir()
@@ -522,17 +522,21 @@ def _redact(text: str, paths: list[Path], root: Path, key: bytes) -> str:
     Steps: 1. each known file (absolute path, path under the root, name, stem) becomes its token,
     the one ``skipped.csv`` and the manifest give it; 2. any other word that names a file
     (see `_FILE_WORD`) becomes ``<path>``, except the root itself, which is a param."""
-    for path in paths:
+    tokens: dict[str, str] = {}
+    for path in reversed(paths):  # the first path's token wins a name that two paths share
         token = _hashed_source(path, root, key)
         names = {str(path), _relative(path, root), path.name}
-        names |= {path.stem} if len(path.stem) >= 3 else set()
-        for name in sorted(names, key=len, reverse=True):
-            text = text.replace(name, token)
+        names |= {path.stem} if len(path.stem) >= 3 else set()  # "a" would eat the prose
+        tokens.update(dict.fromkeys(names, token))
+    for name in sorted(tokens, key=len, reverse=True):  # whole paths before their names
+        text = text.replace(name, tokens[name])
     kept = {str(root), str(root).rstrip("/") + "/", root.as_posix()}
 
     def word(match: re.Match[str]) -> str:
         name = match[0].rstrip(":.")
-        return match[0] if name in kept else "<path>" + match[0][len(name) :]
+        if name in kept or not re.search(r"[^\W\d]", name):  # the root; "0/255" names nothing
+            return match[0]
+        return "<path>" + match[0][len(name) :]
 
     return _FILE_WORD.sub(word, text)
 
