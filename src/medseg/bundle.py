@@ -152,6 +152,7 @@ def load_bundle(
             f"{spec_path}: the model has {spec.classes} output class(es) but {folder / CLASSES} "
             f"names {len(classes)} labels ({', '.join(classes)})"
         )
+    convert = _convert_record(folder / CONVERT_RECORD)  # every record checked before building
     net = build_model(spec)
     try:
         net.load_state_dict(read_weights(weights))
@@ -164,7 +165,7 @@ def load_bundle(
         ) from err
     dev = resolve_device(device) if isinstance(device, str) else device
     model = prepare_model(net.to(dev).eval(), spec.in_channels)
-    return Bundle(model, spec, pre, classes, dev, _convert_record(folder / CONVERT_RECORD))
+    return Bundle(model, spec, pre, classes, dev, convert)
 
 
 def read_spec(path: Path) -> ModelSpec:
