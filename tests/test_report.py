@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from markdown_it import MarkdownIt
 
 from medseg.errors import MedsegError
-from medseg.report import Report, Row, compare, to_markdown
+from medseg.report import Report, Row, compare, md_code, to_markdown
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -226,6 +227,9 @@ def _check_inert(value: str) -> None:
         elif token.type in ("th_open", "td_open"):
             cells[-1] += 1
     assert cells == [4, 4, 4, 5, 5]  # params: head, 2 rows; metrics: head, 1 row
+    # GitHub's table parser (cmark-gfm) reads "\\\\|" as an escaped backslash and a cell
+    # border, where markdown-it does not: every pipe must follow exactly one backslash
+    assert all(run == "\\|" for run in re.findall(r"\\*\|", md_code(value)))
     plain = " ".join(t.content for t in tokens if t.type == "text")
     for autolinked in ("www.", "://", "@"):  # GitHub links these in plain text by itself
         assert autolinked not in plain
