@@ -17,6 +17,7 @@ from conftest import DRIVE, REPO, tiny_params, write_grey_dicom16, write_params
 from PIL import Image
 from scipy import ndimage
 
+from medseg.cli import main
 from medseg.config import ConvertConfig, DataConfig, SynthesizeConfig, load_params
 from medseg.convert import (
     ID_KEY_ENV,
@@ -598,3 +599,29 @@ def test_the_repository_never_commits_the_id_key():
         ["git", "check-ignore", "-q", ".medseg/id_key"], cwd=REPO, capture_output=True
     )
     assert proc.returncode == 0
+
+
+def test_find_source_names_the_file_behind_a_token(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.setenv(ID_KEY_ENV, KEY_A)
+    raw = tmp_path / "raw"
+    _named_set(raw)
+    data = DataConfig(str(raw), "folders")
+    convert_dataset(data, _cfg(on_error="skip", names="hash"), tmp_path / "out")
+    skipped = pd.read_csv(tmp_path / "out" / "skipped.csv")
+    token = skipped["source"][skipped["reason"].str.contains("no mask")].item()
+    params = write_params(
+        tmp_path / "p.yaml", tiny_params(data={"root": str(raw), "layout": "folders"})
+    )
+    with pytest.raises(SystemExit) as code:
+        main(["find-source", "--params", str(params), token, "hmac:0000000000000000"])
+    assert code.value.code == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"{token}: {raw / 'images' / f'{PATIENT}_nomask.png'}",
+        f"hmac:0000000000000000: no file under {raw}",
+    ]
+    monkeypatch.delenv(ID_KEY_ENV)
+    monkeypatch.chdir(tmp_path)  # no key here: nothing is created, one line says so
+    with pytest.raises(SystemExit) as code:
+        main(["find-source", "--params", str(params), token])
+    assert code.value.code != 0 and "no id key" in capsys.readouterr().err
+    assert not (tmp_path / ".medseg").exists()

@@ -541,13 +541,29 @@ def _redact(text: str, paths: list[Path], root: Path, key: bytes) -> str:
     return _FILE_WORD.sub(word, text)
 
 
-def id_key(start: Path | None = None) -> bytes:
+def find_sources(root: Path, tokens: list[str], key: bytes) -> dict[str, list[Path]]:
+    """The files under ``root`` behind ``hmac:...`` tokens (from ``skipped.csv``, the manifest's
+    ``source`` column or a message), found by hashing every path with the key.
+
+    Returns:
+        Token -> the files it names (empty where none does).
+    """
+    found: dict[str, list[Path]] = {token: [] for token in tokens}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        token = _hashed_source(path, root, key)
+        if token in found:
+            found[token].append(path)
+    return found
+
+
+def id_key(start: Path | None = None, create: bool = True) -> bytes:
     """The secret key of ``convert.names: hash``.
 
     Looked for in this order: the environment variable ``MEDSEG_ID_KEY`` (hex, 32+ digits);
     ``.medseg/id_key`` in the working folder or a folder above it (so that a ``dvc exp run``
     in a temporary copy under ``.dvc/tmp`` finds the repository's key); else a new random key
-    is written there (mode 0600) at the repository root. A different key gives different ids.
+    is written (mode 0600) at the repository root, unless ``create`` is false. A different key
+    gives different ids.
 
     Raises:
         MedsegError: the key is malformed, or its file is readable by others.
@@ -559,6 +575,10 @@ def id_key(start: Path | None = None) -> bytes:
         if (folder / ID_KEY_FILE).is_file():
             return _read_key(folder / ID_KEY_FILE)
     home = Path(*here.parts[: here.parts.index(".dvc")]) if ".dvc" in here.parts else here
+    if not create:
+        raise MedsegError(
+            f"no id key: neither ${ID_KEY_ENV} nor {ID_KEY_FILE} in {here} or a folder above it"
+        )
     return _create_key(home / ID_KEY_FILE)
 
 
