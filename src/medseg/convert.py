@@ -96,7 +96,7 @@ def convert_dataset(
     try:
         return _convert_dataset(data, cfg, Path(out), key)
     except MedsegError as err:
-        raise MedsegError(_redact(str(err), [], Path(data.root), key)) from None
+        raise MedsegError(_redact(str(err), [], Path(data.root), key, (Path(out),))) from None
 
 
 def _convert_dataset(
@@ -516,12 +516,15 @@ _FILE_WORD = re.compile(
 )
 
 
-def _redact(text: str, paths: list[Path], root: Path, key: bytes) -> str:
+def _redact(
+    text: str, paths: list[Path], root: Path, key: bytes, keep: tuple[Path, ...] = ()
+) -> str:
     """``text`` without a name from the paths under ``root``.
 
     Steps: 1. each known file (absolute path, path under the root, name, stem) becomes its token,
     the one ``skipped.csv`` and the manifest give it; 2. any other word that names a file
-    (see `_FILE_WORD`) becomes ``<path>``, except the root itself, which is a param."""
+    (see `_FILE_WORD`) becomes ``<path>``, except the root itself and ``keep`` (params and
+    outputs, not data) and absolute paths outside the root."""
     tokens: dict[str, str] = {}
     for path in reversed(paths):  # the first path's token wins a name that two paths share
         token = _hashed_source(path, root, key)
@@ -530,11 +533,16 @@ def _redact(text: str, paths: list[Path], root: Path, key: bytes) -> str:
         tokens.update(dict.fromkeys(names, token))
     for name in sorted(tokens, key=len, reverse=True):  # whole paths before their names
         text = text.replace(name, tokens[name])
-    kept = {str(root), str(root).rstrip("/") + "/", root.as_posix()}
+    kept = {form for p in (root, *keep) for form in (str(p), p.as_posix(), f"{p.as_posix()}/")}
+    top = os.path.abspath(root)
 
     def word(match: re.Match[str]) -> str:
         name = match[0].rstrip(":.")
-        if name in kept or not re.search(r"[^\W\d]", name):  # the root; "0/255" names nothing
+        if (
+            name in kept
+            or not re.search(r"[^\W\d]", name)  # "0/255" names nothing
+            or (os.path.isabs(name) and not Path(os.path.abspath(name)).is_relative_to(top))
+        ):
             return match[0]
         return "<path>" + match[0][len(name) :]
 
