@@ -391,7 +391,7 @@ def test_any_value_parses_to_its_type_or_is_refused(key: tuple[str, str], value:
         try:
             parsed = load_all_params(path)
         except MedsegError as err:
-            assert "\n" not in str(err).strip() or "YAML" in str(err)
+            assert "\n" not in str(err)
             assert len(str(err)) < 1000
             return
     tp = typing.get_type_hints(_SECTIONS[section])[name]

@@ -408,7 +408,8 @@ def read_yaml(path: Path) -> Any:
     except _TooLarge as err:
         raise MedsegError(f"params file {path}: {err}; not a params file") from None
     except yaml.YAMLError as err:
-        raise MedsegError(f"params file {path} is not valid YAML: {_cut(str(err), 300)}") from None
+        problem = _cut(" ".join(str(err).split()), 300)  # one line: the parser's has several
+        raise MedsegError(f"params file {path} is not valid YAML: {problem}") from None
     except RecursionError:  # nesting deeper than the parser's own stack
         raise MedsegError(f"params file {path}: values nested too deeply") from None
     except ValueError as err:  # an integer of thousands of digits: Python refuses to convert it
