@@ -64,7 +64,7 @@ def _copy(made: Path, tmp_path: Path) -> Path:
         ({"arch": "x" * 10**6}, r"field arch must be one of .*, got 'xxxxx+\.\.\.$"),
         ({"encoder": "../../etc/passwd"}, r"field encoder must be an encoder name"),
         ({"encoder": ["resnet18"]}, r"field encoder must be an encoder name"),
-        ({"extra": 1}, r"unknown field 'extra'; a model spec has exactly arch, encoder"),
+        ({"extra": 1}, r"unknown field 'extra'; it has exactly arch, encoder"),
         ({"decoder_channels": [True] * 5}, r"field decoder_channels must be a list of 1 to 8"),
         ({"decoder_channels": [10**9] * 5}, r"field decoder_channels must be .* in 1\.\.4096"),
         ({"decoder_channels": [16] * 100}, r"field decoder_channels must be a list of 1 to 8"),
@@ -91,8 +91,8 @@ def test_a_spec_that_does_not_fit_is_refused_naming_it(made: Path, tmp_path: Pat
     [
         ("[" * 100_000 + "]" * 100_000, r"model\.json: not a valid model spec \(RecursionError\)"),
         (" " * (1 << 20) + "{}", r"model\.json: larger than 1 MiB; not a model spec"),
-        ("[1, 2]", r"model\.json: a model spec is a JSON object with keys arch, encoder"),
-        ('{"arch": "unet"}', r"model\.json: missing field encoder"),
+        ("[1, 2]", r"model\.json: malformed model spec: not a JSON object with keys arch, encoder"),
+        ('{"arch": "unet"}', r"model\.json: malformed model spec: missing field encoder"),
     ],
 )
 def test_a_spec_file_that_is_not_a_spec_is_refused_naming_it(

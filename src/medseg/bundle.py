@@ -22,7 +22,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -178,36 +178,35 @@ def read_spec(path: Path) -> ModelSpec:
     raw = read_json(path, "model spec")
     want = [f.name for f in fields(ModelSpec)]
     if not isinstance(raw, dict):
-        raise MedsegError(f"{path}: a model spec is a JSON object with keys {', '.join(want)}")
+        _malformed(path, f"not a JSON object with keys {', '.join(want)}")
     unknown = sorted(k for k in raw if k not in want)
     missing = [k for k in want if k not in raw]
     if unknown or missing:
         what = f"unknown field {shown(unknown[0])}" if unknown else f"missing field {missing[0]}"
-        raise MedsegError(f"{path}: {what}; a model spec has exactly {', '.join(want)}")
+        _malformed(path, f"{what}; it has exactly {', '.join(want)}")
     if not isinstance(raw["arch"], str) or raw["arch"] not in ARCHS:
-        raise MedsegError(
-            f"{path}: field arch must be one of {', '.join(ARCHS)}, got {shown(raw['arch'])}"
-        )
+        _malformed(path, f"field arch must be one of {', '.join(ARCHS)}, got {shown(raw['arch'])}")
     if not isinstance(raw["encoder"], str) or not _ENCODER.match(raw["encoder"]):
-        raise MedsegError(
-            f"{path}: field encoder must be an encoder name, got {shown(raw['encoder'])}"
-        )
+        _malformed(path, f"field encoder must be an encoder name, got {shown(raw['encoder'])}")
     channels = raw["decoder_channels"]
     if (
         not isinstance(channels, list)
         or not 0 < len(channels) <= MAX_DECODER_BLOCKS
         or not all(_small_int(c, MAX_DECODER_WIDTH) for c in channels)
     ):
-        raise MedsegError(
-            f"{path}: field decoder_channels must be a list of 1 to {MAX_DECODER_BLOCKS} "
-            f"integers in 1..{MAX_DECODER_WIDTH}, got {shown(channels)}"
+        _malformed(
+            path,
+            f"field decoder_channels must be a list of 1 to {MAX_DECODER_BLOCKS} integers in "
+            f"1..{MAX_DECODER_WIDTH}, got {shown(channels)}",
         )
     for name, top in (("in_channels", MAX_IN_CHANNELS), ("classes", MAX_CLASSES)):
         if not _small_int(raw[name], top):
-            raise MedsegError(
-                f"{path}: field {name} must be an integer in 1..{top}, got {shown(raw[name])}"
-            )
+            _malformed(path, f"field {name} must be an integer in 1..{top}, got {shown(raw[name])}")
     return ModelSpec(**raw)
+
+
+def _malformed(path: Path, detail: str) -> NoReturn:
+    raise MedsegError(f"{path}: malformed model spec: {detail}")
 
 
 _ENCODER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
