@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -36,20 +37,86 @@ def test_named_classes_travel(tmp_path: Path):
     assert bundle.classes == names and bundle.named_classes
 
 
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One bundle for the tests that spoil a copy of it (building one takes a second)."""
+    return make_bundle(tmp_path_factory.mktemp("made") / "models", SPEC)
+
+
+def _copy(made: Path, tmp_path: Path) -> Path:
+    """A copy of the bundle's records, with links to its (large, untouched) weights."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for path in made.iterdir():
+        if path.suffix == ".safetensors":
+            (folder / path.name).symlink_to(path)
+        else:
+            shutil.copyfile(path, folder / path.name)
+    return folder
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
         ({"classes": 3}, r"3 output class\(es\) but .*classes\.json names 2 labels"),
         ({"in_channels": 3}, r"takes 3 input channel\(s\) but its preprocessing"),
-        ({"arch": 7}, "malformed model spec"),
-        ({"extra": 1}, "a model spec has exactly the keys"),
-        ({"decoder_channels": [True] * 5}, "malformed model spec"),
+        ({"arch": 7}, r"field arch must be one of unet, .*, got 7$"),
+        ({"arch": "x" * 10**6}, r"field arch must be one of .*, got 'xxxxx+\.\.\.$"),
+        ({"encoder": "../../etc/passwd"}, r"field encoder must be an encoder name"),
+        ({"encoder": ["resnet18"]}, r"field encoder must be an encoder name"),
+        ({"extra": 1}, r"unknown field 'extra'; it has exactly arch, encoder"),
+        ({"decoder_channels": [True] * 5}, r"field decoder_channels must be a list of 1 to 8"),
+        ({"decoder_channels": [10**9] * 5}, r"field decoder_channels must be .* in 1\.\.4096"),
+        ({"decoder_channels": [16] * 100}, r"field decoder_channels must be a list of 1 to 8"),
+        ({"decoder_channels": "16"}, r"field decoder_channels must be a list"),
+        ({"decoder_channels": [-16] * 5}, r"field decoder_channels must be a list"),
+        ({"classes": 10**9}, r"field classes must be an integer in 1\.\.256, got 1000000000$"),
+        ({"classes": 0}, r"field classes must be an integer in 1\.\.256, got 0$"),
+        ({"classes": 2.0}, r"field classes must be an integer in 1\.\.256, got 2\.0$"),
+        ({"in_channels": -1}, r"field in_channels must be an integer in 1\.\.3, got -1$"),
+        ({"in_channels": None}, r"field in_channels must be an integer in 1\.\.3, got None$"),
     ],
 )
-def test_a_spec_that_does_not_fit_is_refused_naming_it(tmp_path: Path, change, message):
-    folder = make_bundle(tmp_path / "models", SPEC)
+def test_a_spec_that_does_not_fit_is_refused_naming_it(made: Path, tmp_path: Path, change, message):
+    folder = _copy(made, tmp_path)
     spec_path = folder / "model.json"
     spec_path.write_text(json.dumps({**json.loads(spec_path.read_text()), **change}))
     with pytest.raises(MedsegError, match=message) as info:
         load_bundle(folder, "cpu")
-    assert "model.json" in str(info.value)
+    assert str(info.value).startswith(str(spec_path)) and len(str(info.value)) < 400
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[" * 100_000 + "]" * 100_000, r"model\.json: not a valid model spec \(RecursionError\)"),
+        (" " * (1 << 20) + "{}", r"model\.json: larger than 1 MiB; not a model spec"),
+        ("[1, 2]", r"model\.json: malformed model spec: not a JSON object with keys arch, encoder"),
+        ('{"arch": "unet"}', r"model\.json: malformed model spec: missing field encoder"),
+    ],
+)
+def test_a_spec_file_that_is_not_a_spec_is_refused_naming_it(
+    made: Path, tmp_path: Path, text, message
+):
+    folder = _copy(made, tmp_path)
+    (folder / "model.json").write_text(text)
+    with pytest.raises(MedsegError, match=message):
+        load_bundle(folder, "cpu")
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("classes.json", '{"names": ["background"] + 1}', r"classes\.json: not a valid class list"),
+        ("classes.json", json.dumps({"names": [f"c{k}" for k in range(300)]}), "2 to 256"),
+        ("preprocess.json", '{"channel": NaN}', r"preprocess\.json: missing key preprocess\."),
+        ("convert.json", "x" * (2 << 20), r"convert\.json: larger than 1 MiB"),
+    ],
+)
+def test_records_loaded_with_a_bundle_are_checked_naming_the_file(
+    made: Path, tmp_path: Path, name: str, text: str, message: str
+):
+    folder = _copy(made, tmp_path)
+    (folder / name).write_text(text)
+    with pytest.raises(MedsegError, match=message):
+        load_bundle(folder, "cpu")

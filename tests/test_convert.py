@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
+import stat
+import subprocess
 import threading
 from pathlib import Path
 
@@ -10,12 +13,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-from conftest import DRIVE, tiny_params, write_grey_dicom16, write_params
+from conftest import DRIVE, REPO, tiny_params, write_grey_dicom16, write_params
 from PIL import Image
 from scipy import ndimage
 
+from medseg.cli import main
 from medseg.config import ConvertConfig, DataConfig, SynthesizeConfig, load_params
-from medseg.convert import MANIFEST_COLUMNS, convert_dataset, fov_from_image
+from medseg.convert import (
+    ID_KEY_ENV,
+    MANIFEST_COLUMNS,
+    convert_dataset,
+    fov_from_image,
+    id_key,
+    key_fingerprint,
+)
 from medseg.errors import MedsegError
 from medseg.io.images import read_raster, write_png
 from medseg.io.reader import read
@@ -261,7 +272,8 @@ def _dicom_with_patient(path: Path, ramp: np.ndarray) -> None:
     )
 
 
-def test_no_patient_identifier_reaches_the_outputs(tmp_path: Path):
+def test_no_patient_identifier_reaches_the_outputs(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv(ID_KEY_ENV, KEY_A)
     raw = tmp_path / "raw"
     ramp = (np.arange(32 * 40, dtype=np.uint16).reshape(32, 40) * 50).astype(np.uint16)
     uid = "1.2.826.0.1.3680043.8.498.1234567"
@@ -276,7 +288,7 @@ def test_no_patient_identifier_reaches_the_outputs(tmp_path: Path):
         data, _cfg(fov_fallback="whole_image", names="hash"), tmp_path / "out"
     )
     assert all(re.fullmatch(r"h[0-9a-f]{12}", i) for i in manifest["case_id"])
-    assert all(re.fullmatch(r"sha256:[0-9a-f]{16}", s) for s in manifest["source"])
+    assert all(re.fullmatch(r"hmac:[0-9a-f]{16}", s) for s in manifest["source"])
     written = "\n".join(
         [p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*")]
         + [(tmp_path / "out" / f).read_text() for f in ("manifest.csv", "skipped.csv")]
@@ -474,3 +486,143 @@ def test_a_thresholded_fov_that_cuts_away_labelled_anatomy_is_refused(tmp_path: 
     for k in range(2):
         write_png(root / "masks" / f"c{k}.png", mask)
     assert len(convert_dataset(data, _cfg(), tmp_path / "out2")) == 2
+
+
+# --- convert.names: hash: a keyed hash, and no name from a path in any output (issue 11) -----
+
+KEY_A = "a1" * 32  # test keys; a real one comes from secrets.token_hex(32)
+KEY_B = "b2" * 32
+PATIENT = "SMITHJOHN"
+
+
+def _named_set(raw: Path) -> None:
+    """`_broken_set` with a patient's name in every file name, and a stray text file."""
+    _broken_set(raw)
+    for path in [p for p in raw.rglob("*") if p.is_file()]:
+        path.rename(path.with_name(f"{PATIENT}_{path.name}"))
+    (raw / "images" / f"{PATIENT}_notes.txt").write_text("not an image")
+
+
+def _everything_written(out: Path) -> str:
+    names = [p.relative_to(out).as_posix() for p in out.rglob("*")]
+    texts = [p.read_text() for p in out.rglob("*") if p.suffix in (".csv", ".json")]
+    return "\n".join(names + texts)
+
+
+def test_names_hash_keeps_every_name_out_of_outputs_and_logs(tmp_path: Path, monkeypatch, caplog):
+    monkeypatch.setenv(ID_KEY_ENV, KEY_A)
+    raw = tmp_path / "raw"
+    _named_set(raw)
+    data = DataConfig(str(raw), "folders")
+    with caplog.at_level("DEBUG"):
+        manifest = convert_dataset(data, _cfg(on_error="skip", names="hash"), tmp_path / "out")
+    written = _everything_written(tmp_path / "out") + caplog.text
+    assert PATIENT not in written and "nomask" not in written and "notes" not in written
+    assert str(raw) not in written.replace(f"{raw}:", "")  # the root is a param, not a name
+    assert len(manifest) == 5 and all(
+        re.fullmatch(r"h[0-9a-f]{12}", i) for i in manifest["case_id"]
+    )
+    skipped = pd.read_csv(tmp_path / "out" / "skipped.csv")
+    assert len(skipped) == 5 and all(
+        re.fullmatch(r"hmac:[0-9a-f]{16}", s) for s in skipped["source"]
+    )
+    for reason in skipped["reason"]:  # the file each names is its token (image or mask)
+        assert re.match(r"hmac:[0-9a-f]{16}: ", reason), reason
+    reasons = " ".join(skipped["reason"])
+    for why in ("mask is 10x10 but its image is 48x40", "cannot read png image", "0/255 PNG"):
+        assert why in reasons
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["id_key"] == key_fingerprint(bytes.fromhex(KEY_A))
+
+
+@pytest.mark.parametrize("name", ["images/nomask.png", "images/small.png"])
+def test_names_hash_keeps_names_out_of_a_failing_runs_message(
+    tmp_path: Path, monkeypatch, name: str
+):
+    monkeypatch.setenv(ID_KEY_ENV, KEY_A)
+    raw = tmp_path / "raw"
+    _named_set(raw)
+    (raw / "images" / f"{PATIENT}_notes.txt").unlink()
+    for other in set(BROKEN) - {name}:
+        (raw / Path(other).parent / f"{PATIENT}_{Path(other).name}").unlink()
+    with pytest.raises(MedsegError, match=re.escape(BROKEN[name])) as info:
+        convert_dataset(DataConfig(str(raw), "folders"), _cfg(names="hash"), tmp_path / "out")
+    assert PATIENT not in str(info.value) and "hmac:" in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_hash_ids_depend_on_the_key_and_cannot_be_found_by_hashing_names(tmp_path: Path):
+    _folders(tmp_path / "raw", 3)
+    data = DataConfig(str(tmp_path / "raw"), "folders")
+    ids = {}
+    for run, key in (("a1", KEY_A), ("a2", KEY_A), ("b", KEY_B)):
+        out = tmp_path / run
+        manifest = convert_dataset(data, _cfg(names="hash"), out, key=bytes.fromhex(key))
+        ids[run] = sorted(manifest["case_id"])
+        assert json.loads((out / "report.json").read_text())["id_key"] == key_fingerprint(
+            bytes.fromhex(key)
+        )
+    assert ids["a1"] == ids["a2"] and not set(ids["a1"]) & set(ids["b"])
+    unkeyed = {
+        "h" + hashlib.sha256(f"images/case{i}.png".encode()).hexdigest()[:12] for i in range(3)
+    }
+    assert not unkeyed & set(ids["a1"])
+
+
+def test_the_id_key_is_created_once_private_and_found_from_a_dvc_temporary_copy(
+    tmp_path: Path, monkeypatch
+):
+    monkeypatch.delenv(ID_KEY_ENV, raising=False)
+    repo = tmp_path / "repo"
+    copy = repo / ".dvc" / "tmp" / "exps" / "tmp123"  # where `dvc exp run --temp` works
+    copy.mkdir(parents=True)
+    key = id_key(copy)  # the first use, from the temporary copy: the key goes to the repo
+    path = repo / ".medseg" / "id_key"
+    assert path.is_file() and not (copy / ".medseg").exists() and len(key) == 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert (repo / ".medseg" / ".gitignore").read_text() == "*\n"
+    assert id_key(repo) == key and id_key(copy) == key
+    path.chmod(0o644)
+    with pytest.raises(MedsegError, match=r"readable by other users; run `chmod 600 "):
+        id_key(repo)
+    path.chmod(0o600)
+    monkeypatch.setenv(ID_KEY_ENV, KEY_B)  # the environment wins over the file
+    assert id_key(repo) == bytes.fromhex(KEY_B)
+    monkeypatch.setenv(ID_KEY_ENV, "secret")
+    with pytest.raises(MedsegError, match=r"\$MEDSEG_ID_KEY: the id key .* 32 or more hex"):
+        id_key(repo)
+
+
+def test_the_repository_never_commits_the_id_key():
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    proc = subprocess.run(
+        ["git", "check-ignore", "-q", ".medseg/id_key"], cwd=REPO, capture_output=True
+    )
+    assert proc.returncode == 0
+
+
+def test_find_source_names_the_file_behind_a_token(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.setenv(ID_KEY_ENV, KEY_A)
+    raw = tmp_path / "raw"
+    _named_set(raw)
+    data = DataConfig(str(raw), "folders")
+    convert_dataset(data, _cfg(on_error="skip", names="hash"), tmp_path / "out")
+    skipped = pd.read_csv(tmp_path / "out" / "skipped.csv")
+    token = skipped["source"][skipped["reason"].str.contains("no mask")].item()
+    params = write_params(
+        tmp_path / "p.yaml", tiny_params(data={"root": str(raw), "layout": "folders"})
+    )
+    with pytest.raises(SystemExit) as code:
+        main(["find-source", "--params", str(params), token, "hmac:0000000000000000"])
+    assert code.value.code == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"{token}: {raw / 'images' / f'{PATIENT}_nomask.png'}",
+        f"hmac:0000000000000000: no file under {raw}",
+    ]
+    monkeypatch.delenv(ID_KEY_ENV)
+    monkeypatch.chdir(tmp_path)  # no key here: nothing is created, one line says so
+    with pytest.raises(SystemExit) as code:
+        main(["find-source", "--params", str(params), token])
+    assert code.value.code != 0 and "no id key" in capsys.readouterr().err
+    assert not (tmp_path / ".medseg").exists()

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 
@@ -106,17 +108,18 @@ SC_RGB_BANDS = [
 
 
 MR = get_testdata_file("MR_small.dcm")
+SC = ReadOptions(allow_burned_in=True)  # pydicom's test files: many are secondary captures
 
 
 @pytest.mark.parametrize("name", MR_VARIANTS)
 def test_lossless_syntaxes_give_the_uncompressed_result(name: str):
-    assert np.array_equal(read(get_testdata_file(name))[0], read(MR)[0])
+    assert np.array_equal(read(get_testdata_file(name), SC)[0], read(MR, SC)[0])
 
 
 def test_jpeg_extended_12_bit_scaled_from_stored_bits():
     path = get_testdata_file("JPGExtended.dcm")
     ds = pydicom.dcmread(path)
-    out = read(path)[0]
+    out = read(path, SC)[0]
     assert out.dtype == np.uint16 and out.shape == (1024, 256)
     raw = ds.pixel_array.astype(np.float64)  # 12 bits stored, no rescale, no window
     assert np.array_equal(out, (raw / 4095 * 65535 + 0.5).astype(np.uint16))
@@ -124,7 +127,7 @@ def test_jpeg_extended_12_bit_scaled_from_stored_bits():
 
 @pytest.mark.parametrize("name", ["JPEG2000.dcm", "693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm"])
 def test_jpeg2000_grey_decodes(name: str):
-    out = read(get_testdata_file(name))[0]
+    out = read(get_testdata_file(name), SC)[0]
     assert out.dtype == np.uint16 and out.ndim == 2 and np.ptp(out) > 0
 
 
@@ -142,21 +145,21 @@ def test_jpeg2000_grey_decodes(name: str):
     ],
 )
 def test_colour_comes_out_as_rgb(name: str, tolerance: int):
-    out = read(get_testdata_file(name))[0]
+    out = read(get_testdata_file(name), SC)[0]
     assert out.dtype == np.uint8 and out.shape == (100, 100, 3)
     got = np.array([out[10 * i + 5, 50] for i in range(10)], dtype=int)
     assert np.abs(got - np.array(SC_RGB_BANDS)).max() <= tolerance
 
 
 def test_16_bit_rgb_is_kept():
-    out = read(get_testdata_file("SC_rgb_rle_16bit.dcm"))[0]
+    out = read(get_testdata_file("SC_rgb_rle_16bit.dcm"), SC)[0]
     assert out.dtype == np.uint16 and out.shape == (100, 100, 3)
     got = np.array([out[10 * i + 5, 50] for i in range(10)], dtype=int)
     assert np.array_equal(got, np.array(SC_RGB_BANDS) * 257)
 
 
 def test_32_bit_rgb_is_scaled_to_16():
-    out = read(get_testdata_file("SC_rgb_rle_32bit.dcm"))[0]
+    out = read(get_testdata_file("SC_rgb_rle_32bit.dcm"), SC)[0]
     assert out.dtype == np.uint16
     assert tuple(out[5, 50]) == (65535, 0, 0) and tuple(out[95, 50]) == (65535, 65535, 65535)
 
@@ -164,7 +167,7 @@ def test_32_bit_rgb_is_scaled_to_16():
 def test_palette_colour_by_hand():
     path = get_testdata_file("examples_palette.dcm")
     ds = pydicom.dcmread(path)
-    out = read(path)[0]
+    out = read(path, SC)[0]
     index = ds.pixel_array
     red = np.frombuffer(ds.RedPaletteColorLookupTableData, dtype="<u2")
     first = int(ds.RedPaletteColorLookupTableDescriptor[1])
@@ -174,7 +177,7 @@ def test_palette_colour_by_hand():
 
 def test_multiframe_frames_and_refusal():
     path = get_testdata_file("SC_rgb_rle_2frame.dcm")
-    frames = read(path)
+    frames = read(path, ReadOptions(allow_burned_in=True))  # a secondary capture
     assert frames.shape == (2, 100, 100, 3)
     assert tuple(frames[0, 5, 50]) == (255, 0, 0)
     assert np.array_equal(frames[1], 255 - frames[0])  # the second frame is the negative
@@ -280,7 +283,7 @@ def test_burned_in_annotation_is_refused_unless_allowed(tmp_path: Path):
 def test_broken_bundled_files_give_one_clear_message(name: str, message: str):
     path = get_testdata_file(name)
     with pytest.raises(MedsegError, match=message) as info:
-        read(path)
+        read(path, ReadOptions(allow_burned_in=True))  # some are secondary captures
     assert str(info.value).startswith(f"{path}: ")
 
 
@@ -332,3 +335,71 @@ def test_malformed_lut_is_one_clear_error_naming_the_file(tmp_path: Path):
     ds.save_as(tmp_path / "bad_lut.dcm")
     with pytest.raises(MedsegError, match=r"bad_lut\.dcm: cannot apply the file's rescale"):
         read(tmp_path / "bad_lut.dcm")[0]
+
+
+# --- burned-in annotation and secondary captures (issue 11) ---------------------------------
+
+
+def _flagged(path: Path, **elements: object) -> Path:
+    """MR_small with ``elements`` set as written (any case, padding or multiplicity)."""
+    ds = pydicom.dcmread(MR)
+    tags = {"BurnedInAnnotation": (0x00280301, "CS"), "ConversionType": (0x00080064, "CS")}
+    with warnings.catch_warnings():  # pydicom warns of the invalid values written on purpose
+        warnings.simplefilter("ignore")
+        for keyword, value in elements.items():
+            if keyword in tags:
+                ds.add(DataElement(*tags[keyword], value))
+            else:
+                setattr(ds, keyword, value)
+        ds.save_as(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["YES", "yes ", "Yes", " YES\0\0", "YES\0", ["NO", "YES"], "NO\\yes", "Y", "UNKNOWN"],
+)
+def test_burned_in_annotation_is_refused_whatever_its_spelling(tmp_path: Path, value: object):
+    path = _flagged(tmp_path / "burned.dcm", BurnedInAnnotation=value)
+    with pytest.raises(MedsegError) as info:
+        read(path)
+    assert re.fullmatch(
+        rf"{re.escape(str(path))}: BurnedInAnnotation is (YES|not NO), so the pixels may show "
+        r"patient identifiers; remove or redact the file, or set convert\.allow_burned_in: true "
+        r"once you have checked the images",
+        str(info.value),
+    )
+    assert len(read(path, ReadOptions(allow_burned_in=True))) == 1
+
+
+@pytest.mark.parametrize("value", ["NO", "no ", "NO\0", "", ["NO", "NO"]])
+def test_burned_in_annotation_no_or_empty_is_read(tmp_path: Path, value: object):
+    path = _flagged(tmp_path / "clean.dcm", BurnedInAnnotation=value)
+    assert np.array_equal(read(path)[0], read(MR)[0])
+
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+@pytest.mark.parametrize(
+    "elements",
+    [
+        {"SOPClassUID": SECONDARY_CAPTURE},  # a screenshot without the flag
+        {"SOPClassUID": SECONDARY_CAPTURE + ".4", "ConversionType": "WSD"},
+        {"ConversionType": "SYN"},  # the SC equipment module alone marks a secondary capture
+        {"ConversionType": "sd "},
+    ],
+)
+def test_a_secondary_capture_is_refused_unless_it_says_no_burned_in(tmp_path: Path, elements):
+    path = _flagged(tmp_path / "screen.dcm", **elements)
+    with pytest.raises(MedsegError, match=r"screen\.dcm: a secondary capture \(screenshot"):
+        read(path)
+    assert len(read(path, ReadOptions(allow_burned_in=True))) == 1
+    flagged = _flagged(tmp_path / "said_no.dcm", BurnedInAnnotation="NO", **elements)
+    assert len(read(flagged)) == 1
+
+
+def test_a_bundled_secondary_capture_is_refused_by_default():
+    path = get_testdata_file("SC_rgb_rle.dcm")  # pydicom's own: SC, ConversionType SYN, no flag
+    with pytest.raises(MedsegError, match="a secondary capture"):
+        read(path)

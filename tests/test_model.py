@@ -41,6 +41,12 @@ def test_device_resolution():
             resolve_device("cuda")
 
 
+def test_the_torch_free_list_of_architectures_is_the_registry():
+    from medseg import model
+
+    assert tuple(model._ARCHS) == ARCHS  # a saved spec is checked against ARCHS without torch
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_architecture_builds_binary_and_multiclass(arch: str):
     # 128 pixels: PAN's pyramid pooling needs at least that; 32-wide decoders for FPN's GroupNorm

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from conftest import REPO, dvc_env, ran, run, write_params
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from markdown_it import MarkdownIt
 
 from medseg.errors import MedsegError
-from medseg.report import Report, Row, compare, to_markdown
+from medseg.report import Report, Row, compare, md_code, to_markdown
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -153,5 +157,104 @@ def test_markdown_of_known_values():
         "> Note: outputs absent from the workspace (not pulled or not run): synthesize. "
         "Metrics come from the committed files.",
         "",
-        "> **Warning**: could not read m.json at main: unable to read",
+        "> **Warning**: could not read m.json at main: `unable to read`",
     ]
+
+
+# --- escaping: a value cannot inject markup into a pull-request comment (issue 11) ----------
+
+HOSTILE = [
+    "x\n# heading",
+    "x\r\n| a | b |\n| --- | --- |",
+    "a|b",
+    "a\\|b",
+    "[link](https://evil.example)",
+    "![img](https://evil.example/x.png)",
+    "<img src=x onerror=alert(1)>",
+    "<script>alert(1)</script>",
+    "www.evil.example",
+    "https://evil.example",
+    "mail@evil.example",
+    "**bold** _em_ ~~strike~~",
+    "`code` `` ` ``",
+    "&lt;b&gt;",
+    "x\u2028# heading\u2029y\x85z\x0bw\x0c",
+    "\\",
+    "|",
+    "`",
+    " ",
+    "",
+    "a" * 500,
+]
+
+
+def _hostile_report(value: str) -> Report:
+    return Report(
+        base=value,
+        base_sha="0123456789abcdef",
+        params=[Row(value, value, value, value), Row("params.yaml", "train.lr", 0.1, 0.2)],
+        metrics=[Row(value, value, value, 0.5)],
+        stale=[value],
+        missing=[value],
+        errors=[(value, value, value)],
+    )
+
+
+def _tokens(markdown: str) -> list:
+    """Every token, inline ones included, of ``markdown`` rendered as CommonMark + GFM tables,
+    with raw HTML allowed (as GitHub allows some), so that injected HTML shows as a token."""
+    md = MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"])
+    out = []
+    for token in md.parse(markdown):
+        out.append(token)
+        out.extend(token.children or [])
+    return out
+
+
+def _check_inert(value: str) -> None:
+    text = to_markdown(_hostile_report(value))
+    assert len(text.splitlines()) == len(to_markdown(_hostile_report("x")).splitlines())
+    tokens = _tokens(text)
+    kinds = [t.type for t in tokens]
+    for forbidden in ("link_open", "image", "html_inline", "html_block", "em_open", "s_open"):
+        assert forbidden not in kinds, (forbidden, text)
+    assert kinds.count("heading_open") == 3 and kinds.count("strong_open") == 2
+    assert kinds.count("table_open") == 2 and kinds.count("tr_open") == 5  # 2 heads, 3 rows
+    cells: list[int] = []
+    for token in tokens:
+        if token.type == "tr_open":
+            cells.append(0)
+        elif token.type in ("th_open", "td_open"):
+            cells[-1] += 1
+    assert cells == [4, 4, 4, 5, 5]  # params: head, 2 rows; metrics: head, 1 row
+    # GitHub's table parser (cmark-gfm) reads "\\\\|" as an escaped backslash and a cell
+    # border, where markdown-it does not: every pipe must follow exactly one backslash
+    assert all(run == "\\|" for run in re.findall(r"\\*\|", md_code(value)))
+    plain = " ".join(t.content for t in tokens if t.type == "text")
+    for autolinked in ("www.", "://", "@"):  # GitHub links these in plain text by itself
+        assert autolinked not in plain
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_a_hostile_value_cannot_inject_markup(value: str):
+    _check_inert(value)
+
+
+@pytest.mark.parametrize("value", ["a|b", "<b>x</b>", "[x](y)", "`tick`", "a  b", "#1"])
+def test_an_escaped_value_still_reads_as_itself(value: str):
+    tokens = _tokens(to_markdown(_hostile_report(value)))
+    row = tokens[[t.type for t in tokens].index("tbody_open") :]
+    shown = [t.content for t in row if t.type == "code_inline"][:4]  # path, key, old, new
+    assert shown == [value] * 4
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    value=st.text(
+        alphabet=st.sampled_from(list("|\\`*_~[]()<>!#&:/@.- \n\r\t\x00\x85\u2028w"))
+        | st.characters(),
+        max_size=60,
+    )
+)
+def test_any_string_renders_inert(value: str):
+    _check_inert(value)

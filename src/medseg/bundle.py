@@ -22,12 +22,23 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from medseg.config import CONVERT_RECORD, ConvertConfig, PreprocessConfig, parse
+from medseg.config import (
+    CONVERT_RECORD,
+    MAX_CLASSES,
+    MAX_DECODER_BLOCKS,
+    MAX_DECODER_WIDTH,
+    ConvertConfig,
+    PreprocessConfig,
+    parse,
+    read_json,
+    shown,
+)
 from medseg.errors import MedsegError
 from medseg.onnx_model import SUFFIX, open_onnx
 from medseg.preprocess import (
@@ -39,7 +50,7 @@ from medseg.preprocess import (
     load_record,
     read_class_names,
 )
-from medseg.spec import ModelSpec
+from medseg.spec import ARCHS, ModelSpec
 
 if TYPE_CHECKING:  # torch is imported where a torch model is loaded: ONNX bundles run without
     import torch
@@ -150,6 +161,7 @@ def load_bundle(
     spec = read_spec(spec_path)
     classes = read_class_names(folder)
     _check_fits(spec, pre, classes, spec_path, f"in {record}", folder / CLASSES)
+    convert = _convert_record(folder / CONVERT_RECORD)  # every record checked before building
     from medseg.inference import prepare_model
     from medseg.model import build_model, resolve_device
 
@@ -165,7 +177,7 @@ def load_bundle(
         ) from err
     dev = resolve_device(device) if isinstance(device, str) else device
     model = prepare_model(net.to(dev).eval(), spec.in_channels)
-    return Bundle(model, spec, pre, classes, dev, _convert_record(folder / CONVERT_RECORD))
+    return Bundle(model, spec, pre, classes, dev, convert)
 
 
 def _check_fits(
@@ -218,35 +230,57 @@ def _metadata(path: Path, meta: dict[str, str], key: str) -> Any:
 
 
 def read_spec(path: Path) -> ModelSpec:
-    """A model spec from JSON, every field type-checked before anything is built."""
-    try:
-        raw: Any = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MedsegError(f"{path}: not a readable model spec ({err})") from err
-    return parse_spec(raw, str(path))
+    """A model spec from a JSON file, every field checked (`parse_spec`)."""
+    return parse_spec(read_json(path, "model spec"), str(path))
 
 
 def parse_spec(raw: Any, source: str) -> ModelSpec:
-    """A model spec from its JSON value, every field type-checked; ``source`` names it in
-    errors."""
-    want = {f.name for f in fields(ModelSpec)}
-    if not isinstance(raw, dict) or set(raw) != want:
-        raise MedsegError(f"{source}: a model spec has exactly the keys {', '.join(sorted(want))}")
-    ok = (
-        isinstance(raw["arch"], str)
-        and isinstance(raw["encoder"], str)
-        and isinstance(raw["decoder_channels"], list)
-        and 0 < len(raw["decoder_channels"]) <= 8
-        and all(_small_int(c, 4096) for c in raw["decoder_channels"])
-        and _small_int(raw["in_channels"], 64)
-        and _small_int(raw["classes"], 1024)
-    )
-    if not ok:
-        raise MedsegError(
-            f"{source}: malformed model spec: arch and encoder must be names, decoder_channels a "
-            "list of up to 8 positive integers, in_channels and classes positive integers"
+    """A model spec from its JSON value, every field type- and range-checked before anything
+    is built; ``source`` names it in errors.
+
+    Raises:
+        MedsegError: naming ``source`` and the first field that is missing, unknown, of the
+            wrong type or out of range.
+    """
+    want = [f.name for f in fields(ModelSpec)]
+    if not isinstance(raw, dict):
+        _malformed(source, f"not a JSON object with keys {', '.join(want)}")
+    unknown = sorted(k for k in raw if k not in want)
+    missing = [k for k in want if k not in raw]
+    if unknown or missing:
+        what = f"unknown field {shown(unknown[0])}" if unknown else f"missing field {missing[0]}"
+        _malformed(source, f"{what}; it has exactly {', '.join(want)}")
+    if not isinstance(raw["arch"], str) or raw["arch"] not in ARCHS:
+        _malformed(
+            source, f"field arch must be one of {', '.join(ARCHS)}, got {shown(raw['arch'])}"
         )
+    if not isinstance(raw["encoder"], str) or not _ENCODER.match(raw["encoder"]):
+        _malformed(source, f"field encoder must be an encoder name, got {shown(raw['encoder'])}")
+    channels = raw["decoder_channels"]
+    if (
+        not isinstance(channels, list)
+        or not 0 < len(channels) <= MAX_DECODER_BLOCKS
+        or not all(_small_int(c, MAX_DECODER_WIDTH) for c in channels)
+    ):
+        _malformed(
+            source,
+            f"field decoder_channels must be a list of 1 to {MAX_DECODER_BLOCKS} integers in "
+            f"1..{MAX_DECODER_WIDTH}, got {shown(channels)}",
+        )
+    for name, top in (("in_channels", MAX_IN_CHANNELS), ("classes", MAX_CLASSES)):
+        if not _small_int(raw[name], top):
+            _malformed(
+                source, f"field {name} must be an integer in 1..{top}, got {shown(raw[name])}"
+            )
     return ModelSpec(**raw)
+
+
+def _malformed(source: str, detail: str) -> NoReturn:
+    raise MedsegError(f"{source}: malformed model spec: {detail}")
+
+
+_ENCODER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+MAX_IN_CHANNELS = 3  # grey or RGB (preprocess.channel)
 
 
 def _small_int(value: Any, top: int) -> bool:
@@ -272,8 +306,5 @@ def _convert_record(path: Path) -> ConvertConfig | None:
             "count whole", path
         )  # fmt: skip
         return None
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise MedsegError(f"{path}: not a readable convert record ({err})") from err
+    raw = read_json(path, "convert record")
     return parse(ConvertConfig, raw, prefix="convert.", source=str(path))

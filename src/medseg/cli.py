@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from medseg import __version__
 from medseg.config import load_all_params
@@ -27,6 +28,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     report.add_argument("--all", action="store_true", help="list unchanged values too")
     report.add_argument("--repo", default=".", help="the repository (default: here)")
     report.add_argument("-o", "--out", help="write the Markdown to this file, not stdout")
+    find = sub.add_parser(
+        "find-source", help="the files under data.root behind hmac:... tokens (names: hash)"
+    )
+    find.add_argument("tokens", nargs="+", metavar="TOKEN")
+    find.add_argument("--params", default="params.yaml")
     _add_predict(sub)
     _add_plots(sub)
     _add_export(sub)
@@ -141,6 +147,8 @@ def _main(argv: Sequence[str] | None) -> None:
         _plots(args)
     elif args.command == "export":
         _export(args)
+    elif args.command == "find-source":
+        _find_source(args)
 
 
 def _plots(args: argparse.Namespace) -> None:
@@ -164,6 +172,15 @@ def _export(args: argparse.Namespace) -> None:
         f"wrote {args.out}; onnxruntime vs torch on a {CHECK_SIZE[1]}x{CHECK_SIZE[0]} image: "
         f"largest probability difference {diff:.2g}"
     )
+
+
+def _find_source(args: argparse.Namespace) -> None:
+    from medseg.config import DataConfig, load_params
+    from medseg.convert import find_sources, id_key
+
+    root = Path(load_params(args.params, DataConfig).root)
+    for token, paths in find_sources(root, args.tokens, id_key(create=False)).items():
+        print(f"{token}: {', '.join(map(str, paths)) or 'no file under ' + str(root)}")
 
 
 def _report(args: argparse.Namespace) -> None:

@@ -7,6 +7,8 @@ key (``train.lr``) so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import re
 import types
 import typing
@@ -151,7 +153,7 @@ class ConvertConfig:
             _positive("convert.window_width", self.window_width)
         if self.max_bit_depth not in (8, 16):
             raise MedsegError(
-                f"params: convert.max_bit_depth must be 8 or 16, got {self.max_bit_depth}"
+                f"params: convert.max_bit_depth must be 8 or 16, got {shown(self.max_bit_depth)}"
             )
         _choice("convert.multiframe", self.multiframe, ("split", "refuse"))
         _positive("convert.max_pixels", self.max_pixels)
@@ -201,6 +203,11 @@ class PreprocessConfig:
 
 
 LOSSES = ("bce", "dice", "bce_dice", "cldice")
+# Bounds on the network's size, shared with the model spec check (`medseg.bundle.read_spec`):
+# far above any useful value, far below one that would allocate memory for hours.
+MAX_DECODER_BLOCKS = 8
+MAX_DECODER_WIDTH = 4096
+MAX_CLASSES = 256  # background + the 255 classes data.classes allows
 CHANNELS = ("green", "gray", "rgb")
 CACHES = ("auto", "ram", "none")
 
@@ -254,6 +261,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _choice("train.cache", self.cache, CACHES)
         _at_least("train.classes", self.classes, 1)
+        if self.classes > MAX_CLASSES:
+            raise MedsegError(
+                f"params: train.classes must be <= {MAX_CLASSES}, got {shown(self.classes)}"
+            )
         for key in ("epochs", "patches_per_epoch", "batch_size"):
             _positive(f"train.{key}", getattr(self, key))
         _positive("train.lr", self.lr)
@@ -261,8 +272,13 @@ class TrainConfig:
         _unit("train.foreground_fraction", self.foreground_fraction)
         _unit("train.bce_weight", self.bce_weight)
         _multiple_of_32("train.patch_size", self.patch_size)
-        if not self.decoder_channels or any(c <= 0 for c in self.decoder_channels):
-            raise MedsegError("params: train.decoder_channels must be a list of positive integers")
+        if not 0 < len(self.decoder_channels) <= MAX_DECODER_BLOCKS or any(
+            not 0 < c <= MAX_DECODER_WIDTH for c in self.decoder_channels
+        ):
+            raise MedsegError(
+                f"params: train.decoder_channels must be a list of 1 to {MAX_DECODER_BLOCKS} "
+                f"integers in 1..{MAX_DECODER_WIDTH}"
+            )
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.loss", self.loss, LOSSES)
         _unit("train.cldice_weight", self.cldice_weight)
@@ -371,13 +387,130 @@ def load_params(path: str | Path, section: type[T]) -> T:
 def load_all_params(path: str | Path) -> Params:
     """Load and validate every section of a params file. See `load_params`."""
     path = Path(path)
+    return parse(Params, read_yaml(path), prefix="", source=str(path))
+
+
+# Bounds on a params file: it is a few kilobytes, so anything far larger is not one. Aliases
+# (``*name``) are resolved by reference, but the code that walks the values (messages, records,
+# `dataclasses.asdict`) expands them: a "billion laughs" file of nested aliases would eat memory.
+MAX_PARAMS_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000  # nodes after alias expansion
+MAX_YAML_DEPTH = 64
+
+
+def read_yaml(path: Path) -> Any:
+    """A small YAML file, read with bounds on its size, alias expansion and nesting.
+
+    Raises:
+        MedsegError: the file cannot be read, is too large, not YAML, or expands too far.
+    """
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with path.open("rb") as f:
+            data = f.read(MAX_PARAMS_BYTES + 1)
     except OSError as err:
         raise MedsegError(f"cannot read params file {path}: {err.strerror}") from err
+    if len(data) > MAX_PARAMS_BYTES:
+        raise MedsegError(
+            f"params file {path} is larger than {MAX_PARAMS_BYTES >> 20} MiB; not a params file"
+        )
+    try:
+        loader = _BoundedLoader(data.decode("utf-8"))
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except UnicodeDecodeError as err:
+        raise MedsegError(f"params file {path} is not UTF-8 text ({err.reason})") from None
+    except _TooLarge as err:
+        raise MedsegError(f"params file {path}: {err}; not a params file") from None
     except yaml.YAMLError as err:
-        raise MedsegError(f"params file {path} is not valid YAML: {err}") from err
-    return parse(Params, raw, prefix="", source=str(path))
+        problem = _cut(" ".join(str(err).split()), 300)  # one line: the parser's has several
+        raise MedsegError(f"params file {path} is not valid YAML: {problem}") from None
+    except RecursionError:  # nesting deeper than the parser's own stack
+        raise MedsegError(f"params file {path}: values nested too deeply") from None
+    except ValueError as err:  # an integer of thousands of digits: Python refuses to convert it
+        raise MedsegError(f"params file {path} cannot be read: {_cut(str(err), 120)}") from None
+
+
+# A spec or record (JSON written beside data or weights) is a few hundred bytes.
+MAX_RECORD_BYTES = 1 << 20
+
+
+def read_json(path: Path, what: str) -> Any:
+    """A small JSON file (a spec or a record), bounded in size before it is parsed.
+
+    Raises:
+        MedsegError: naming the file: unreadable, too large or not JSON.
+    """
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_RECORD_BYTES + 1)
+    except OSError as err:
+        raise MedsegError(f"cannot read the {what} {path}: {err.strerror}") from err
+    if len(data) > MAX_RECORD_BYTES:
+        raise MedsegError(f"{path}: larger than {MAX_RECORD_BYTES >> 20} MiB; not a {what}")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as err:
+        detail = type(err).__name__ if isinstance(err, RecursionError) else str(err)
+        raise MedsegError(f"{path}: not a valid {what} ({_cut(detail, 120)})") from None
+
+
+class _TooLarge(yaml.YAMLError):
+    """A document beyond the bounds on alias expansion or nesting."""
+
+
+# libyaml's parser where PyYAML was built with it: 15x faster, and it bounds nesting itself
+_SafeLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _BoundedLoader(_SafeLoader):  # type: ignore[misc]
+    """PyYAML's safe loader that refuses a document whose alias expansion or nesting is too
+    large, before any Python object is constructed."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None:
+            _expanded_size(node, {}, set(), 0)
+        return node
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], path: set[int], depth: int) -> int:
+    """Nodes under ``node`` with every alias expanded (memoised by node, so the count itself
+    costs one visit per distinct node)."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in path:
+        raise _TooLarge("an alias refers to a node that contains it (recursive alias)")
+    if depth > MAX_YAML_DEPTH:
+        raise _TooLarge(f"values nested deeper than {MAX_YAML_DEPTH} levels")
+    path.add(key)
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        children: list[yaml.Node] = list(node.value)
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    else:
+        children = []
+    for child in children:
+        size += _expanded_size(child, sizes, path, depth + 1)
+        if size > MAX_YAML_NODES:
+            raise _TooLarge(
+                f"more than {MAX_YAML_NODES} values once aliases are expanded (an alias bomb?)"
+            )
+    path.discard(key)
+    sizes[key] = size
+    return size
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for messages that quote user input."""
+    return _cut(repr(value), limit)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def parse(cls: type[T], raw: Any, prefix: str = "", source: str = "params") -> T:
@@ -398,10 +531,11 @@ def parse(cls: type[T], raw: Any, prefix: str = "", source: str = "params") -> T
         raise MedsegError(f"{source}: {where} must be a mapping of keys to values")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    unknown = sorted(set(raw) - set(names))
+    unknown = sorted((k for k in raw if k not in names), key=str)
     if unknown:
         raise MedsegError(
-            f"{source}: unknown key {prefix}{unknown[0]}; known keys in {where}: {', '.join(names)}"
+            f"{source}: unknown key {prefix}{_cut(str(unknown[0]), 60)}; known keys in {where}: "
+            f"{', '.join(names)}"
         )
     missing = [n for n in names if n not in raw]
     if missing:
@@ -425,11 +559,11 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         return _coerce(inner[0], value, key, source)
     if origin is dict:
         if not isinstance(value, dict):
-            raise MedsegError(f"{source}: {key} must be a mapping, got {str(value)[:60]!r}")
+            raise MedsegError(f"{source}: {key} must be a mapping, got {shown(value)}")
         return dict(value)
     if origin is list:
         if not isinstance(value, list):
-            raise MedsegError(f"{source}: {key} must be a list, got {value!r}")
+            raise MedsegError(f"{source}: {key} must be a list, got {shown(value)}")
         (item,) = typing.get_args(tp)
         return [_coerce(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
     ok = (
@@ -440,33 +574,47 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     )
     if not ok:
         raise MedsegError(
-            f"{source}: {key} must be of type {tp.__name__}, got {value!r} "
+            f"{source}: {key} must be of type {tp.__name__}, got {shown(value)} "
             f"({type(value).__name__}); floats are written with a dot, e.g. 1.0e-3"
         )
-    return float(value) if tp is float else value
+    if tp is float:
+        return _finite(value, key, source)
+    return value
+
+
+def _finite(value: int | float, key: str, source: str) -> float:
+    """A finite float: NaN or infinity would pass every range check written as ``not a < x``,
+    or poison a run (an infinite learning rate, a NaN threshold)."""
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond the float range
+        number = math.inf
+    if not math.isfinite(number):
+        raise MedsegError(f"{source}: {key} must be a finite number, got {shown(value)}")
+    return number
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise MedsegError(f"params: {key} must be one of {', '.join(choices)}; got {value!r}")
+        raise MedsegError(f"params: {key} must be one of {', '.join(choices)}; got {shown(value)}")
 
 
 def _positive(key: str, value: float) -> None:
     if value <= 0:
-        raise MedsegError(f"params: {key} must be > 0, got {value}")
+        raise MedsegError(f"params: {key} must be > 0, got {shown(value)}")
 
 
 def _at_least(key: str, value: float, low: float) -> None:
     if value < low:
-        raise MedsegError(f"params: {key} must be >= {low}, got {value}")
+        raise MedsegError(f"params: {key} must be >= {low}, got {shown(value)}")
 
 
 def _multiple_of_32(key: str, value: int) -> None:
     """The UNet halves the size five times, so inputs must divide by 32."""
     if value <= 0 or value % 32:
-        raise MedsegError(f"params: {key} must be a positive multiple of 32, got {value}")
+        raise MedsegError(f"params: {key} must be a positive multiple of 32, got {shown(value)}")
 
 
 def _unit(key: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
-        raise MedsegError(f"params: {key} must be in [0, 1], got {value}")
+        raise MedsegError(f"params: {key} must be in [0, 1], got {shown(value)}")

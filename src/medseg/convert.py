@@ -12,11 +12,14 @@ import ctypes
 import dataclasses
 import errno
 import hashlib
+import hmac
 import logging
 import multiprocessing
 import os
 import re
+import secrets
 import signal
+import stat
 import sys
 import threading
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -46,6 +49,12 @@ MANIFEST_COLUMNS = [
 SKIPPED_COLUMNS = ["source", "reason"]
 # A path part made of 4+ dot-separated numbers is a DICOM UID, which identifies a study or image.
 _UID = re.compile(r"^\d+(\.\d+){3,}$")
+# The secret of `convert.names: hash`: an environment variable, else a git-ignored file in the
+# repository (created on first use). Without a secret, anyone with a list of candidate names
+# could hash them and recognise the ids.
+ID_KEY_ENV = "MEDSEG_ID_KEY"
+ID_KEY_FILE = Path(".medseg") / "id_key"
+_KEY_HEX = re.compile(r"^[0-9a-fA-F]{32,}$")  # 128 bits at least
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,7 @@ class _Job:
     out: Path
     cfg: ConvertConfig
     labels: dict[int, int] | None = None  # mask value -> label (data.classes); None: binary
+    key: bytes | None = None  # the id key of `names: hash`
 
 
 @dataclass(frozen=True)
@@ -76,7 +86,9 @@ class _Result:
     problem: Problem | None = None
 
 
-def convert_dataset(data: DataConfig, cfg: ConvertConfig, out: str | Path) -> pd.DataFrame:
+def convert_dataset(
+    data: DataConfig, cfg: ConvertConfig, out: str | Path, key: bytes | None = None
+) -> pd.DataFrame:
     """Convert every case under ``data.root`` into ``out``.
 
     Writes ``out/images/<case>.png`` (8 or 16 bit, grey or RGB), ``out/masks/<case>.png``,
@@ -85,6 +97,9 @@ def convert_dataset(data: DataConfig, cfg: ConvertConfig, out: str | Path) -> pd
     relative to ``out``; ``mask2`` empty, read back as NaN, where there is none);
     ``out/skipped.csv`` (the files left out and why) and ``out/report.json`` (counts).
     ``out`` appears only when the run completes.
+
+    With ``convert.names: hash`` case ids and sources are keyed hashes of the paths (``key``,
+    by default `id_key`) and no name from a path reaches an output, a message or a log line.
 
     Returns:
         The manifest.
@@ -95,6 +110,18 @@ def convert_dataset(data: DataConfig, cfg: ConvertConfig, out: str | Path) -> pd
         OutputError: writing ``out`` failed (disk full, read-only, permission), whatever
             ``on_error`` says: only problems of input files are skipped.
     """
+    if cfg.names != "hash":
+        return _convert_dataset(data, cfg, Path(out), None)
+    key = key if key is not None else id_key()
+    try:
+        return _convert_dataset(data, cfg, Path(out), key)
+    except MedsegError as err:
+        raise MedsegError(_redact(str(err), [], Path(data.root), key, (Path(out),))) from None
+
+
+def _convert_dataset(
+    data: DataConfig, cfg: ConvertConfig, out: Path, key: bytes | None
+) -> pd.DataFrame:
     root = Path(data.root)
     check_output(out, {"data.root": root})  # before anything is read or removed
     segs = _seg_index(root, data.seg) if data.seg is not None else None
@@ -107,16 +134,16 @@ def convert_dataset(data: DataConfig, cfg: ConvertConfig, out: str | Path) -> pd
         classes = class_names(segs.headers)  # the segments' labels name the classes
         log.info("classes from the DICOM SEG segment labels: %s", classes)
     if scan.problems and cfg.on_error == "fail":
-        raise MedsegError(_fail_hint(scan.problems[0].reason))
+        raise MedsegError(_fail_hint(_skip_row(scan.problems[0], root, key)["reason"]))
     with atomic_dir(out, {"data.root": root}) as tmp:
         for sub in ("images", "masks", "fov", "masks2"):
             (tmp / sub).mkdir()
         labels = label_map(classes) if classes is not None else None
-        jobs = [_Job(case, root, tmp, cfg, labels) for case in scan.cases]
+        jobs = [_Job(case, root, tmp, cfg, labels, key) for case in scan.cases]
         results = _run(jobs, cfg)
         rows = [row for r in results for row in r.rows]
         problems = scan.problems + [r.problem for r in results if r.problem is not None]
-        skipped = pd.DataFrame([_skip_row(p, root, cfg) for p in problems], columns=SKIPPED_COLUMNS)
+        skipped = pd.DataFrame([_skip_row(p, root, key) for p in problems], columns=SKIPPED_COLUMNS)
         skipped.to_csv(tmp / "skipped.csv", index=False)
         if not rows:
             first = f"; the first: {problems[0].reason}" if problems else ""
@@ -134,6 +161,8 @@ def convert_dataset(data: DataConfig, cfg: ConvertConfig, out: str | Path) -> pd
             "skipped": len(problems),
             "on_error": cfg.on_error,
         }
+        if key is not None:  # which key made the ids: a different key gives different ids
+            report["id_key"] = key_fingerprint(key)
         write_json(tmp / "report.json", report)
         write_json(tmp / CONVERT_RECORD, dataclasses.asdict(cfg))
         names = ["background", *classes] if classes else ["background", "foreground"]
@@ -253,16 +282,15 @@ def convert_case(job: _Job) -> _Result:
     Runs in a worker process: everything it needs comes in ``job``.
     """
     try:
-        checked = _convert(job.case, job.root, job.out, job.cfg, job.labels)
+        checked = _convert(job.case, job.root, job.out, job.cfg, job.labels, job.key)
     except Exception as err:  # raised before anything of the case is written
         if isinstance(err, OSError) and err.errno in _NOT_THE_INPUT:
             raise
         reason = str(err) if isinstance(err, MedsegError) else _unexpected(job.case, err)
-        if job.cfg.names == "hash":  # no name from the path in the outputs, the report included
+        if job.key is not None:  # no name from the path in the outputs, the report included
             case = job.case
-            for path in (case.image, case.mask, case.fov, case.mask2):
-                if path is not None:
-                    reason = reason.replace(str(path), _hashed_source(path, job.root))
+            paths = [p for p in (case.image, case.mask, case.fov, case.mask2) if p is not None]
+            reason = _redact(reason, paths, job.root, job.key)
         return _Result([], Problem(job.case.image, reason))
     return _Result(_write_case(job.case, job.out, job.cfg, checked))
 
@@ -272,11 +300,12 @@ _NOT_THE_INPUT = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 def _convert(
-    case: CaseFiles, root: Path, out: Path, cfg: ConvertConfig, labels: dict[int, int] | None
-) -> _Checked:
+    case: CaseFiles, root: Path, out: Path, cfg: ConvertConfig, labels: dict[int, int] | None,
+    key: bytes | None,
+) -> _Checked:  # fmt: skip
     options = ReadOptions.from_convert(cfg)
-    base = _base_id(case, root, cfg)
-    source = _source_name(case, root, cfg)
+    base = _base_id(case, root, key)
+    source = _source_name(case, root, key)
     images = read(case.image, options)
     raw = dataclasses.replace(options, window=None)  # a window is for images, never for masks
     masks = _read_mask(case.mask, raw, cfg, images, "mask", labels, case.image)
@@ -489,16 +518,16 @@ def _check_fov_keeps_labels(image: Path, masks: np.ndarray, fovs: np.ndarray) ->
             )
 
 
-def _base_id(case: CaseFiles, root: Path, cfg: ConvertConfig) -> str:
-    if cfg.names == "hash":
-        return "h" + _digest(case.image, root)[:12]
+def _base_id(case: CaseFiles, root: Path, key: bytes | None) -> str:
+    if key is not None:
+        return "h" + _digest(case.image, root, key)[:12]
     return case.case_id
 
 
-def _source_name(case: CaseFiles, root: Path, cfg: ConvertConfig) -> str:
-    """The image's path relative to the root, or its hash with ``convert.names: hash``."""
-    if cfg.names == "hash":
-        return _hashed_source(case.image, root)
+def _source_name(case: CaseFiles, root: Path, key: bytes | None) -> str:
+    """The image's path relative to the root, or its keyed hash with ``convert.names: hash``."""
+    if key is not None:
+        return _hashed_source(case.image, root, key)
     rel = _relative(case.image, root)
     for part in Path(rel).parts:
         if _UID.match(part.removesuffix(Path(part).suffix) if Path(part).suffix else part):
@@ -513,20 +542,151 @@ def _relative(path: Path, root: Path) -> str:
     return Path(os.path.relpath(path, root)).as_posix()
 
 
-def _hashed_source(path: Path, root: Path) -> str:
-    return "sha256:" + _digest(path, root)[:16]
+def _hashed_source(path: Path, root: Path, key: bytes) -> str:
+    return "hmac:" + _digest(path, root, key)[:16]
 
 
-def _digest(path: Path, root: Path) -> str:
-    return hashlib.sha256(_relative(path, root).encode("utf-8")).hexdigest()
+def _digest(path: Path, root: Path, key: bytes) -> str:
+    """HMAC-SHA256 of the path relative to the root: the same file gets the same id on every
+    machine that holds the same key."""
+    return hmac.new(key, _relative(path, root).encode("utf-8"), hashlib.sha256).hexdigest()
 
 
-def _skip_row(problem: Problem, root: Path, cfg: ConvertConfig) -> dict[str, str]:
+def _skip_row(problem: Problem, root: Path, key: bytes | None) -> dict[str, str]:
     """A row of ``skipped.csv``; with ``names: hash`` the file is named by its hash only."""
-    if cfg.names != "hash":
+    if key is None:
         return {"source": _relative(problem.path, root), "reason": problem.reason}
-    token = _hashed_source(problem.path, root)
-    return {"source": token, "reason": problem.reason.replace(str(problem.path), token)}
+    return {
+        "source": _hashed_source(problem.path, root, key),
+        "reason": _redact(problem.reason, [problem.path], root, key),
+    }
+
+
+# A word of a message that names a file: it holds a path separator, ends like an image file,
+# or is a DICOM UID. Such words are replaced when no name may reach the outputs.
+_FILE_WORD = re.compile(
+    r"[^\s'\"(),;]*[/\\][^\s'\"(),;]*"
+    r"|[^\s'\"(),;/\\]+\.(?:dcm|dicom|dic|ima|png|tif|tiff|gif|jpe?g|bmp|csv)\b"
+    r"|\b\d+(?:\.\d+){3,}\b",
+    re.IGNORECASE,
+)
+
+
+def _redact(
+    text: str, paths: list[Path], root: Path, key: bytes, keep: tuple[Path, ...] = ()
+) -> str:
+    """``text`` without a name from the paths under ``root``.
+
+    Steps: 1. each known file (absolute path, path under the root, name, stem) becomes its token,
+    the one ``skipped.csv`` and the manifest give it; 2. any other word that names a file
+    (see `_FILE_WORD`) becomes ``<path>``, except the root itself and ``keep`` (params and
+    outputs, not data) and absolute paths outside the root."""
+    tokens: dict[str, str] = {}
+    for path in reversed(paths):  # the first path's token wins a name that two paths share
+        token = _hashed_source(path, root, key)
+        names = {str(path), _relative(path, root), path.name}
+        names |= {path.stem} if len(path.stem) >= 3 else set()  # "a" would eat the prose
+        tokens.update(dict.fromkeys(names, token))
+    for name in sorted(tokens, key=len, reverse=True):  # whole paths before their names
+        text = text.replace(name, tokens[name])
+    kept = {form for p in (root, *keep) for form in (str(p), p.as_posix(), f"{p.as_posix()}/")}
+    top = os.path.abspath(root)
+
+    def word(match: re.Match[str]) -> str:
+        name = match[0].rstrip(":.")
+        if (
+            name in kept
+            or not re.search(r"[^\W\d]", name)  # "0/255" names nothing
+            or (os.path.isabs(name) and not Path(os.path.abspath(name)).is_relative_to(top))
+        ):
+            return match[0]
+        return "<path>" + match[0][len(name) :]
+
+    return _FILE_WORD.sub(word, text)
+
+
+def find_sources(root: Path, tokens: list[str], key: bytes) -> dict[str, list[Path]]:
+    """The files under ``root`` behind ``hmac:...`` tokens (from ``skipped.csv``, the manifest's
+    ``source`` column or a message), found by hashing every path with the key.
+
+    Returns:
+        Token -> the files it names (empty where none does).
+    """
+    found: dict[str, list[Path]] = {token: [] for token in tokens}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        token = _hashed_source(path, root, key)
+        if token in found:
+            found[token].append(path)
+    return found
+
+
+def id_key(start: Path | None = None, create: bool = True) -> bytes:
+    """The secret key of ``convert.names: hash``.
+
+    Looked for in this order: the environment variable ``MEDSEG_ID_KEY`` (hex, 32+ digits);
+    ``.medseg/id_key`` in the working folder or a folder above it (so that a ``dvc exp run``
+    in a temporary copy under ``.dvc/tmp`` finds the repository's key); else a new random key
+    is written (mode 0600) at the repository root, unless ``create`` is false. A different key
+    gives different ids.
+
+    Raises:
+        MedsegError: the key is malformed, or its file is readable by others.
+    """
+    if (value := os.environ.get(ID_KEY_ENV)) is not None:
+        return _parse_key(value, f"${ID_KEY_ENV}")
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / ID_KEY_FILE).is_file():
+            return _read_key(folder / ID_KEY_FILE)
+    home = Path(*here.parts[: here.parts.index(".dvc")]) if ".dvc" in here.parts else here
+    if not create:
+        raise MedsegError(
+            f"no id key: neither ${ID_KEY_ENV} nor {ID_KEY_FILE} in {here} or a folder above it"
+        )
+    return _create_key(home / ID_KEY_FILE)
+
+
+def key_fingerprint(key: bytes) -> str:
+    """A short public name of a key (it tells keys apart, and reveals nothing of them)."""
+    return hmac.new(key, b"medseg id key fingerprint", hashlib.sha256).hexdigest()[:12]
+
+
+def _parse_key(text: str, where: str) -> bytes:
+    text = text.strip()
+    if not _KEY_HEX.match(text) or len(text) % 2:
+        raise MedsegError(
+            f"{where}: the id key of convert.names: hash must be an even number of 32 or more "
+            "hex digits (make one with: python -c 'import secrets; print(secrets.token_hex(32))')"
+        )
+    return bytes.fromhex(text)
+
+
+def _read_key(path: Path) -> bytes:
+    if os.name == "posix" and path.stat().st_mode & 0o077:
+        raise MedsegError(f"{path}: the id key is readable by other users; run `chmod 600 {path}`")
+    try:
+        return _parse_key(path.read_text(encoding="ascii"), str(path))
+    except (OSError, UnicodeDecodeError) as err:
+        raise MedsegError(f"{path}: cannot read the id key ({err})") from None
+
+
+def _create_key(path: Path) -> bytes:
+    """Write a new random key, readable by its owner only; another process's key wins a race."""
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    ignore = path.parent / ".gitignore"  # never committed, whatever the repository's .gitignore
+    if not ignore.exists():
+        ignore.write_text("*\n")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
+    except FileExistsError:
+        return _read_key(path)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    log.warning(
+        "%s: new id key for convert.names: hash; keep it (ids change with the key) and copy it "
+        "to every machine that converts this data set", path
+    )  # fmt: skip
+    return _read_key(path)
 
 
 def _check_unique_ids(manifest: pd.DataFrame) -> None:

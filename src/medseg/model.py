@@ -9,7 +9,7 @@ import segmentation_models_pytorch as smp
 import torch
 
 from medseg.errors import MedsegError
-from medseg.spec import ModelSpec  # re-exported: its home before the ONNX export
+from medseg.spec import ARCHS, ModelSpec  # re-exported: their home before the ONNX export
 
 
 def _per_block(channels: list[int]) -> dict:
@@ -51,7 +51,6 @@ _ARCHS: dict[str, tuple[type[torch.nn.Module], Callable[[list[int]], dict]]] = {
     "upernet": (smp.UPerNet, _one_width),
     "segformer": (smp.Segformer, _segformer),
 }
-ARCHS = tuple(_ARCHS)
 
 
 def build_model(spec: ModelSpec, encoder_weights: str | None = None) -> torch.nn.Module:
@@ -96,7 +95,7 @@ def check_names(arch: str, encoder: str) -> None:
         MedsegError: ``train.arch`` or ``train.encoder`` is not known.
     """
     if arch not in _ARCHS:
-        raise MedsegError(f"params: train.arch {arch!r} is unknown; known: {', '.join(_ARCHS)}")
+        raise MedsegError(f"params: train.arch {arch!r} is unknown; known: {', '.join(ARCHS)}")
     encoders = smp.encoders.get_encoder_names()
     if encoder not in encoders:
         close = [e for e in encoders if encoder.split("_")[0][:4] in e][:8]

@@ -4,7 +4,6 @@ split, written as one case store (a few shard files) per split."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -15,7 +14,14 @@ import numpy as np
 import pandas as pd
 from skimage import exposure
 
-from medseg.config import CLASSES, CONVERT_RECORD, PreprocessConfig, parse
+from medseg.config import (
+    CLASSES,
+    CONVERT_RECORD,
+    MAX_CLASSES,
+    PreprocessConfig,
+    parse,
+    read_json,
+)
 from medseg.errors import MedsegError
 from medseg.io.atomic import atomic_dir, write_json
 from medseg.io.images import binarize, read_raster
@@ -297,22 +303,24 @@ def read_class_names(folder: str | Path) -> list[str]:
     path = Path(folder) / CLASSES
     if not path.is_file():
         return list(BINARY)
-    try:
-        names = json.loads(path.read_text(encoding="utf-8"))["names"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise MedsegError(f"{path}: not a readable class list ({err})") from err
+    raw = read_json(path, "class list")
+    names = raw.get("names") if isinstance(raw, dict) else None
     return check_class_names(names, str(path))
 
 
 def check_class_names(names: Any, source: str) -> list[str]:
-    """``names`` as a list of two or more distinct class names; ``source`` names it in errors."""
+    """``names`` as a list of 2 to `MAX_CLASSES` distinct class names; ``source`` names it in
+    errors."""
     if (
         not isinstance(names, list)
-        or len(names) < 2
+        or not 2 <= len(names) <= MAX_CLASSES
+        or not all(isinstance(n, str) and len(n) <= 100 for n in names)
         or not all(isinstance(n, str) and n for n in names)
         or len(set(names)) != len(names)
     ):
-        raise MedsegError(f"{source}: names must be a list of two or more distinct class names")
+        raise MedsegError(
+            f"{source}: names must be a list of 2 to {MAX_CLASSES} distinct class names"
+        )
     return names
 
 
@@ -504,10 +512,5 @@ def load_record(path: str | Path) -> PreprocessConfig:
         MedsegError: the file is missing, not JSON, or does not hold valid preprocess params.
     """
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise MedsegError(f"cannot read the preprocess record {path}: {err.strerror}") from err
-    except json.JSONDecodeError as err:
-        raise MedsegError(f"{path}: not a valid preprocess record ({err})") from err
+    raw = read_json(path, "preprocess record")
     return parse(PreprocessConfig, raw, prefix="preprocess.", source=str(path))

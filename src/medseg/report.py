@@ -8,6 +8,8 @@ Metrics files are small and kept in git (``cache: false``), so the base side nee
 from __future__ import annotations
 
 import math
+import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,14 +136,19 @@ def _rows(diff: dict[str, dict[str, dict[str, Any]]]) -> list[Row]:
 
 def to_markdown(report: Report) -> str:
     """The report as GitHub-flavoured Markdown: a heading, then one table for params and one
-    for metrics (with the change ``new - old`` for numbers), then any warnings."""
-    base = f"`{report.base}` ({report.base_sha[:8]})"
+    for metrics (with the change ``new - old`` for numbers), then any warnings.
+
+    Everything that comes from the repository (paths, keys, values, stage names, messages) may
+    be written by the author of a pull request, so it is escaped (see `md_text`): it cannot start
+    a line, close a table cell, or make a heading, link, image or HTML tag in the comment."""
+    base = f"{md_code(report.base, table=False)} ({md_text(report.base_sha[:8], table=False)})"
     lines = [f"## medseg report: workspace vs {base}", ""]
     lines += ["### Params", ""]
     if report.params:
         lines += ["| file | param | base | workspace |", "| --- | --- | --- | --- |"]
         lines += [
-            f"| {r.path} | {r.key} | {_param(r.old)} | {_param(r.new)} |" for r in report.params
+            f"| {md_text(r.path)} | {md_text(r.key)} | {_param(r.old)} | {_param(r.new)} |"
+            for r in report.params
         ]
     else:
         lines.append("No param changed.")
@@ -152,7 +159,8 @@ def to_markdown(report: Report) -> str:
             "| --- | --- | --- | --- | --- |",
         ]
         lines += [
-            f"| {r.path} | {r.key} | {_cell(r.old)} | {_cell(r.new)} | {_change(r.old, r.new)} |"
+            f"| {md_text(r.path)} | {md_text(r.key)} | {_cell(r.old)} | {_cell(r.new)} | "
+            f"{_change(r.old, r.new)} |"
             for r in report.metrics
         ]
     else:
@@ -160,19 +168,66 @@ def to_markdown(report: Report) -> str:
     if report.stale:
         lines += [
             "",
-            f"> **Warning**: stages not up to date with `dvc.lock`: {', '.join(report.stale)}. "
+            f"> **Warning**: stages not up to date with `dvc.lock`: {_names(report.stale)}. "
             "Their metrics may not come from the current code and params; run `dvc repro`.",
         ]
     if report.missing:
         lines += [
             "",
             f"> Note: outputs absent from the workspace (not pulled or not run): "
-            f"{', '.join(report.missing)}. Metrics come from the committed files.",
+            f"{_names(report.missing)}. Metrics come from the committed files.",
         ]
     for side, path, message in report.errors:
-        lines += ["", f"> **Warning**: could not read {path or 'params/metrics'} at {side}: "]
-        lines[-1] += message.replace("\n", " ")
+        where = md_text(path, table=False) if path else "params/metrics"
+        lines += ["", f"> **Warning**: could not read {where} at {md_text(side, table=False)}: "]
+        lines[-1] += md_code(message, limit=300, table=False)
     return "\n".join(lines) + "\n"
+
+
+# Plain text that no Markdown reads as markup: letters, digits and . - / inside, _ only between
+# letters or digits (never emphasis), and no "www." (GitHub links it by itself).
+_PLAIN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9./-]|(?<=[A-Za-z0-9])_(?=[A-Za-z0-9]))*$")
+MAX_SHOWN = 80  # characters of one value in the report
+
+
+def md_text(value: Any, table: bool = True) -> str:
+    """``value`` for one line of the report: as is when it is plain (a path, a key, a number),
+    else as an inline code span (`md_code`), which Markdown shows literally."""
+    text = str(value)
+    if _PLAIN.match(text) and len(text) <= MAX_SHOWN and "www." not in text.lower():
+        return text
+    return md_code(text, table=table)
+
+
+def md_code(value: Any, limit: int = MAX_SHOWN, table: bool = True) -> str:
+    """``value`` as an inline code span that stays inside its line (and its table cell, with
+    ``table``).
+
+    Steps: 1. control characters and line breaks become spaces (a code span cannot end a
+    line or a row); 2. cut to ``limit`` characters; 3. in a table, ``|`` escaped as ``\\|``
+    (the table splits cells before it reads code spans; a backslash just before it is replaced
+    by a look-alike, so that it cannot escape the escape); 4. fenced by one backtick more than
+    the longest run in the text, padded with a space where the text starts or ends with one.
+    """
+    text = "".join(" " if _breaks(ch) else ch for ch in str(value))
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    if not text.strip():
+        return '""' if not text else "`" + "\u00a0" * len(text) + "`"
+    if table:
+        text = re.sub(r"\\+(?=\|)", lambda m: "\u29f5" * len(m[0]), text).replace("|", "\\|")
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _breaks(ch: str) -> bool:
+    """A control character, or one that Python or Markdown may read as a line break."""
+    return unicodedata.category(ch) in ("Cc", "Zl", "Zp") or len(ch.splitlines()) == 0
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(md_text(n, table=False) for n in names)
 
 
 def _number(value: Any) -> bool:
@@ -180,7 +235,11 @@ def _number(value: Any) -> bool:
 
 
 def _param(value: Any) -> str:
-    return "-" if value is None else str(value).replace("|", "\\|")
+    if value is None:
+        return "-"
+    if isinstance(value, bool | int | float):  # str() of a number is plain text
+        return str(value)
+    return md_text(value)
 
 
 def _cell(value: Any) -> str:

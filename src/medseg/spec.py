@@ -8,6 +8,21 @@ from dataclasses import dataclass
 
 from medseg.config import TrainConfig
 
+# The architectures `medseg.model` builds (``train.arch``): its registry has exactly these keys.
+ARCHS = (
+    "unet",
+    "unetplusplus",
+    "manet",
+    "linknet",
+    "fpn",
+    "pspnet",
+    "deeplabv3",
+    "deeplabv3plus",
+    "pan",
+    "upernet",
+    "segformer",
+)
+
 
 @dataclass(frozen=True)
 class ModelSpec:

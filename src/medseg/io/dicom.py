@@ -30,6 +30,7 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset, read_file_meta_info
+from pydicom.multival import MultiValue
 from pydicom.pixels import (
     apply_color_lut,
     apply_modality_lut,
@@ -336,14 +337,55 @@ def _check_header(path: Path, ds: Dataset, options: ReadOptions) -> None:
             f"{path}: multi-frame DICOM ({frames} frames) and convert.multiframe is 'refuse'; "
             "set convert.multiframe: split to make one case per frame"
         )
-    if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES" and not (
-        options.allow_burned_in
-    ):
+    if not options.allow_burned_in:
+        _check_burned_in(path, ds)
+
+
+# Secondary Capture Image Storage SOP classes: screenshots, scanned film and documents, images
+# made by a workstation, where text with the patient's name is often part of the pixels.
+SECONDARY_CAPTURE = (
+    "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.1", "1.2.840.10008.5.1.4.1.1.7.2",
+    "1.2.840.10008.5.1.4.1.1.7.3", "1.2.840.10008.5.1.4.1.1.7.4",
+)  # fmt: skip
+
+
+def _check_burned_in(path: Path, ds: Dataset) -> None:
+    """Refuse pixels that may show patient identifiers.
+
+    1. BurnedInAnnotation with any value but NO (YES in any case, padded with spaces or NULs,
+       one of several values, or a value that is not NO) is refused; 2. a secondary capture
+       (its SOP class, or a Conversion Type) is refused unless it says NO, since screenshots
+       and scans rarely set the flag yet often show a name.
+    """
+    flags = _code_strings(ds.get("BurnedInAnnotation"))
+    fix = (
+        "remove or redact the file, or set convert.allow_burned_in: true once you have checked "
+        "the images"
+    )
+    if any(flag != "NO" for flag in flags):
+        shown = "YES" if "YES" in flags else "not NO"
         raise MedsegError(
-            f"{path}: BurnedInAnnotation is YES, so the pixels may show patient identifiers; "
-            "remove or redact the file, or set convert.allow_burned_in: true once you have "
-            "checked the images"
+            f"{path}: BurnedInAnnotation is {shown}, so the pixels may show patient identifiers; "
+            + fix
         )
+    sop = str(ds.get("SOPClassUID", "")).strip("\0 ")
+    conversion = _code_strings(ds.get("ConversionType"))
+    if not flags and (sop in SECONDARY_CAPTURE or conversion):
+        raise MedsegError(
+            f"{path}: a secondary capture (screenshot, scan or workstation image) without "
+            "BurnedInAnnotation NO, so the pixels may show patient identifiers; " + fix
+        )
+
+
+def _code_strings(value: Any) -> list[str]:
+    """The values of a code string element, upper-cased, without padding; [] when absent."""
+    if value is None:
+        return []
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    items = value if isinstance(value, (list, tuple, MultiValue)) else str(value).split("\\")
+    cleaned = [str(item).strip(" \0\t\r\n").upper() for item in items]
+    return [item for item in cleaned if item]
 
 
 def _decode(path: Path, ds: Dataset) -> tuple[np.ndarray, dict[str, Any]]:
