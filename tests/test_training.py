@@ -274,7 +274,7 @@ def test_cuda_backend_flags_are_set_and_put_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, deterministic: bool
 ):
     """The flags themselves need no GPU to be set: check them for a CUDA device on any machine."""
-    from medseg.training import _backend_flags
+    from medseg.training.loop import backend_flags as _backend_flags
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     cudnn = torch.backends.cudnn

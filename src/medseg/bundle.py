@@ -6,6 +6,8 @@ models/model.json          the network's spec (`ModelSpec`)  (last.json)
 models/preprocess.json     the preprocess params it was trained with
 models/convert.json        the convert params its data went through (DICOM window, FOV fallback)
 models/classes.json        the class names in label order, background first
+models/threshold.json      binary models with a validation split: the threshold with the best
+                           validation Dice (``evaluate.threshold: auto``, ``medseg predict``)
 ```
 
 `save_bundle` writes it (the train stage), `load_bundle` is the one way a saved model is
@@ -19,13 +21,13 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from medseg.config import CONVERT_RECORD, ConvertConfig, PreprocessConfig, parse
+from medseg.config import CONVERT_RECORD, ConvertConfig, EvaluateConfig, PreprocessConfig, parse
 from medseg.errors import MedsegError
 from medseg.inference import prepare_model
 from medseg.model import ModelSpec, build_model, resolve_device
@@ -34,6 +36,7 @@ from medseg.preprocess import BINARY, CLASSES, RECORD, in_channels, load_record,
 WEIGHTS = "model.safetensors"  # the best epoch: what evaluate and predict use
 LAST = "last.safetensors"  # the last epoch
 RECORDS = (RECORD, CONVERT_RECORD, CLASSES)  # travel from data/processed into the bundle
+THRESHOLD = "threshold.json"
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ class Bundle:
             a binary model).
         device: where it runs.
         convert: the convert params of its training data; None where they did not travel.
+        threshold: the threshold with the best validation Dice of a binary model (`THRESHOLD`);
+            None where the bundle has none (no validation split, several classes).
     """
 
     model: torch.nn.Module
@@ -59,6 +64,7 @@ class Bundle:
     classes: list[str]
     device: torch.device
     convert: ConvertConfig | None = None
+    threshold: float | None = None
 
     @property
     def named_classes(self) -> bool:
@@ -72,6 +78,7 @@ def save_bundle(
     last: dict[str, torch.Tensor],
     spec: ModelSpec,
     records: str | Path,
+    threshold: float | None = None,
 ) -> None:
     """Write a bundle into the (new, empty) folder ``out``.
 
@@ -81,6 +88,7 @@ def save_bundle(
         spec: the network's spec.
         records: the folder holding the records (`RECORDS`) of the data it was trained on;
             ``preprocess.json`` must be there.
+        threshold: the best validation threshold (binary models), written to `THRESHOLD`.
     """
     from safetensors.torch import save_file
 
@@ -92,6 +100,8 @@ def save_bundle(
     for name in RECORDS:
         if (records / name).is_file():
             shutil.copyfile(records / name, out / name)
+    if threshold is not None:
+        (out / THRESHOLD).write_text(json.dumps({"threshold": threshold}) + "\n")
 
 
 def load_bundle(
@@ -153,7 +163,43 @@ def load_bundle(
         ) from err
     dev = resolve_device(device) if isinstance(device, str) else device
     model = prepare_model(net.to(dev).eval(), spec.in_channels)
-    return Bundle(model, spec, pre, classes, dev, _convert_record(folder / CONVERT_RECORD))
+    convert = _convert_record(folder / CONVERT_RECORD)
+    return Bundle(model, spec, pre, classes, dev, convert, _threshold(folder / THRESHOLD))
+
+
+def resolve_threshold(
+    options: EvaluateConfig, bundle: Bundle, fallback: float | None = None
+) -> EvaluateConfig:
+    """``options`` with a numeric threshold: ``auto`` becomes the bundle's (`THRESHOLD`), or
+    ``fallback`` where it has none; 0.5 for a model that does not use one (several classes).
+
+    Raises:
+        MedsegError: ``auto`` for a binary model trained without a validation split, and no
+            ``fallback``.
+    """
+    if options.threshold != "auto":
+        return options
+    if bundle.threshold is None and fallback is not None:
+        log.info("the model has no %s: threshold %s", THRESHOLD, fallback)
+        return replace(options, threshold=fallback)
+    if bundle.threshold is None and bundle.spec.classes == 1:
+        raise MedsegError(
+            f"evaluate.threshold is auto, but the model has no {THRESHOLD} (it was trained "
+            f"without a validation split); set a number such as 0.5"
+        )
+    return replace(options, threshold=bundle.threshold if bundle.threshold is not None else 0.5)
+
+
+def _threshold(path: Path) -> float | None:
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text())["threshold"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise MedsegError(f"{path}: unreadable ({err}); retrain or delete it") from err
+    if not isinstance(value, float | int) or not 0.0 <= value <= 1.0:
+        raise MedsegError(f"{path}: threshold must be a number in [0, 1], got {value!r}")
+    return float(value)
 
 
 def read_spec(path: Path) -> ModelSpec:

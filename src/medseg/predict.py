@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from medseg.bundle import Bundle, load_bundle
+from medseg.bundle import Bundle, load_bundle, resolve_threshold
 from medseg.config import EvaluateConfig
 from medseg.convert import fov_from_image
 from medseg.errors import MedsegError
@@ -176,7 +176,8 @@ def predict_files(
         model: weights file or its folder; see `medseg.bundle.load_bundle`.
         inputs: image files and folders of images.
         out: output folder, created if needed.
-        options: inference settings (the ``evaluate`` params; its ``device`` is used).
+        options: inference settings (the ``evaluate`` params; its ``device`` is used);
+            threshold ``auto``: the model's best validation threshold, 0.5 where it has none.
         probabilities: also write probability maps.
         fov: a FOV mask file (one input) or folder of masks; default: the whole image.
         preprocess: ``preprocess.json`` to use instead of the one beside the model.
@@ -196,6 +197,7 @@ def predict_files(
     names = [Path(f"{f.stem}.png") for f in files]
     _refuse_overwriting_inputs(out, names, files, probabilities)
     bundle = load_bundle(model, options.device, preprocess)
+    options = resolve_threshold(options, bundle, fallback=0.5)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     written: list[Path] = []
