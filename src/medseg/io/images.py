@@ -14,7 +14,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import imagecodecs
 import numpy as np
 import tifffile
 from PIL import Image, ImageSequence, UnidentifiedImageError
@@ -220,6 +219,8 @@ def _pillow_frames(path: Path, options: ReadOptions) -> list[np.ndarray]:
         )
         _check_frames(path, n, options)
         if im.format == "PNG" and _png_is_16bit_colour(path):
+            import imagecodecs  # here: only 16-bit colour PNG needs it (bare GPU machines lack it)
+
             return [imagecodecs.png_decode(path.read_bytes())]
         return [_pillow_array(path, frame) for frame in ImageSequence.Iterator(im)]
 
@@ -332,6 +333,8 @@ def write_png(path: str | Path, arr: np.ndarray, compress_level: int = 1) -> Non
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8) * 255
     if arr.dtype == np.uint16 and arr.ndim == 3 and arr.shape[2] == 3:
+        import imagecodecs
+
         data = imagecodecs.png_encode(np.ascontiguousarray(arr), level=compress_level)
         Path(path).write_bytes(data)
         return

@@ -9,6 +9,7 @@ device (no ``.item()`` in ``on_step_end``) if the run is to keep a GPU busy.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 # Curves only: they measure the machine, not the model, and would show as a change in every
 # `dvc metrics diff` (the metrics file keeps what the same params and data always reproduce).
 MACHINE_CURVES = ("throughput_images_per_s", "gpu_peak_memory_gib")
+CURVES = Path("plots") / "metrics"  # dvclive's folder of curves, within the logs folder
 
 
 class Callback:
@@ -45,7 +47,8 @@ class Callback:
 
 class LiveLog(Callback):
     """Per-epoch curves and the metrics file into ``logs_dir``: through dvclive when it is
-    installed; else ``metrics.json`` alone, in dvclive's layout (keys split at ``/``).
+    installed; else written here in dvclive's layout (``metrics.json`` nested at ``/``, one
+    ``plots/metrics/<key>.tsv`` per curve), so that bench/gpu.sh reads either the same way.
 
     The epochs of a resumed run are logged again first, so the curves are whole.
     """
@@ -54,12 +57,13 @@ class LiveLog(Callback):
         self.logs_dir = Path(logs_dir)
         self.live: Any = None
         self.summary: dict[str, Any] = {}
+        self.step = 0
 
     def on_run_start(self, trainer: Trainer) -> None:
         try:
             from dvclive import Live
-        except ImportError:  # a bare GPU machine: the metrics file without the curves
-            pass
+        except ImportError:  # a bare GPU machine: the same files, written here
+            shutil.rmtree(self.logs_dir / CURVES, ignore_errors=True)
         else:
             self.live = Live(dir=str(self.logs_dir), save_dvc_exp=False, dvcyaml=None, report=None)
         for record, best in trainer.history:
@@ -77,8 +81,18 @@ class LiveLog(Callback):
     def _log(self, record: dict[str, float], best: dict[str, float]) -> None:
         if self.live is None:
             self.summary = _nested(
-                {k: v for k, v in record.items() if k not in MACHINE_CURVES} | best
+                {k: v for k, v in record.items() if k not in MACHINE_CURVES}
+                | best
+                | {"step": self.step}
             )
+            for key, value in record.items():
+                path = self.logs_dir / CURVES / f"{key}.tsv"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "a", encoding="utf-8") as f:
+                    if self.step == 0 or f.tell() == 0:
+                        f.write(f"step\t{key.rsplit('/', 1)[-1]}\n")
+                    f.write(f"{self.step}\t{value}\n")
+            self.step += 1
             return
         for key, value in record.items():
             self.live.log_metric(key, value)
