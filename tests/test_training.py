@@ -341,21 +341,22 @@ def test_callbacks_see_every_step_and_dvclive_is_optional(
 
 
 def test_threshold_auto_comes_from_validation_through_the_bundle(processed: Path, tmp_path: Path):
+    from medseg.bundle import load_bundle
     from medseg.evaluation import evaluate_model
 
     fit(_cfg(tmp_path, epochs=1), processed, tmp_path / "models", tmp_path / "logs")
-    saved = json.loads((tmp_path / "models" / "threshold.json").read_text())["threshold"]
+    saved = load_bundle(tmp_path / "models", "cpu").threshold
     curve = _curve(tmp_path, "val/threshold.tsv")
-    assert float(curve[1].split("\t")[1]) == saved and 0.0 <= saved <= 1.0
+    assert saved is not None and float(curve[1].split("\t")[1]) == saved
+    assert load_bundle(tmp_path / "models" / "last.safetensors", "cpu").threshold is None
     params = write_params(tmp_path / "e.yaml", tiny_params(evaluate={"threshold": "auto"}))
     cfg = load_params(params, EvaluateConfig)
     assert cfg.threshold == "auto"
     metrics = evaluate_model(cfg, processed, tmp_path / "models", tmp_path / "eval")
     assert metrics["threshold"] == pytest.approx(saved)
-    # a bundle without the file: auto is refused, naming it
-    (tmp_path / "models" / "threshold.json").unlink()
-    with pytest.raises(MedsegError, match=r"threshold.json.*set a number"):
-        evaluate_model(cfg, processed, tmp_path / "models", tmp_path / "eval2")
+    # weights without one: auto is refused, naming the key
+    with pytest.raises(MedsegError, match=r"evaluate\.threshold is auto.*set a number"):
+        evaluate_model(cfg, processed, tmp_path / "models" / "last.safetensors", tmp_path / "e2")
     with pytest.raises(MedsegError, match=r"evaluate\.threshold must be one of auto"):
         load_params(
             write_params(tmp_path / "x.yaml", tiny_params(evaluate={"threshold": "x"})),

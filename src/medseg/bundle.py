@@ -6,9 +6,11 @@ models/model.json          the network's spec (`ModelSpec`)  (last.json)
 models/preprocess.json     the preprocess params it was trained with
 models/convert.json        the convert params its data went through (DICOM window, FOV fallback)
 models/classes.json        the class names in label order, background first
-models/threshold.json      binary models with a validation split: the threshold with the best
-                           validation Dice (``evaluate.threshold: auto``, ``medseg predict``)
 ```
+
+The weights file of the best epoch of a binary model trained with a validation split also holds,
+in its safetensors metadata (`THRESHOLD`), the threshold with the best validation Dice of those
+weights: ``evaluate.threshold: auto`` and ``medseg predict`` use it.
 
 `save_bundle` writes it (the train stage), `load_bundle` is the one way a saved model is
 loaded: the evaluate stage and ``medseg predict`` go through it, and every mismatch is refused
@@ -36,7 +38,7 @@ from medseg.preprocess import BINARY, CLASSES, RECORD, in_channels, load_record,
 WEIGHTS = "model.safetensors"  # the best epoch: what evaluate and predict use
 LAST = "last.safetensors"  # the last epoch
 RECORDS = (RECORD, CONVERT_RECORD, CLASSES)  # travel from data/processed into the bundle
-THRESHOLD = "threshold.json"
+THRESHOLD = "medseg.threshold"  # safetensors metadata key of the weights file
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,9 @@ class Bundle:
             a binary model).
         device: where it runs.
         convert: the convert params of its training data; None where they did not travel.
-        threshold: the threshold with the best validation Dice of a binary model (`THRESHOLD`);
-            None where the bundle has none (no validation split, several classes).
+        threshold: the threshold with the best validation Dice of a binary model (from the
+            weights' metadata, `THRESHOLD`); None where there is none (no validation split,
+            several classes).
     """
 
     model: torch.nn.Module
@@ -88,20 +91,21 @@ def save_bundle(
         spec: the network's spec.
         records: the folder holding the records (`RECORDS`) of the data it was trained on;
             ``preprocess.json`` must be there.
-        threshold: the best validation threshold (binary models), written to `THRESHOLD`.
+        threshold: the best epoch's validation threshold (binary models), kept in the metadata
+            of its weights file (`THRESHOLD`).
     """
     from safetensors.torch import save_file
 
     out, records = Path(out), Path(records)
     for state, name in ((best, WEIGHTS), (last, LAST)):
         path = out / name
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path))
+        meta = {THRESHOLD: repr(threshold)} if threshold is not None and name == WEIGHTS else None
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        save_file(tensors, str(path), metadata=meta)
         path.with_suffix(".json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
     for name in RECORDS:
         if (records / name).is_file():
             shutil.copyfile(records / name, out / name)
-    if threshold is not None:
-        (out / THRESHOLD).write_text(json.dumps({"threshold": threshold}) + "\n")
 
 
 def load_bundle(
@@ -164,7 +168,7 @@ def load_bundle(
     dev = resolve_device(device) if isinstance(device, str) else device
     model = prepare_model(net.to(dev).eval(), spec.in_channels)
     convert = _convert_record(folder / CONVERT_RECORD)
-    return Bundle(model, spec, pre, classes, dev, convert, _threshold(folder / THRESHOLD))
+    return Bundle(model, spec, pre, classes, dev, convert, _threshold(weights))
 
 
 def resolve_threshold(
@@ -180,26 +184,31 @@ def resolve_threshold(
     if options.threshold != "auto":
         return options
     if bundle.threshold is None and fallback is not None:
-        log.info("the model has no %s: threshold %s", THRESHOLD, fallback)
+        log.info("the model has no validation threshold: threshold %s", fallback)
         return replace(options, threshold=fallback)
     if bundle.threshold is None and bundle.spec.classes == 1:
         raise MedsegError(
-            f"evaluate.threshold is auto, but the model has no {THRESHOLD} (it was trained "
-            f"without a validation split); set a number such as 0.5"
+            "params: evaluate.threshold is auto, but the model's weights hold no validation "
+            "threshold (trained without a validation split); set a number such as 0.5"
         )
     return replace(options, threshold=bundle.threshold if bundle.threshold is not None else 0.5)
 
 
-def _threshold(path: Path) -> float | None:
-    if not path.is_file():
+def _threshold(weights: Path) -> float | None:
+    """The validation threshold in the metadata of a weights file (None where absent)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        text = (f.metadata() or {}).get(THRESHOLD)
+    if text is None:
         return None
     try:
-        value = json.loads(path.read_text())["threshold"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise MedsegError(f"{path}: unreadable ({err}); retrain or delete it") from err
-    if not isinstance(value, float | int) or not 0.0 <= value <= 1.0:
-        raise MedsegError(f"{path}: threshold must be a number in [0, 1], got {value!r}")
-    return float(value)
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise MedsegError(f"{weights}: the threshold in its metadata is {text!r}; retrain it")
+    return value
 
 
 def read_spec(path: Path) -> ModelSpec:
