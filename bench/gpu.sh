@@ -21,7 +21,8 @@ for need in params.yaml processed.tar.gz whl; do
     [[ -e "$GPU/$need" ]] || { echo "gpu.sh: $GPU/$need is missing; run bench/gpu_prepare.sh" >&2; exit 2; }
 done
 WORK=$(mktemp -d -t medseg-gpu.XXXXXX)
-trap 'kill "${SMI:-0}" 2>/dev/null || true; [[ "${KEEP:-0}" == 1 ]] || rm -rf "$WORK"' EXIT
+SMI=""  # the nvidia-smi sampler's pid (never `kill 0`: that is the whole process group)
+trap '[[ -z "$SMI" ]] || kill "$SMI" 2>/dev/null || true; [[ "${KEEP:-0}" == 1 ]] || rm -rf "$WORK"' EXIT
 
 # 1. packages: a pure-Python wheel is a zip of the package; unpacked, it imports from there
 SITE="$WORK/site"
@@ -58,7 +59,8 @@ START=$(date +%s.%N)
 "$PY" stages/train.py --params "$P" --data "$WORK/processed" --models "$WORK/models" \
     --logs "$WORK/train" --checkpoints "$WORK/checkpoints"
 END=$(date +%s.%N)
-kill "${SMI:-0}" 2>/dev/null || true
+[[ -z "$SMI" ]] || kill "$SMI" 2>/dev/null || true
+SMI=""
 "$PY" stages/evaluate.py --params "$P" --data "$WORK/processed" --model "$WORK/models" \
     --out "$WORK/evaluate"
 EVAL_END=$(date +%s.%N)
