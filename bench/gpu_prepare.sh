@@ -9,6 +9,12 @@
 # .gpu/processed.tar.gz     DRIVE converted and preprocessed with those params (the stage outputs)
 # .gpu/whl/*.whl            wheels of what the GPU machine lacks (pure Python: no platform tags)
 #
+# No binary wheel is needed: train and evaluate never import pydicom or dvc, dvclive is optional,
+# and imagecodecs is imported only for 16-bit colour PNG (not DRIVE). Should one be needed, fetch it
+# for the GPU machine's Python with: python3 -m pip download --no-deps --only-binary=:all:
+#   --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+#   --platform manylinux2014_x86_64 -d .gpu/whl NAME==VERSION
+#
 # The folder is git-ignored and stays under 64 MiB (it travels with the working tree).
 set -euo pipefail
 cd "$(dirname "$0")/.."
