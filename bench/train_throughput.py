@@ -37,17 +37,15 @@ import numpy as np
 import torch
 import yaml
 
-from medseg.checkpoint import StopSignals
 from medseg.config import TrainConfig, parse
 from medseg.data import Batch
-from medseg.distributed import World
 from medseg.io.images import binarize, read_raster
 from medseg.io.layouts import CaseFiles, find_cases
 from medseg.io.shards import ShardWriter
 from medseg.losses import bce_dice_loss
 from medseg.model import ModelSpec, build_model
 from medseg.preprocess import case_arrays, normalize_in_fov, select_channel
-from medseg.training import _Steps, _Trainer
+from medseg.training import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,34 +96,26 @@ class NaiveLoop:
 
 
 class OurLoop:
-    """The train stage's own step (`medseg.training`): patches cut from memory, augmented on the
-    batch, channels-last, AdamW, schedule, clipping, optional bf16; or patches cut by DataLoader
-    workers, started once per block as the stage starts them once per epoch."""
+    """The train stage's own step (`medseg.training.Trainer`): patches cut from memory (or
+    gathered from the cases on the device), augmented on the batch, channels-last, AdamW,
+    schedule, clipping, optional bf16; or patches cut by DataLoader workers, started once per
+    block as the stage starts them once per epoch."""
 
     def __init__(self, data: Path, cfg: TrainConfig, total_steps: int) -> None:
         cfg = dataclasses.replace(
             cfg, epochs=1, patches_per_epoch=total_steps * cfg.batch_size, device="cpu"
         )
         self.cfg = cfg
-        self.trainer = _Trainer(cfg, data, World(), torch.device("cpu"), StopSignals(), None)
-        self.plan = self.trainer.sampler.plan(total_steps, cfg.batch_size)
+        self.trainer = Trainer(cfg, data)
+        self.plan = self.trainer.plan_epoch()
         self.trainer.net.train()
         self.next = 0
 
     def run(self, steps: int) -> None:
         first, self.next = self.next, self.next + steps
-        t = self.trainer
-        batches: Iterator[Batch]
-        if self.cfg.workers == 0:
-            batches = (t.sampler.crop(self.plan, s, t.share) for s in range(first, self.next))
-        else:
-            dataset = _Steps(t.sampler, self.plan, first, t.share)
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_size=None, num_workers=self.cfg.workers
-            )
-            batches = itertools.islice(loader, steps)
+        batches: Iterator[Batch] = itertools.islice(self.trainer.batches(self.plan, first), steps)
         for batch in batches:
-            t._train_step(batch)
+            self.trainer.train_step(batch)
 
 
 def write_store(cases: list[CaseFiles], out: Path) -> None:
@@ -183,6 +173,9 @@ def main() -> None:
             ),
             "ours: memory-mapped (train.cache none), fp32": OurLoop(
                 data, dataclasses.replace(fp32, cache="none"), total
+            ),
+            "ours: on the device (train.cache device), fp32": OurLoop(
+                data, dataclasses.replace(fp32, cache="device"), total
             ),
             "ours: in RAM, fp32, 2 DataLoader workers cut patches": OurLoop(
                 data, dataclasses.replace(fp32, cache="ram", workers=2), total

@@ -105,8 +105,10 @@ def make_bundle(
     channel: str = "green",
     names: list[str] | None = None,
     seed: int = 0,
+    threshold: float | None = None,
 ) -> Path:
-    """A model bundle with random weights, as the train stage writes one; returns ``folder``."""
+    """A model bundle with random weights, as the train stage writes one (``threshold``: the
+    validation threshold kept in the weights' metadata); returns ``folder``."""
     import torch
 
     from medseg.bundle import save_bundle
@@ -122,7 +124,7 @@ def make_bundle(
     if names is not None:
         (records / CLASSES).write_text(json.dumps({"names": names}))
     folder.mkdir(parents=True, exist_ok=True)
-    save_bundle(folder, state, state, spec, records)
+    save_bundle(folder, state, state, spec, records, threshold)
     return folder
 
 

@@ -37,12 +37,19 @@ def _cli(*args: str | Path) -> int:
 
 
 def _bundle(folder: Path, classes: int, seed: int = 1) -> Path:
-    """A random-weight bundle: binary green-channel, or ``classes`` classes from RGB, with a
-    convert record that sets a DICOM window."""
+    """A random-weight bundle: binary green-channel with a validation threshold of 0.37, or
+    ``classes`` classes from RGB, with a convert record that sets a DICOM window."""
     channels = 1 if classes == 1 else 3
     spec = ModelSpec("unet", "resnet18", [16, 8, 8, 8, 8], channels, classes)
     names = None if classes == 1 else ["background", *(f"c{k}" for k in range(1, classes))]
-    make_bundle(folder, spec, channel="green" if classes == 1 else "rgb", names=names, seed=seed)
+    make_bundle(
+        folder,
+        spec,
+        "green" if classes == 1 else "rgb",
+        names,
+        seed,
+        0.37 if classes == 1 else None,
+    )
     convert = ConvertConfig(window_center=40.0, window_width=400.0)
     (folder / CONVERT_RECORD).write_text(json.dumps(dataclasses.asdict(convert)))
     return folder
@@ -79,8 +86,9 @@ def test_export_carries_the_records_and_matches_torch_on_a_drive_image(exported)
     assert set(METADATA) <= set(meta)
     assert json.loads(meta["medseg.spec"]) == json.loads((folder / "model.json").read_text())
     assert json.loads(meta["medseg.convert"])["window_width"] == 400.0
-    for record in ("spec", "preprocess", "classes", "convert"):
+    for record in ("spec", "preprocess", "classes", "convert", "threshold"):
         assert getattr(deployed, record) == getattr(bundle, record)
+    assert bundle.threshold == (0.37 if bundle.spec.classes == 1 else None)
     assert deployed.model.divisor == 32 and deployed.device == "cpu"
     image = np.random.default_rng(7).normal(size=(bundle.spec.in_channels, *DRIVE_SIZE))
     x = pad_to_multiple(image.astype(np.float32), 32)[None]
@@ -188,7 +196,14 @@ def test_a_corrupt_or_foreign_onnx_file_is_one_line_naming_it(binary, tmp_path, 
     onnx.save(
         onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), foreign
     )
+    proto = onnx.load(str(path))
+    for prop in proto.metadata_props:
+        if prop.key == "medseg.threshold":
+            prop.value = "1.5"
+    bad_threshold = tmp_path / "threshold.onnx"
+    onnx.save(proto, bad_threshold)
     for bad, message in (
+        (bad_threshold, "medseg.threshold in its metadata is 1.5"),
         (truncated, "not a readable ONNX model"),
         (foreign, "not one exported by this medseg"),
         (tmp_path / "absent.onnx", "is missing"),

@@ -5,7 +5,15 @@ import warnings
 import numpy as np
 import pytest
 
-from medseg.metrics import Confusion, auc_roc, confusion, roc_points, scores
+from medseg.metrics import (
+    Confusion,
+    auc_roc,
+    best_dice_threshold,
+    confusion,
+    roc_points,
+    scores,
+    threshold_counts,
+)
 
 PRED = np.array([[1, 1, 0, 0], [1, 0, 0, 1]], dtype=bool)
 TRUTH = np.array([[1, 0, 0, 0], [1, 1, 0, 0]], dtype=bool)
@@ -82,7 +90,6 @@ from medseg.metrics import (  # noqa: E402
     curves,
     mcc,
     ranking_scores,
-    threshold_counts,
 )
 
 
@@ -217,3 +224,20 @@ def test_curves_agree_with_direct_counts():
     assert np.trapezoid(c["precision"], c["tpr"]) == pytest.approx(
         average_precision(prob, truth), abs=0.02
     )
+
+
+@pytest.mark.parametrize(
+    ("prob", "truth", "expected"),
+    [
+        # 0.3..0.6 all give TP 2, FP 1 (Dice 0.8); the tie goes to the one nearest 0.5
+        ([0.1, 0.2, 0.6, 0.7, 0.8], [0, 0, 1, 1, 0], (0.5, 0.8)),
+        # a model too shy for 0.5: every positive scores 0.3, every negative 0.1
+        ([0.1, 0.1, 0.3, 0.3], [0, 0, 1, 1], (0.3, 1.0)),
+        # no positives: a threshold above every score predicts nothing, Dice 1
+        ([0.1, 0.2], [0, 0], (0.5, 1.0)),
+    ],
+)
+def test_best_dice_threshold_by_hand(prob, truth, expected):
+    pos, neg = threshold_counts(np.array(prob), np.array(truth, bool), 11)
+    t, dice = best_dice_threshold(pos, neg)
+    assert t == pytest.approx(expected[0]) and dice == pytest.approx(expected[1])

@@ -18,11 +18,12 @@ from safetensors.numpy import load_file
 
 from medseg.checkpoint import CHECKPOINT, FINISHED, save_checkpoint
 from medseg.config import (
+    EvaluateConfig,
     TrainConfig,
     load_params,
 )
 from medseg.errors import MedsegError
-from medseg.training import MACHINE_CURVES, fit, lr_factor
+from medseg.training import MACHINE_CURVES, Callback, Trainer, fit, lr_factor
 
 
 def _curve(out: Path, name: str) -> list[str]:
@@ -257,7 +258,7 @@ def test_cuda_backend_flags_are_set_and_put_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, deterministic: bool
 ):
     """The flags themselves need no GPU to be set: check them for a CUDA device on any machine."""
-    from medseg.training import _backend_flags
+    from medseg.training.loop import backend_flags as _backend_flags
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     cudnn = torch.backends.cudnn
@@ -268,3 +269,79 @@ def test_cuda_backend_flags_are_set_and_put_back(
         assert ("CUBLAS_WORKSPACE_CONFIG" in os.environ) is deterministic
     after = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark)
     assert after == before
+
+
+# --- the public parts: device cache, callbacks, threshold auto -----------------------------------
+
+
+def test_device_cache_trains_the_same_weights(processed: Path, tmp_path: Path):
+    fit(_cfg(tmp_path, epochs=1, cache="ram"), processed, tmp_path / "a", tmp_path / "la")
+    fit(_cfg(tmp_path, epochs=1, cache="device"), processed, tmp_path / "b", tmp_path / "lb")
+    a = load_file(str(tmp_path / "a" / "last.safetensors"))
+    b = load_file(str(tmp_path / "b" / "last.safetensors"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+class _Counter(Callback):
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def on_run_start(self, trainer: Trainer) -> None:
+        self.calls.append("run_start")
+
+    def on_epoch_start(self, trainer: Trainer) -> None:
+        self.calls.append("epoch_start")
+
+    def on_step_end(self, trainer: Trainer, loss: torch.Tensor) -> None:
+        assert loss.ndim == 0
+        self.calls.append("step")
+
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, float]) -> None:
+        assert "train/loss" in record
+        self.calls.append("epoch_end")
+
+    def on_run_end(self, trainer: Trainer) -> None:
+        self.calls.append("run_end")
+
+
+def test_callbacks_see_every_step_and_dvclive_is_optional(
+    processed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setitem(sys.modules, "dvclive", None)  # `import dvclive` raises ImportError
+    cfg = _cfg(tmp_path, epochs=2, patches_per_epoch=8, batch_size=4)
+    counter = _Counter()
+    fit(cfg, processed, tmp_path / "models", tmp_path / "logs", callbacks=[counter])
+    epoch = ["epoch_start", "step", "step", "epoch_end"]
+    assert counter.calls == ["run_start", *epoch, *epoch, "run_end"]
+    # without dvclive: its files, in its layout
+    metrics = json.loads((tmp_path / "logs" / "metrics.json").read_text())
+    assert set(metrics) >= {"train", "lr", "val", "best_epoch", "best_val_dice", "step"}
+    assert "dice" in metrics["val"] and not any(key in metrics for key in MACHINE_CURVES)
+    loss = _curve(tmp_path, "train/loss.tsv")
+    assert loss[0].split("\t") == ["step", "loss"] and len(loss) == 3
+    assert len(_curve(tmp_path, "throughput_images_per_s.tsv")) == 3
+    assert (tmp_path / "models" / "model.safetensors").is_file()
+
+
+def test_threshold_auto_comes_from_validation_through_the_bundle(processed: Path, tmp_path: Path):
+    from medseg.bundle import load_bundle
+    from medseg.evaluation import evaluate_model
+
+    fit(_cfg(tmp_path, epochs=1), processed, tmp_path / "models", tmp_path / "logs")
+    saved = load_bundle(tmp_path / "models", "cpu").threshold
+    curve = _curve(tmp_path, "val/threshold.tsv")
+    assert saved is not None and float(curve[1].split("\t")[1]) == saved
+    assert load_bundle(tmp_path / "models" / "last.safetensors", "cpu").threshold is None
+    params = write_params(tmp_path / "e.yaml", tiny_params(evaluate={"threshold": "auto"}))
+    cfg = load_params(params, EvaluateConfig)
+    assert cfg.threshold == "auto"
+    metrics = evaluate_model(cfg, processed, tmp_path / "models", tmp_path / "eval")
+    assert metrics["threshold"] == pytest.approx(saved)
+    # weights without one: auto is refused, naming the key
+    with pytest.raises(MedsegError, match=r"evaluate\.threshold is auto.*set a number"):
+        evaluate_model(cfg, processed, tmp_path / "models" / "last.safetensors", tmp_path / "e2")
+    with pytest.raises(MedsegError, match=r"evaluate\.threshold must be one of auto"):
+        load_params(
+            write_params(tmp_path / "x.yaml", tiny_params(evaluate={"threshold": "x"})),
+            EvaluateConfig,
+        )

@@ -12,6 +12,10 @@ A model exported by ``medseg export`` (`medseg.export`) is a bundle in one ``.on
 records in the file's metadata (`medseg.onnx_model`); `load_bundle` loads it the same way,
 without torch.
 
+The weights file of the best epoch of a binary model trained with a validation split also holds,
+in its safetensors metadata (`THRESHOLD`), the threshold with the best validation Dice of those
+weights: ``evaluate.threshold: auto`` and ``medseg predict`` use it.
+
 `save_bundle` writes it (the train stage), `load_bundle` is the one way a saved model is
 loaded: the evaluate stage and ``medseg predict`` go through it, and every mismatch is refused
 naming the file. (Validation inside training scores the model in memory, through the same
@@ -24,7 +28,7 @@ import json
 import logging
 import re
 import shutil
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -34,6 +38,7 @@ from medseg.config import (
     MAX_DECODER_BLOCKS,
     MAX_DECODER_WIDTH,
     ConvertConfig,
+    EvaluateConfig,
     PreprocessConfig,
     parse,
     read_json,
@@ -60,6 +65,7 @@ if TYPE_CHECKING:  # torch is imported where a torch model is loaded: ONNX bundl
 WEIGHTS = "model.safetensors"  # the best epoch: what evaluate and predict use
 LAST = "last.safetensors"  # the last epoch
 RECORDS = (RECORD, CONVERT_RECORD, CLASSES)  # travel from data/processed into the bundle
+THRESHOLD = "medseg.threshold"  # safetensors metadata key of the weights file
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +84,9 @@ class Bundle:
             a binary model).
         device: where it runs (``cpu`` or ``cuda`` for an ONNX export).
         convert: the convert params of its training data; None where they did not travel.
+        threshold: the threshold with the best validation Dice of a binary model (from the
+            weights' metadata, `THRESHOLD`); None where there is none (no validation split,
+            several classes).
     """
 
     model: torch.nn.Module | Runner
@@ -86,6 +95,7 @@ class Bundle:
     classes: list[str]
     device: torch.device | str
     convert: ConvertConfig | None = None
+    threshold: float | None = None
 
     @property
     def named_classes(self) -> bool:
@@ -99,6 +109,7 @@ def save_bundle(
     last: dict[str, torch.Tensor],
     spec: ModelSpec,
     records: str | Path,
+    threshold: float | None = None,
 ) -> None:
     """Write a bundle into the (new, empty) folder ``out``.
 
@@ -108,13 +119,17 @@ def save_bundle(
         spec: the network's spec.
         records: the folder holding the records (`RECORDS`) of the data it was trained on;
             ``preprocess.json`` must be there.
+        threshold: the best epoch's validation threshold (binary models), kept in the metadata
+            of its weights file (`THRESHOLD`).
     """
     from safetensors.torch import save_file
 
     out, records = Path(out), Path(records)
     for state, name in ((best, WEIGHTS), (last, LAST)):
         path = out / name
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path))
+        meta = {THRESHOLD: repr(threshold)} if threshold is not None and name == WEIGHTS else None
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        save_file(tensors, str(path), metadata=meta)
         path.with_suffix(".json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
     for name in RECORDS:
         if (records / name).is_file():
@@ -177,7 +192,7 @@ def load_bundle(
         ) from err
     dev = resolve_device(device) if isinstance(device, str) else device
     model = prepare_model(net.to(dev).eval(), spec.in_channels)
-    return Bundle(model, spec, pre, classes, dev, convert)
+    return Bundle(model, spec, pre, classes, dev, convert, _threshold(weights))
 
 
 def _check_fits(
@@ -215,8 +230,18 @@ def _load_onnx(path: Path, device: str, preprocess: str | Path | None) -> Bundle
         None if convert_raw is None
         else parse(ConvertConfig, convert_raw, prefix="convert.", source=str(path))
     )  # fmt: skip
+    text = meta.get("medseg.threshold", "null")  # absent in exports older than threshold auto
+    try:
+        threshold = json.loads(text)
+    except json.JSONDecodeError:
+        threshold = text
+    if threshold is not None and (
+        not isinstance(threshold, (int, float)) or isinstance(threshold, bool)
+        or not 0.0 <= threshold <= 1.0
+    ):  # fmt: skip
+        raise MedsegError(f"{path}: medseg.threshold in its metadata is {shown(threshold)}")
     used = "cuda" if runner.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-    return Bundle(runner, spec, pre, classes, used, convert)
+    return Bundle(runner, spec, pre, classes, used, convert, threshold)
 
 
 def _metadata(path: Path, meta: dict[str, str], key: str) -> Any:
@@ -227,6 +252,46 @@ def _metadata(path: Path, meta: dict[str, str], key: str) -> Any:
         raise MedsegError(
             f"{path}: its metadata lacks a readable {key} ({err}); export the model again"
         ) from err
+
+
+def resolve_threshold(
+    options: EvaluateConfig, bundle: Bundle, fallback: float | None = None
+) -> EvaluateConfig:
+    """``options`` with a numeric threshold: ``auto`` becomes the bundle's (`THRESHOLD`), or
+    ``fallback`` where it has none; 0.5 for a model that does not use one (several classes).
+
+    Raises:
+        MedsegError: ``auto`` for a binary model trained without a validation split, and no
+            ``fallback``.
+    """
+    if options.threshold != "auto":
+        return options
+    if bundle.threshold is None and fallback is not None:
+        log.info("the model has no validation threshold: threshold %s", fallback)
+        return replace(options, threshold=fallback)
+    if bundle.threshold is None and bundle.spec.classes == 1:
+        raise MedsegError(
+            "params: evaluate.threshold is auto, but the model's weights hold no validation "
+            "threshold (trained without a validation split); set a number such as 0.5"
+        )
+    return replace(options, threshold=bundle.threshold if bundle.threshold is not None else 0.5)
+
+
+def _threshold(weights: Path) -> float | None:
+    """The validation threshold in the metadata of a weights file (None where absent)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        text = (f.metadata() or {}).get(THRESHOLD)
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise MedsegError(f"{weights}: the threshold in its metadata is {shown(text)}; retrain it")
+    return value
 
 
 def read_spec(path: Path) -> ModelSpec:

@@ -103,13 +103,21 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "--overwrite", action="store_true",
         help="replace files in --out that medseg predict did not write (an input never is)",
     )  # fmt: skip
-    predict.add_argument("--threshold", type=float, default=0.5)
+    predict.add_argument(
+        "--threshold", type=_threshold, default="auto",
+        help="foreground probability cut, or auto (default): the model's best validation "
+        "threshold, 0.5 where it has none",
+    )  # fmt: skip
     predict.add_argument("--window", type=int, default=1024, help="sliding-window side")
     predict.add_argument("--overlap", type=float, default=0.25)
     predict.add_argument("--blending", choices=("gaussian", "constant"), default="gaussian")
     predict.add_argument("--tta", action="store_true", help="average over flipped images")
     predict.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+
+def _threshold(text: str) -> float | str:
+    return text if text == "auto" else float(text)
 
 
 def _predict(args: argparse.Namespace) -> None:

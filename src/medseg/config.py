@@ -6,6 +6,7 @@ key (``train.lr``) so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -202,14 +203,13 @@ class PreprocessConfig:
             )
 
 
-LOSSES = ("bce", "dice", "bce_dice", "cldice")
 # Bounds on the network's size, shared with the model spec check (`medseg.bundle.read_spec`):
 # far above any useful value, far below one that would allocate memory for hours.
 MAX_DECODER_BLOCKS = 8
 MAX_DECODER_WIDTH = 4096
 MAX_CLASSES = 256  # background + the 255 classes data.classes allows
 CHANNELS = ("green", "gray", "rgb")
-CACHES = ("auto", "ram", "none")
+CACHES = ("auto", "ram", "none", "device")  # see medseg.training.cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,7 +280,9 @@ class TrainConfig:
                 f"integers in 1..{MAX_DECODER_WIDTH}"
             )
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
-        _choice("train.loss", self.loss, LOSSES)
+        from medseg.losses import LOSSES  # here: only the train stage pays for importing torch
+
+        _choice("train.loss", self.loss, tuple(LOSSES))
         _unit("train.cldice_weight", self.cldice_weight)
         _positive("train.cldice_iters", self.cldice_iters)
         _choice("train.optimizer", self.optimizer, ("adam", "adamw"))
@@ -310,7 +312,7 @@ class TrainConfig:
 class EvaluateConfig:
     """Whole-image inference and scoring of the test cases."""
 
-    threshold: float
+    threshold: float | str  # a number, or "auto": the model bundle's best validation threshold
     window: int
     overlap: float
     blending: str
@@ -319,7 +321,10 @@ class EvaluateConfig:
     device: str
 
     def __post_init__(self) -> None:
-        _unit("evaluate.threshold", self.threshold)
+        if isinstance(self.threshold, str):
+            _choice("evaluate.threshold", self.threshold, ("auto",))
+        else:
+            _unit("evaluate.threshold", self.threshold)
         _multiple_of_32("evaluate.window", self.window)
         if not 0.0 <= self.overlap < 1.0:
             raise MedsegError(f"params: evaluate.overlap must be in [0, 1), got {self.overlap}")
@@ -556,7 +561,14 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key, source)
+        first, *rest = inner
+        try:
+            return _coerce(first, value, key, source)
+        except MedsegError:
+            for other in rest:  # float | str: a later type takes what the first refuses
+                with contextlib.suppress(MedsegError):
+                    return _coerce(other, value, key, source)
+            raise
     if origin is dict:
         if not isinstance(value, dict):
             raise MedsegError(f"{source}: {key} must be a mapping, got {shown(value)}")

@@ -18,12 +18,13 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from medseg.bundle import RECORDS, Bundle, load_bundle
+from medseg.bundle import RECORDS, Bundle, load_bundle, resolve_threshold
 from medseg.config import CrossvalConfig, EvaluateConfig
 from medseg.errors import MedsegError
 from medseg.evaluation import (
@@ -195,18 +196,24 @@ def ensemble_folds(
     tallies = {name: ScoreTally(n_classes, bundles[0].classes) for name in names}
     second = SecondObserver(n_classes)
     by_fold = dict(zip(folds, bundles, strict=True))
+    # threshold auto: each fold its own best validation threshold, the ensemble their mean
+    cfgs = {name: resolve_threshold(cfg, bundle) for name, bundle in by_fold.items()}
+    mean_threshold = float(np.mean([float(c.threshold) for c in cfgs.values()]))
+    cfgs[ENSEMBLE] = replace(cfg, threshold=mean_threshold) if cfg.threshold == "auto" else cfg
     with atomic_dir(out) as tmp:
         for name in names:
             (tmp / "probabilities" / name).mkdir(parents=True)
         for i in test:
             case = read_case(test, i)
-            _ensemble_case(case, cfg, by_fold, tallies, tmp)
+            _ensemble_case(case, cfgs, by_fold, tallies, tmp)
             if case.mask2 is not None:
                 second.add(case.truth, case.mask2, case.truth_fov)
             test.release(i)
         metrics = {
             name: build_metrics(
-                tallies[name], second.summary() if name == ENSEMBLE else None, cfg.threshold
+                tallies[name],
+                second.summary() if name == ENSEMBLE else None,
+                cfgs[name].threshold,
             )
             for name in names
         }
@@ -221,10 +228,12 @@ def ensemble_folds(
 
 
 def _ensemble_case(
-    case: Case, cfg: EvaluateConfig, bundles: dict[str, Bundle], tallies: dict[str, ScoreTally],
-    out: Path,
+    case: Case, cfgs: dict[str, EvaluateConfig], bundles: dict[str, Bundle],
+    tallies: dict[str, ScoreTally], out: Path,
 ) -> None:  # fmt: skip
     """Predict one case with every fold's model, then with their mean; score and save each.
+    ``cfgs`` holds the evaluate params of each fold and of the ensemble (their thresholds differ
+    under ``threshold: auto``).
 
     Steps: (1) per fold, `predict_case` (probabilities at the truth's resolution, nothing
     outside the FOV) and its score; (2) the mean of those probabilities, thresholded by
@@ -233,14 +242,14 @@ def _ensemble_case(
     total: np.ndarray | None = None
     for name, bundle in bundles.items():
         pred, probs = predict_case(
-            bundle.model, case.image, case.fov, cfg, bundle.device, out_fov=case.truth_fov
+            bundle.model, case.image, case.fov, cfgs[name], bundle.device, out_fov=case.truth_fov
         )
         tallies[name].add(case.case_id, probs, pred, case.truth, case.truth_fov)
         _write_probability(out / "probabilities" / name / f"{case.case_id}.png", probs)
         total = probs.astype(np.float64) if total is None else total + probs
     assert total is not None
     mean = (total / len(bundles)).astype(np.float32)
-    pred = segment(mean, cfg.threshold)
+    pred = segment(mean, float(cfgs[ENSEMBLE].threshold))
     pred[~case.truth_fov] = 0
     tallies[ENSEMBLE].add(case.case_id, mean, pred, case.truth, case.truth_fov)
     _write_probability(out / "probabilities" / ENSEMBLE / f"{case.case_id}.png", mean)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medseg.bundle import load_bundle
+from medseg.bundle import load_bundle, resolve_threshold
 from medseg.config import EvaluateConfig
 from medseg.errors import MedsegError
 from medseg.inference import predict_case
@@ -261,6 +261,7 @@ def evaluate_model(
         The metrics written to ``metrics.json``.
     """
     bundle = load_bundle(model_path, cfg.device)
+    cfg = resolve_threshold(cfg, bundle)  # auto: the one with the best validation Dice
     test = open_split(data_dir, "test")
     if len(test) == 0:
         raise MedsegError(f"{Path(data_dir) / 'test.json'}: no test cases to evaluate")
@@ -308,7 +309,7 @@ def check_classes(model_classes: list[str], data_dir: str | Path, model_path: st
         )
 
 
-def build_metrics(tally: ScoreTally, second: dict | None, threshold: float) -> dict:
+def build_metrics(tally: ScoreTally, second: dict | None, threshold: float | str) -> dict:
     """The content of ``metrics.json``: ``test.fov`` first (Dice, IoU and accuracy lead each
     block), rounded to `PRECISION` decimals, NaN as null."""
     test = tally.summary()

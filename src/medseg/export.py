@@ -106,6 +106,7 @@ def metadata(bundle: Bundle, divisor: int) -> dict[str, str]:
         "medseg.preprocess": json.dumps(asdict(bundle.preprocess)),
         "medseg.convert": json.dumps(convert),
         "medseg.classes": json.dumps(list(bundle.classes)),
+        "medseg.threshold": json.dumps(bundle.threshold),
     }
 
 

@@ -349,6 +349,8 @@ def predict_case(
     probs[:, ~inside] = 0.0
     if probs.shape[0] > 1:
         probs[0, ~inside] = 1.0
+    if isinstance(options.threshold, str):  # "auto" comes from the model bundle
+        raise ValueError("threshold auto: call medseg.bundle.resolve_threshold first")
     labels = segment(probs, options.threshold)
     labels[~inside] = 0
     return labels, probs

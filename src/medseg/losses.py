@@ -11,9 +11,13 @@ batch.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # config.py imports LOSSES from here at run time
+    from medseg.config import TrainConfig
 
 AllSum = Callable[[torch.Tensor], torch.Tensor]
 
@@ -156,29 +160,53 @@ def cldice_loss(
     return 1.0 - 2.0 * precision * sensitivity / (precision + sensitivity)
 
 
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _bce(bce_weight: float, cldice_iters: int, allsum: AllSum) -> LossFn:
+    return lambda x, t, v: masked_bce(x, t, v, allsum)
+
+
+def _dice(bce_weight: float, cldice_iters: int, allsum: AllSum) -> LossFn:
+    return lambda x, t, v: soft_dice_loss(x, t, v, allsum=allsum)
+
+
+def _bce_dice(bce_weight: float, cldice_iters: int, allsum: AllSum) -> LossFn:
+    return lambda x, t, v: bce_dice_loss(x, t, v, bce_weight, allsum)
+
+
+def _cldice(bce_weight: float, cldice_iters: int, allsum: AllSum) -> LossFn:
+    return lambda x, t, v: cldice_loss(x, t, v, cldice_iters, allsum=allsum)
+
+
+# train.loss: every name and the factory of its loss; config.py checks the param against it
+LOSSES: dict[str, Callable[[float, int, AllSum], LossFn]] = {
+    "bce": _bce,
+    "dice": _dice,
+    "bce_dice": _bce_dice,
+    "cldice": _cldice,
+}
+
+
 def make_loss(
     name: str,
+    *,
     bce_weight: float = 0.5,
     cldice_weight: float = 0.0,
     cldice_iters: int = 3,
     allsum: AllSum = _local,
-) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The training loss by name (``train.loss``): ``bce``, ``dice``, ``bce_dice`` or ``cldice``.
+) -> LossFn:
+    """The training loss by name (``train.loss``), one of `LOSSES`: ``bce``, ``dice``,
+    ``bce_dice`` or ``cldice``.
 
     With ``cldice_weight`` w > 0 the result is ``(1 - w) * loss + w * clDice``.
 
     Returns:
-        ``loss(logits, target, valid) -> scalar``.
+        ``loss(logits, target, valid) -> scalar``; shapes as `soft_dice_loss`.
     """
-    base: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-        "bce": lambda x, t, v: masked_bce(x, t, v, allsum),
-        "dice": lambda x, t, v: soft_dice_loss(x, t, v, allsum=allsum),
-        "bce_dice": lambda x, t, v: bce_dice_loss(x, t, v, bce_weight, allsum),
-        "cldice": lambda x, t, v: cldice_loss(x, t, v, cldice_iters, allsum=allsum),
-    }
-    if name not in base:
-        raise ValueError(f"unknown loss {name!r}; known: {', '.join(base)}")
-    first = base[name]
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; known: {', '.join(LOSSES)}")
+    first = LOSSES[name](bce_weight, cldice_iters, allsum)
     if cldice_weight == 0.0 or name == "cldice":
         return first
 
@@ -188,3 +216,11 @@ def make_loss(
         )
 
     return mixed
+
+
+def loss_from_config(cfg: TrainConfig, allsum: AllSum = _local) -> LossFn:
+    """The loss the ``train.loss``, ``bce_weight`` and ``cldice_*`` params describe."""
+    return make_loss(
+        cfg.loss, bce_weight=cfg.bce_weight, cldice_weight=cfg.cldice_weight,
+        cldice_iters=cfg.cldice_iters, allsum=allsum,
+    )  # fmt: skip

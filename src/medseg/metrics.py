@@ -193,6 +193,28 @@ def threshold_counts(
     return pos, neg
 
 
+def best_dice_threshold(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
+    """The threshold of `threshold_counts`'s grid that maximises the pooled Dice, and that Dice.
+
+    A pixel is positive when its score >= the threshold; ties go to the threshold nearest 0.5.
+
+    Args:
+        pos, neg: (n,) counts per bin, from `threshold_counts` (summed over images).
+
+    Returns:
+        (threshold, dice); (0.5, 1.0) when there are no positives and nothing to predict.
+    """
+    n = pos.size
+    tp = pos[::-1].cumsum()[::-1].astype(np.float64)  # at threshold i / (n - 1), ascending
+    fp = neg[::-1].cumsum()[::-1].astype(np.float64)
+    den = tp + fp + float(pos.sum())
+    dice = np.divide(2.0 * tp, den, out=np.ones(n), where=den > 0)
+    grid = np.linspace(0.0, 1.0, n)
+    best = np.flatnonzero(dice == dice.max())
+    i = int(best[np.argmin(np.abs(grid[best] - 0.5))])
+    return float(grid[i]), float(dice[i])
+
+
 def curves(pos: np.ndarray, neg: np.ndarray) -> dict[str, np.ndarray]:
     """ROC and precision-recall curves at the thresholds of `threshold_counts`.
 

@@ -30,6 +30,7 @@ METADATA = {
     "medseg.preprocess": "the preprocess params it was trained with (preprocess.json)",
     "medseg.convert": "the convert params of its training data (convert.json), or null",
     "medseg.classes": "class names in label order, background first",
+    "medseg.threshold": "a binary model's best validation threshold (threshold auto), or null",
 }
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from medseg.bundle import Bundle, load_bundle
+from medseg.bundle import Bundle, load_bundle, resolve_threshold
 from medseg.config import EvaluateConfig
 from medseg.convert import fov_from_image
 from medseg.errors import MedsegError
@@ -200,7 +200,8 @@ def predict_files(
         model: weights file or its folder; see `medseg.bundle.load_bundle`.
         inputs: image files and folders of images.
         out: output folder, created if needed.
-        options: inference settings (the ``evaluate`` params; its ``device`` is used).
+        options: inference settings (the ``evaluate`` params; its ``device`` is used);
+            threshold ``auto``: the model's best validation threshold, 0.5 where it has none.
         probabilities: also write probability maps.
         fov: a FOV mask file (one input) or folder of masks; default: the whole image.
         preprocess: ``preprocess.json`` to use instead of the one beside the model.
@@ -224,6 +225,7 @@ def predict_files(
     _refuse_overwriting_inputs(out, names, files, probabilities)
     _refuse_replacing(out, names, overwrite)
     bundle = load_bundle(model, options.device, preprocess)
+    options = resolve_threshold(options, bundle, fallback=0.5)
     if probabilities:
         _refuse_replacing(out, _probability_files(files, bundle.spec.classes), overwrite)
     created = _missing_folders(out)

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import imagecodecs
 import numpy as np
 import tifffile
 from PIL import Image, ImageFile, ImageSequence
@@ -189,6 +188,8 @@ def _pillow_frames(path: Path, options: ReadOptions) -> list[np.ndarray]:
         check_frame_count(path, n, options)
         check_pixel_count(path, im.width * im.height * samples * n, options.max_pixels, "the image")
         if im.format == "PNG" and _png_is_16bit_colour(path):
+            import imagecodecs  # here: only 16-bit colour PNG needs it (bare GPU machines lack it)
+
             return [imagecodecs.png_decode(path.read_bytes())]
         return [_pillow_array(path, frame) for frame in ImageSequence.Iterator(im)]
 
@@ -293,6 +294,8 @@ def write_png(path: str | Path, arr: np.ndarray, compress_level: int = 1) -> Non
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8) * 255
     if arr.dtype == np.uint16 and arr.ndim == 3 and arr.shape[2] == 3:
+        import imagecodecs
+
         data = imagecodecs.png_encode(np.ascontiguousarray(arr), level=compress_level)
         Path(path).write_bytes(data)
         return

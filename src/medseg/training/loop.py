@@ -1,15 +1,17 @@
-"""The fit loop: patches from the cases (in RAM or memory-mapped), AdamW with warm-up and a
-schedule, AMP, DDP, checkpoints.
+"""The fit loop: patches from the cases (on the device, in RAM or memory-mapped), AdamW with
+warm-up and a schedule, AMP, DDP, checkpoints.
 
 One epoch, step by step:
 
 1. The sampler draws the epoch's plan (every random choice) from its seeded generator; each
    process of a ``torchrun`` run draws the same plan and cuts its own share of each batch.
-2. Each step: crop (in the main process, or in DataLoader workers), copy to the device, augment
-   the batch there, forward under autocast, loss (summed over processes), backward, clip, step,
-   schedule. Nothing waits for the GPU inside a step; losses stay on the device.
+2. Each step: crop (on the device, in the main process, or in DataLoader workers), copy to the
+   device (unless cut there), augment the batch there, forward under autocast, loss (summed
+   over processes), backward, clip, step, schedule. Nothing waits for the GPU inside a step;
+   losses stay on the device.
 3. After the epoch: one look at the losses (a NaN or inf stops the run, naming the step),
-   validation on whole images every ``val_every`` epochs, one dvclive step, a checkpoint.
+   validation on whole images every ``val_every`` epochs, the callbacks (dvclive's curves), a
+   checkpoint.
 
 A SIGTERM (spot preemption) or SIGINT finishes the current step, writes a checkpoint that
 includes the position within the epoch, and exits non-zero; the next run with the same params and
@@ -24,13 +26,13 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from dvclive import Live
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -46,7 +48,7 @@ from medseg.checkpoint import (
     save_checkpoint,
 )
 from medseg.config import EvaluateConfig, TrainConfig
-from medseg.data import Augmentation, Batch, PatchSampler, Plan, augment
+from medseg.data import Batch, PatchSampler, Plan, augment
 from medseg.distributed import (
     World,
     allsum,
@@ -60,10 +62,19 @@ from medseg.errors import MedsegError
 from medseg.inference import predict_case
 from medseg.io.atomic import atomic_dir
 from medseg.io.shards import CaseStore
-from medseg.losses import make_loss
-from medseg.metrics import class_confusion, confusion_matrix, scores
+from medseg.losses import loss_from_config
+from medseg.metrics import (
+    best_dice_threshold,
+    class_confusion,
+    confusion_matrix,
+    scores,
+    threshold_counts,
+)
 from medseg.model import ModelSpec, build_model, check_names, resolve_device
 from medseg.preprocess import CLASSES, open_split, read_case, read_class_names
+from medseg.training.cache import DevicePlan, choose_cache, make_sampler
+from medseg.training.callbacks import Callback, LiveLog
+from medseg.training.optim import build_optimizer, build_schedule
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +87,15 @@ def fit(
     models_dir: str | Path,
     logs_dir: str | Path,
     checkpoint_dir: str | Path | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> dict:
     """Train a network on the ``train`` split in ``data_dir``, choosing the best epoch on ``val``.
 
     Writes ``models_dir/model.safetensors`` (best validation Dice; the last epoch when there is
     no validation split) and ``last.safetensors``, each with a ``.json`` spec, and per-epoch
-    curves through dvclive into ``logs_dir``. With ``checkpoint_dir``, a checkpoint is written
-    there after every epoch and on a stop signal, resumed when it matches, and removed at the end.
-    Under ``torchrun`` only rank 0 writes.
+    curves (dvclive, when installed) into ``logs_dir``. With ``checkpoint_dir``, a checkpoint is
+    written there after every epoch and on a stop signal, resumed when it matches, and removed
+    at the end. Under ``torchrun`` only rank 0 writes. ``callbacks`` run after the curves'.
 
     Returns:
         A summary: best epoch, best validation Dice, images per second of the last epoch.
@@ -93,46 +105,54 @@ def fit(
     """
     check_names(cfg.arch, cfg.encoder)
     world = world_from_env()
-    device = _device(cfg, world)
-    with process_group(world, device), _backend_flags(cfg, device), StopSignals() as stop:
-        trainer = _Trainer(cfg, Path(data_dir), world, device, stop, checkpoint_dir)
-        return trainer.run(Path(models_dir), Path(logs_dir))
+    device = train_device(cfg, world)
+    with process_group(world, device), backend_flags(cfg, device), StopSignals() as stop:
+        hooks = [LiveLog(logs_dir)] if world.main else []
+        trainer = Trainer(
+            cfg, data_dir, world=world, device=device, stop=stop, checkpoint_dir=checkpoint_dir,
+            callbacks=[*hooks, *callbacks],
+        )  # fmt: skip
+        return trainer.run(models_dir)
 
 
-def lr_factor(
-    step: int, total: int, warmup: int, schedule: str, min_ratio: float = 0.0, power: float = 0.9
-) -> float:
-    """The learning rate at iteration ``step`` (0-based) as a share of ``train.lr``.
+class Trainer:
+    """One training run, built by name from the ``train.*`` params; `run` is the whole of it.
 
-    Linear warm-up over the first ``warmup`` steps (from 1/warmup to 1), then ``constant``,
-    ``cosine`` (half a cosine down to ``min_ratio``) or ``poly`` (``(1 - t) ** power`` down to
-    ``min_ratio``), t running from 0 after the warm-up to 1 at the last step.
+    The parts are public so that benchmarks and extensions use them as the run does: the patch
+    ``sampler`` (host or device, `medseg.training.cache`), the ``model`` and the ``net`` that
+    trains it (DDP- and compile-wrapped), the ``optimizer``, ``scheduler`` and ``loss_fn``;
+    `plan_epoch`, `batches` and `train_step` are one epoch's pieces, and ``callbacks`` see
+    every step and epoch (`medseg.training.callbacks.Callback`).
+
+    Args:
+        cfg: the ``train`` params.
+        data_dir: the preprocess stage's output.
+        world: the processes of a distributed run (default: this one alone).
+        device: default from ``train.device``.
+        stop: the stop-signal flags (default: none ever arrives).
+        checkpoint_dir: where the resume checkpoint goes (default: no checkpoints).
+        callbacks: hooks called in order.
     """
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    shape = 0.5 * (1.0 + math.cos(math.pi * t)) if schedule == "cosine" else (1.0 - t) ** power
-    return min_ratio + (1.0 - min_ratio) * shape
-
-
-class _Trainer:
-    """The state of one training run; `run` is the whole of it."""
 
     def __init__(
         self,
         cfg: TrainConfig,
-        data_dir: Path,
-        world: World,
-        device: torch.device,
-        stop: StopSignals,
-        checkpoint_dir: str | Path | None,
+        data_dir: str | Path,
+        *,
+        world: World | None = None,
+        device: torch.device | None = None,
+        stop: StopSignals | None = None,
+        checkpoint_dir: str | Path | None = None,
+        callbacks: Sequence[Callback] = (),
     ) -> None:
-        self.cfg, self.world, self.device, self.stop = cfg, world, device, stop
-        self.share = world.share(cfg.batch_size)
-        self.data_dir = data_dir
-        self.train = open_split(data_dir, "train", ram=_in_ram(cfg, data_dir, world.size))
+        self.cfg, self.world = cfg, world or World()
+        self.device = device or train_device(cfg, self.world)
+        self.stop = stop or StopSignals()
+        self.callbacks = list(callbacks)
+        self.share = self.world.share(cfg.batch_size)
+        self.data_dir = data_dir = Path(data_dir)
+        self.cache = choose_cache(cfg, data_dir, self.device, self.world.size)
+        self.train = open_split(data_dir, "train", ram=self.cache == "ram")
         self.val = open_split(data_dir, "val")
         if len(self.train) == 0:
             raise MedsegError(f"{data_dir / 'train.json'}: no training cases")
@@ -141,37 +161,18 @@ class _Trainer:
         self.ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
         self.hash = params_hash(cfg, [*self.train.files(), *self.val.files()])
         torch.manual_seed(cfg.seed)
-        aug = Augmentation.from_config(cfg)
         rng = np.random.default_rng(cfg.seed)
-        self.sampler = PatchSampler(
-            self.train, cfg.patch_size, cfg.foreground_fraction, rng, aug, len(self.class_names)
-        )
+        on_device = self.device if self.cache == "device" else None
+        self.sampler = make_sampler(self.train, cfg, rng, len(self.class_names), on_device)
         self.spec = ModelSpec.from_config(cfg, in_channels=self.sampler.channels)
         self.model = build_model(self.spec, cfg.encoder_weights)
-        _check_input_size(self.model, self.spec, cfg.patch_size)
-        if world.size > 1 and cfg.sync_batchnorm:
-            self.model = sync_batchnorm(self.model, device)
-        self.model.to(device)
-        if cfg.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        net: torch.nn.Module = self.model
-        if world.size > 1:
-            ids = [device.index] if device.type == "cuda" else None
-            net = DistributedDataParallel(self.model, device_ids=ids)
-        self.net: torch.nn.Module = torch.compile(net) if cfg.compile else net  # type: ignore[assignment]
+        self.net = self._wrap_model()
         self.steps = math.ceil(cfg.patches_per_epoch / cfg.batch_size)
-        self.optimizer = _optimizer(cfg, self.model)
-        total, warmup = cfg.epochs * self.steps, round(cfg.warmup_epochs * self.steps)
-        min_ratio = cfg.min_lr / cfg.lr
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda s: lr_factor(s, total, warmup, cfg.schedule, min_ratio, cfg.poly_power),
-        )
-        self.amp_dtype = _amp_dtype(cfg, device)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scheduler = build_schedule(cfg, self.optimizer, self.steps)
+        self.amp_dtype = amp_dtype(cfg, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.loss_fn = make_loss(
-            cfg.loss, cfg.bce_weight, cfg.cldice_weight, cfg.cldice_iters, allsum
-        )
+        self.loss_fn = loss_from_config(cfg, allsum)
         # the position and history of the run, all saved in a checkpoint
         self.epoch, self.step = 0, 0
         self.epoch_rng: dict[str, Any] = dict(rng.bit_generator.state)
@@ -180,24 +181,48 @@ class _Trainer:
         self.history: list[tuple[dict[str, float], dict[str, float]]] = []
         self.best_dice, self.best_epoch = -1.0, -1
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_threshold: float | None = None  # the best epoch's, for evaluate: auto
+
+    def _wrap_model(self) -> torch.nn.Module:
+        """Check the patch size, move the model to the device (SyncBN, channels-last), and
+        return the module that trains it: DDP under torchrun, compiled with ``train.compile``."""
+        cfg, device = self.cfg, self.device
+        _check_input_size(self.model, self.spec, cfg.patch_size)
+        if self.world.size > 1 and cfg.sync_batchnorm:
+            self.model = sync_batchnorm(self.model, device)
+        self.model.to(device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        net: torch.nn.Module = self.model
+        if self.world.size > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            net = DistributedDataParallel(self.model, device_ids=ids)
+        return torch.compile(net) if cfg.compile else net  # type: ignore[return-value]
 
     # -- the run -------------------------------------------------------------------------------
 
-    def run(self, models_dir: Path, logs_dir: Path) -> dict:
+    def run(self, models_dir: str | Path) -> dict:
+        """Resume when a checkpoint matches, train the remaining epochs, write the bundle.
+
+        Returns:
+            The summary `fit` returns.
+        """
         cfg = self.cfg
-        self._resume()
-        with self._live(logs_dir) as live:
-            throughput = 0.0
+        self.resume()
+        self._emit("on_run_start")
+        throughput = 0.0
+        try:
             while self.epoch < cfg.epochs:
-                throughput = self._train_epoch()
+                throughput = self.train_epoch()
                 record = self._end_of_epoch(throughput)
-                if live is not None:
-                    _log(live, record, self._best())
+                self._emit("on_epoch_end", record)
                 self._save_checkpoint()
                 if any_process(self.stop.requested is not None, self.device):
                     self._stopped()
+        finally:
+            self._emit("on_run_end")
         if self.world.main:
-            self._write_models(models_dir)
+            self._write_models(Path(models_dir))
             if self.ckpt is not None:
                 self.ckpt.unlink(missing_ok=True)
                 mark_finished(self.ckpt.parent)
@@ -208,25 +233,41 @@ class _Trainer:
             "images_per_s": throughput,
         }
 
-    def _train_epoch(self) -> float:
-        """Train the rest of the current epoch; return its throughput in images per second."""
-        cfg = self.cfg
+    def _emit(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
+
+    def plan_epoch(self) -> Plan | DevicePlan:
+        """The current epoch's plan, redrawn from the generator state at the epoch's start."""
         self.sampler.rng.bit_generator.state = self.epoch_rng
-        plan = self.sampler.plan(self.steps, cfg.batch_size)
+        return self.sampler.plan(self.steps, self.cfg.batch_size)
+
+    def train_epoch(self) -> float:
+        """Train the rest of the current epoch; return its throughput in images per second.
+
+        Losses stay on the device; on CUDA nothing in the loop waits for the GPU (the epoch's
+        losses are looked at once, at its end).
+        """
+        cfg = self.cfg
+        plan = self.plan_epoch()
         self.net.train()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        self._emit("on_epoch_start")
         start, first = time.perf_counter(), self.step
         bar = tqdm(
-            self._batches(plan, first), total=self.steps, initial=first,
+            self.batches(plan, first), total=self.steps, initial=first,
             desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
             disable=None if self.world.main else True,
         )  # fmt: skip
+        # the bar shows the loss on a CPU only: there .item() costs nothing, on a GPU it waits
+        show_loss = not bar.disable and self.device.type == "cpu"
         for batch in bar:
-            loss = self._train_step(batch)
+            loss = self.train_step(batch)
             self.losses.append(loss.detach())
             self.step += 1
-            if self.step % 10 == 0 and not bar.disable:  # .item() waits for the GPU
+            self._emit("on_step_end", loss)
+            if self.step % 10 == 0 and show_loss:
                 value = loss.item()
                 bar.set_postfix(loss=f"{value:.4f}")
                 if not math.isfinite(value) and self.world.size == 1:  # under DDP every rank
@@ -240,7 +281,13 @@ class _Trainer:
         self._check_losses()
         return (self.step - first) * cfg.batch_size / (time.perf_counter() - start)
 
-    def _train_step(self, batch: Batch) -> torch.Tensor:
+    def train_step(self, batch: Batch) -> torch.Tensor:
+        """One optimizer step on ``batch`` (moved to the device when it is not there): augment,
+        forward under autocast, loss (summed over processes), backward, clip, step, schedule.
+
+        Returns:
+            The loss, a scalar tensor on the device (not detached).
+        """
         cfg = self.cfg
         x, y, v = augment(
             batch.to(self.device, non_blocking=True), cfg.patch_size, self.sampler.aug,
@@ -266,12 +313,15 @@ class _Trainer:
         self.scheduler.step()
         return loss
 
-    def _batches(self, plan: Plan, first: int) -> Iterable[Batch]:
-        """The batches of steps ``first..`` of ``plan``: cut here, or in DataLoader workers."""
-        if self.cfg.workers == 0:
+    def batches(self, plan: Any, first: int = 0) -> Iterable[Batch]:
+        """The batches of steps ``first..`` of ``plan`` (`plan_epoch`'s), this process's share of
+        each: cut on the device (``train.cache: device``), here, or in ``train.workers``
+        DataLoader processes feeding pinned memory to a GPU."""
+        if self.cache == "device" or self.cfg.workers == 0:
             return (self.sampler.crop(plan, s, self.share) for s in range(first, len(plan)))
+        assert isinstance(plan, Plan)
         return torch.utils.data.DataLoader(
-            _Steps(self.sampler, plan, first, self.share),
+            StepBatches(self.sampler, plan, first, self.share),
             batch_size=None,
             num_workers=self.cfg.workers,
             pin_memory=self.device.type == "cuda",
@@ -289,25 +339,29 @@ class _Trainer:
             record["gpu_peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if len(self.val) and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
             if self.world.main:
-                record["val/dice"] = validate(self.model, self.val, self.device)
+                result = validate(self.model, self.val, self.device)
+                record["val/dice"] = result.dice
+                if result.threshold is not None:
+                    record["val/threshold"] = result.threshold
             barrier()
         dice = record.get("val/dice")
         no_val_last = not len(self.val) and epoch == cfg.epochs
         if self.world.main and (no_val_last or (dice is not None and dice > self.best_dice)):
             self.best_dice = dice if dice is not None else float("nan")
             self.best_epoch = epoch
+            self.best_threshold = record.get("val/threshold")
             state = self.model.state_dict()
             self.best_state = {k: v.detach().cpu().clone() for k, v in state.items()}
         (log.info if self.world.main else log.debug)(
             "epoch %d/%d loss %.4f val dice %s (%.1f images/s)", epoch, cfg.epochs,
             record["train/loss"], f"{dice:.4f}" if dice is not None else "-", throughput,
         )  # fmt: skip
-        self.history.append((record, self._best()))
+        self.history.append((record, self.best()))
         self.epoch, self.step, self.losses = epoch, 0, []
         self.epoch_rng = dict(self.sampler.rng.bit_generator.state)
         return record
 
-    def _best(self) -> dict[str, float]:
+    def best(self) -> dict[str, float]:
         """The best epoch so far, for the metrics file (``best_val_dice`` with a val split)."""
         if not len(self.val) or self.best_epoch < 0:
             return {"best_epoch": self.best_epoch}
@@ -367,13 +421,15 @@ class _Trainer:
             "best_dice": self.best_dice,
             "best_epoch": self.best_epoch,
             "best_model": self.best_state,
+            "best_threshold": self.best_threshold,
         }
 
     def _save_checkpoint(self) -> None:
         if self.ckpt is not None and self.world.main:
             save_checkpoint(self.ckpt, self._state())
 
-    def _resume(self) -> None:
+    def resume(self) -> None:
+        """Continue from the checkpoint when there is one for these params, data and code."""
         if self.ckpt is None:
             return
         state = load_checkpoint(self.ckpt, self.hash)
@@ -388,31 +444,21 @@ class _Trainer:
         self.history, self.epoch_rng = state["history"], state["epoch_rng"]
         self.best_dice, self.best_epoch = state["best_dice"], state["best_epoch"]
         self.best_state = state["best_model"]
+        self.best_threshold = state["best_threshold"]
         restore_rng(state["rng"], self.sampler.rng)
         log.info(
             "resuming from %s: epoch %d, step %d of %d", self.ckpt, self.epoch + 1, self.step,
             self.steps,
         )  # fmt: skip
 
-    @contextlib.contextmanager
-    def _live(self, logs_dir: Path) -> Iterator[Live | None]:
-        """dvclive on rank 0, with the epochs of a resumed run logged again first."""
-        if not self.world.main:
-            yield None
-            return
-        with Live(dir=str(logs_dir), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-            for record, best in self.history:
-                _log(live, record, best)
-            yield live
-
     def _write_models(self, models_dir: Path) -> None:
         last = self.model.state_dict()
         best = self.best_state if self.best_state is not None else last
         with atomic_dir(models_dir) as out:
-            save_bundle(out, best, last, self.spec, self.data_dir)
+            save_bundle(out, best, last, self.spec, self.data_dir, self.best_threshold)
 
 
-class _Steps(torch.utils.data.Dataset):
+class StepBatches(torch.utils.data.Dataset):
     """Steps of an epoch's plan as a map-style dataset, for DataLoader workers."""
 
     def __init__(self, sampler: PatchSampler, plan: Plan, first: int, share: slice) -> None:
@@ -432,16 +478,37 @@ VALIDATION = EvaluateConfig(
 )  # fmt: skip
 
 
-def validate(model: torch.nn.Module, val: CaseStore, device: torch.device) -> float:
+@dataclass(frozen=True)
+class Validation:
+    """Scores of one validation pass.
+
+    Attributes:
+        dice: pooled Dice at threshold 0.5 (binary) or of the most probable class.
+        threshold: binary: the threshold on the `THRESHOLD_POINTS` grid with the best pooled
+            Dice (``evaluate.threshold: auto``); None for several classes.
+        threshold_dice: the pooled Dice at that threshold.
+    """
+
+    dice: float
+    threshold: float | None = None
+    threshold_dice: float | None = None
+
+
+THRESHOLD_POINTS = 201  # thresholds 0.000, 0.005, ..., 1.000, as evaluate's curves
+
+
+def validate(model: torch.nn.Module, val: CaseStore, device: torch.device) -> Validation:
     """Dice inside the FOV, pooled over the whole validation cases (at the ground truth's
     resolution), through `medseg.inference.predict_case`; for several classes the mean over
-    the foreground classes.
+    the foreground classes. A binary model also gets the threshold that maximises that Dice.
 
     Args:
         model: the network, (B, C, H, W) -> (B, K, H, W) logits; K = 1 is binary.
     """
     model.eval()
     totals: np.ndarray | None = None
+    pos = np.zeros(THRESHOLD_POINTS, np.int64)
+    neg = np.zeros(THRESHOLD_POINTS, np.int64)
     for i in val:
         case = read_case(val, i)
         labels, probs = predict_case(
@@ -450,42 +517,16 @@ def validate(model: torch.nn.Module, val: CaseStore, device: torch.device) -> fl
         n = max(probs.shape[0], 2)
         m = confusion_matrix(labels, case.truth, n, case.truth_fov)
         totals = m if totals is None else totals + m
+        if probs.shape[0] == 1:
+            inside = case.truth_fov > 0
+            p, q = threshold_counts(probs[0][inside], case.truth[inside] > 0, THRESHOLD_POINTS)
+            pos, neg = pos + p, neg + q
         val.release(i)
     assert totals is not None
-    dice = [scores(class_confusion(totals, k))["dice"] for k in range(1, len(totals))]
-    return float(np.mean(dice))
-
-
-# Curves only: they measure the machine, not the model, and would show as a change in every
-# `dvc metrics diff` (the metrics file keeps what the same params and data always reproduce).
-MACHINE_CURVES = ("throughput_images_per_s", "gpu_peak_memory_gib")
-
-
-def _log(live: Live, record: dict[str, float], best: dict[str, float]) -> None:
-    for key, value in record.items():
-        live.log_metric(key, value)
-    for key in MACHINE_CURVES:
-        live.summary.pop(key, None)
-    live.summary.update(best)
-    live.next_step()
-
-
-def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Adam or AdamW; no weight decay on biases and normalisation weights (1-D parameters).
-
-    Build it after the model is on its device.
-    """
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    cls: Callable[..., torch.optim.Optimizer] = (
-        torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    )
-    # fused kernels on CUDA: one launch for all parameters
-    return cls(groups, lr=cfg.lr, fused=next(model.parameters()).is_cuda or None)
+    dice = float(np.mean([scores(class_confusion(totals, k))["dice"] for k in range(1, n)]))
+    if n > 2 or probs.shape[0] > 1:
+        return Validation(dice)
+    return Validation(dice, *best_dice_threshold(pos, neg))
 
 
 def _check_classes(cfg: TrainConfig, names: list[str], data_dir: Path) -> None:
@@ -498,33 +539,6 @@ def _check_classes(cfg: TrainConfig, names: list[str], data_dir: Path) -> None:
         f"params: train.classes is {cfg.classes} but the data ({data_dir / CLASSES}) has {n} "
         f"labels ({', '.join(names)}); set train.classes to {want}"
     )
-
-
-# train.cache auto: the training cases are read into RAM when they take at most this share of
-# the memory available now (and at most RAM_CACHE_MAX bytes); else they stay memory-mapped.
-RAM_CACHE_SHARE = 0.25
-RAM_CACHE_MAX = 1 << 30
-
-
-def _in_ram(cfg: TrainConfig, data_dir: Path, processes: int = 1) -> bool:
-    """Whether ``train.cache`` keeps the training split in RAM (the result is the same either
-    way; only speed and memory differ). Each of the ``processes`` of a distributed run holds
-    its own copy, so they share the budget (counted as if all ran on one machine)."""
-    if cfg.cache != "auto":
-        return cfg.cache == "ram"
-    size = open_split(data_dir, "train").nbytes() * processes
-    return size <= min(RAM_CACHE_SHARE * _available_memory(), RAM_CACHE_MAX)
-
-
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def _check_input_size(model: torch.nn.Module, spec: ModelSpec, patch_size: int) -> None:
@@ -540,7 +554,8 @@ def _check_input_size(model: torch.nn.Module, spec: ModelSpec, patch_size: int) 
         ) from err
 
 
-def _device(cfg: TrainConfig, world: World) -> torch.device:
+def train_device(cfg: TrainConfig, world: World) -> torch.device:
+    """``train.device``; on CUDA this process's GPU (``LOCAL_RANK``), made the current one."""
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
@@ -549,7 +564,7 @@ def _device(cfg: TrainConfig, world: World) -> torch.device:
 
 
 @contextlib.contextmanager
-def _backend_flags(cfg: TrainConfig, device: torch.device) -> Iterator[None]:
+def backend_flags(cfg: TrainConfig, device: torch.device) -> Iterator[None]:
     """Fast or deterministic CUDA kernels for the block; the previous settings come back after.
 
     CPU runs are deterministic as they are. On CUDA, ``train.deterministic`` turns on
@@ -583,7 +598,7 @@ def _backend_flags(cfg: TrainConfig, device: torch.device) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, cudnn.allow_tf32 = saved[4], saved[5]
 
 
-def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """Mixed precision: on CUDA bf16 where the GPU has it, else fp16 with a grad scaler; on CPU
     bf16 when ``train.amp_cpu`` asks for it."""
     if device.type == "cpu":

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Rehearse bench/gpu.sh on this CPU machine as a bare GPU machine would run it: the packages it
+# lacks (segmentation-models-pytorch, dvc, dvclive, pydicom, imagecodecs) are made unimportable,
+# except from the wheels gpu.sh unpacks out of .gpu/whl; tiny budget, device cpu, device cache.
+#
+#   bash bench/gpu_prepare.sh && bash bench/gpu_rehearse.sh [section.key=value ...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BLOCK=$(mktemp -d)
+trap 'rm -rf "$BLOCK"' EXIT
+cat >"$BLOCK/sitecustomize.py" <<'PY'
+"""Imports of the packages a bare GPU machine lacks fail, unless gpu.sh unpacked them."""
+import importlib.machinery
+import sys
+
+MISSING = {"segmentation_models_pytorch", "dvc", "dvclive", "pydicom", "imagecodecs"}
+
+
+class BareMachine:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name not in MISSING:
+            return None
+        unpacked = [p for p in sys.path if "/medseg-gpu." in p and p.endswith("/site")]
+        spec = importlib.machinery.PathFinder.find_spec(name, unpacked)
+        if spec is None:
+            raise ModuleNotFoundError(f"No module named {name!r} (bare GPU machine)", name=name)
+        return spec
+
+
+sys.meta_path.insert(0, BareMachine)
+PY
+PYTHONPATH="$BLOCK${PYTHONPATH:+:$PYTHONPATH}" bash bench/gpu.sh \
+    train.device=cpu train.cache=device train.epochs=1 train.patches_per_epoch=8 \
+    train.batch_size=4 train.patch_size=64 train.val_every=1 evaluate.device=cpu "$@"

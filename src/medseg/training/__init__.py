@@ -1,0 +1,28 @@
+"""The train stage: `fit` runs it; its parts can be used on their own.
+
+- `medseg.training.loop`: `fit`, the `Trainer` (the epoch and step loop, checkpoint and resume,
+  AMP, DDP) and whole-image validation.
+- `medseg.training.cache`: where the training cases live (``train.cache``) and the patch sampler
+  that cuts on the device.
+- `medseg.training.optim`: optimizer and learning-rate schedule by name.
+- `medseg.training.callbacks`: the hooks of the loop, and the per-epoch curves.
+
+The losses are in `medseg.losses`, the augmentation in `medseg.data`, checkpoints in
+`medseg.checkpoint`, process groups in `medseg.distributed`.
+"""
+
+from medseg.training.callbacks import MACHINE_CURVES, Callback, LiveLog
+from medseg.training.loop import Trainer, fit, validate
+from medseg.training.optim import build_optimizer, build_schedule, lr_factor
+
+__all__ = [
+    "MACHINE_CURVES",
+    "Callback",
+    "LiveLog",
+    "Trainer",
+    "build_optimizer",
+    "build_schedule",
+    "fit",
+    "lr_factor",
+    "validate",
+]
