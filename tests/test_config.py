@@ -70,6 +70,8 @@ def test_int_is_accepted_for_float(tmp_path: Path):
         ({"preprocess": {"channel": "red"}}, "preprocess.channel must be one of"),
         ({"data": {"layout": "nnunet"}}, "data.layout must be one of"),
         ({"evaluate": {"threshold": 1.5}}, "evaluate.threshold must be in [0, 1]"),
+        ({"train": {"amp_cpu": "yes"}}, "train.amp_cpu must be one of auto"),
+        ({"train": {"amp_cpu": 1}}, "train.amp_cpu must be of type"),
         ({"evaluate": {"blending": "mean"}}, "evaluate.blending must be one of gaussian"),
         ({"evaluate": {"tta": "yes"}}, "evaluate.tta must be of type bool"),
         ({"convert": {"window_center": 40.0}}, "must be set together"),

@@ -345,3 +345,29 @@ def test_threshold_auto_comes_from_validation_through_the_bundle(processed: Path
             write_params(tmp_path / "x.yaml", tiny_params(evaluate={"threshold": "x"})),
             EvaluateConfig,
         )
+
+
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [
+        ("fpu avx2 avx512f avx512bw avx512_bf16", True),  # e.g. AMD Zen 4, Intel Cooper Lake
+        ("fpu avx2 avx512f amx_bf16 amx_tile", True),  # Intel Sapphire Rapids
+        ("fpu avx2 avx512f avx512bw", False),  # AVX-512 without bf16: emulated
+        ("fpu avx2", False),
+    ],
+)
+def test_amp_cpu_auto_takes_bf16_only_where_the_cpu_has_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: str, native: bool
+):
+    from medseg.training import loop
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert loop.cpu_bf16_native(info) is native
+    assert loop.cpu_bf16_native(tmp_path / "absent") is False
+    monkeypatch.setattr(loop, "cpu_bf16_native", lambda: native)
+    cpu = torch.device("cpu")
+    base = load_params(write_params(tmp_path / "p.yaml", tiny_params()), TrainConfig)
+    for setting, want in (("auto", torch.bfloat16 if native else None), (True, torch.bfloat16),
+                          (False, None)):  # fmt: skip
+        assert loop.amp_dtype(dataclasses.replace(base, amp_cpu=setting), cpu) == want

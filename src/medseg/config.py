@@ -250,7 +250,7 @@ class TrainConfig:
     aug_brightness: float
     aug_contrast: float
     aug_gamma: float
-    amp_cpu: bool
+    amp_cpu: bool | str
     channels_last: bool
     compile: bool
     workers: int
@@ -260,6 +260,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _choice("train.cache", self.cache, CACHES)
+        if isinstance(self.amp_cpu, str):
+            _choice("train.amp_cpu", self.amp_cpu, ("auto",))
         _at_least("train.classes", self.classes, 1)
         if self.classes > MAX_CLASSES:
             raise MedsegError(

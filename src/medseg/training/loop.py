@@ -598,11 +598,28 @@ def backend_flags(cfg: TrainConfig, device: torch.device) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, cudnn.allow_tf32 = saved[4], saved[5]
 
 
+def cpu_bf16_native(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has bf16 instructions (AVX-512 bf16 or AMX), from the flags Linux lists;
+    False where there is no such list. Without them bf16 autocast is emulated and slower than
+    fp32."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """Mixed precision: on CUDA bf16 where the GPU has it, else fp16 with a grad scaler; on CPU
-    bf16 when ``train.amp_cpu`` asks for it."""
+    bf16 when ``train.amp_cpu`` is true, or ``auto`` and the CPU computes bf16 natively
+    (`cpu_bf16_native`)."""
     if device.type == "cpu":
-        return torch.bfloat16 if cfg.amp_cpu else None
+        wanted = cfg.amp_cpu is True or (cfg.amp_cpu == "auto" and cpu_bf16_native())
+        return torch.bfloat16 if wanted else None
     if not cfg.amp or device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
