@@ -86,7 +86,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         convert_dataset(
-            DataConfig(str(args.drive), "drive"), ConvertConfig(workers=1), work / "converted"
+            DataConfig(str(args.drive), "drive"), ConvertConfig(None, None, workers=1), work / "converted"
         )
         preprocess_dataset(pre, work / "converted", work / "processed")
         for name, amp in (("fp32", False), ("bf16", True)):

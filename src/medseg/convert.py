@@ -116,7 +116,8 @@ def convert_dataset(
     try:
         return _convert_dataset(data, cfg, Path(out), key)
     except MedsegError as err:
-        raise MedsegError(_redact(str(err), [], Path(data.root), key, (Path(out),))) from None
+        # the same class (an OutputError stays one), its message without names from paths
+        raise type(err)(_redact(str(err), [], Path(data.root), key, (Path(out),))) from None
 
 
 def _convert_dataset(
