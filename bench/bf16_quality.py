@@ -85,9 +85,8 @@ def main() -> None:
     curves: dict[str, Curve] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        convert_dataset(
-            DataConfig(str(args.drive), "drive"), ConvertConfig(None, None, workers=1), work / "converted"
-        )
+        data = DataConfig(str(args.drive), "drive")
+        convert_dataset(data, ConvertConfig(None, None, workers=1), work / "converted")
         preprocess_dataset(pre, work / "converted", work / "processed")
         for name, amp in (("fp32", False), ("bf16", True)):
             curves[name] = Curve()

@@ -100,7 +100,7 @@ def test_missing_key_and_unknown_section(tmp_path: Path):
 
 
 def test_unreadable_files(tmp_path: Path):
-    with pytest.raises(MedsegError, match="cannot read params file"):
+    with pytest.raises(MedsegError, match="cannot read the params file"):
         load_params(tmp_path / "absent.yaml", TrainConfig)
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")

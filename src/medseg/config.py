@@ -411,15 +411,7 @@ def read_yaml(path: Path) -> Any:
     Raises:
         MedsegError: the file cannot be read, is too large, not YAML, or expands too far.
     """
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_PARAMS_BYTES + 1)
-    except OSError as err:
-        raise MedsegError(f"cannot read params file {path}: {err.strerror}") from err
-    if len(data) > MAX_PARAMS_BYTES:
-        raise MedsegError(
-            f"params file {path} is larger than {MAX_PARAMS_BYTES >> 20} MiB; not a params file"
-        )
+    data = _read_at_most(path, MAX_PARAMS_BYTES, "params file")
     try:
         loader = _BoundedLoader(data.decode("utf-8"))
         try:
@@ -443,19 +435,26 @@ def read_yaml(path: Path) -> Any:
 MAX_RECORD_BYTES = 1 << 20
 
 
+def _read_at_most(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of ``path``, refused (naming it as ``what``) when it holds more than ``limit``:
+    no more than that is read."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(limit + 1)
+    except OSError as err:
+        raise MedsegError(f"cannot read the {what} {path}: {err.strerror}") from err
+    if len(data) > limit:
+        raise MedsegError(f"{what} {path}: larger than {limit >> 20} MiB; not a {what}")
+    return data
+
+
 def read_json(path: Path, what: str) -> Any:
     """A small JSON file (a spec or a record), bounded in size before it is parsed.
 
     Raises:
         MedsegError: naming the file: unreadable, too large or not JSON.
     """
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_RECORD_BYTES + 1)
-    except OSError as err:
-        raise MedsegError(f"cannot read the {what} {path}: {err.strerror}") from err
-    if len(data) > MAX_RECORD_BYTES:
-        raise MedsegError(f"{path}: larger than {MAX_RECORD_BYTES >> 20} MiB; not a {what}")
+    data = _read_at_most(path, MAX_RECORD_BYTES, what)
     try:
         return json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as err:
