@@ -50,7 +50,7 @@ class Curve(Callback):
 
     def on_epoch_end(self, trainer: Trainer, record: dict[str, float]) -> None:
         self.seconds.append(time.perf_counter() - self.start)
-        self.records.append(dict(record, epoch=trainer.epoch + 1))
+        self.records.append(dict(record, epoch=trainer.epoch))  # the epoch just finished
 
 
 def main() -> None:
