@@ -3,6 +3,7 @@ the opt-in pipeline crossval/dvc.yaml run by the real `dvc repro`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -136,6 +137,25 @@ def test_the_ensemble_averages_the_folds_probabilities(tmp_path: Path):
     with pytest.raises(MedsegError, match="fold0: the model was trained on the classes"):
         ensemble_folds(CFG, data, models, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
+
+
+def test_threshold_auto_takes_each_folds_threshold_and_their_mean_for_the_ensemble(
+    tmp_path: Path,
+):
+    data = _processed(tmp_path / "processed")
+    spec = ModelSpec("unet", "resnet18", [16, 8, 8, 8, 8], in_channels=1, classes=1)
+    models = [
+        make_bundle(tmp_path / f"models/fold{k}", spec, seed=k, threshold=t)
+        for k, t in enumerate((0.3, 0.6))
+    ]
+    auto = dataclasses.replace(CFG, threshold="auto")
+    metrics = ensemble_folds(auto, data, models, tmp_path / "auto")
+    assert [metrics[n]["threshold"] for n in ("fold0", "fold1", "ensemble")] == [0.3, 0.6, 0.45]
+    for k, t in enumerate((0.3, 0.6)):  # each fold as the evaluate stage scores it at its own
+        fixed = dataclasses.replace(CFG, threshold=t)
+        assert metrics[f"fold{k}"] == evaluate_model(fixed, data, models[k], tmp_path / f"e{k}")
+    fixed = ensemble_folds(dataclasses.replace(CFG, threshold=0.45), data, models, tmp_path / "f")
+    assert metrics["ensemble"] == fixed["ensemble"]
 
 
 @pytest.mark.slow  # seven stage processes (each imports torch): about a minute on two cores
