@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument(
         "--bf16", action=argparse.BooleanOptionalAction, default=None,
         help="time the bf16 autocast loop too (default: where the CPU has AVX-512 bf16 or AMX; "
-        "elsewhere bf16 is emulated, about 12x slower than fp32 on an AVX2 CPU)",
+        "elsewhere bf16 is emulated, about 13x slower than fp32 on an AVX2 CPU)",
     )  # fmt: skip
     args = parser.parse_args()
     bf16 = cpu_bf16_native() if args.bf16 is None else args.bf16

@@ -230,16 +230,8 @@ def _load_onnx(path: Path, device: str, preprocess: str | Path | None) -> Bundle
         None if convert_raw is None
         else parse(ConvertConfig, convert_raw, prefix="convert.", source=str(path))
     )  # fmt: skip
-    text = meta.get("medseg.threshold", "null")  # absent in exports older than threshold auto
-    try:
-        threshold = json.loads(text)
-    except json.JSONDecodeError:
-        threshold = text
-    if threshold is not None and (
-        not isinstance(threshold, (int, float)) or isinstance(threshold, bool)
-        or not 0.0 <= threshold <= 1.0
-    ):  # fmt: skip
-        raise MedsegError(f"{path}: medseg.threshold in its metadata is {shown(threshold)}")
+    # absent ("null") in exports older than threshold auto
+    threshold = _threshold_value(meta.get("medseg.threshold", "null"), f"{path}: medseg.threshold")
     used = "cuda" if runner.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
     return Bundle(runner, spec, pre, classes, used, convert, threshold)
 
@@ -283,15 +275,24 @@ def _threshold(weights: Path) -> float | None:
 
     with safe_open(str(weights), "pt") as f:
         text = (f.metadata() or {}).get(THRESHOLD)
-    if text is None:
-        return None
+    return None if text is None else _threshold_value(text, f"{weights}: the threshold")
+
+
+def _threshold_value(text: str, what: str) -> float | None:
+    """A stored threshold: JSON ``null`` or a number in [0, 1] (``repr`` of a float is one).
+
+    Raises:
+        MedsegError: ``what`` in its metadata is anything else.
+    """
     try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 <= value <= 1.0:
-        raise MedsegError(f"{weights}: the threshold in its metadata is {shown(text)}; retrain it")
-    return value
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise MedsegError(f"{what} in its metadata is {shown(value)}; export or train it again")
+    return float(value)
 
 
 def read_spec(path: Path) -> ModelSpec:

@@ -198,8 +198,12 @@ def ensemble_folds(
     by_fold = dict(zip(folds, bundles, strict=True))
     # threshold auto: each fold its own best validation threshold, the ensemble their mean
     cfgs = {name: resolve_threshold(cfg, bundle) for name, bundle in by_fold.items()}
-    mean_threshold = float(np.mean([float(c.threshold) for c in cfgs.values()]))
-    cfgs[ENSEMBLE] = replace(cfg, threshold=mean_threshold) if cfg.threshold == "auto" else cfg
+    ensemble = cfg
+    if cfg.threshold == "auto":
+        ensemble = replace(
+            cfg, threshold=float(np.mean([float(c.threshold) for c in cfgs.values()]))
+        )
+    cfgs[ENSEMBLE] = ensemble
     with atomic_dir(out) as tmp:
         for name in names:
             (tmp / "probabilities" / name).mkdir(parents=True)
