@@ -177,16 +177,32 @@ def ran(proc: subprocess.CompletedProcess[str]) -> list[str]:
     return [s for s in STAGES if f"Running stage '{s}'" in proc.stdout]
 
 
+def _other_dvc_files() -> list[str]:
+    """Every other file of the repository that DVC collects (a ``dvc.yaml`` or ``.dvc`` file
+    below the root), so that a project is what DVC sees in a fresh clone."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    return [
+        name for name in listed
+        if "/" in name and (name.endswith("/dvc.yaml") or name.endswith(".dvc"))
+        and (REPO / name).is_file()
+    ]  # fmt: skip
+
+
 def make_project(dest: Path, params: dict[str, Any] | None = None) -> Path:
     """Copy the repository's pipeline into ``dest`` as its own git + DVC repository, committed.
 
-    It gets the repository's own ``.dvc/config`` (so its default remote, a folder next to the
+    It gets every file DVC collects in a clone of the repository, the repository's own
+    ``.dvc/config`` (so its default remote, a folder next to the
     project, is the one users get), ``.dvc/.gitignore`` (which keeps ``config.local`` with its
     credentials out of git), the custom plot templates in ``.dvc/plots``
     and ``params`` (default: `tiny_params`).
     """
     dest.mkdir(parents=True)
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore", *_other_dvc_files()):
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, dest / name)
     for name in ("stages", "src"):
         shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 from conftest import REPO, STAGES, make_bundle, make_project, make_store, run, tiny_params
 from PIL import Image
 
+from medseg.cli import main, write_crossval_pipeline
 from medseg.config import CrossvalConfig, EvaluateConfig, PreprocessConfig, TrainConfig, parse
 from medseg.crossval import ensemble_folds, split_folds, write_folds
 from medseg.errors import MedsegError
@@ -161,12 +161,11 @@ def test_threshold_auto_takes_each_folds_threshold_and_their_mean_for_the_ensemb
 @pytest.mark.slow  # seven stage processes (each imports torch): about a minute on two cores
 def test_crossval_pipeline_end_to_end(tmp_path: Path):
     project = make_project(tmp_path / "project", tiny_params(crossval={"folds": [0, 1]}))
-    (project / "crossval").mkdir()
-    shutil.copy(REPO / "crossval" / "dvc.yaml", project / "crossval" / "dvc.yaml")
+    assert not (project / "crossval").exists()  # opt-in: absent until asked for
+    out = run(project, "medseg", "crossval").stdout  # writes crossval/dvc.yaml, runs it
+    assert (project / "crossval" / "dvc.yaml").is_file()
     run(project, "git", "add", "-A")
     run(project, "git", "commit", "-qm", "crossval")
-
-    out = run(project, "dvc", "repro", "crossval/dvc.yaml").stdout
     cv = [f"crossval/dvc.yaml:{s}" for s in ("folds", "train@0", "train@1", "ensemble")]
     ran = [s for s in (*STAGES, *cv) if f"Running stage '{s}'" in out]
     assert ran == ["synthesize", "convert", "preprocess", *cv]  # not train, not evaluate
@@ -203,3 +202,35 @@ def test_crossval_pipeline_end_to_end(tmp_path: Path):
 
     again = run(project, "dvc", "repro", "crossval/dvc.yaml").stdout
     assert "Running stage" not in again
+
+
+def test_medseg_crossval_writes_the_pipeline_on_demand(tmp_path: Path, capsys):
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    path = write_crossval_pipeline(tmp_path)
+    assert path == tmp_path / "crossval" / "dvc.yaml"
+    assert path.read_text() == (REPO / "src" / "medseg" / "crossval_dvc.yaml").read_text()
+    assert write_crossval_pipeline(tmp_path) == path  # the same file: kept, no error
+    path.write_text(path.read_text() + "# edited\n")
+    with pytest.raises(MedsegError, match=r"crossval/dvc.yaml differs .* --force"):
+        write_crossval_pipeline(tmp_path)
+    assert path.read_text().endswith("# edited\n")  # nothing of the user's is lost
+    with pytest.raises(SystemExit) as stop:
+        main(["crossval", "--repo", str(tmp_path), "--force", "--write-only"])
+    assert stop.value.code == 0
+    assert "wrote" in capsys.readouterr().out
+    assert not path.read_text().endswith("# edited\n")
+
+
+def test_medseg_crossval_outside_a_repository_is_one_clear_error(tmp_path: Path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["crossval", "--repo", str(tmp_path), "--write-only"])
+    assert stop.value.code != 0
+    assert "no dvc.yaml here" in capsys.readouterr().err
+    assert not (tmp_path / "crossval").exists()
+
+
+def test_other_commands_still_refuse_unknown_arguments(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["check-params", "params.yaml", "--bogus"])
+    assert stop.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

@@ -163,6 +163,19 @@ def test_s3_round_trip_push_clone_pull(reproduced: Path, s3: MotoServer, tmp_pat
     assert {key.removeprefix("store/") for key in s3.keys("store/")} == cache_keys(clone)
 
 
+def test_the_default_run_leaves_nothing_for_dvc_to_report(reproduced: Path):
+    """After the default `dvc repro` in a clone (every dvc.yaml DVC collects there), review
+    sees only real results: nothing to do, every metrics file loads, no empty rows."""
+    assert json.loads(run(reproduced, "dvc", "status", "--json").stdout) == {}
+    shown = run(reproduced, "dvc", "metrics", "show", "--json")
+    assert "failed to load" not in shown.stdout + shown.stderr
+    files = json.loads(shown.stdout)[""]["data"]
+    assert set(files) == {"results/train/metrics.json", "results/evaluate/metrics.json"}
+    assert all("error" not in f and f["data"] for f in files.values())
+    diff = run(reproduced, "dvc", "metrics", "diff", "HEAD", "--all")
+    assert "failed to load" not in diff.stdout + diff.stderr
+
+
 def test_local_folder_round_trip_with_the_default_remote(reproduced: Path, tmp_path: Path):
     # the repository's own .dvc/config: a folder next to the project, nothing to set up
     remote = tmp_path / "medseg-dvc-remote"

@@ -5,17 +5,19 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from medseg import __version__
 from medseg.config import load_all_params
-from medseg.errors import run_cli
+from medseg.errors import MedsegError, run_cli
 from medseg.io.atomic import write_text
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The command's options, and the arguments `medseg crossval` passes on to dvc repro."""
     parser = argparse.ArgumentParser(prog="medseg", description=__doc__)
     parser.add_argument("--version", action="version", version=f"medseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -36,7 +38,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     _add_predict(sub)
     _add_plots(sub)
     _add_export(sub)
-    return parser.parse_args(argv)
+    _add_crossval(sub)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "crossval":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args, [a for i, a in enumerate(extra) if not (i == 0 and a == "--")]
+
+
+def _add_crossval(sub: argparse._SubParsersAction) -> None:
+    crossval = sub.add_parser(
+        "crossval",
+        help="k-fold cross-validation and the folds' ensemble (the opt-in pipeline)",
+        description="Write the opt-in pipeline crossval/dvc.yaml into the repository (it is "
+        "not there until asked for, so that dvc status, dvc metrics and dvc pull stay quiet "
+        "about it), then run dvc repro crossval/dvc.yaml with any further arguments.",
+    )
+    crossval.add_argument("--repo", default=".", help="the repository (default: here)")
+    crossval.add_argument(
+        "--write-only", action="store_true", help="write crossval/dvc.yaml, run nothing"
+    )
+    crossval.add_argument(
+        "--force", action="store_true", help="replace a crossval/dvc.yaml that differs"
+    )
 
 
 def _add_plots(sub: argparse._SubParsersAction) -> None:
@@ -122,7 +145,6 @@ def _threshold(text: str) -> float | str:
 
 def _predict(args: argparse.Namespace) -> None:
     from medseg.config import EvaluateConfig
-    from medseg.errors import MedsegError
     from medseg.predict import predict_files  # imports torch: only when predicting
 
     try:
@@ -143,7 +165,7 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _main(argv: Sequence[str] | None) -> None:
-    args = parse_args(argv)
+    args, extra = parse_args(argv)
     if args.command == "check-params":
         load_all_params(args.params)
         print(f"{args.params}: ok")
@@ -157,6 +179,8 @@ def _main(argv: Sequence[str] | None) -> None:
         _export(args)
     elif args.command == "find-source":
         _find_source(args)
+    elif args.command == "crossval":
+        _crossval(args, extra)
 
 
 def _plots(args: argparse.Namespace) -> None:
@@ -189,6 +213,46 @@ def _find_source(args: argparse.Namespace) -> None:
     root = Path(load_params(args.params, DataConfig).root)
     for token, paths in find_sources(root, args.tokens, id_key(create=False)).items():
         print(f"{token}: {', '.join(map(str, paths)) or 'no file under ' + str(root)}")
+
+
+CROSSVAL_PIPELINE = Path("crossval") / "dvc.yaml"
+
+
+def write_crossval_pipeline(repo: str | Path, force: bool = False) -> Path:
+    """Write the opt-in cross-validation pipeline into ``repo`` as ``crossval/dvc.yaml``.
+
+    An existing file that is the same is kept; one that differs (edited, or from another medseg
+    version) is replaced only with ``force``.
+
+    Returns:
+        The path of the pipeline file.
+    """
+    from importlib.resources import files
+
+    root = Path(repo)
+    if not (root / "dvc.yaml").is_file():
+        raise MedsegError(f"{root}: no dvc.yaml here; run medseg crossval in the repository root")
+    text = files("medseg").joinpath("crossval_dvc.yaml").read_text()
+    path = root / CROSSVAL_PIPELINE
+    if path.exists() and path.read_text() != text and not force:
+        raise MedsegError(
+            f"{path} differs from this medseg version's pipeline; keep it and run "
+            "dvc repro crossval/dvc.yaml, or replace it with medseg crossval --force"
+        )
+    path.parent.mkdir(exist_ok=True)
+    write_text(path, text)
+    return path
+
+
+def _crossval(args: argparse.Namespace, extra: list[str]) -> None:
+    path = write_crossval_pipeline(args.repo, force=args.force)
+    print(f"wrote {path}; commit it to keep the cross-validation in the repository")
+    if not args.write_only:
+        cmd = [sys.executable, "-m", "dvc", "repro", CROSSVAL_PIPELINE.as_posix(), *extra]
+        print(" ".join(["dvc", *cmd[3:]]), flush=True)
+        code = subprocess.run(cmd, cwd=args.repo, check=False).returncode
+        if code:
+            raise MedsegError(f"dvc repro crossval/dvc.yaml failed (exit {code}); see above")
 
 
 def _report(args: argparse.Namespace) -> None:
