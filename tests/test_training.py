@@ -371,3 +371,37 @@ def test_amp_cpu_auto_takes_bf16_only_where_the_cpu_has_it(
     for setting, want in (("auto", torch.bfloat16 if native else None), (True, torch.bfloat16),
                           (False, None)):  # fmt: skip
         assert loop.amp_dtype(dataclasses.replace(base, amp_cpu=setting), cpu) == want
+
+
+class _EpochWeights(Callback):
+    """A copy of the network's weights and the validation Dice at the end of every epoch."""
+
+    def __init__(self) -> None:
+        self.weights: list[dict[str, np.ndarray]] = []
+        self.dice: list[float | None] = []
+
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, float]) -> None:
+        state = trainer.model.state_dict()
+        self.weights.append({k: v.detach().cpu().numpy().copy() for k, v in state.items()})
+        self.dice.append(record.get("val/dice"))
+
+
+def test_best_weights_are_those_of_the_epoch_with_the_highest_validation_dice(
+    processed: Path, tmp_path: Path
+):
+    seen = _EpochWeights()
+    cfg = _cfg(tmp_path, epochs=4, patches_per_epoch=16, lr=1.0e-2)
+    summary = fit(cfg, processed, tmp_path / "models", tmp_path / "logs", callbacks=[seen])
+    dice = [d for d in seen.dice if d is not None]
+    assert len(dice) == 4 and len(set(dice)) > 1  # the choice is a real one
+    best = dice.index(max(dice))  # the first of equal best: a later tie does not replace it
+    assert summary["best_epoch"] == best + 1 and summary["best_val_dice"] == max(dice)
+    saved = load_file(tmp_path / "models" / "model.safetensors")
+    for epoch, weights in enumerate(seen.weights):
+        same = all(np.array_equal(saved[k], weights[k]) for k in saved)
+        assert same == (epoch == best) or np.array_equal(
+            np.concatenate([w.ravel() for w in weights.values()]),
+            np.concatenate([w.ravel() for w in seen.weights[best].values()]),
+        ), f"epoch {epoch + 1}: model.safetensors {'is' if same else 'is not'} its weights"
+    last = load_file(tmp_path / "models" / "last.safetensors")
+    assert all(np.array_equal(last[k], seen.weights[-1][k]) for k in last)
