@@ -165,3 +165,14 @@ def test_panoptic_counts_agree_with_monai(seed):
         fn,
     )
     assert counts.pq_iou_sum == pytest.approx(iou_sum, rel=1e-6, abs=1e-6)
+
+
+def test_the_bounding_box_crop_changes_nothing():
+    truth = box(box(canvas(), 0, 0, 3, 3), 37, 36, 3, 4)  # lesions in opposite corners
+    pred = box(box(canvas(), 1, 1, 3, 3), 36, 37, 4, 3)
+    truth_labels, n_truth = components(truth)
+    pred_labels, n_pred = components(pred)
+    matches = match_components(truth_labels, n_truth, pred_labels, n_pred)
+    pq = [iou for _, _, iou in matches if iou > 0.5]
+    expected = LesionCounts(n_truth, n_pred, len(matches), len(pq), sum(pq))
+    assert lesion_counts(pred, truth) == expected and expected.detected == 2

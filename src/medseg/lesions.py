@@ -180,6 +180,13 @@ def lesion_counts(
     pred, truth = pred.astype(bool, copy=False), truth.astype(bool, copy=False)
     if fov is not None:
         pred, truth = pred & fov, truth & fov
+    # components and overlaps on the bounding box of both masks: the labels outside are 0
+    union = pred | truth
+    rows, cols = np.flatnonzero(union.any(axis=1)), np.flatnonzero(union.any(axis=0))
+    if rows.size == 0:
+        return LesionCounts(0, 0, 0, 0, 0.0)
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    pred, truth = pred[box], truth[box]
     truth_labels, n_truth = components(truth)
     pred_labels, n_pred = components(pred)
     matches = match_components(truth_labels, n_truth, pred_labels, n_pred)
