@@ -236,3 +236,8 @@ def test_crop_matches_the_whole_image_transform():
     whole_p = ndimage.distance_transform_edt(~edge_p)
     np.testing.assert_allclose(to_truth, whole_t[edge_p], rtol=1e-6)
     np.testing.assert_allclose(to_pred, whole_p[edge_t], rtol=1e-6)
+
+
+def test_row_has_the_documented_per_image_columns():
+    row = BoundaryScores(1.0, 0.5, 0.9, "both").row()
+    assert row == {"hd95": 1.0, "assd": 0.5, "nsd": 0.9, "boundary_status": "both"}

@@ -176,3 +176,13 @@ def test_the_bounding_box_crop_changes_nothing():
     pq = [iou for _, _, iou in matches if iou > 0.5]
     expected = LesionCounts(n_truth, n_pred, len(matches), len(pq), sum(pq))
     assert lesion_counts(pred, truth) == expected and expected.detected == 2
+
+
+def test_row_has_the_documented_per_image_columns():
+    row = LesionCounts(n_truth=3, n_pred=2, detected=2, pq_matched=1, pq_iou_sum=0.6).row()
+    assert list(row) == [
+        "lesion_truth", "lesion_pred", "lesion_tp", "lesion_fn", "lesion_fp", "lesion_precision",
+        "lesion_recall", "lesion_f1", "lesion_pq", "lesion_sq", "lesion_rq",
+    ]  # fmt: skip
+    assert (row["lesion_fn"], row["lesion_fp"], row["lesion_f1"]) == (1, 0, 0.8)
+    assert row["lesion_rq"] == pytest.approx(0.4) and row["lesion_pq"] == pytest.approx(0.24)
