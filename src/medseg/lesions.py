@@ -81,14 +81,17 @@ class LesionCounts:
 
     @property
     def precision(self) -> float:
+        """Lesion-wise TP / (TP + FP); 1.0 when nothing is predicted."""
         return _ratio(self.detected, self.n_pred)
 
     @property
     def recall(self) -> float:
+        """Lesion-wise TP / (TP + FN); 1.0 when the truth has no lesion."""
         return _ratio(self.detected, self.n_truth)
 
     @property
     def f1(self) -> float:
+        """Lesion-wise 2 TP / (2 TP + FP + FN); 1.0 when neither side has a lesion."""
         return _ratio(2 * self.detected, self.n_truth + self.n_pred)
 
     @property
