@@ -18,9 +18,6 @@ from medseg.config import Params
 PARAMS_DOC = REPO / "docs" / "params.md"
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
-# Docs written on other branches at the same time; remove each name once its file is merged.
-PENDING_DOCS: set[str] = set()
-
 # reST markup that must not reach a terminal: ``literal``, `interpreted`, :role:`x`
 REST_MARKUP = re.compile(r"`|:(?:py:)?(?:func|class|meth|mod|attr|data|exc|obj|ref|doc|term):")
 
@@ -182,8 +179,6 @@ def test_every_relative_link_points_to_an_existing_file_and_heading(doc: Path):
         path_part, _, anchor = target.partition("#")
         path = (doc.parent / path_part).resolve() if path_part else doc
         relative = path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else None
-        if relative in PENDING_DOCS:
-            continue
         if relative is None or not path.exists():
             broken.append(f"{target} (no such file)")
         elif anchor and path.suffix == ".md" and anchor not in anchors(path):
@@ -193,14 +188,8 @@ def test_every_relative_link_points_to_an_existing_file_and_heading(doc: Path):
 
 def test_every_doc_is_linked_from_the_readme():
     readme = {t.partition("#")[0] for t in links(REPO / "README.md")}
-    docs = {p.relative_to(REPO).as_posix() for p in DOCS[1:]} | PENDING_DOCS
+    docs = {p.relative_to(REPO).as_posix() for p in DOCS[1:]}
     assert not docs - readme, f"not linked from README.md: {sorted(docs - readme)}"
-
-
-def test_pending_docs_are_not_yet_here():
-    """Once a pending doc is merged, take it off PENDING_DOCS so its links are checked."""
-    merged = sorted(p for p in PENDING_DOCS if (REPO / p).exists())
-    assert not merged, f"remove from PENDING_DOCS in tests/test_docs.py: {merged}"
 
 
 # --- medseg --help ---------------------------------------------------------------------------
