@@ -52,6 +52,7 @@ THIN_CONTEXT = 12.0  # thin structures: patch side = this x the 90th percentile 
 PATCH_MIN, PATCH_MAX = 64, 256
 ELONGATED = 20.0  # area / thickness^2 above this: thin (tubular), e.g. a vessel tree (disc: 0.8)
 DENSE_RATIO = 0.5  # background thickness / foreground thickness below this: dense tissue
+DENSE_OBJECTS = 5  # ... and at least this many objects per case (median)
 BATCH_PIXELS = 16 * 96 * 96  # pixels per batch: the default 16 x 96^2, tuned on DRIVE
 BATCH_MIN, BATCH_MAX = 4, 32
 COLOUR_GAIN = 1.15  # rgb when colour separates fg/bg this much better than the best grey channel
@@ -552,7 +553,8 @@ def structure(fp: Mapping[str, Any]) -> dict[str, Any]:
     Returns:
         ``kind``: ``thin`` (tubular: a class's pixel-weighted median area / thickness^2 over
         `ELONGATED`, e.g. vessels), ``dense`` (compact objects between thin background walls:
-        the background's thickness under `DENSE_RATIO` of the objects', e.g. cells in EM) or
+        the background's thickness under `DENSE_RATIO` of the objects' and `DENSE_OBJECTS`
+        objects a case, e.g. cells in EM) or
         ``compact`` (organs, lesions); ``detail``: the finest thickness to resolve (px, median
         on the medial axis, the background's included); ``extent``: the largest class's
         pixel-weighted median extent (px); ``thickness_p90``: of the thinnest class.
@@ -565,7 +567,10 @@ def structure(fp: Mapping[str, Any]) -> dict[str, Any]:
     bg_thick = bg.get("thickness_median") or math.inf
     if thin:
         kind = "thin"
-    elif bg_thick < DENSE_RATIO * fg_thick:
+    elif (
+        bg_thick < DENSE_RATIO * fg_thick
+        and max(s["components_case_median"] for s in fg.values()) >= DENSE_OBJECTS
+    ):
         kind = "dense"
     else:
         kind = "compact"
@@ -779,6 +784,24 @@ def _postprocess_rule(fp: Mapping[str, Any], kind: Mapping[str, Any]) -> tuple[l
 
 
 # == output ====================================================================================
+
+
+def plan_dataset(
+    converted_dir: str | Path,
+    out: str | Path,
+    explicit: Mapping[str, Any],
+    probe_step_seconds: float | ProbeFn | None,
+    budget_minutes: float | None,
+) -> dict[str, Any]:
+    """`fingerprint`, `plan`, `write_plan` in one: what the ``plan`` stage does. Nothing is
+    written unless every step succeeds.
+
+    Returns:
+        The plan written to ``out``.
+    """
+    result = plan(fingerprint(converted_dir), explicit, probe_step_seconds, budget_minutes)
+    write_plan(out, result)
+    return result
 
 
 def write_plan(path: str | Path, plan_dict: Mapping[str, Any]) -> None:
