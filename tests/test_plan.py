@@ -30,7 +30,11 @@ Case = tuple[np.ndarray, np.ndarray]  # image (H, W[, 3]) uint8, mask (H, W) boo
 
 
 def write_converted(
-    root: Path, make: Callable[[np.random.Generator], Case], n_train: int = 4, n_test: int = 2
+    root: Path,
+    make: Callable[[np.random.Generator], Case],
+    n_train: int = 4,
+    n_test: int = 2,
+    names: tuple[str, ...] = ("background", "foreground"),
 ) -> Path:
     """A converted data set as the convert stage writes it: PNGs, manifest.csv, classes.json."""
     for sub in ("images", "masks", "fov"):
@@ -41,21 +45,21 @@ def write_converted(
         split = "train" if i < n_train else "test"
         image, mask = make(rng)
         cid = f"{split}_{i:02d}"
-        names = {sub: f"{sub}/{cid}.png" for sub in ("images", "masks", "fov")}
-        write_png(root / names["images"], image)
-        write_png(root / names["masks"], mask)
-        write_png(root / names["fov"], np.ones(mask.shape, bool))
+        files = {sub: f"{sub}/{cid}.png" for sub in ("images", "masks", "fov")}
+        write_png(root / files["images"], image)
+        write_png(root / files["masks"], mask)
+        write_png(root / files["fov"], np.ones(mask.shape, bool))
         rows.append(
             {
-                "case_id": cid, "split": split, "image": names["images"],
-                "mask": names["masks"], "fov": names["fov"], "source": f"{cid}.png",
+                "case_id": cid, "split": split, "image": files["images"],
+                "mask": files["masks"], "fov": files["fov"], "source": f"{cid}.png",
                 "source_format": "png", "bit_depth": 8,
                 "channels": 1 if image.ndim == 2 else 3, "height": mask.shape[0],
                 "width": mask.shape[1], "fov_source": "whole_image", "mask2": "",
             }
         )  # fmt: skip
     pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
-    (root / "classes.json").write_text(json.dumps({"names": ["background", "foreground"]}))
+    (root / "classes.json").write_text(json.dumps({"names": list(names)}))
     return root
 
 
@@ -171,6 +175,25 @@ def test_grey_images_give_gray(tmp_path: Path) -> None:
     fp = fingerprint(write_converted(tmp_path / "conv", grey_of(vessels)))
     assert fp["channels"] == [1]
     assert values(plan(fp, {}, 0.25, 1.0))["preprocess.channel"] == "gray"
+
+
+def test_label_map_classes_are_sized_each(tmp_path: Path) -> None:
+    def vessels_and_disc(rng: np.random.Generator) -> Case:
+        image, mask = vessels(rng)
+        labels = mask.astype(np.uint8)
+        yy, xx = np.mgrid[0 : mask.shape[0], 0 : mask.shape[1]]
+        labels[np.hypot(yy - 96, xx - 96) < 40] = 2  # a disc over the vessels
+        return image, labels
+
+    names = ("background", "vessel", "disc")
+    fp = fingerprint(write_converted(tmp_path / "conv", vessels_and_disc, names=names))
+    assert fp["classes"] == list(names) and set(fp["class_share"]) == {"vessel", "disc"}
+    disc = fp["shapes"]["disc"]
+    assert disc["components_case_median"] == 1 and 70 <= disc["extent_pixel_median"] <= 90
+    result = plan(fp, {}, 0.25, 1.0)
+    assert result["structure"]["kind"] == "thin"  # the vessels decide: full resolution
+    assert result["structure"]["thin_classes"] == ["vessel"]
+    assert values(result)["preprocess.max_side"] is None
 
 
 def test_explicit_values_win_and_the_rules_follow_them(vessel_set: Path) -> None:

@@ -45,9 +45,9 @@ DARK = 0.1  # share of full scale below which a pixel is "dark" (convert.fov_thr
 
 # -- the rules' constants (docs/plan.md says what chose each) -----------------------------------
 MIN_DETAIL_PX = 8.0  # the finest structure (thickness) must keep this many pixels after scaling
-OBJECT_TARGET_PX = 96.0  # a compact object's median extent after scaling
+OBJECT_TARGET_PX = 72.0  # a compact object's median extent after scaling (bench: half-128)
 MIN_SCALE_GAIN = 0.9  # scale down only when it shrinks the side by more than 10%
-CONTEXT = 2.0  # a compact object spans at most 1/CONTEXT of the patch side
+CONTEXT = 1.75  # a compact object spans at most 1/CONTEXT of the patch side
 THIN_CONTEXT = 12.0  # thin structures: patch side = this x the 90th percentile thickness
 PATCH_MIN, PATCH_MAX = 64, 256
 ELONGATED = 20.0  # area / thickness^2 above this: thin (tubular), e.g. a vessel tree (disc: 0.8)
