@@ -1,0 +1,314 @@
+"""The fingerprint and the plan on small synthetic converted sets with known answers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import REPO
+from scipy import ndimage
+
+from medseg.errors import MedsegError
+from medseg.io.images import write_png
+from medseg.plan import (
+    PLANNED_KEYS,
+    fingerprint,
+    format_table,
+    plan,
+    plan_dataset,
+    probe_step_seconds,
+)
+
+Case = tuple[np.ndarray, np.ndarray]  # image (H, W[, 3]) uint8, mask (H, W) bool
+
+
+def write_converted(
+    root: Path,
+    make: Callable[[np.random.Generator], Case],
+    n_train: int = 4,
+    n_test: int = 2,
+    names: tuple[str, ...] = ("background", "foreground"),
+) -> Path:
+    """A converted data set as the convert stage writes it: PNGs, manifest.csv, classes.json."""
+    for sub in ("images", "masks", "fov"):
+        (root / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n_train + n_test):
+        split = "train" if i < n_train else "test"
+        image, mask = make(rng)
+        cid = f"{split}_{i:02d}"
+        files = {sub: f"{sub}/{cid}.png" for sub in ("images", "masks", "fov")}
+        write_png(root / files["images"], image)
+        write_png(root / files["masks"], mask)
+        write_png(root / files["fov"], np.ones(mask.shape, bool))
+        rows.append(
+            {
+                "case_id": cid, "split": split, "image": files["images"],
+                "mask": files["masks"], "fov": files["fov"], "source": f"{cid}.png",
+                "source_format": "png", "bit_depth": 8,
+                "channels": 1 if image.ndim == 2 else 3, "height": mask.shape[0],
+                "width": mask.shape[1], "fov_source": "whole_image", "mask2": "",
+            }
+        )  # fmt: skip
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    (root / "classes.json").write_text(json.dumps({"names": list(names)}))
+    return root
+
+
+def vessels(rng: np.random.Generator, side: int = 192) -> Case:
+    """Thin dark lines (2-3 px) on an unevenly lit colour background, darker in green."""
+    mask = np.zeros((side, side), bool)
+    yy, xx = np.mgrid[0:side, 0:side]
+    for _ in range(10):
+        a, b = rng.uniform(0, side, 2), rng.uniform(0, side, 2)
+        d = b - a
+        t = np.clip(((yy - a[0]) * d[0] + (xx - a[1]) * d[1]) / (d @ d), 0, 1)
+        dist = np.hypot(yy - a[0] - t * d[0], xx - a[1] - t * d[1])
+        mask |= dist < rng.uniform(1.0, 1.6)
+    light = 0.6 + 0.4 * np.sin(yy / side * 3)[..., None]
+    base = np.array([200.0, 120.0, 60.0]) * light
+    base[..., 1] -= 50.0 * mask  # vessels: dark in green, hardly in red and blue
+    base[..., 0] -= 5.0 * mask
+    image = base + rng.normal(0, 6, base.shape)
+    return np.clip(image, 0, 255).astype(np.uint8), mask
+
+
+def blob(rng: np.random.Generator, side: int = 384) -> Case:
+    """One large grey disc (radius ~ 0.3 side) on a noisy grey background."""
+    yy, xx = np.mgrid[0:side, 0:side]
+    c = rng.uniform(0.4, 0.6, 2) * side
+    mask = np.hypot(yy - c[0], xx - c[1]) < side * rng.uniform(0.28, 0.32)
+    image = 80 + 60 * mask + rng.normal(0, 15, mask.shape)
+    return np.clip(image, 0, 255).astype(np.uint8), mask
+
+
+def hue_lesion(rng: np.random.Generator, side: int = 160) -> Case:
+    """A blob that differs from its background in hue only: the same luma, brown on blue-grey."""
+    yy, xx = np.mgrid[0:side, 0:side]
+    c = rng.uniform(0.35, 0.65, 2) * side
+    mask = np.hypot(yy - c[0], xx - c[1]) < side * 0.25
+    skin, lesion = np.array([110.0, 130.0, 160.0]), np.array([170.0, 115.0, 90.0])
+    lesion *= (skin @ [0.299, 0.587, 0.114]) / (lesion @ [0.299, 0.587, 0.114])  # same luma
+    image = np.where(mask[..., None], lesion, skin)
+    shade = ndimage.gaussian_filter(rng.normal(0, 25, (side, side)), 3)[..., None]
+    image = image + shade + rng.normal(0, 4, image.shape)  # texture shared by the channels
+    return np.clip(image, 0, 255).astype(np.uint8), mask
+
+
+def grey_of(make: Callable[[np.random.Generator], Case]) -> Callable[[np.random.Generator], Case]:
+    def grey(rng: np.random.Generator) -> Case:
+        image, mask = make(rng)
+        return image if image.ndim == 2 else image[..., 1], mask
+
+    return grey
+
+
+def values(result: dict) -> dict:
+    return {k: s["value"] for k, s in result["settings"].items()}
+
+
+@pytest.fixture(scope="module")
+def vessel_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_converted(tmp_path_factory.mktemp("vessels") / "conv", vessels)
+
+
+@pytest.fixture(scope="module")
+def blob_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_converted(tmp_path_factory.mktemp("blob") / "conv", blob)
+
+
+def test_thin_vessels_small_patches_at_full_resolution(vessel_set: Path) -> None:
+    fp = fingerprint(vessel_set)
+    assert fp["cases"] == 4 and fp["channels"] == [3]
+    shapes = fp["shapes"]["foreground"]
+    assert 1.5 <= shapes["thickness_median"] <= 4.0  # lines 2-3 px wide
+    result = plan(fp, {}, 0.25, 1.0)
+    v = values(result)
+    assert result["structure"]["kind"] == "thin"
+    assert v["preprocess.max_side"] is None
+    assert v["train.patch_size"] <= 96
+    assert v["train.foreground_fraction"] == 0.5
+    assert v["postprocess.candidates"] == []
+    assert v["preprocess.contrast"] == "clahe"
+    # the vessels are dark in green only: green, not rgb and not gray
+    assert v["preprocess.channel"] == "green"
+    assert set(result["settings"]) == set(PLANNED_KEYS)
+    assert all(s["source"] == "plan" and s["reason"] for s in result["settings"].values())
+
+
+def test_large_blob_downscaled_with_context(blob_set: Path) -> None:
+    fp = fingerprint(blob_set)
+    fg = fp["shapes"]["foreground"]
+    diameter = 2 * 0.3 * 384
+    assert abs(fg["extent_pixel_median"] - diameter) < 0.1 * diameter
+    assert fg["components_case_median"] == 1
+    result = plan(fp, {}, 0.25, 1.0)
+    v = values(result)
+    assert result["structure"]["kind"] == "compact"
+    assert v["preprocess.channel"] == "gray"
+    assert v["preprocess.max_side"] is not None and v["preprocess.max_side"] < 384
+    scale = v["preprocess.max_side"] / 384
+    assert v["train.patch_size"] >= 128
+    assert v["train.patch_size"] >= 1.5 * diameter * scale  # the object with context around it
+    assert v["train.batch_size"] >= 4
+    ops = [c["op"] for c in v["postprocess.candidates"]]
+    assert "keep_largest" in ops and "fill_holes" in ops
+    assert f"{fg['extent_pixel_median']:g}" in result["settings"]["preprocess.max_side"]["reason"]
+
+
+def test_colour_that_carries_the_label_gives_rgb(tmp_path: Path) -> None:
+    fp = fingerprint(write_converted(tmp_path / "conv", hue_lesion))
+    sep = fp["separability"]
+    assert sep["rgb"] > 2 * max(sep["gray"], sep["green"])
+    assert values(plan(fp, {}, 0.25, 1.0))["preprocess.channel"] == "rgb"
+
+
+def test_grey_images_give_gray(tmp_path: Path) -> None:
+    fp = fingerprint(write_converted(tmp_path / "conv", grey_of(vessels)))
+    assert fp["channels"] == [1]
+    assert values(plan(fp, {}, 0.25, 1.0))["preprocess.channel"] == "gray"
+
+
+def test_label_map_classes_are_sized_each(tmp_path: Path) -> None:
+    def vessels_and_disc(rng: np.random.Generator) -> Case:
+        image, mask = vessels(rng)
+        labels = mask.astype(np.uint8)
+        yy, xx = np.mgrid[0 : mask.shape[0], 0 : mask.shape[1]]
+        labels[np.hypot(yy - 96, xx - 96) < 40] = 2  # a disc over the vessels
+        return image, labels
+
+    names = ("background", "vessel", "disc")
+    fp = fingerprint(write_converted(tmp_path / "conv", vessels_and_disc, names=names))
+    assert fp["classes"] == list(names) and set(fp["class_share"]) == {"vessel", "disc"}
+    disc = fp["shapes"]["disc"]
+    assert disc["components_case_median"] == 1 and 70 <= disc["extent_pixel_median"] <= 90
+    result = plan(fp, {}, 0.25, 1.0)
+    assert result["structure"]["kind"] == "thin"  # the vessels decide: full resolution
+    assert result["structure"]["thin_classes"] == ["vessel"]
+    assert values(result)["preprocess.max_side"] is None
+
+
+def test_explicit_values_win_and_the_rules_follow_them(vessel_set: Path) -> None:
+    fp = fingerprint(vessel_set)
+    explicit = {"train.patch_size": 192, "preprocess.channel": "rgb", "train.loss": "cldice"}
+    result = plan(fp, explicit, 0.25, 1.0)
+    for key, value in explicit.items():
+        s = result["settings"][key]
+        assert s == {"value": value, "source": "explicit", "reason": "explicit in params.yaml"}
+    # the batch follows the explicit patch: 16 x 96^2 pixels at 192 is 4
+    assert result["settings"]["train.batch_size"]["value"] == 4
+    assert result["probe"]["patch"] == 192
+    assert "explicit" in format_table(result)
+
+
+def test_explicit_epochs_set_the_steps_without_a_budget(vessel_set: Path) -> None:
+    fp = fingerprint(vessel_set)
+    result = plan(fp, {"train.epochs": 3, "train.patches_per_epoch": 64}, None, None)
+    v = values(result)
+    assert v["train.epochs"] == 3
+    assert v["train.steps"] == 3 * math.ceil(64 / v["train.batch_size"])
+    assert result["probe"] is None
+
+
+def test_steps_from_budget_and_step_time(vessel_set: Path) -> None:
+    fp = fingerprint(vessel_set)
+    v = values(plan(fp, {}, 0.5, 10.0))
+    assert v["train.steps"] == (int(600 * 0.85 / 0.5) // 32) * 32  # 1020 -> 992
+    assert v["train.epochs"] * 32 == v["train.steps"]
+    assert v["train.patches_per_epoch"] == 32 * v["train.batch_size"]
+    # twice the step time, half the steps (to the epoch)
+    assert values(plan(fp, {}, 1.0, 10.0))["train.steps"] == (int(600 * 0.85) // 32) * 32
+
+
+def test_probe_function_is_called_with_the_planned_patch_and_batch(vessel_set: Path) -> None:
+    fp = fingerprint(vessel_set)
+    calls = []
+
+    def probe(patch: int, batch: int, channels: int) -> float:
+        calls.append((patch, batch, channels))
+        return 0.2
+
+    result = plan(fp, {"preprocess.channel": "rgb"}, probe, 1.0)
+    v = values(result)
+    assert calls == [(v["train.patch_size"], v["train.batch_size"], 3)]
+    assert result["probe"]["step_seconds"] == 0.2
+
+
+def test_deterministic(vessel_set: Path, tmp_path: Path) -> None:
+    a = plan_dataset(vessel_set, tmp_path / "a.json", {}, 0.3, 2.0)
+    b = plan_dataset(vessel_set, tmp_path / "b.json", {}, 0.3, 2.0)
+    assert a == b
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    assert json.loads((tmp_path / "a.json").read_text())["settings"] == a["settings"]
+
+
+def test_test_cases_are_never_read(vessel_set: Path, tmp_path: Path) -> None:
+    before = fingerprint(vessel_set)
+    copy = tmp_path / "conv"
+    shutil.copytree(vessel_set, copy)
+    manifest = pd.read_csv(copy / "manifest.csv", dtype=str, keep_default_na=False)
+    tests = manifest[manifest["split"] == "test"]
+    assert len(tests) == 2
+    for row in tests.itertuples():
+        (copy / row.image).write_bytes(b"not an image")  # would raise if opened
+        (copy / row.mask).unlink()
+        (copy / row.fov).unlink()
+    assert fingerprint(copy) == before
+
+
+def test_more_cases_than_max_cases_are_sampled(vessel_set: Path) -> None:
+    fp = fingerprint(vessel_set, max_cases=2)
+    assert fp["cases"] == 4 and fp["cases_read"] == 2
+    assert fingerprint(vessel_set, max_cases=2) == fp
+
+
+def test_fewer_than_two_training_cases_is_one_error(tmp_path: Path) -> None:
+    conv = write_converted(tmp_path / "conv", vessels, n_train=1)
+    with pytest.raises(MedsegError, match=r"manifest\.csv: 1 training case\(s\)"):
+        plan_dataset(conv, tmp_path / "plans.json", {}, 0.3, 2.0)
+    assert not (tmp_path / "plans.json").exists()
+
+
+def test_no_foreground_is_one_error(tmp_path: Path) -> None:
+    def empty(rng: np.random.Generator) -> Case:
+        image, mask = blob(rng, 64)
+        return image, np.zeros_like(mask)
+
+    conv = write_converted(tmp_path / "conv", empty)
+    with pytest.raises(MedsegError, match=r"masks: no foreground in any of the 4 training"):
+        plan_dataset(conv, tmp_path / "plans.json", {}, 0.3, 2.0)
+    assert not (tmp_path / "plans.json").exists()
+
+
+def test_budget_too_small_for_one_epoch(vessel_set: Path) -> None:
+    fp = fingerprint(vessel_set)
+    with pytest.raises(MedsegError, match=r"train\.budget 0\.1 minutes is too small"):
+        plan(fp, {}, 1.0, 0.1)
+    with pytest.raises(MedsegError, match=r"train\.budget .* or train\.epochs"):
+        plan(fp, {}, 1.0, None)
+
+
+def test_table_has_every_setting(vessel_set: Path) -> None:
+    table = format_table(plan(fingerprint(vessel_set), {}, 0.3, 2.0))
+    for key in PLANNED_KEYS:
+        assert f"| {key} |" in table
+
+
+def test_probe_times_real_steps() -> None:
+    from medseg.config import TrainConfig, load_params
+
+    cfg = load_params(REPO / "params.yaml", TrainConfig)
+    small = dataclasses.replace(
+        cfg, patch_size=32, batch_size=2, decoder_channels=[16, 8, 8, 8, 8], device="cpu",
+        amp_cpu=False,
+    )  # fmt: skip
+    seconds = probe_step_seconds(small, 3, steps=1, warmup=1)
+    assert math.isfinite(seconds) and 0.0 < seconds < 60.0
