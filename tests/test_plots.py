@@ -16,6 +16,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import PIL.Image
 import pytest
 from conftest import REPO, run
@@ -144,13 +145,24 @@ def test_report_inlines_every_plot_and_names_no_url(workspace: Path, tmp_path: P
     assert exit_.value.code == 0
     page = out.read_text()
     assert "<script" not in page
-    # every src/href is inline data; the only URLs are SVG's XML namespace names
-    assert re.findall(r'(?:src|href)="(?!data:)', page) == []
+    # every src/href is inline data or a place in the page; the only URLs are SVG's XML
+    # namespace names
+    assert re.findall(r'(?:src|href)="(?!data:|#)', page) == []
     assert set(re.findall(r"https?://[^\"' ]+", page)) <= {
         "http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink",
     }  # fmt: skip
     assert sorted(re.findall(r'data-plot="([^"]+)"', page)) == sorted(_charts(workspace))
     assert re.findall(r'alt="([^"]+)"', page) == IMAGES
+    # the worst cases of per_image.csv, each linked to its overlay's figure in the page
+    table = pd.read_csv(
+        workspace / "results" / "evaluate" / "per_image.csv", dtype={"case_id": str}
+    )
+    worst = table.sort_values(["dice", "case_id"])["case_id"].tolist()[:10]
+    section = page[page.index("Worst cases: results/evaluate/per_image.csv") :]
+    assert re.findall(r"<tr><td>([^<]+)</td>", section)[: len(worst)] == worst
+    links = re.findall(r'href="#([^"]+)"', section)
+    assert len(links) == len([c for c in worst if f"results/evaluate/overlays/{c}.png" in IMAGES])
+    assert links and all(f'<figure id="{link}">' in page for link in links)
 
 
 @needs_chromium

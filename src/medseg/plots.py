@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg import __version__
+from medseg.cases import OVERLAYS, Case, per_image_tables, read_table, worst_cases
 from medseg.errors import MedsegError
 from medseg.io.atomic import write_text
 
@@ -142,19 +143,24 @@ _STYLE = """body { font-family: sans-serif; margin: 1.5em; }
 section { margin-bottom: 2em; }
 section.chart { display: inline-block; vertical-align: top; margin-right: 2em; }
 section.chart h2 { font-size: small; font-weight: normal; }
+section.cases td, section.cases th { padding: 0 0.8em; text-align: left; }
 figure { display: inline-block; margin: 0 1em 1em 0; vertical-align: top; }
 figure img { max-width: 480px; border: 1px solid #ccc; }
 figcaption { font-size: small; }"""
 
 
-def report_html(plots: Plots, title: str) -> str:
-    """The page: one section per chart (inline SVG), one per folder of images (``data:`` URIs).
+def report_html(plots: Plots, title: str, cases: dict[str, list[Case]] | None = None) -> str:
+    """The page: one section per chart (inline SVG), one per folder of images (``data:`` URIs),
+    and for each per-image table in ``cases`` its worst cases, each linked to its overlay.
 
     The page contains no script and no URL to fetch; its Content-Security-Policy lets the
     browser load nothing but its own ``data:`` images.
     """
     version = vega_lite_version()
     body = [f"<h1>{html.escape(title)}</h1>", f"<p>Written by medseg {__version__}.</p>"]
+    shown = {i.name for i in plots.images}
+    for name, worst in (cases or {}).items():
+        body.append(_cases_section(name, worst, shown))
     for chart in plots.charts:
         body.append(
             f'<section class="chart" data-plot="{html.escape(chart.name)}">'
@@ -165,7 +171,8 @@ def report_html(plots: Plots, title: str) -> str:
         folders.setdefault(str(Path(image.name).parent), []).append(image)
     for folder, images in folders.items():
         figures = "".join(
-            f'<figure><img src="data:{_MIME[Path(i.name).suffix.lower()]};base64,'
+            f'<figure id="{html.escape(_anchor(i.name))}">'
+            f'<img src="data:{_MIME[Path(i.name).suffix.lower()]};base64,'
             f'{base64.b64encode(i.data).decode()}" alt="{html.escape(i.name)}">'
             f"<figcaption>{html.escape(Path(i.name).name)}</figcaption></figure>"
             for i in images
@@ -201,8 +208,48 @@ def write_report(
             "is there; run `dvc repro` or `dvc pull` first"
         )
     title = f"Plots of {Path(repo_dir).resolve().name}"
-    write_text(out, report_html(plots, title))
+    write_text(out, report_html(plots, title, _workspace_cases(repo_dir)))
     return plots
+
+
+def _workspace_cases(repo_dir: str | Path) -> dict[str, list[Case]]:
+    root = _open_repo(repo_dir).root_dir
+    found = {}
+    for name in per_image_tables(root):
+        path = Path(root) / name
+        table = read_table(path.read_text() if path.is_file() else None)
+        if table is not None:
+            found[name] = worst_cases(table, overlays=(Path(name).parent / OVERLAYS).as_posix())
+    return found
+
+
+def _anchor(image: str) -> str:
+    return "image-" + re.sub(r"[^A-Za-z0-9_.-]", "_", image)
+
+
+def _cases_section(name: str, cases: list[Case], shown: set[str]) -> str:
+    """A table of the worst cases, worst first; a case's overlay is a link to its figure."""
+    boundary = any(c.hd95 is not None for c in cases)
+    labelled = any(c.label is not None for c in cases)
+    head = ["case", *(["class"] if labelled else []), "Dice", *(["HD95"] if boundary else [])]
+    rows = []
+    for c in cases:
+        cells = [c.case_id, *([c.label or ""] if labelled else []), f"{c.dice:.4f}"]
+        if boundary:
+            cells.append("-" if c.hd95 is None else f"{c.hd95:.2f}")
+        link = (
+            f'<a href="#{html.escape(_anchor(c.overlay))}">overlay</a>'
+            if c.overlay in shown
+            else "-"
+        )
+        rows.append(
+            "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in cells) + f"<td>{link}</td></tr>"
+        )
+    header = "".join(f"<th>{h}</th>" for h in [*head, "overlay"])
+    return (
+        f'<section class="cases"><h2>Worst cases: {html.escape(name)}</h2>'
+        f"<table><tr>{header}</tr>{''.join(rows)}</table></section>"
+    )
 
 
 def inline_script(source: str) -> str:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medseg.cases import OVERLAYS, Case, per_image_tables, read_table, worst_cases
 from medseg.errors import MedsegError
 
 
@@ -40,6 +41,8 @@ class Report:
             metrics in the workspace may not come from the current code and params.
         missing: other stages whose outputs are absent (not pulled, not run): nothing stale.
         errors: files that could not be read, ``(revision, path, message)``.
+        cases: per ``per_image.csv`` of ``dvc.yaml``, its worst cases in the workspace with
+            their base scores (`medseg.cases.worst_cases`).
     """
 
     base: str
@@ -49,6 +52,7 @@ class Report:
     stale: list[str]
     missing: list[str]
     errors: list[tuple[str, str, str]]
+    cases: dict[str, list[Case]] = field(default_factory=dict)
 
 
 def compare(repo_dir: str | Path = ".", base: str = "main", all_rows: bool = False) -> Report:
@@ -84,6 +88,7 @@ def compare(repo_dir: str | Path = ".", base: str = "main", all_rows: bool = Fal
         params = repo.params.diff(a_rev=base_sha, b_rev="workspace", all=all_rows)
         metrics = repo.metrics.diff(a_rev=base_sha, b_rev="workspace", all=all_rows)
         stale, missing = _stale_and_missing(repo.status())
+        cases = _worst_cases(repo, base_sha)
     errors = [
         (_side(rev, base), path, str(err))
         for result in (params, metrics)
@@ -98,7 +103,26 @@ def compare(repo_dir: str | Path = ".", base: str = "main", all_rows: bool = Fal
         stale=stale,
         missing=missing,
         errors=errors,
+        cases=cases,
     )
+
+
+def _worst_cases(repo: Any, base_sha: str) -> dict[str, list[Case]]:
+    """The worst cases of each per-image table of the workspace, with their base scores (the
+    tables are small and kept in git, so the base side reads them from git)."""
+    found = {}
+    base_fs = repo.scm.get_fs(base_sha)
+    for name in per_image_tables(repo.root_dir):
+        path = Path(repo.root_dir) / name
+        table = read_table(path.read_text() if path.is_file() else None)
+        if table is None:
+            continue
+        base = None
+        if base_fs.exists(name):
+            with base_fs.open(name) as f:
+                base = read_table(f.read().decode())
+        found[name] = worst_cases(table, base, overlays=(Path(name).parent / OVERLAYS).as_posix())
+    return found
 
 
 _ABSENT = ("deleted", "not in cache")
@@ -177,6 +201,9 @@ def to_markdown(report: Report) -> str:
             f"> Note: outputs absent from the workspace (not pulled or not run): "
             f"{_names(report.missing)}. Metrics come from the committed files.",
         ]
+    for name, cases in report.cases.items():
+        lines += ["", f"### Worst cases: {md_text(name, table=False)}", ""]
+        lines += _cases_table(cases)
     for side, path, message in report.errors:
         where = md_text(path, table=False) if path else "params/metrics"
         lines += ["", f"> **Warning**: could not read {where} at {md_text(side, table=False)}: "]
@@ -253,3 +280,20 @@ def _change(old: Any, new: Any) -> str:
         return "-"
     delta = new - old
     return f"{delta:+.4f}" if isinstance(delta, float) else f"{delta:+d}"
+
+
+def _cases_table(cases: list[Case]) -> list[str]:
+    """The worst cases as a table: scores in the workspace and at the base, the overlay."""
+    boundary = any(c.hd95 is not None for c in cases)
+    labelled = any(c.label is not None for c in cases)
+    head = ["case", *(["class"] if labelled else []), "dice", "base", "change"]
+    head += ["HD95", "base", "change"] if boundary else []
+    lines = ["| " + " | ".join([*head, "overlay"]) + " |", "|" + " --- |" * (len(head) + 1)]
+    for c in cases:
+        cells = [md_text(c.case_id), *([md_text(c.label)] if labelled else [])]
+        cells += [_cell(c.dice), _cell(c.base_dice), _change(c.base_dice, c.dice)]
+        if boundary:
+            cells += [_cell(c.hd95), _cell(c.base_hd95), _change(c.base_hd95, c.hd95)]
+        cells.append(md_code(c.overlay) if c.overlay else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
