@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from medseg import __version__
+from medseg import __version__, names
 from medseg.config import load_all_params
 from medseg.errors import run_cli
 from medseg.io.atomic import write_text
@@ -110,10 +110,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     predict.add_argument("--window", type=int, default=1024, help="sliding-window side")
     predict.add_argument("--overlap", type=float, default=0.25)
-    predict.add_argument("--blending", choices=("gaussian", "constant"), default="gaussian")
+    predict.add_argument("--blending", choices=names.BLENDINGS, default="gaussian")
     predict.add_argument("--tta", action="store_true", help="average over flipped images")
     predict.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
-    predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    predict.add_argument("--device", choices=names.DEVICES, default="auto")
 
 
 def _threshold(text: str) -> float | str:
