@@ -23,11 +23,11 @@ from medseg.convert import (
     ID_KEY_ENV,
     MANIFEST_COLUMNS,
     convert_dataset,
-    fov_from_image,
     id_key,
     key_fingerprint,
 )
 from medseg.errors import MedsegError
+from medseg.fov import fov_from_image
 from medseg.io.images import read_raster, write_png
 from medseg.io.reader import read
 from medseg.synthetic import generate_case, write_dataset

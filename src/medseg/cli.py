@@ -184,7 +184,7 @@ def _export(args: argparse.Namespace) -> None:
 
 def _find_source(args: argparse.Namespace) -> None:
     from medseg.config import DataConfig, load_params
-    from medseg.convert import find_sources, id_key
+    from medseg.convert.pseudonyms import find_sources, id_key
 
     root = Path(load_params(args.params, DataConfig).root)
     for token, paths in find_sources(root, args.tokens, id_key(create=False)).items():
