@@ -129,3 +129,25 @@ def test_editing_a_loss_reruns_no_stage_before_train(stage: str):
     losses = REPO / "src/medseg/losses.py"
     assert not _covered(losses, deps), f"{stage}: losses.py is a dep"
     assert losses not in imported_files(REPO / f"stages/{stage}.py")
+
+
+def test_no_module_imports_itself_through_others():
+    """No import cycle among the medseg modules, counting every import (also inside functions
+    and under ``if TYPE_CHECKING``): a cycle makes the import order matter and ties two modules
+    into one. A package's ``__init__`` may import its own modules."""
+    graph = {}
+    for path in SRC.rglob("*.py"):
+        name = ".".join(path.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__")
+        graph[name] = {n for n in _imports(path) if not name.startswith(n + ".") and n != name}
+    cycles = []
+    for start in graph:
+        todo, seen = list(graph[start]), set()
+        while todo:
+            name = todo.pop()
+            if name == start:
+                cycles.append(start)
+                break
+            if name not in seen:
+                seen.add(name)
+                todo.extend(graph.get(name, ()))
+    assert not cycles, f"modules in an import cycle: {', '.join(sorted(cycles))}"
