@@ -29,6 +29,7 @@ class TrainerView(Protocol):
         """The best validation values so far, as logged beside each epoch."""
         ...
 
+
 # Curves only: they measure the machine, not the model, and would show as a change in every
 # `dvc metrics diff` (the metrics file keeps what the same params and data always reproduce).
 MACHINE_CURVES = ("throughput_images_per_s", "gpu_peak_memory_gib")
