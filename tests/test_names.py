@@ -94,6 +94,28 @@ def test_check_params_names_an_unknown_architecture(tmp_path, capsys):
     assert "train.arch must be one of unet" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("encoder", ["../../etc/passwd", "", "resnet 18"])
+def test_check_params_refuses_what_cannot_be_an_encoder_name(tmp_path, capsys, encoder):
+    from medseg.cli import main
+
+    bad = write_params(tmp_path / "p.yaml", tiny_params(train={"encoder": encoder}))
+    with pytest.raises(SystemExit) as stop:
+        main(["check-params", str(bad)])
+    assert stop.value.code != 0
+    assert "train.encoder must be a segmentation-models-pytorch encoder name" in (
+        capsys.readouterr().err
+    )
+
+
+def test_every_encoder_name_of_smp_has_the_shape_the_schema_accepts():
+    import re
+
+    import segmentation_models_pytorch as smp
+
+    odd = [e for e in smp.encoders.get_encoder_names() if not re.fullmatch(names.ENCODER_NAME, e)]
+    assert not odd
+
+
 def test_the_names_and_the_schema_import_no_implementation():
     code = (
         "import sys, medseg.config; "

@@ -266,6 +266,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _choice("train.arch", self.arch, names.ARCHS)
+        if not re.fullmatch(names.ENCODER_NAME, self.encoder):
+            raise MedsegError(
+                f"params: train.encoder must be a segmentation-models-pytorch encoder name "
+                f"(letters, digits, _ . -), got {shown(self.encoder)}"
+            )
         _choice("train.cache", self.cache, names.CACHES)
         if isinstance(self.amp_cpu, str):
             _choice("train.amp_cpu", self.amp_cpu, (names.AUTO,))

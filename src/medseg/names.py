@@ -40,6 +40,9 @@ ARCHS = (
     "upernet",
     "segformer",
 )
+# train.encoder: the shape of a segmentation-models-pytorch encoder name; which names exist is
+# known only to smp (it imports torch), so the train stage checks that (medseg.model.check_names)
+ENCODER_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}"
 LOSSES = ("bce", "dice", "bce_dice", "cldice")  # train.loss: medseg.losses.LOSSES
 OPTIMIZERS = ("adam", "adamw")  # train.optimizer: medseg.training.optim.OPTIMIZERS
 SCHEDULES = ("constant", "cosine", "poly")  # train.schedule: medseg.training.optim.lr_factor
