@@ -33,8 +33,9 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from medseg.config import ConvertConfig, DataConfig
-from medseg.convert import convert_dataset, worker_count
+from medseg.convert import convert_dataset
 from medseg.io.images import write_png
+from medseg.pool import worker_count
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -28,7 +28,9 @@ from medseg.inference import predict_probabilities, prepare_model, segment
 from medseg.io.images import binarize, read_raster
 from medseg.io.shards import CaseStore, ShardWriter
 from medseg.model import ModelSpec, build_model
-from medseg.preprocess import RECORD, case_arrays, prepare_image, read_case, save_record
+from medseg.preprocess import case_arrays
+from medseg.processed import RECORD, read_case, save_record
+from medseg.transforms import prepare_image
 
 REPO = Path(__file__).resolve().parents[1]
 

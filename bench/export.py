@@ -31,7 +31,8 @@ from medseg.inference import predict_case
 from medseg.io.images import binarize, read_raster
 from medseg.model import ModelSpec, build_model
 from medseg.onnx_model import open_onnx
-from medseg.preprocess import RECORD, in_channels, prepare_image, save_record
+from medseg.processed import RECORD, save_record
+from medseg.transforms import in_channels, prepare_image
 
 REPO = Path(__file__).resolve().parents[1]
 

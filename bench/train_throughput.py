@@ -40,13 +40,14 @@ import yaml
 from medseg.config import TrainConfig, parse
 from medseg.data import Batch
 from medseg.io.images import binarize, read_raster
-from medseg.io.layouts import CaseFiles, find_cases
+from medseg.io.layouts import CaseFiles, scan_cases
 from medseg.io.shards import ShardWriter
 from medseg.losses import bce_dice_loss
 from medseg.model import ModelSpec, build_model
-from medseg.preprocess import case_arrays, normalize_in_fov, select_channel
+from medseg.preprocess import case_arrays
 from medseg.training import Trainer
 from medseg.training.loop import cpu_bf16_native
+from medseg.transforms import normalize_in_fov, select_channel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -161,7 +162,7 @@ def main() -> None:
     if args.patch_size:
         raw["patch_size"] = args.patch_size
     cfg = parse(TrainConfig, raw, prefix="train.", source=str(args.params))
-    cases = [c for c in find_cases(args.drive, "drive") if c.split == "train"]
+    cases = [c for c in scan_cases(args.drive, "drive").cases if c.split == "train"]
     print(
         f"{len(cases)} DRIVE training images; {cfg.arch}-{cfg.encoder} decoder "
         f"{cfg.decoder_channels}; batch {cfg.batch_size} x {cfg.patch_size}^2; "

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from collections.abc import Sequence
 
 from medseg.config import ConvertConfig, DataConfig, load_params
 from medseg.convert import convert_dataset
-from medseg.errors import run_cli
 from medseg.io.atomic import check_output
+from medseg.stage import run_stage, stage_args
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", required=True, help="folder for PNGs and manifest.csv")
-    return parser.parse_args(argv)
+    return stage_args(__doc__, argv, {"out": "folder for PNGs and manifest.csv"})
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -29,5 +24,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    sys.exit(run_cli(main))
+    run_stage(main)

@@ -4,23 +4,24 @@ of their ensemble (mean probabilities), the ensemble's per_image.csv, probabilit
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from medseg.config import CrossvalConfig, EvaluateConfig, load_params
 from medseg.crossval import ensemble_folds, fold_name
-from medseg.errors import run_cli
+from medseg.stage import run_stage, stage_args
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", required=True, help="output folder of the preprocess stage")
-    parser.add_argument("--models", required=True, help="folder of the folds' model bundles")
-    parser.add_argument("--out", required=True, help="folder for metrics, table and images")
-    return parser.parse_args(argv)
+    return stage_args(
+        __doc__,
+        argv,
+        {
+            "data": "output folder of the preprocess stage",
+            "models": "folder of the folds' model bundles",
+            "out": "folder for metrics, table and images",
+        },
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -32,5 +33,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    sys.exit(run_cli(main))
+    run_stage(main)

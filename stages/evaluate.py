@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from collections.abc import Sequence
 
 from medseg.config import EvaluateConfig, load_params
-from medseg.errors import run_cli
 from medseg.evaluation import evaluate_model
 from medseg.io.atomic import check_output
+from medseg.stage import run_stage, stage_args
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", required=True, help="output folder of the preprocess stage")
-    parser.add_argument("--model", required=True, help="model bundle folder (or its weights)")
-    parser.add_argument("--out", required=True, help="folder for metrics, tables and images")
-    return parser.parse_args(argv)
+    return stage_args(
+        __doc__,
+        argv,
+        {
+            "data": "output folder of the preprocess stage",
+            "model": "model bundle folder (or its weights)",
+            "out": "folder for metrics, tables and images",
+        },
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -30,5 +31,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    sys.exit(run_cli(main))
+    run_stage(main)

@@ -4,23 +4,24 @@ preprocess's shards, no copy) + a table of each case's fold."""
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from collections.abc import Sequence
 
 from medseg.config import CrossvalConfig, load_params
 from medseg.crossval import write_folds
-from medseg.errors import run_cli
+from medseg.stage import run_stage, stage_args
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", required=True, help="output folder of the preprocess stage")
-    parser.add_argument("--manifest", required=True, help="manifest.csv of the convert stage")
-    parser.add_argument("--out", required=True, help="folder for the fold folders")
-    parser.add_argument("--table", required=True, help="CSV of each training case's fold")
-    return parser.parse_args(argv)
+    return stage_args(
+        __doc__,
+        argv,
+        {
+            "data": "output folder of the preprocess stage",
+            "manifest": "manifest.csv of the convert stage",
+            "out": "folder for the fold folders",
+            "table": "CSV of each training case's fold",
+        },
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -30,5 +31,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    sys.exit(run_cli(main))
+    run_stage(main)

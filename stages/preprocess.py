@@ -4,22 +4,23 @@ shard files), split.csv, stats.json, the preprocess, convert and class records."
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from collections.abc import Sequence
 
 from medseg.config import PreprocessConfig, load_params
-from medseg.errors import run_cli
 from medseg.io.atomic import check_output
 from medseg.preprocess import preprocess_dataset
+from medseg.stage import run_stage, stage_args
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--converted", required=True, help="output folder of the convert stage")
-    parser.add_argument("--out", required=True, help="folder for the model-ready arrays")
-    return parser.parse_args(argv)
+    return stage_args(
+        __doc__,
+        argv,
+        {
+            "converted": "output folder of the convert stage",
+            "out": "folder for the model-ready arrays",
+        },
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -30,5 +31,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    sys.exit(run_cli(main))
+    run_stage(main)

@@ -7,26 +7,25 @@ Also runs under ``torchrun --nproc_per_node=N stages/train.py ...`` (DDP; rank 0
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from collections.abc import Sequence
 
 from medseg.config import TrainConfig, load_params
-from medseg.errors import run_cli
 from medseg.io.atomic import check_output
+from medseg.stage import run_stage, stage_args
 from medseg.training import fit
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", required=True, help="output folder of the preprocess stage")
-    parser.add_argument("--models", required=True, help="folder for the weights")
-    parser.add_argument("--logs", required=True, help="folder for the dvclive curves")
-    parser.add_argument(
-        "--checkpoints", default=None, help="folder for the resume checkpoint (default: none)"
+    return stage_args(
+        __doc__,
+        argv,
+        {
+            "data": "output folder of the preprocess stage",
+            "models": "folder for the weights",
+            "logs": "folder for the dvclive curves",
+        },
+        optional={"checkpoints": "folder for the resume checkpoint (default: none)"},
     )
-    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -47,5 +46,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    sys.exit(run_cli(main))
+    run_stage(main)

@@ -114,7 +114,8 @@ def make_bundle(
     from medseg.bundle import save_bundle
     from medseg.config import PreprocessConfig
     from medseg.model import build_model
-    from medseg.preprocess import CLASSES, RECORD, save_record
+    from medseg.names import CLASSES
+    from medseg.processed import RECORD, save_record
 
     torch.manual_seed(seed)
     state = build_model(spec).state_dict()

@@ -166,7 +166,7 @@ def test_more_classes_than_8_bit_labels_hold_are_refused():
         DataConfig("data", "folders", classes=classes)
 
 
-# --- hostile params: non-finite numbers, alias bombs, unbounded values (issue 11) -------------
+# --- hostile params: non-finite numbers, alias bombs, unbounded values ------------------------
 
 
 _SECTIONS = typing.get_type_hints(Params)  # section name -> its dataclass

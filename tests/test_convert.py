@@ -23,11 +23,11 @@ from medseg.convert import (
     ID_KEY_ENV,
     MANIFEST_COLUMNS,
     convert_dataset,
-    fov_from_image,
     id_key,
     key_fingerprint,
 )
 from medseg.errors import MedsegError
+from medseg.fov import fov_from_image
 from medseg.io.images import read_raster, write_png
 from medseg.io.reader import read
 from medseg.synthetic import generate_case, write_dataset
@@ -488,7 +488,7 @@ def test_a_thresholded_fov_that_cuts_away_labelled_anatomy_is_refused(tmp_path: 
     assert len(convert_dataset(data, _cfg(), tmp_path / "out2")) == 2
 
 
-# --- convert.names: hash: a keyed hash, and no name from a path in any output (issue 11) -----
+# --- convert.names: hash: a keyed hash, and no name from a path in any output ----------------
 
 KEY_A = "a1" * 32  # test keys; a real one comes from secrets.token_hex(32)
 KEY_B = "b2" * 32

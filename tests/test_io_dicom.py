@@ -337,7 +337,7 @@ def test_malformed_lut_is_one_clear_error_naming_the_file(tmp_path: Path):
         read(tmp_path / "bad_lut.dcm")[0]
 
 
-# --- burned-in annotation and secondary captures (issue 11) ---------------------------------
+# --- burned-in annotation and secondary captures ------------------------------------------
 
 
 def _flagged(path: Path, **elements: object) -> Path:

@@ -9,7 +9,18 @@ from conftest import DRIVE
 
 from medseg.errors import MedsegError
 from medseg.io.images import write_png
-from medseg.io.layouts import find_cases, scan_cases
+from medseg.io.layouts import CaseFiles, scan_cases
+
+
+def find_cases(
+    root: Path, layout: str, test_fraction: float = 0.2, seed: int = 0
+) -> list[CaseFiles]:
+    """The cases `scan_cases` finds, raising its first problem (as convert does under
+    ``on_error: fail``)."""
+    scan = scan_cases(root, layout, test_fraction=test_fraction, seed=seed)
+    if scan.problems:
+        raise MedsegError(scan.problems[0].reason)
+    return scan.cases
 
 
 def _drive_tree(root: Path, train: list[str], test: list[str]) -> None:

@@ -12,7 +12,7 @@ from conftest import STAGES, ran, run, tiny_params, write_grey_dicom16, write_pa
 from PIL import Image
 
 from medseg.config import SynthesizeConfig, parse
-from medseg.preprocess import open_split
+from medseg.processed import open_split
 from medseg.synthetic import generate_case
 
 N_CASES = 6

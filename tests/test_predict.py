@@ -13,7 +13,7 @@ from pydicom.data import get_testdata_file
 from medseg.bundle import load_bundle
 from medseg.cli import main
 from medseg.config import CONVERT_RECORD, ConvertConfig, PreprocessConfig
-from medseg.convert import fov_from_image
+from medseg.fov import fov_from_image
 from medseg.io.images import read_raster, write_png
 from medseg.io.reader import ReadOptions, read
 from medseg.model import ModelSpec

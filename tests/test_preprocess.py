@@ -10,21 +10,17 @@ from medseg.config import ConvertConfig, DataConfig, PreprocessConfig, Synthesiz
 from medseg.convert import convert_dataset
 from medseg.errors import MedsegError
 from medseg.io.images import read_raster, write_png
-from medseg.preprocess import (
-    RECORD,
+from medseg.preprocess import preprocess_dataset, split_cases
+from medseg.processed import RECORD, load_record, open_split, read_case
+from medseg.synthetic import write_dataset
+from medseg.transforms import (
     clahe,
-    load_record,
     model_size,
     normalize_in_fov,
-    open_split,
     prepare_image,
-    preprocess_dataset,
-    read_case,
     resize_labels,
     select_channel,
-    split_cases,
 )
-from medseg.synthetic import write_dataset
 
 
 def test_channels():

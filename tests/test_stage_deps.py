@@ -111,6 +111,45 @@ def test_every_pipeline_file_is_checked():
 
 
 def test_the_import_walk_finds_indirect_imports():
-    """The checker itself: stages/convert.py reaches io/images.py only through convert.py."""
+    """The checker itself: stages/convert.py reaches io/images.py only through the convert
+    package (its __init__, then convert/case.py)."""
     files = {p.relative_to(REPO).as_posix() for p in imported_files(REPO / "stages/convert.py")}
-    assert {"src/medseg/convert.py", "src/medseg/io/images.py", "src/medseg/errors.py"} <= files
+    assert {
+        "src/medseg/convert/__init__.py",
+        "src/medseg/convert/case.py",
+        "src/medseg/io/images.py",
+        "src/medseg/errors.py",
+    } <= files
+
+
+@pytest.mark.parametrize("stage", ["synthesize", "convert", "preprocess"])
+def test_editing_a_loss_reruns_no_stage_before_train(stage: str):
+    """The stages that do not train neither import `medseg.losses` (nor torch's other parts
+    through it) nor list it as a dep, so DVC reruns only train and evaluate on a loss edit."""
+    wdir, spec = STAGES[f"dvc.yaml:{stage}"]
+    deps = [_in_repo(wdir, str(next(iter(d)) if isinstance(d, dict) else d)) for d in spec["deps"]]
+    losses = REPO / "src/medseg/losses.py"
+    assert not _covered(losses, deps), f"{stage}: losses.py is a dep"
+    assert losses not in imported_files(REPO / f"stages/{stage}.py")
+
+
+def test_no_module_imports_itself_through_others():
+    """No import cycle among the medseg modules, counting every import (also inside functions
+    and under ``if TYPE_CHECKING``): a cycle makes the import order matter and ties two modules
+    into one. A package's ``__init__`` may import its own modules."""
+    graph = {}
+    for path in SRC.rglob("*.py"):
+        name = ".".join(path.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__")
+        graph[name] = {n for n in _imports(path) if not name.startswith(n + ".") and n != name}
+    cycles = []
+    for start in graph:
+        todo, seen = list(graph[start]), set()
+        while todo:
+            name = todo.pop()
+            if name == start:
+                cycles.append(start)
+                break
+            if name not in seen:
+                seen.add(name)
+                todo.extend(graph.get(name, ()))
+    assert not cycles, f"modules in an import cycle: {', '.join(sorted(cycles))}"

@@ -45,17 +45,11 @@ from medseg.config import (
     shown,
 )
 from medseg.errors import MedsegError
+from medseg.names import CLASSES
 from medseg.onnx_model import SUFFIX, open_onnx
-from medseg.preprocess import (
-    BINARY,
-    CLASSES,
-    RECORD,
-    check_class_names,
-    in_channels,
-    load_record,
-    read_class_names,
-)
+from medseg.processed import BINARY, RECORD, check_class_names, load_record, read_class_names
 from medseg.spec import ARCHS, ModelSpec
+from medseg.transforms import in_channels
 
 if TYPE_CHECKING:  # torch is imported where a torch model is loaded: ONNX bundles run without
     import torch

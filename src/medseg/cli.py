@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from medseg import __version__
+from medseg import __version__, names
 from medseg.config import load_all_params
 from medseg.errors import MedsegError, run_cli
 from medseg.io.atomic import write_text
@@ -133,10 +133,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     predict.add_argument("--window", type=int, default=1024, help="sliding-window side")
     predict.add_argument("--overlap", type=float, default=0.25)
-    predict.add_argument("--blending", choices=("gaussian", "constant"), default="gaussian")
+    predict.add_argument("--blending", choices=names.BLENDINGS, default="gaussian")
     predict.add_argument("--tta", action="store_true", help="average over flipped images")
     predict.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
-    predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    predict.add_argument("--device", choices=names.DEVICES, default="auto")
 
 
 def _threshold(text: str) -> float | str:
@@ -208,7 +208,7 @@ def _export(args: argparse.Namespace) -> None:
 
 def _find_source(args: argparse.Namespace) -> None:
     from medseg.config import DataConfig, load_params
-    from medseg.convert import find_sources, id_key
+    from medseg.convert.pseudonyms import find_sources, id_key
 
     root = Path(load_params(args.params, DataConfig).root)
     for token, paths in find_sources(root, args.tokens, id_key(create=False)).items():

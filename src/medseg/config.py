@@ -6,19 +6,44 @@ key (``train.lr``) so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
-import math
 import re
-import types
-import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
+from medseg import names
+from medseg.errors import MedsegError, shown
+from medseg.io.records import read_json, read_yaml
+from medseg.names import (  # importable from here as well, where other modules look for them
+    CLASSES,
+    CONVERT_RECORD,
+    MAX_CLASSES,
+    MAX_DECODER_BLOCKS,
+    MAX_DECODER_WIDTH,
+)
+from medseg.strict import parse
 
-from medseg.errors import MedsegError
+__all__ = [
+    "CLASSES",
+    "CONVERT_RECORD",
+    "MAX_CLASSES",
+    "MAX_DECODER_BLOCKS",
+    "MAX_DECODER_WIDTH",
+    "ConvertConfig",
+    "CrossvalConfig",
+    "DataConfig",
+    "EvaluateConfig",
+    "Params",
+    "PreprocessConfig",
+    "SynthesizeConfig",
+    "TrainConfig",
+    "label_map",
+    "load_all_params",
+    "load_params",
+    "parse",
+    "read_json",
+    "shown",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +59,7 @@ class DataConfig:
     seg: str | None = None  # DICOM SEG file or folder (under root) the masks come from
 
     def __post_init__(self) -> None:
-        _choice("data.layout", self.layout, ("drive", "folders", "manifest"))
+        _choice("data.layout", self.layout, names.LAYOUTS)
         if self.classes is not None:
             label_map(self.classes)
         if self.seg is not None and (not isinstance(self.seg, str) or not self.seg.strip()):
@@ -100,7 +125,7 @@ class SynthesizeConfig:
     labels: str = "vessels"  # vessels (binary) or vessels_disc (label map: 1 vessel, 2 disc)
 
     def __post_init__(self) -> None:
-        _choice("synthesize.labels", self.labels, ("vessels", "vessels_disc"))
+        _choice("synthesize.labels", self.labels, names.LABEL_SETS)
         _positive("synthesize.n_train", self.n_train)
         _positive("synthesize.n_test", self.n_test)
         _at_least("synthesize.height", self.height, 32)
@@ -112,15 +137,6 @@ class SynthesizeConfig:
                 "params: synthesize.vessel_width_max must be >= synthesize.vessel_width_min"
             )
         _at_least("synthesize.noise", self.noise, 0.0)
-
-
-# The convert params as the convert stage used them, written beside its output and carried on
-# (preprocess, then train copies it beside the weights) so that `medseg predict` reads new
-# images with the same DICOM window and makes a missing FOV the same way.
-CONVERT_RECORD = "convert.json"
-# The class names in label order, background first, written by convert and carried on likewise
-# (the data's labels for train, the metrics' names for evaluate).
-CLASSES = "classes.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,25 +168,25 @@ class ConvertConfig:
             )
         if self.window_width is not None:
             _positive("convert.window_width", self.window_width)
-        if self.max_bit_depth not in (8, 16):
+        if self.max_bit_depth not in names.BIT_DEPTHS:
             raise MedsegError(
                 f"params: convert.max_bit_depth must be 8 or 16, got {shown(self.max_bit_depth)}"
             )
-        _choice("convert.multiframe", self.multiframe, ("split", "refuse"))
+        _choice("convert.multiframe", self.multiframe, names.MULTIFRAMES)
         _positive("convert.max_pixels", self.max_pixels)
-        _choice("convert.names", self.names, ("source", "hash"))
+        _choice("convert.names", self.names, names.ID_NAMES)
         if self.mask_threshold is not None and not 0.0 < self.mask_threshold < 1.0:
             raise MedsegError(
                 f"params: convert.mask_threshold must be in (0, 1) or null, got "
                 f"{self.mask_threshold}"
             )
-        _choice("convert.fov_fallback", self.fov_fallback, ("threshold", "whole_image"))
+        _choice("convert.fov_fallback", self.fov_fallback, names.FOV_FALLBACKS)
         if not 0.0 < self.fov_threshold < 1.0:
             raise MedsegError(
                 f"params: convert.fov_threshold must be in (0, 1), got {self.fov_threshold}"
             )
         _at_least("convert.fov_erode", self.fov_erode, 0)
-        _choice("convert.on_error", self.on_error, ("fail", "skip"))
+        _choice("convert.on_error", self.on_error, names.ON_ERRORS)
         if self.workers is not None:
             _at_least("convert.workers", self.workers, 0)
 
@@ -188,10 +204,10 @@ class PreprocessConfig:
     max_side: int | None = None
 
     def __post_init__(self) -> None:
-        _choice("preprocess.channel", self.channel, CHANNELS)
+        _choice("preprocess.channel", self.channel, names.CHANNELS)
         if self.max_side is not None:
             _at_least("preprocess.max_side", self.max_side, 32)
-        _choice("preprocess.contrast", self.contrast, ("none", "clahe"))
+        _choice("preprocess.contrast", self.contrast, names.CONTRASTS)
         if not 0.0 < self.clahe_clip <= 1.0:
             raise MedsegError(
                 f"params: preprocess.clahe_clip must be in (0, 1], got {self.clahe_clip}"
@@ -201,15 +217,6 @@ class PreprocessConfig:
             raise MedsegError(
                 f"params: preprocess.val_fraction must be in [0, 1), got {self.val_fraction}"
             )
-
-
-# Bounds on the network's size, shared with the model spec check (`medseg.bundle.read_spec`):
-# far above any useful value, far below one that would allocate memory for hours.
-MAX_DECODER_BLOCKS = 8
-MAX_DECODER_WIDTH = 4096
-MAX_CLASSES = 256  # background + the 255 classes data.classes allows
-CHANNELS = ("green", "gray", "rgb")
-CACHES = ("auto", "ram", "none", "device")  # see medseg.training.cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +239,6 @@ class TrainConfig:
     amp: bool
     device: str
     seed: int
-    # --- issue 4: state-of-the-art training, several GPUs, checkpoint and resume ---
     loss: str
     cldice_weight: float
     cldice_iters: int
@@ -259,9 +265,15 @@ class TrainConfig:
     cache: str = "auto"
 
     def __post_init__(self) -> None:
-        _choice("train.cache", self.cache, CACHES)
+        _choice("train.arch", self.arch, names.ARCHS)
+        if not re.fullmatch(names.ENCODER_NAME, self.encoder):
+            raise MedsegError(
+                f"params: train.encoder must be a segmentation-models-pytorch encoder name "
+                f"(letters, digits, _ . -), got {shown(self.encoder)}"
+            )
+        _choice("train.cache", self.cache, names.CACHES)
         if isinstance(self.amp_cpu, str):
-            _choice("train.amp_cpu", self.amp_cpu, ("auto",))
+            _choice("train.amp_cpu", self.amp_cpu, (names.AUTO,))
         _at_least("train.classes", self.classes, 1)
         if self.classes > MAX_CLASSES:
             raise MedsegError(
@@ -281,14 +293,12 @@ class TrainConfig:
                 f"params: train.decoder_channels must be a list of 1 to {MAX_DECODER_BLOCKS} "
                 f"integers in 1..{MAX_DECODER_WIDTH}"
             )
-        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
-        from medseg.losses import LOSSES  # here: only the train stage pays for importing torch
-
-        _choice("train.loss", self.loss, tuple(LOSSES))
+        _choice("train.device", self.device, names.DEVICES)
+        _choice("train.loss", self.loss, names.LOSSES)
         _unit("train.cldice_weight", self.cldice_weight)
         _positive("train.cldice_iters", self.cldice_iters)
-        _choice("train.optimizer", self.optimizer, ("adam", "adamw"))
-        _choice("train.schedule", self.schedule, ("constant", "cosine", "poly"))
+        _choice("train.optimizer", self.optimizer, names.OPTIMIZERS)
+        _choice("train.schedule", self.schedule, names.SCHEDULES)
         _at_least("train.warmup_epochs", self.warmup_epochs, 0.0)
         _at_least("train.min_lr", self.min_lr, 0.0)
         if self.min_lr > self.lr:
@@ -324,15 +334,15 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.threshold, str):
-            _choice("evaluate.threshold", self.threshold, ("auto",))
+            _choice("evaluate.threshold", self.threshold, (names.AUTO,))
         else:
             _unit("evaluate.threshold", self.threshold)
         _multiple_of_32("evaluate.window", self.window)
         if not 0.0 <= self.overlap < 1.0:
             raise MedsegError(f"params: evaluate.overlap must be in [0, 1), got {self.overlap}")
-        _choice("evaluate.blending", self.blending, ("gaussian", "constant"))
+        _choice("evaluate.blending", self.blending, names.BLENDINGS)
         _positive("evaluate.batch_size", self.batch_size)
-        _choice("evaluate.device", self.device, ("auto", "cpu", "cuda"))
+        _choice("evaluate.device", self.device, names.DEVICES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,216 +405,6 @@ def load_all_params(path: str | Path) -> Params:
     """Load and validate every section of a params file. See `load_params`."""
     path = Path(path)
     return parse(Params, read_yaml(path), prefix="", source=str(path))
-
-
-# Bounds on a params file: it is a few kilobytes, so anything far larger is not one. Aliases
-# (``*name``) are resolved by reference, but the code that walks the values (messages, records,
-# `dataclasses.asdict`) expands them: a "billion laughs" file of nested aliases would eat memory.
-MAX_PARAMS_BYTES = 1 << 20
-MAX_YAML_NODES = 100_000  # nodes after alias expansion
-MAX_YAML_DEPTH = 64
-
-
-def read_yaml(path: Path) -> Any:
-    """A small YAML file, read with bounds on its size, alias expansion and nesting.
-
-    Raises:
-        MedsegError: the file cannot be read, is too large, not YAML, or expands too far.
-    """
-    data = _read_at_most(path, MAX_PARAMS_BYTES, "params file")
-    try:
-        loader = _BoundedLoader(data.decode("utf-8"))
-        try:
-            return loader.get_single_data()
-        finally:
-            loader.dispose()
-    except UnicodeDecodeError as err:
-        raise MedsegError(f"params file {path} is not UTF-8 text ({err.reason})") from None
-    except _TooLarge as err:
-        raise MedsegError(f"params file {path}: {err}; not a params file") from None
-    except yaml.YAMLError as err:
-        problem = _cut(" ".join(str(err).split()), 300)  # one line: the parser's has several
-        raise MedsegError(f"params file {path} is not valid YAML: {problem}") from None
-    except RecursionError:  # nesting deeper than the parser's own stack
-        raise MedsegError(f"params file {path}: values nested too deeply") from None
-    except ValueError as err:  # an integer of thousands of digits: Python refuses to convert it
-        raise MedsegError(f"params file {path} cannot be read: {_cut(str(err), 120)}") from None
-
-
-# A spec or record (JSON written beside data or weights) is a few hundred bytes.
-MAX_RECORD_BYTES = 1 << 20
-
-
-def _read_at_most(path: Path, limit: int, what: str) -> bytes:
-    """The bytes of ``path``, refused (naming it as ``what``) when it holds more than ``limit``:
-    no more than that is read."""
-    try:
-        with path.open("rb") as f:
-            data = f.read(limit + 1)
-    except OSError as err:
-        raise MedsegError(f"cannot read the {what} {path}: {err.strerror}") from err
-    if len(data) > limit:
-        raise MedsegError(f"{what} {path}: larger than {limit >> 20} MiB; not a {what}")
-    return data
-
-
-def read_json(path: Path, what: str) -> Any:
-    """A small JSON file (a spec or a record), bounded in size before it is parsed.
-
-    Raises:
-        MedsegError: naming the file: unreadable, too large or not JSON.
-    """
-    data = _read_at_most(path, MAX_RECORD_BYTES, what)
-    try:
-        return json.loads(data.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as err:
-        detail = type(err).__name__ if isinstance(err, RecursionError) else str(err)
-        raise MedsegError(f"{path}: not a valid {what} ({_cut(detail, 120)})") from None
-
-
-class _TooLarge(yaml.YAMLError):
-    """A document beyond the bounds on alias expansion or nesting."""
-
-
-# libyaml's parser where PyYAML was built with it: 15x faster, and it bounds nesting itself
-_SafeLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class _BoundedLoader(_SafeLoader):  # type: ignore[misc]
-    """PyYAML's safe loader that refuses a document whose alias expansion or nesting is too
-    large, before any Python object is constructed."""
-
-    def get_single_node(self) -> yaml.Node | None:
-        node = super().get_single_node()
-        if node is not None:
-            _expanded_size(node, {}, set(), 0)
-        return node
-
-
-def _expanded_size(node: yaml.Node, sizes: dict[int, int], path: set[int], depth: int) -> int:
-    """Nodes under ``node`` with every alias expanded (memoised by node, so the count itself
-    costs one visit per distinct node)."""
-    key = id(node)
-    if key in sizes:
-        return sizes[key]
-    if key in path:
-        raise _TooLarge("an alias refers to a node that contains it (recursive alias)")
-    if depth > MAX_YAML_DEPTH:
-        raise _TooLarge(f"values nested deeper than {MAX_YAML_DEPTH} levels")
-    path.add(key)
-    size = 1
-    if isinstance(node, yaml.SequenceNode):
-        children: list[yaml.Node] = list(node.value)
-    elif isinstance(node, yaml.MappingNode):
-        children = [n for pair in node.value for n in pair]
-    else:
-        children = []
-    for child in children:
-        size += _expanded_size(child, sizes, path, depth + 1)
-        if size > MAX_YAML_NODES:
-            raise _TooLarge(
-                f"more than {MAX_YAML_NODES} values once aliases are expanded (an alias bomb?)"
-            )
-    path.discard(key)
-    sizes[key] = size
-    return size
-
-
-def shown(value: Any, limit: int = 60) -> str:
-    """``repr(value)`` cut to about ``limit`` characters, for messages that quote user input."""
-    return _cut(repr(value), limit)
-
-
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def parse(cls: type[T], raw: Any, prefix: str = "", source: str = "params") -> T:
-    """Build dataclass ``cls`` from a plain mapping, strictly.
-
-    Args:
-        cls: a dataclass type whose fields have simple annotations (int, float, str, bool,
-            ``X | None``, ``list[X]`` or nested dataclasses).
-        raw: the mapping, as read from YAML.
-        prefix: dotted key of ``raw`` within the file, for messages (``"train."``).
-        source: the file name, for messages.
-
-    Raises:
-        MedsegError: naming the first unknown, missing or mistyped key.
-    """
-    where = prefix.rstrip(".") or "the top level"
-    if not isinstance(raw, dict):
-        raise MedsegError(f"{source}: {where} must be a mapping of keys to values")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    unknown = sorted((k for k in raw if k not in names), key=str)
-    if unknown:
-        raise MedsegError(
-            f"{source}: unknown key {prefix}{_cut(str(unknown[0]), 60)}; known keys in {where}: "
-            f"{', '.join(names)}"
-        )
-    missing = [n for n in names if n not in raw]
-    if missing:
-        raise MedsegError(f"{source}: missing key {prefix}{missing[0]}")
-    values = {n: _coerce(hints[n], raw[n], f"{prefix}{n}", source) for n in names}
-    try:
-        return cls(**values)
-    except MedsegError as err:
-        raise MedsegError(f"{source}: {str(err).removeprefix('params: ')}") from None
-
-
-def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
-    if dataclasses.is_dataclass(tp):
-        return parse(tp, value, prefix=f"{key}.", source=source)  # type: ignore[arg-type]
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        first, *rest = inner
-        try:
-            return _coerce(first, value, key, source)
-        except MedsegError:
-            for other in rest:  # float | str: a later type takes what the first refuses
-                with contextlib.suppress(MedsegError):
-                    return _coerce(other, value, key, source)
-            raise
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise MedsegError(f"{source}: {key} must be a mapping, got {shown(value)}")
-        return dict(value)
-    if origin is list:
-        if not isinstance(value, list):
-            raise MedsegError(f"{source}: {key} must be a list, got {shown(value)}")
-        (item,) = typing.get_args(tp)
-        return [_coerce(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    ok = (
-        (tp is bool and isinstance(value, bool))
-        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
-        or (tp is float and isinstance(value, int | float) and not isinstance(value, bool))
-        or (tp is str and isinstance(value, str))
-    )
-    if not ok:
-        raise MedsegError(
-            f"{source}: {key} must be of type {tp.__name__}, got {shown(value)} "
-            f"({type(value).__name__}); floats are written with a dot, e.g. 1.0e-3"
-        )
-    if tp is float:
-        return _finite(value, key, source)
-    return value
-
-
-def _finite(value: int | float, key: str, source: str) -> float:
-    """A finite float: NaN or infinity would pass every range check written as ``not a < x``,
-    or poison a run (an infinite learning rate, a NaN threshold)."""
-    try:
-        number = float(value)
-    except OverflowError:  # an integer beyond the float range
-        number = math.inf
-    if not math.isfinite(number):
-        raise MedsegError(f"{source}: {key} must be a finite number, got {shown(value)}")
-    return number
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:

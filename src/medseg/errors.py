@@ -103,3 +103,13 @@ def run_cli(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | 
         print(f"error: {describe_os_error(err)}", file=sys.stderr)
         return 2
     return 0
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for messages that quote user input."""
+    return cut(repr(value), limit)
+
+
+def cut(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, ``...`` marking the cut."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -27,14 +27,9 @@ from medseg.metrics import (
     scores,
     threshold_counts,
 )
-from medseg.preprocess import (
-    BINARY,
-    CLASSES,
-    open_split,
-    read_case,
-    read_class_names,
-    resize_image,
-)
+from medseg.names import CLASSES
+from medseg.processed import BINARY, open_split, read_case, read_class_names
+from medseg.transforms import resize_image
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import numpy as np
 
 from medseg.config import EvaluateConfig
-from medseg.preprocess import resize_image
+from medseg.transforms import resize_image
 
 if TYPE_CHECKING:
     import torch

@@ -11,13 +11,11 @@ batch.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:  # config.py imports LOSSES from here at run time
-    from medseg.config import TrainConfig
+from medseg.config import TrainConfig
 
 AllSum = Callable[[torch.Tensor], torch.Tensor]
 
@@ -179,7 +177,7 @@ def _cldice(bce_weight: float, cldice_iters: int, allsum: AllSum) -> LossFn:
     return lambda x, t, v: cldice_loss(x, t, v, cldice_iters, allsum=allsum)
 
 
-# train.loss: every name and the factory of its loss; config.py checks the param against it
+# train.loss: every name of `medseg.names.LOSSES` and the factory of its loss
 LOSSES: dict[str, Callable[[float, int, AllSum], LossFn]] = {
     "bce": _bce,
     "dice": _dice,

@@ -9,7 +9,10 @@ import segmentation_models_pytorch as smp
 import torch
 
 from medseg.errors import MedsegError
-from medseg.spec import ARCHS, ModelSpec  # re-exported: their home before the ONNX export
+from medseg.names import ARCHS
+from medseg.spec import ModelSpec
+
+__all__ = ["ARCHS", "ModelSpec", "build_model", "check_names", "resolve_device"]
 
 
 def _per_block(channels: list[int]) -> dict:
@@ -36,8 +39,8 @@ def _no_width(channels: list[int]) -> dict:
     return {}
 
 
-# Architecture name (``train.arch``) -> smp class and how ``train.decoder_channels`` maps onto it.
-# Lower-case smp class names; one registry instead of an if-chain.
+# Architecture name (``train.arch``, one of `medseg.names.ARCHS`) -> smp class and how
+# ``train.decoder_channels`` maps onto it; one registry instead of an if-chain.
 _ARCHS: dict[str, tuple[type[torch.nn.Module], Callable[[list[int]], dict]]] = {
     "unet": (smp.Unet, _per_block),
     "unetplusplus": (smp.UnetPlusPlus, _per_block),

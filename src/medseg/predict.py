@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from medseg.bundle import Bundle, load_bundle, resolve_threshold
 from medseg.config import EvaluateConfig
-from medseg.convert import fov_from_image
 from medseg.errors import MedsegError
+from medseg.fov import fov_from_image
 from medseg.inference import predict_case
 from medseg.io.atomic import cleaned_up, output_errors, remove_leftovers, temp_dir, write_json
 from medseg.io.images import binarize, write_png

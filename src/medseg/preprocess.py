@@ -1,202 +1,60 @@
-"""Model-ready cases: channel choice, optional resizing, FOV-aware normalisation, the train/val
-split, written as one case store (a few shard files) per split."""
+"""The preprocess stage: model-ready cases (see `medseg.transforms`), the train/val split,
+written as one case store (a few shard files) per split (read back by `medseg.processed`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from skimage import exposure
 
-from medseg.config import (
-    CLASSES,
-    CONVERT_RECORD,
-    MAX_CLASSES,
-    PreprocessConfig,
-    parse,
-    read_json,
-)
+from medseg.config import PreprocessConfig
 from medseg.errors import MedsegError
 from medseg.io.atomic import atomic_dir, write_json
 from medseg.io.images import binarize, read_raster
-from medseg.io.shards import CaseStore, ShardWriter
+from medseg.io.shards import ShardWriter
+from medseg.names import CLASSES, CONVERT_RECORD
+from medseg.processed import (
+    BINARY,
+    RECORD,
+    SPLITS,
+    Case,
+    check_class_names,
+    load_record,
+    open_split,
+    read_case,
+    read_class_names,
+    save_record,
+)
+from medseg.transforms import in_channels, prepare_image, resize_image, resize_labels
+
+# The stage's own names, and those the modules reading processed data import from here.
+__all__ = [
+    "BINARY",
+    "CLASSES",
+    "RECORD",
+    "Case",
+    "case_arrays",
+    "check_class_names",
+    "in_channels",
+    "load_record",
+    "open_split",
+    "prepare_image",
+    "preprocess_dataset",
+    "read_case",
+    "read_class_names",
+    "read_labels",
+    "resize_image",
+    "save_record",
+    "shuffled_groups",
+    "source_groups",
+    "split_cases",
+]
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
-RECORD = "preprocess.json"  # the preprocess params, for `medseg predict` on new images
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-
-
-def select_channel(image: np.ndarray, channel: str, path: str | Path = "image") -> np.ndarray:
-    """The model's input channels of an image, as float32 in [0, 1].
-
-    Args:
-        image: (H, W) or (H, W, 3), uint8 or uint16.
-        channel: ``green`` (the vessel-contrast channel of a fundus photograph; a grey image is
-            used as it is), ``gray`` (luma of an RGB image) or ``rgb`` (all three channels:
-            dermoscopy, endoscopy, histology; the image must be colour).
-        path: the image's file, for messages.
-
-    Returns:
-        (C, H, W) float32: C = 3 for ``rgb``, else 1.
-
-    Raises:
-        MedsegError: ``rgb`` asked of a grey image.
-    """
-    scale = 65535.0 if image.dtype == np.uint16 else 255.0
-    x = image.astype(np.float32) / scale
-    if channel == "rgb":
-        if x.ndim != 3 or x.shape[2] != 3:
-            raise MedsegError(
-                f"{path}: a grey image, but preprocess.channel is rgb (3 colour channels); "
-                "use preprocess.channel: gray for grey data sets"
-            )
-        return np.ascontiguousarray(x.transpose(2, 0, 1))
-    if x.ndim == 2:
-        return x[None]
-    if channel == "green":
-        return np.ascontiguousarray(x[None, ..., 1])
-    return (x @ _LUMA)[None]
-
-
-def in_channels(channel: str) -> int:
-    """Input channels of the model for ``preprocess.channel``."""
-    return 3 if channel == "rgb" else 1
-
-
-def normalize_in_fov(x: np.ndarray, fov: np.ndarray) -> np.ndarray:
-    """Per channel: zero mean, unit variance using only FOV pixels; 0 outside the FOV.
-
-    Args:
-        x: (C, H, W) or (H, W) float32 image.
-        fov: (H, W) bool field of view (at least one pixel).
-
-    Returns:
-        float32 of the shape of ``x``. A constant FOV gives zeros, never NaN.
-    """
-    flat = x[None] if x.ndim == 2 else x
-    out = np.empty(flat.shape, dtype=np.float32)
-    for c, channel in enumerate(flat):
-        inside = channel[fov].astype(np.float64)
-        std = float(inside.std())
-        out[c] = (channel - float(inside.mean())) / (std if std > 1e-6 else 1.0)
-        out[c][~fov] = 0.0
-    return out[0] if x.ndim == 2 else out
-
-
-def model_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:
-    """The size a case is given to the model: its own, or scaled down to ``max_side``."""
-    if max_side is None or max(height, width) <= max_side:
-        return height, width
-    scale = max_side / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
-def resize_image(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(C, H, W) float32 to (C, h, w): area averaging down (no aliasing), bilinear up."""
-    if x.shape[-2:] == size:
-        return x
-    import torch  # here, not at the top: an ONNX model predicts without torch
-    import torch.nn.functional as F
-
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]
-    down = size[0] <= x.shape[-2] and size[1] <= x.shape[-1]
-    if down:
-        out = F.interpolate(t, size=size, mode="area")
-    else:
-        out = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
-    return out[0].numpy()
-
-
-def resize_labels(labels: np.ndarray, size: tuple[int, int], n_labels: int) -> np.ndarray:
-    """(H, W) integer labels to (h, w) uint8: each pixel takes the label covering most of it
-    (area-weighted vote), so a resized mask keeps the classes' areas."""
-    if labels.shape == size:
-        return labels.astype(np.uint8, copy=False)
-    onehot = np.stack([labels == k for k in range(n_labels)]).astype(np.float32)
-    return resize_image(onehot, size).argmax(axis=0).astype(np.uint8)
-
-
-def _check_channel_has_content(
-    image: np.ndarray, chosen: np.ndarray, fov: np.ndarray, channel: str, path: str | Path
-) -> None:
-    """Refuse a colour image whose chosen channel is flat inside the FOV while its colours are
-    not (a stain or fluorescence in red or blue only): the network would see a blank input."""
-    inside = chosen[fov]
-    if inside.size and inside.min() == inside.max():
-        colours = image[fov]
-        if (colours.max(axis=0) != colours.min(axis=0)).any():
-            raise MedsegError(
-                f"{path}: its {channel} channel is constant inside the field of view but its "
-                "colour channels are not; set preprocess.channel: rgb (or gray)"
-            )
-
-
-def prepare_image(
-    image: np.ndarray, fov: np.ndarray, cfg: PreprocessConfig, path: str | Path = "image"
-) -> tuple[np.ndarray, np.ndarray]:
-    """The model input for one image: the same steps for the pipeline and ``medseg predict``.
-
-    Steps: (1) the channels of ``preprocess.channel``; (2) optionally CLAHE, per channel, at
-    full resolution; (3) scaled down to ``preprocess.max_side`` where the user asks for it;
-    (4) zero mean and unit variance inside the FOV, 0 outside.
-
-    Args:
-        image: (H, W) or (H, W, 3) uint8 or uint16, as the readers of `medseg.io` return it.
-        fov: (H, W) bool field of view (at least one pixel).
-        cfg: the preprocess params the model was trained with.
-        path: the image's file, for messages.
-
-    Returns:
-        (C, h, w) float32 input and its (h, w) bool FOV, unpadded; (h, w) = (H, W) unless
-        resized.
-    """
-    x = select_channel(image, cfg.channel, path)
-    if image.ndim == 3 and cfg.channel != "rgb":
-        _check_channel_has_content(image, x[0], fov, cfg.channel, path)
-    if cfg.contrast == "clahe":
-        x = np.stack([clahe(c, cfg.clahe_clip, cfg.clahe_tiles) for c in x])
-    size = model_size(fov.shape[0], fov.shape[1], cfg.max_side)
-    if size != fov.shape:
-        x = resize_image(x, size)
-        fov = resize_labels(fov, size, 2) > 0
-        if not fov.any():
-            raise MedsegError(
-                f"{path}: the field of view vanishes at preprocess.max_side {cfg.max_side}; "
-                "raise it"
-            )
-    return normalize_in_fov(x, fov), fov
-
-
-def clahe(x: np.ndarray, clip: float, tiles: int) -> np.ndarray:
-    """Contrast-limited adaptive histogram equalisation of one channel.
-
-    Each of ``tiles`` x ``tiles`` regions gets its own histogram equalisation, its histogram
-    clipped at ``clip`` (a share of the tile's pixels) so that noise in flat regions is not
-    amplified, and neighbouring mappings are interpolated. Thin, faint vessels gain contrast
-    against the uneven background of a fundus photograph.
-
-    Args:
-        x: (H, W) float32 in [0, 1].
-        clip: clip limit in (0, 1].
-        tiles: regions per image side.
-
-    Returns:
-        (H, W) float32 in [0, 1]; an image with (almost) no contrast comes back unchanged, as
-        equalising it would only blow noise up to the full range.
-    """
-    if float(np.ptp(x)) < 1e-3:
-        return x.astype(np.float32)
-    kernel = (max(2, -(-x.shape[0] // tiles)), max(2, -(-x.shape[1] // tiles)))
-    out = exposure.equalize_adapthist(np.clip(x, 0.0, 1.0), kernel_size=kernel, clip_limit=clip)
-    return out.astype(np.float32)
 
 
 def split_cases(
@@ -247,81 +105,6 @@ def shuffled_groups(
     group_of = groups or {cid: cid for cid in train_ids}
     keys = sorted({group_of[cid] for cid in train_ids})
     return group_of, np.random.default_rng(seed).permutation(keys).tolist()
-
-
-BINARY = ("background", "foreground")
-
-
-@dataclass(frozen=True)
-class Case:
-    """One preprocessed case, as `read_case` gives it.
-
-    Attributes:
-        case_id: its id.
-        image: (C, h, w) float32 model input (zero mean, unit variance inside the FOV).
-        mask: (h, w) uint8 labels at the model's resolution (0/1 binary, else 0..K-1).
-        fov: (h, w) bool field of view at the model's resolution.
-        truth: (H, W) uint8 labels at the ground truth's resolution, where scores are counted
-            (the same array as ``mask`` unless ``preprocess.max_side`` resized the case).
-        truth_fov: (H, W) bool, the FOV at that resolution.
-        mask2: (H, W) uint8 second observer's labels, or None.
-    """
-
-    case_id: str
-    image: np.ndarray
-    mask: np.ndarray
-    fov: np.ndarray
-    truth: np.ndarray
-    truth_fov: np.ndarray
-    mask2: np.ndarray | None = None
-
-
-def read_case(store: CaseStore, i: int) -> Case:
-    """Case ``i`` of a split written by `preprocess_dataset` (views into its shards)."""
-    fov = store.get(i, "fov") > 0
-    mask = store.get(i, "mask")
-    resized = store.has(i, "mask_full")
-    return Case(
-        store.ids[i],
-        store.get(i, "image"),
-        mask,
-        fov,
-        store.get(i, "mask_full") if resized else mask,
-        store.get(i, "fov_full") > 0 if resized else fov,
-        store.get(i, "mask2") if store.has(i, "mask2") else None,
-    )
-
-
-def open_split(data_dir: str | Path, split: str, ram: bool = False) -> CaseStore:
-    """The cases of one split written by `preprocess_dataset`."""
-    return CaseStore.open(data_dir, split, ram=ram)
-
-
-def read_class_names(folder: str | Path) -> list[str]:
-    """The class names in label order (background first) from ``folder/classes.json``; the
-    binary pair when the file is absent."""
-    path = Path(folder) / CLASSES
-    if not path.is_file():
-        return list(BINARY)
-    raw = read_json(path, "class list")
-    names = raw.get("names") if isinstance(raw, dict) else None
-    return check_class_names(names, str(path))
-
-
-def check_class_names(names: Any, source: str) -> list[str]:
-    """``names`` as a list of 2 to `MAX_CLASSES` distinct class names; ``source`` names it in
-    errors."""
-    if (
-        not isinstance(names, list)
-        or not 2 <= len(names) <= MAX_CLASSES
-        or not all(isinstance(n, str) and len(n) <= 100 for n in names)
-        or not all(isinstance(n, str) and n for n in names)
-        or len(set(names)) != len(names)
-    ):
-        raise MedsegError(
-            f"{source}: names must be a list of 2 to {MAX_CLASSES} distinct class names"
-        )
-    return names
 
 
 def preprocess_dataset(cfg: PreprocessConfig, converted: str | Path, out: str | Path) -> dict:
@@ -498,19 +281,3 @@ def read_labels(path: Path, n_labels: int) -> np.ndarray:
             f"{n_labels - 1}); rerun convert with the data.classes of this data set"
         )
     return raw.astype(np.uint8)
-
-
-def save_record(cfg: PreprocessConfig, path: str | Path) -> None:
-    """Write the preprocess params as JSON, for `load_record` (e.g. beside a model)."""
-    write_json(path, dataclasses.asdict(cfg))
-
-
-def load_record(path: str | Path) -> PreprocessConfig:
-    """Read the preprocess params written by the preprocess stage (``preprocess.json``).
-
-    Raises:
-        MedsegError: the file is missing, not JSON, or does not hold valid preprocess params.
-    """
-    path = Path(path)
-    raw = read_json(path, "preprocess record")
-    return parse(PreprocessConfig, raw, prefix="preprocess.", source=str(path))

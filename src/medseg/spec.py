@@ -7,21 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from medseg.config import TrainConfig
+from medseg.names import ARCHS  # importable from here as well: bundle.py looks for it here
 
-# The architectures `medseg.model` builds (``train.arch``): its registry has exactly these keys.
-ARCHS = (
-    "unet",
-    "unetplusplus",
-    "manet",
-    "linknet",
-    "fpn",
-    "pspnet",
-    "deeplabv3",
-    "deeplabv3plus",
-    "pan",
-    "upernet",
-    "segformer",
-)
+__all__ = ["ARCHS", "ModelSpec"]
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ _EOI = b"\xff\xd9"  # end of image (JPEG, JPEG-LS); end of codestream (JPEG 2000
 _JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
 _J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
 _J2K_SOT = 0xFF90
-_J2K_SOD = 0xFF93
 
 
 class CodestreamError(ValueError):

@@ -14,7 +14,7 @@ in anyone's files. Case ids that differ only in letter case are refused: their o
 collide on macOS and Windows.
 
 `scan_cases` reports problems with single cases (an image without a mask, a missing file) apart
-from the cases it found, so the caller may skip them; `find_cases` raises on the first.
+from the cases it found, so the caller may skip them.
 """
 
 from __future__ import annotations
@@ -81,24 +81,6 @@ class Scan:
     problems: list[Problem] = field(default_factory=list)
 
 
-def find_cases(
-    root: str | Path,
-    layout: str,
-    manifest: str = "manifest.csv",
-    test_fraction: float = 0.2,
-    seed: int = 0,
-) -> list[CaseFiles]:
-    """List the cases of the data set under ``root`` in the named layout, sorted by split and id.
-
-    Raises:
-        MedsegError: on the first problem (see `scan_cases` to collect them instead).
-    """
-    scan = scan_cases(root, layout, manifest, test_fraction, seed)
-    if scan.problems:
-        raise MedsegError(scan.problems[0].reason)
-    return scan.cases
-
-
 def scan_cases(
     root: str | Path,
     layout: str,
@@ -111,7 +93,7 @@ def scan_cases(
 
     Args:
         root: the data set folder (``data.root``).
-        layout: ``drive``, ``folders`` or ``manifest``.
+        layout: one of `LAYOUTS` (``drive``, ``folders`` or ``manifest``).
         manifest: the CSV file under ``root`` (layout ``manifest``).
         test_fraction: share of cases sent to ``test`` where the layout gives no split.
         seed: seed of that split.
@@ -132,16 +114,9 @@ def scan_cases(
             f"data.root: {root} is not a folder; set data.root in params.yaml to your data set "
             "(e.g. dvc exp run -S data.root=/path/to/DRIVE)"
         )
-    if layout == "drive":
-        scan = _drive(root, mask_of)
-    elif layout == "folders":
-        scan = _folders(root, test_fraction, seed, mask_of)
-    elif layout == "manifest":
-        scan = _manifest(root, manifest, test_fraction, seed, mask_of)
-    else:
-        raise MedsegError(
-            f"data.layout: unknown layout {layout!r}; known: drive, folders, manifest"
-        )
+    if layout not in LAYOUTS:
+        raise MedsegError(f"data.layout: unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    scan = LAYOUTS[layout](root, manifest, test_fraction, seed, mask_of)
     if not scan.cases and not scan.problems:
         raise MedsegError(f"{root}: no cases found in the {layout} layout (the data set is empty)")
     scan = _inside_root(root, scan)
@@ -469,3 +444,14 @@ def _by_key(folder: Path, key_of: Callable[[Path], str]) -> dict[str, Path]:
             )
         found[key] = path
     return found
+
+
+# data.layout: every name of `medseg.names.LAYOUTS` and how its cases are found; each takes
+# (root, manifest, test_fraction, seed, mask_of) and uses what its layout needs
+LAYOUTS: dict[str, Callable[[Path, str, float, int, MaskOf | None], Scan]] = {
+    "drive": lambda root, _manifest_name, _fraction, _seed, mask_of: _drive(root, mask_of),
+    "folders": lambda root, _manifest_name, fraction, seed, mask_of: _folders(
+        root, fraction, seed, mask_of
+    ),
+    "manifest": _manifest,
+}

@@ -11,14 +11,24 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from medseg.io.atomic import write_json
 
-if TYPE_CHECKING:
-    from medseg.training.loop import Trainer
+
+class TrainerView(Protocol):
+    """What a hook is given of `medseg.training.Trainer` (its other attributes are there as
+    well); a protocol, so that the loop imports its hooks and not the other way round."""
+
+    epoch: int  # epochs done
+    history: list[tuple[dict[str, float], dict[str, float]]]  # per epoch: record, best so far
+
+    def best(self) -> dict[str, float]:
+        """The best validation values so far, as logged beside each epoch."""
+        ...
+
 
 # Curves only: they measure the machine, not the model, and would show as a change in every
 # `dvc metrics diff` (the metrics file keeps what the same params and data always reproduce).
@@ -29,19 +39,19 @@ CURVES = Path("plots") / "metrics"  # dvclive's folder of curves, within the log
 class Callback:
     """A no-op hook for every point of the loop; subclass and override what you need."""
 
-    def on_run_start(self, trainer: Trainer) -> None:
+    def on_run_start(self, trainer: TrainerView) -> None:
         """Before the first epoch (after a resume: ``trainer.history`` holds the epochs done)."""
 
-    def on_epoch_start(self, trainer: Trainer) -> None:
+    def on_epoch_start(self, trainer: TrainerView) -> None:
         """Before the first step of an epoch (or of its rest, after a resume)."""
 
-    def on_step_end(self, trainer: Trainer, loss: torch.Tensor) -> None:
+    def on_step_end(self, trainer: TrainerView, loss: torch.Tensor) -> None:
         """After an optimizer step; ``loss`` is the step's loss, a scalar on the device."""
 
-    def on_epoch_end(self, trainer: Trainer, record: dict[str, float]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, record: dict[str, float]) -> None:
         """After an epoch's validation; ``record`` holds the values logged for it."""
 
-    def on_run_end(self, trainer: Trainer) -> None:
+    def on_run_end(self, trainer: TrainerView) -> None:
         """After the last epoch, or when the run stops early."""
 
 
@@ -59,7 +69,7 @@ class LiveLog(Callback):
         self.summary: dict[str, Any] = {}
         self.step = 0
 
-    def on_run_start(self, trainer: Trainer) -> None:
+    def on_run_start(self, trainer: TrainerView) -> None:
         try:
             from dvclive import Live
         except ImportError:  # a bare GPU machine: the same files, written here
@@ -69,10 +79,10 @@ class LiveLog(Callback):
         for record, best in trainer.history:
             self._log(record, best)
 
-    def on_epoch_end(self, trainer: Trainer, record: dict[str, float]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, record: dict[str, float]) -> None:
         self._log(record, trainer.best())
 
-    def on_run_end(self, trainer: Trainer) -> None:
+    def on_run_end(self, trainer: TrainerView) -> None:
         if self.live is not None:
             self.live.end()
         elif self.summary:

@@ -71,7 +71,7 @@ from medseg.metrics import (
     threshold_counts,
 )
 from medseg.model import ModelSpec, build_model, check_names, resolve_device
-from medseg.preprocess import CLASSES, open_split, read_case, read_class_names
+from medseg.processed import CLASSES, open_split, read_case, read_class_names
 from medseg.training.cache import DevicePlan, choose_cache, make_sampler
 from medseg.training.callbacks import Callback, LiveLog
 from medseg.training.optim import build_optimizer, build_schedule

@@ -8,13 +8,15 @@ from collections.abc import Callable
 import torch
 
 from medseg.config import TrainConfig
+from medseg.names import SCHEDULES
 
-# train.optimizer: the names and their classes
+__all__ = ["OPTIMIZERS", "SCHEDULES", "build_optimizer", "build_schedule", "lr_factor"]
+
+# train.optimizer: every name of `medseg.names.OPTIMIZERS` and its class
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
 }
-SCHEDULES = ("constant", "cosine", "poly")
 
 
 def lr_factor(

@@ -1,0 +1,232 @@
+"""One case of the convert stage: read its files, check them, write its PNGs. Runs in a worker
+process: everything it needs comes in its `Job`."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medseg.config import ConvertConfig
+from medseg.convert.ids import base_id, source_name
+from medseg.convert.pseudonyms import redact
+from medseg.errors import MedsegError
+from medseg.fov import check_fov_keeps_labels, fov_from_image
+from medseg.io.images import mask_to_bool, write_png
+from medseg.io.layouts import CaseFiles, Problem
+from medseg.io.reader import ReadOptions, read, source_format
+from medseg.io.seg import is_seg, read_seg_mask
+
+MANIFEST_COLUMNS = [
+    "case_id", "split", "image", "mask", "fov", "source", "source_format", "bit_depth",
+    "channels", "height", "width", "fov_source", "mask2",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Job:
+    """One case to convert, with everything the worker needs."""
+
+    case: CaseFiles
+    root: Path
+    out: Path
+    cfg: ConvertConfig
+    labels: dict[int, int] | None = None  # mask value -> label (data.classes); None: binary
+    key: bytes | None = None  # the id key of `names: hash`
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A case read and checked, ready to be written: (F, H, W[, 3]) images, (F, H, W) masks."""
+
+    base: str
+    source: str
+    images: np.ndarray
+    masks: np.ndarray
+    fovs: np.ndarray
+    masks2: np.ndarray | None
+    fov_source: str
+
+
+@dataclass(frozen=True)
+class Result:
+    """A case's manifest rows (one per frame), or the problem that left it out."""
+
+    rows: list[dict[str, object]]
+    problem: Problem | None = None
+
+
+def _unexpected(case: CaseFiles, err: Exception) -> str:
+    """A failure our checks did not foresee, as a problem of the case (no value quoted)."""
+    return f"{case.image}: could not be converted ({type(err).__name__}); the file may be damaged"
+
+
+def convert_case(job: Job) -> Result:
+    """Convert one case: read, check, write its PNGs; a problem of its input files becomes a
+    `Problem`. A failure to write (disk full, read-only, permission) is raised: no input is to
+    blame for it, and the run stops.
+
+    Runs in a worker process: everything it needs comes in ``job``.
+    """
+    try:
+        checked = _convert(job.case, job.root, job.out, job.cfg, job.labels, job.key)
+    except Exception as err:  # raised before anything of the case is written
+        if isinstance(err, OSError) and err.errno in _NOT_THE_INPUT:
+            raise
+        reason = str(err) if isinstance(err, MedsegError) else _unexpected(job.case, err)
+        if job.key is not None:  # no name from the path in the outputs, the report included
+            case = job.case
+            paths = [p for p in (case.image, case.mask, case.fov, case.mask2) if p is not None]
+            reason = redact(reason, paths, job.root, job.key)
+        return Result([], Problem(job.case.image, reason))
+    return Result(_write_case(job.case, job.out, job.cfg, checked))
+
+
+# OS errors that no input file causes, even while reading (a decoder's scratch file)
+_NOT_THE_INPUT = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+def _convert(
+    case: CaseFiles, root: Path, out: Path, cfg: ConvertConfig, labels: dict[int, int] | None,
+    key: bytes | None,
+) -> _Checked:  # fmt: skip
+    options = ReadOptions.from_convert(cfg)
+    base = base_id(case, root, key)
+    source = source_name(case, root, key)
+    images = read(case.image, options)
+    raw = dataclasses.replace(options, window=None)  # a window is for images, never for masks
+    masks = _read_mask(case.mask, raw, cfg, images, "mask", labels, case.image)
+    masks2 = (
+        _read_mask(case.mask2, raw, cfg, images, "mask", labels, case.image) if case.mask2 else None
+    )
+    if case.fov is not None:
+        fovs = _read_mask(case.fov, raw, cfg, images, "FOV mask")
+        if not fovs.any(axis=(1, 2)).all():
+            raise MedsegError(f"{case.fov}: the field-of-view mask is empty")
+        fov_source = "given"
+    elif cfg.fov_fallback == "threshold":
+        fovs = np.stack([fov_from_image(im, cfg.fov_threshold, cfg.fov_erode) for im in images])
+        if not fovs.any(axis=(1, 2)).all():
+            raise MedsegError(
+                f"{case.image}: no field of view found above convert.fov_threshold "
+                f"({cfg.fov_threshold}); lower it, give FOV masks, or set "
+                "convert.fov_fallback: whole_image"
+            )
+        check_fov_keeps_labels(case.image, masks, fovs)
+        fov_source = "threshold"
+    else:
+        fovs = np.ones(images.shape[:3], dtype=bool)
+        fov_source = "whole_image"
+    return _Checked(base, source, images, masks, fovs, masks2, fov_source)
+
+
+def _write_case(
+    case: CaseFiles, out: Path, cfg: ConvertConfig, checked: _Checked
+) -> list[dict[str, object]]:
+    """Write a checked case's PNGs into ``out``; its manifest rows."""
+    base, source, fov_source = checked.base, checked.source, checked.fov_source
+    masks, fovs, masks2 = checked.masks, checked.fovs, checked.masks2
+    images = checked.images
+    rows = []
+    for k, image in enumerate(images):
+        case_id = base if len(images) == 1 else f"{base}_f{k + 1}"
+        if cfg.max_bit_depth == 8 and image.dtype == np.uint16:
+            image = ((image.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        names = {sub: f"{sub}/{case_id}.png" for sub in ("images", "masks", "fov", "masks2")}
+        write_png(out / names["images"], image)
+        write_png(out / names["masks"], masks[k])
+        write_png(out / names["fov"], fovs[k if len(fovs) > 1 else 0])
+        if masks2 is not None:
+            write_png(out / names["masks2"], masks2[k])
+        rows.append(
+            {
+                "case_id": case_id,
+                "split": case.split,
+                "image": names["images"],
+                "mask": names["masks"],
+                "fov": names["fov"],
+                "source": source,
+                "source_format": source_format(case.image),
+                "bit_depth": 16 if image.dtype == np.uint16 else 8,
+                "channels": 1 if image.ndim == 2 else image.shape[2],
+                "height": image.shape[0],
+                "width": image.shape[1],
+                "fov_source": fov_source,
+                "mask2": names["masks2"] if masks2 is not None else "",
+            }
+        )
+    return rows
+
+
+def _read_mask(
+    path: Path | None, options: ReadOptions, cfg: ConvertConfig, images: np.ndarray, what: str,
+    labels: dict[int, int] | None = None, image: Path | None = None,
+) -> np.ndarray:  # fmt: skip
+    """A mask file as (F, H, W) bool matching the image's frames and size (an FOV mask may have
+    one frame for all); with ``labels`` (mask value -> label) as (F, H, W) uint8 labels.
+
+    A DICOM SEG mask gives the segment numbers of the frames that refer to ``image``."""
+    assert path is not None
+    if image is not None and is_seg(path):
+        if len(images) != 1:
+            raise MedsegError(
+                f"{image}: a multi-frame image with a DICOM SEG mask; medseg reads SEG masks of "
+                "single-frame images (one file per slice)"
+            )
+        raw = read_seg_mask(path, image, images.shape[1:3], options)
+        seg = True
+    else:
+        raw = read(path, options)
+        seg = False
+    if seg and labels is None:  # binary: any segment is foreground
+        frames = raw > 0
+    elif labels is not None:
+        frames = to_labels(raw, path, labels)
+    else:
+        frames = mask_to_bool(raw, path, cfg.mask_threshold)
+    n, h, w = images.shape[:3]
+    if frames.shape[1:] != (h, w):
+        raise MedsegError(
+            f"{path}: {what} is {frames.shape[2]}x{frames.shape[1]} but its image is {w}x{h} "
+            "(width x height); they must match"
+        )
+    if len(frames) != n and not (what == "FOV mask" and len(frames) == 1):
+        raise MedsegError(
+            f"{path}: {what} has {len(frames)} frames but its image has {n}; give one mask "
+            "frame per image frame"
+        )
+    return frames
+
+
+def to_labels(raw: np.ndarray, path: Path, labels: dict[int, int]) -> np.ndarray:
+    """A label-map mask (F, H, W) (or grey-valued colour) as uint8 labels 1..K, 0 background.
+
+    Raises:
+        MedsegError: a colour mask whose channels differ, or a value not in ``data.classes``.
+    """
+    if raw.ndim == 4:
+        if not (
+            np.array_equal(raw[..., 0], raw[..., 1]) and np.array_equal(raw[..., 1], raw[..., 2])
+        ):
+            raise MedsegError(
+                f"{path}: a colour mask; a label map with data.classes must be single-channel "
+                "(grey) with one value per class"
+            )
+        raw = raw[..., 0]
+    values = np.unique(raw)
+    unknown = [int(v) for v in values if v != 0 and int(v) not in labels]
+    if unknown:
+        shown = ", ".join(map(str, unknown[:6])) + (", ..." if len(unknown) > 6 else "")
+        known = ", ".join(f"{v} ({k})" for v, k in sorted(labels.items()))
+        raise MedsegError(
+            f"{path}: mask value(s) {shown} are not in data.classes (known: 0 background, "
+            f"{known} as labels); add them to data.classes or fix the mask"
+        )
+    lut = np.zeros(int(values[-1]) + 1, dtype=np.uint8)
+    for value, label in labels.items():
+        if value < len(lut):
+            lut[value] = label
+    return lut[raw]
