@@ -113,7 +113,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     predict.add_argument("--blending", choices=("gaussian", "constant"), default="gaussian")
     predict.add_argument("--tta", action="store_true", help="average over flipped images")
     predict.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
-    predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    predict.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
 
 
 def _threshold(text: str) -> float | str:

@@ -281,7 +281,7 @@ class TrainConfig:
                 f"params: train.decoder_channels must be a list of 1 to {MAX_DECODER_BLOCKS} "
                 f"integers in 1..{MAX_DECODER_WIDTH}"
             )
-        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _choice("train.device", self.device, ("auto", "cpu", "cuda", "mps"))
         from medseg.losses import LOSSES  # here: only the train stage pays for importing torch
 
         _choice("train.loss", self.loss, tuple(LOSSES))
@@ -332,7 +332,7 @@ class EvaluateConfig:
             raise MedsegError(f"params: evaluate.overlap must be in [0, 1), got {self.overlap}")
         _choice("evaluate.blending", self.blending, ("gaussian", "constant"))
         _positive("evaluate.batch_size", self.batch_size)
-        _choice("evaluate.device", self.device, ("auto", "cpu", "cuda"))
+        _choice("evaluate.device", self.device, ("auto", "cpu", "cuda", "mps"))
 
 
 @dataclasses.dataclass(frozen=True)
