@@ -433,7 +433,8 @@ class Trainer:
             f"Lower train.lr (now {self.cfg.lr}), raise train.warmup_epochs or set train.grad_clip"
         )
 
-    def _state(self) -> dict[str, Any]:
+    def state(self) -> dict[str, Any]:
+        """Everything a checkpoint holds: the position, history, random states and weights."""
         return {
             "params_hash": self.hash,
             "epoch": self.epoch,
@@ -455,7 +456,7 @@ class Trainer:
     def _save_checkpoint(self, wait: bool = False) -> None:
         """Write a checkpoint (in the background on a GPU); ``wait``: until it is on disk."""
         if self.ckpt is not None and self.world.main:
-            self.checkpoints.save(self._state())
+            self.checkpoints.save(self.state())
             self.clock["checkpoint_s"] = self.checkpoints.blocked_s
             if wait:
                 self.checkpoints.wait()
