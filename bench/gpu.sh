@@ -12,8 +12,8 @@
 #   2. the train stage (with --checkpoints: their cost is reported apart), nvidia-smi sampling
 #      the GPU every 200 ms meanwhile;
 #   3. the evaluate stage;
-#   4. baselines while time is left: train.cache=ram with 0 and 8 DataLoader workers, and a
-#      4x larger batch, 3 epochs each;
+#   4. baselines while time is left, 3 epochs each: torch.compile switched (on, unless the run
+#      compiled), train.cache=ram with 0 and 8 DataLoader workers, a 4x larger batch;
 #   5. the table, from whatever finished.
 # The wheels in .gpu/whl (the exact segmentation-models-pytorch and timm tested here) are
 # unpacked ahead of the machine's own packages. With $OUT set (the device tool), the log is
@@ -22,7 +22,7 @@
 #
 # Environment: PYTHON (default python3), GPU_DIR (default .gpu), BUDGET (seconds, default 540:
 # one device command may run 600), TRAIN_MAX (default 330), BASELINES (default
-# "ram-w0 ram-w8 batch-x4"; empty: none), KEEP=1 keeps the work folder.
+# "compile ram-w0 batch-x4 ram-w8", in this order; empty: none), KEEP=1 keeps the work folder.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TZ=UTC HF_HUB_OFFLINE=1
@@ -30,7 +30,7 @@ PY=${PYTHON:-python3}
 GPU=$(realpath "${GPU_DIR:-.gpu}")
 BUDGET=${BUDGET:-540}
 TRAIN_MAX=${TRAIN_MAX:-330}
-BASELINES=${BASELINES-ram-w0 ram-w8 batch-x4}
+BASELINES=${BASELINES-compile ram-w0 batch-x4 ram-w8}
 T0=$(date +%s)
 for need in params.yaml processed.tar.gz whl; do
     [[ -e "$GPU/$need" ]] || { echo "gpu.sh: $GPU/$need is missing; run bench/gpu_prepare.sh" >&2; exit 2; }
@@ -143,6 +143,7 @@ changes = {
     "ram-w0": {"cache": "ram", "workers": 0},
     "ram-w8": {"cache": "ram", "workers": 8},
     "batch-x4": {"batch_size": 4 * t["batch_size"]},
+    "compile": {"compile": not t["compile"]},  # torch.compile, or not when the run compiled
 }
 if name not in changes:
     sys.exit(f"gpu.sh: unknown baseline {name!r} (known: {', '.join(changes)})")
