@@ -1,95 +1,171 @@
 #!/usr/bin/env bash
-# Train and evaluate on DRIVE on one GPU, without DVC and without a package index; print images/s,
-# GPU busy share, peak GPU memory, test F1 (Dice) and AUC, and the wall times.
+# Train and evaluate on DRIVE on one GPU, without DVC and without a package index, inside one
+# time budget, and print a table that says what ran and how fast (bench/gpu_summary.py).
 #
-#   bash bench/gpu_prepare.sh                  # first, on a machine with this repository's venv
+#   bash bench/gpu_prepare.sh                   # first, here: builds .gpu/ (git-ignored)
 #   bash bench/gpu.sh [section.key=value ...]   # then, on the GPU machine, from the repository
 #   bash bench/gpu.sh train.epochs=60 train.compile=true evaluate.threshold=auto
 #
-# Reads .gpu/ (made by bench/gpu_prepare.sh): the GPU recipe's params, the processed DRIVE stores
-# and wheels of the pure-Python packages a bare machine lacks (segmentation-models-pytorch). It
-# needs python3 with torch, timm, safetensors, tifffile, scikit-image and pandas; dvclive is
-# optional (without it the train stage writes its metrics file only). The stage scripts run in a
-# temporary folder. The GPU busy share is nvidia-smi's utilization.gpu (share of time a kernel
-# runs), sampled every 200 ms during the train stage, validation included.
-# Environment: PYTHON (default python3), GPU_DIR (default .gpu), KEEP=1 keeps the work folder.
-set -euo pipefail
+# In order, each stage under `timeout` and within BUDGET seconds for the whole command:
+#   0. versions (python, torch, timm, huggingface_hub, numpy, smp) and `nvidia-smi -L`;
+#   1. a self-check (bench/gpu_selfcheck.py): device crops equal host crops, a bf16 step finite;
+#   2. the train stage (with --checkpoints: their cost is reported apart), nvidia-smi sampling
+#      the GPU every 200 ms meanwhile;
+#   3. the evaluate stage;
+#   4. baselines while time is left, 3 epochs each: torch.compile switched (on, unless the run
+#      compiled), train.cache=ram with 0 and 8 DataLoader workers, a 4x larger batch;
+#   5. the table, from whatever finished.
+# The wheels in .gpu/whl (the exact segmentation-models-pytorch and timm tested here) are
+# unpacked ahead of the machine's own packages. With $OUT set (the device tool), the log is
+# written there as it runs, and at the end: summary.md, params.yaml, epochs.jsonl (the
+# trainer's per-epoch clock), smi.csv (the samples), train-metrics.json, evaluate-metrics.json.
+#
+# Environment: PYTHON (default python3), GPU_DIR (default .gpu), BUDGET (seconds, default 540:
+# one device command may run 600), TRAIN_MAX (default 330), BASELINES (default
+# "compile ram-w0 batch-x4 ram-w8", in this order; empty: none), KEEP=1 keeps the work folder.
+set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 TZ=UTC HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
 GPU=$(realpath "${GPU_DIR:-.gpu}")
+BUDGET=${BUDGET:-540}
+TRAIN_MAX=${TRAIN_MAX:-330}
+BASELINES=${BASELINES-compile ram-w0 batch-x4 ram-w8}
+T0=$(date +%s)
 for need in params.yaml processed.tar.gz whl; do
     [[ -e "$GPU/$need" ]] || { echo "gpu.sh: $GPU/$need is missing; run bench/gpu_prepare.sh" >&2; exit 2; }
 done
 WORK=$(mktemp -d -t medseg-gpu.XXXXXX)
+LOG=${OUT:+$OUT/gpu.log}
+LOG=${LOG:-$WORK/gpu.log}
 SMI=""  # the nvidia-smi sampler's pid (never `kill 0`: that is the whole process group)
-trap '[[ -z "$SMI" ]] || kill "$SMI" 2>/dev/null || true; [[ "${KEEP:-0}" == 1 ]] || rm -rf "$WORK"' EXIT
 
-# 1. packages: a pure-Python wheel is a zip of the package; unpacked, it imports from there
-SITE="$WORK/site"
-mkdir -p "$SITE"
-if ! "$PY" -c 'import segmentation_models_pytorch' 2>/dev/null; then
-    for wheel in "$GPU"/whl/*.whl; do "$PY" -m zipfile -e "$wheel" "$SITE"; done
-fi
-export HF_HUB_OFFLINE=1 PYTHONPATH="$PWD/src:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+left() { echo $((BUDGET - ($(date +%s) - T0))); }
+min() { if (($1 < $2)); then echo "$1"; else echo "$2"; fi; }
 
-# 2. data and params (overrides from the command line)
-tar -C "$WORK" -xzf "$GPU/processed.tar.gz"
-"$PY" - "$GPU/params.yaml" "$WORK/params.yaml" "$@" <<'EOF'
+# run_stage NAME LIMIT LOGFILE CMD...: CMD under `timeout`, its output also in LOGFILE; the
+# start, end and exit code go to times.tsv (a start alone: the command was cut off).
+run_stage() {
+    local name=$1 limit=$2 logfile=$3 start rc
+    shift 3
+    start=$(date +%s.%N)
+    printf '%s\t%s\n' "$name" "$start" >>"$WORK/times.tsv"
+    echo "== $name (limit ${limit} s) $(date -u +%H:%M:%S)"
+    timeout -k 20 "$limit" "$@" 2>&1 | tee "$logfile"
+    rc=${PIPESTATUS[0]}
+    printf '%s\t%s\t%s\t%s\n' "$name" "$start" "$(date +%s.%N)" "$rc" >>"$WORK/times.tsv"
+    echo "== $name: exit $rc"
+    return "$rc"
+}
+
+collect() {  # copy the small results to $OUT (at most 8 files, with gpu.log)
+    [[ -n "${OUT:-}" ]] || return 0
+    cp -f "$WORK/params.yaml" "$OUT/params.yaml" 2>/dev/null
+    cp -f "$WORK/summary.md" "$OUT/summary.md" 2>/dev/null
+    cp -f "$WORK/smi.csv" "$OUT/smi.csv" 2>/dev/null
+    cp -f "$WORK/train/metrics.json" "$OUT/train-metrics.json" 2>/dev/null
+    cp -f "$WORK/evaluate/metrics.json" "$OUT/evaluate-metrics.json" 2>/dev/null
+    grep -ho 'epoch clock .*' "$WORK/train.log" 2>/dev/null | cut -c13- >"$OUT/epochs.jsonl"
+    return 0
+}
+
+finish() {
+    [[ -z "$SMI" ]] || kill "$SMI" 2>/dev/null
+    collect
+    [[ "${KEEP:-0}" == 1 ]] && echo "kept: $WORK" || rm -rf "$WORK"
+}
+trap finish EXIT
+trap 'exit 143' TERM INT
+
+main() {
+    # 0. what runs: the unpacked wheels first on the path, so they win over the machine's
+    local site="$WORK/site"
+    mkdir -p "$site"
+    for wheel in "$GPU"/whl/*.whl; do
+        [[ -e "$wheel" ]] && "$PY" -m zipfile -e "$wheel" "$site"
+    done
+    export PYTHONPATH="$site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+    echo "== medseg $(git rev-parse --short HEAD 2>/dev/null || echo '?') budget ${BUDGET} s"
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi -L
+    else
+        echo "nvidia-smi: not found (no GPU load figures)"
+    fi
+
+    # params, with the command line's overrides; data.*, convert.* and preprocess.* are fixed
+    # by bench/gpu_prepare.sh, which made the data
+    tar -C "$WORK" -xzf "$GPU/processed.tar.gz" || return 2
+    "$PY" - "$GPU/params.yaml" "$WORK/params.yaml" "$@" <<'PY' || return 2
 import sys, yaml
 src, out, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
 p = yaml.safe_load(open(src))
 for item in overrides:
-    key, value = item.split("=", 1)
-    section, name = key.split(".", 1)
-    if name not in p[section]:
-        sys.exit(f"gpu.sh: unknown params key {key}")
-    p[section][name] = yaml.safe_load(value)
+    key, _, value = item.partition("=")
+    section, _, name = key.partition(".")
+    if name not in p.get(section, {}):
+        sys.exit(f"gpu.sh: unknown params key {key!r}")
+    new = yaml.safe_load(value)
+    if section in ("data", "convert", "preprocess") and new != p[section][name]:
+        sys.exit(f"gpu.sh: {key} is fixed by the data in .gpu (now {p[section][name]!r}); "
+                 f"rebuild them with: bash bench/gpu_prepare.sh DRIVE {item}")
+    p[section][name] = new
 yaml.safe_dump(p, open(out, "w"), sort_keys=False)
 print("train:", {k: p["train"][k] for k in ("device", "arch", "encoder", "batch_size",
-      "patch_size", "patches_per_epoch", "epochs", "lr", "cache", "compile")})
-EOF
-P=$WORK/params.yaml
+      "patch_size", "patches_per_epoch", "epochs", "lr", "cache", "compile", "amp")})
+print("preprocess.contrast:", p["preprocess"]["contrast"], " evaluate:", p["evaluate"])
+PY
+    local P=$WORK/params.yaml D=$WORK/processed
 
-# 3. train (GPU sampled meanwhile), then evaluate
-if command -v nvidia-smi >/dev/null; then
-    nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 200 >"$WORK/util.txt" &
+    # 1-3. self-check, train, evaluate
+    run_stage selfcheck "$(min 90 "$(left)")" "$WORK/selfcheck.log" \
+        "$PY" bench/gpu_selfcheck.py --params "$P" --data "$D" || return 1
+    run_stage train "$(min "$TRAIN_MAX" $(($(left) - 150)))" "$WORK/train.log" \
+        "$PY" stages/train.py --params "$P" --data "$D" --models "$WORK/models" \
+        --logs "$WORK/train" --checkpoints "$WORK/checkpoints"
+    collect
+    if [[ -f "$WORK/models/model.safetensors" ]]; then
+        run_stage evaluate "$(min 150 $(($(left) - 20)))" "$WORK/evaluate.log" \
+            "$PY" stages/evaluate.py --params "$P" --data "$D" --model "$WORK/models" \
+            --out "$WORK/evaluate"
+    fi
+    collect
+
+    # 4. baselines: the usual host loader, and headroom, 3 epochs each, while time is left
+    local name
+    for name in $BASELINES; do
+        (($(left) > 45)) || { echo "== baseline $name: skipped, no time left"; continue; }
+        "$PY" - "$P" "$WORK/$name.yaml" "$name" <<'PY' || continue
+import sys, yaml
+src, out, name = sys.argv[1:]
+p = yaml.safe_load(open(src))
+t = p["train"]
+changes = {
+    "ram-w0": {"cache": "ram", "workers": 0},
+    "ram-w8": {"cache": "ram", "workers": 8},
+    "batch-x4": {"batch_size": 4 * t["batch_size"]},
+    "compile": {"compile": not t["compile"]},  # torch.compile, or not when the run compiled
+}
+if name not in changes:
+    sys.exit(f"gpu.sh: unknown baseline {name!r} (known: {', '.join(changes)})")
+t.update(changes[name], epochs=3, val_every=1000)  # validated once, after the last epoch
+print(f"baseline {name}: 3 epochs,", changes[name])
+yaml.safe_dump(p, open(out, "w"), sort_keys=False)
+PY
+        run_stage "baseline-$name" "$(min 90 $(($(left) - 20)))" "$WORK/baseline-$name.log" \
+            "$PY" stages/train.py --params "$WORK/$name.yaml" --data "$D" \
+            --models "$WORK/$name/models" --logs "$WORK/$name/train"
+    done
+    return 0
+}
+
+if command -v nvidia-smi >/dev/null; then  # sampled from here to the table, every 200 ms
+    nvidia-smi --query-gpu=timestamp,utilization.gpu,power.draw,clocks.sm,memory.used \
+        --format=csv,noheader,nounits -lms 200 >"$WORK/smi.csv" 2>&1 &
     SMI=$!
 fi
-START=$(date +%s.%N)
-"$PY" stages/train.py --params "$P" --data "$WORK/processed" --models "$WORK/models" \
-    --logs "$WORK/train" --checkpoints "$WORK/checkpoints"
-END=$(date +%s.%N)
-[[ -z "$SMI" ]] || kill "$SMI" 2>/dev/null || true
-SMI=""
-"$PY" stages/evaluate.py --params "$P" --data "$WORK/processed" --model "$WORK/models" \
-    --out "$WORK/evaluate"
-EVAL_END=$(date +%s.%N)
-
-"$PY" - "$WORK" "$START" "$END" "$EVAL_END" <<'EOF'
-import json, os, sys
-work, start, end, eval_end = sys.argv[1], *map(float, sys.argv[2:])
-train = json.load(open(f"{work}/train/metrics.json"))
-for curve in ("throughput_images_per_s", "gpu_peak_memory_gib"):  # curves, not metrics
-    path = f"{work}/train/plots/metrics/{curve}.tsv"
-    if os.path.exists(path):
-        train[curve] = float(open(path).read().split()[-1])
-metrics = json.load(open(f"{work}/evaluate/metrics.json"))
-test = metrics["test"]["fov"]
-util_file = f"{work}/util.txt"
-util = [float(x) for x in open(util_file).read().split()] if os.path.exists(util_file) else []
-nan = float("nan")
-rows = [
-    ("train stage wall time (s)", f"{end - start:.1f}"),
-    ("evaluate stage wall time (s)", f"{eval_end - end:.1f}"),
-    ("images/s (last epoch)", f"{train.get('throughput_images_per_s', nan):.1f}"),
-    ("peak GPU memory (GiB)", f"{train.get('gpu_peak_memory_gib', nan):.2f}"),
-    ("GPU busy, mean of samples (%)", f"{sum(util) / len(util):.1f}" if util else "-"),
-    ("best val Dice (epoch)", f"{train.get('best_val_dice', nan):.4f} ({train['best_epoch']})"),
-    ("threshold (evaluate)", f"{metrics['threshold']}"),
-    ("test F1 = Dice (FOV)", f"{test['dice']:.4f}"),
-    ("test AUC (FOV)", f"{test['auc_roc']:.4f}"),
-]
-print("\n| measure | value |\n| --- | ---: |")
-for name, value in rows:
-    print(f"| {name} | {value} |")
-EOF
+main "$@" 2>&1 | tee -a "$LOG"
+status=${PIPESTATUS[0]}
+[[ -z "$SMI" ]] || kill "$SMI" 2>/dev/null
+"$PY" bench/gpu_summary.py "$WORK" --out "$WORK/summary.md" 2>&1 | tee -a "$LOG"
+echo "gpu.sh: $(($(date +%s) - T0)) s of the ${BUDGET} s budget" | tee -a "$LOG"
+exit "$status"

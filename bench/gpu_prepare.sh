@@ -3,22 +3,29 @@
 # has python3 with torch, timm, safetensors, tifffile, scikit-image and pandas, but no
 # segmentation-models-pytorch, dvc, dvclive, pydicom or imagecodecs, and no package index.
 #
-#   bash bench/gpu_prepare.sh [/path/to/DRIVE]      # default ../shared/datasets/DRIVE
+#   bash bench/gpu_prepare.sh [/path/to/DRIVE] [section.key=value ...]
+#       # default /work/shared/datasets/DRIVE, else ../shared/datasets/DRIVE
 #
 # .gpu/params.yaml          this repository's params.yaml, data.root set to DRIVE, the GPU recipe
 # .gpu/processed.tar.gz     DRIVE converted and preprocessed with those params (the stage outputs)
-# .gpu/whl/*.whl            wheels of what the GPU machine lacks (pure Python: no platform tags)
+# .gpu/whl/*.whl            the exact wheels the code was tested with here, unpacked by gpu.sh
+#                           ahead of the machine's own: segmentation-models-pytorch and timm
 #
-# No binary wheel is needed: train and evaluate never import pydicom or dvc, dvclive is optional,
-# and imagecodecs is imported only for 16-bit colour PNG (not DRIVE). Should one be needed, fetch it
-# for the GPU machine's Python with: python3 -m pip download --no-deps --only-binary=:all:
-#   --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
-#   --platform manylinux2014_x86_64 -d .gpu/whl NAME==VERSION
+# The GPU recipe is the CPU DRIVE recipe (bench/drive_recipe.py RECIPE: CLAHE, flip TTA at
+# evaluation, validation every 5 epochs) with a GPU's batch: 64 patches of 128 pixels, 8192
+# patches an epoch, 40 epochs, lr 2e-3, bf16, the split cached on the GPU. Overrides given here
+# (a preprocess.* key, say) are baked into .gpu/params.yaml and the processed data; gpu.sh
+# refuses to change data.*, convert.* or preprocess.* later, since the data are made here.
 #
-# The folder is git-ignored and stays under 64 MiB (it travels with the working tree).
+# The folder is git-ignored and stays under 64 MiB (it travels with the working tree: name it
+# in the device run's `carry`, docs/gpu.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DRIVE=$(realpath "${1:-../shared/datasets/DRIVE}")
+DEFAULT=/work/shared/datasets/DRIVE
+[[ -d $DEFAULT ]] || DEFAULT=../shared/datasets/DRIVE
+DRIVE=$DEFAULT
+if [[ $# -gt 0 && $1 != *=* ]]; then DRIVE=$1; shift; fi
+DRIVE=$(realpath "$DRIVE")
 GPU=.gpu
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -26,27 +33,34 @@ export HF_HUB_OFFLINE=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 rm -rf "$GPU"
 mkdir -p "$GPU/whl"
 
-# the GPU recipe; bench/gpu.sh takes further section.key=value overrides at run time
-python3 - "$DRIVE" "$GPU/params.yaml" <<'PY'
+python3 - "$DRIVE" "$GPU/params.yaml" "$@" <<'PY'
 import sys, yaml
-drive, out = sys.argv[1], sys.argv[2]
+drive, out, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
 p = yaml.safe_load(open("params.yaml"))
 p["data"]["root"] = drive
+p["preprocess"]["contrast"] = "clahe"  # as bench/drive_recipe.py RECIPE
+p["evaluate"]["tta"] = True
 p["train"].update(
     device="cuda", amp=True, cache="auto", batch_size=64, patch_size=128,
     patches_per_epoch=8192, epochs=40, val_every=5, lr=2.0e-3, warmup_epochs=1.0, workers=0,
 )
+for item in overrides:
+    key, value = item.split("=", 1)
+    section, name = key.split(".", 1)
+    if name not in p.get(section, {}):
+        sys.exit(f"gpu_prepare.sh: unknown params key {key}")
+    p[section][name] = yaml.safe_load(value)
 yaml.safe_dump(p, open(out, "w"), sort_keys=False)
 PY
 
-python3 stages/convert.py --params "$GPU/params.yaml" --out "$WORK/converted"
-python3 stages/preprocess.py --params "$GPU/params.yaml" --converted "$WORK/converted" \
+nice -n 10 python3 stages/convert.py --params "$GPU/params.yaml" --out "$WORK/converted"
+nice -n 10 python3 stages/preprocess.py --params "$GPU/params.yaml" --converted "$WORK/converted" \
     --out "$WORK/processed"
 tar -C "$WORK" -czf "$GPU/processed.tar.gz" processed
 
-# pure-Python wheels, the versions installed here (the ones the tests pass with)
-for dist in segmentation-models-pytorch; do
+# the versions installed here (the ones the tests pass with); pure Python, no platform tags
+for dist in segmentation-models-pytorch timm; do
     version=$(python3 -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$dist")
-    python3 -m pip download --quiet --no-deps --dest "$GPU/whl" "$dist==$version"
+    python3 -m pip download --quiet --no-deps --only-binary=:all: --dest "$GPU/whl" "$dist==$version"
 done
 du -sh "$GPU" "$GPU"/*

@@ -4,6 +4,9 @@
 # except from the wheels gpu.sh unpacks out of .gpu/whl; tiny budget, device cpu, device cache.
 #
 #   bash bench/gpu_prepare.sh && bash bench/gpu_rehearse.sh [section.key=value ...]
+#
+# The baselines run too, but for `compile` (an inductor build on two CPU cores takes minutes):
+# set BASELINES to choose.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BLOCK=$(mktemp -d)
@@ -30,6 +33,7 @@ class BareMachine:
 
 sys.meta_path.insert(0, BareMachine)
 PY
-PYTHONPATH="$BLOCK${PYTHONPATH:+:$PYTHONPATH}" bash bench/gpu.sh \
-    train.device=cpu train.cache=device train.epochs=1 train.patches_per_epoch=8 \
-    train.batch_size=4 train.patch_size=64 train.val_every=1 evaluate.device=cpu "$@"
+BASELINES=${BASELINES-ram-w0 batch-x4 ram-w8} PYTHONPATH="$BLOCK${PYTHONPATH:+:$PYTHONPATH}" \
+    bash bench/gpu.sh \
+    train.device=cpu train.cache=device train.epochs=2 train.patches_per_epoch=8 \
+    train.batch_size=4 train.patch_size=64 train.val_every=2 evaluate.device=cpu "$@"

@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_params, write_params
 
 from medseg.checkpoint import (
+    CheckpointWriter,
     StopSignals,
     load_checkpoint,
     params_hash,
@@ -95,3 +96,32 @@ def test_sigterm_sets_the_flag_and_handlers_come_back():
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_writer_saves_the_state_of_the_moment_of_the_call(tmp_path: Path, background: bool):
+    path = tmp_path / "ck" / "c.pt"
+    writer = CheckpointWriter(path, background=background)
+    weights = torch.arange(6.0)
+    history = [({"loss": 1.0}, {"best_epoch": 1})]
+    state = {"params_hash": "h", "model": {"w": weights}, "history": history, "epoch": 1}
+    writer.save(state)
+    weights.add_(100.0)  # training goes on at once: the file must not see it
+    history.append(({"loss": 0.5}, {"best_epoch": 2}))
+    writer.wait()
+    loaded = load_checkpoint(path, "h")
+    assert loaded is not None and torch.equal(loaded["model"]["w"], torch.arange(6.0))
+    assert loaded["history"] == [({"loss": 1.0}, {"best_epoch": 1})]
+    assert writer.blocked_s >= 0 and writer.write_s > 0
+    writer.save({**state, "epoch": 2})  # the next save waits for the previous write
+    writer.wait()
+    assert load_checkpoint(path, "h")["epoch"] == 2
+
+
+def test_writer_hands_a_background_error_to_wait(tmp_path: Path):
+    (tmp_path / "file").write_text("")
+    writer = CheckpointWriter(tmp_path / "file" / "c.pt", background=True)  # a file as folder
+    writer.save({"params_hash": "h"})
+    with pytest.raises(OSError):
+        writer.wait()
+    writer.wait()  # reported once

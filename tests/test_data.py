@@ -228,8 +228,10 @@ def test_centres_are_uniform_over_the_fov(store_at):
     images, masks, fov = _arrays(n=1, size=64)
     fov[:] = 0
     fov[0, 5, 7] = fov[0, 5, 9] = fov[0, 40, 3] = fov[0, 63, 63] = 1
-    sampler = PatchSampler(store_at(images, masks, fov), 32, 0.0, np.random.default_rng(0))
-    draws = [sampler._centre(0, 0, w) for w in np.random.default_rng(1).random(4000)]
+    # 1-pixel patches: the corner is the centre (no clamping at the border)
+    sampler = PatchSampler(store_at(images, masks, fov), 1, 0.0, np.random.default_rng(1))
+    plan = sampler.plan(1, 4000)
+    draws = list(zip(plan.top[0].tolist(), plan.left[0].tolist(), strict=True))
     counts = {p: draws.count(p) for p in set(draws)}
     assert set(counts) == {(5, 7), (5, 9), (40, 3), (63, 63)}
     assert all(900 < c < 1100 for c in counts.values())
@@ -266,3 +268,74 @@ def test_ram_and_mapped_stores_give_the_same_batches(store_at, tmp_path: Path):
     pa, pb = a.plan(2, 4), b.plan(2, 4)
     assert np.array_equal(pa.top, pb.top) and np.array_equal(pa.image, pb.image)
     assert torch.equal(a.crop(pa, 1).image, b.crop(pb, 1).image)
+
+
+def _plan_one_patch_at_a_time(sampler: PatchSampler, steps: int, batch_size: int):
+    """The plan's image, top and left as the sampler drew them before it was vectorised: one
+    Python iteration per patch (the reference the vectorised draw must equal bit for bit)."""
+    rng, p, store = sampler.rng, sampler.patch_size, sampler.store
+    shape = (steps, batch_size)
+    image = rng.integers(len(store), size=shape)
+    on_fg = rng.random(shape) < sampler.foreground_fraction
+    which, where = rng.random(shape), rng.random(shape)
+    top, left = np.empty(shape, np.int64), np.empty(shape, np.int64)
+    for idx in np.ndindex(shape):
+        i = int(image[idx])
+        fg_cum = np.cumsum(store.get(i, "fg_rows"), axis=1, dtype=np.int64)
+        present = np.flatnonzero(fg_cum[:, -1] > 0)
+        label = 0
+        if on_fg[idx] and present.size:
+            label = int(present[int(which[idx] * present.size)]) + 1
+        fov_cum = np.cumsum(store.get(i, "fov_rows"), dtype=np.int64)
+        cum = fov_cum if label == 0 else fg_cum[label - 1]
+        r = min(int(float(where[idx]) * int(cum[-1])), int(cum[-1]) - 1)
+        row = int(np.searchsorted(cum, r, side="right"))
+        k = r - (int(cum[row - 1]) if row else 0)
+        inside = store.get(i, "fov")[row] > 0
+        if label:
+            inside &= store.get(i, "mask")[row] == label
+        cy, cx = row, int(np.flatnonzero(inside)[k])
+        h, w = int(store.cases[i]["height"]), int(store.cases[i]["width"])
+        top[idx] = min(max(cy - p // 2, 0), max(h - p, 0))
+        left[idx] = min(max(cx - p // 2, 0), max(w - p, 0))
+    return image, top, left
+
+
+@pytest.mark.parametrize("n_labels", [2, 4])
+@pytest.mark.parametrize("ram", [False, True])
+def test_vectorised_plan_equals_the_patch_by_patch_draw(store_at, n_labels: int, ram: bool):
+    """Bit-identical positions and generator state: the default run's metrics do not move."""
+    rng = np.random.default_rng(7)
+    sizes = [(40, 90), (64, 64), (130, 40), (33, 71), (50, 50)]
+    images = [rng.normal(size=(1, h, w)).astype(np.float32) for h, w in sizes]
+    masks = [rng.integers(n_labels, size=(h, w)) * (rng.random((h, w)) < 0.1) for h, w in sizes]
+    masks[1][:] = 0  # a case without foreground: its foreground patches fall back to the FOV
+    if n_labels > 2:
+        masks[2][masks[2] == 2] = 0  # a case that lacks one class
+    fovs = [rng.random((h, w)) < 0.8 for h, w in sizes]
+    data = store_at(images, [m.astype(np.uint8) for m in masks], fovs, n_labels=n_labels)
+    if ram:
+        data = CaseStore.open(data.folder, "train", ram=True)
+    for seed in range(3):
+        new = PatchSampler(data, 32, 0.6, np.random.default_rng(seed), AFFINE, n_labels=n_labels)
+        old = PatchSampler(data, 32, 0.6, np.random.default_rng(seed), AFFINE, n_labels=n_labels)
+        image, top, left = _plan_one_patch_at_a_time(old, 16, 24)
+        plan = new.plan(16, 24)
+        assert np.array_equal(plan.image, image)
+        assert np.array_equal(plan.top, top) and np.array_equal(plan.left, left)
+        assert plan.top.dtype == np.int64 and plan.left.dtype == np.int64
+
+
+def test_vectorised_plan_resumes_exactly_and_is_the_same_on_every_rank(store_at):
+    """A plan redrawn from a saved generator state is the one first drawn (exact resume), and
+    samplers of several processes, seeded alike, draw the same plan for the global batch."""
+    data = _split(store_at, n=4)
+    ranks = [PatchSampler(data, 32, 0.5, np.random.default_rng(11), AFFINE) for _ in range(3)]
+    for _ in range(2):  # two epochs
+        saved = dict(ranks[0].rng.bit_generator.state)
+        plans = [r.plan(5, 12) for r in ranks]
+        ranks[0].rng.bit_generator.state = saved  # a resume within the epoch redraws it
+        again = ranks[0].plan(5, 12)
+        for plan in [*plans[1:], again]:
+            for name, value in plans[0].__dict__.items():
+                assert np.array_equal(value, getattr(plan, name)), name

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -39,6 +42,28 @@ def test_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(MedsegError, match="no CUDA GPU"):
             resolve_device("cuda")
+
+
+def test_auto_finds_apple_mps_when_it_is_available(monkeypatch: pytest.MonkeyPatch):
+    """Availability faked: MPS is untested on real hardware (docs/gpu.md)."""
+    from medseg.config import TrainConfig, load_params
+    from medseg.distributed import World
+    from medseg.training.loop import train_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("mps")
+    assert resolve_device("mps") == torch.device("mps")
+    cfg = load_params(Path(__file__).parents[1] / "params.yaml", TrainConfig)
+    assert train_device(replace(cfg, device="mps"), World()) == torch.device("mps")
+    assert train_device(replace(cfg, device="auto"), World()) == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto").type == "cuda"  # CUDA first where both are present
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(MedsegError, match="no Apple MPS device"):
+        resolve_device("mps")
 
 
 def test_the_torch_free_list_of_architectures_is_the_registry():

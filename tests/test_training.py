@@ -142,6 +142,52 @@ def test_sigterm_then_rerun_gives_the_uninterrupted_result(processed: Path, tmp_
     assert [p.name for p in (cut / "checkpoints").iterdir()] == [FINISHED]  # removed after success
 
 
+class _StopAfterEpoch(Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, float]) -> None:
+        if trainer.epoch == self.epoch:
+            trainer.stop.requested = "SIGTERM"
+
+
+def test_background_checkpoints_resume_exactly_and_epochs_are_clocked(
+    processed: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """Checkpoints written in the background (as on a GPU) from a host copy: a run stopped
+    after epoch 1 and resumed ends with the uninterrupted run's weights. Each epoch logs its
+    wall-clock start and end, plan and checkpoint seconds, and the first step's end."""
+    cfg = _cfg(tmp_path, epochs=3, patches_per_epoch=8, batch_size=4, aug_prob=0.8)
+
+    def trainer(out: str, stop: Callback | None = None) -> Trainer:
+        hooks = [stop] if stop else []
+        t = Trainer(cfg, processed, checkpoint_dir=tmp_path / out / "ck", callbacks=hooks)
+        t.checkpoints.background = True
+        return t
+
+    with caplog.at_level("INFO", logger="medseg.training.loop"):
+        trainer("whole").run(tmp_path / "whole" / "models")
+    clocks = [
+        json.loads(r.getMessage().split("epoch clock ", 1)[1])
+        for r in caplog.records
+        if r.getMessage().startswith("epoch clock ")
+    ]
+    assert [c["epoch"] for c in clocks] == [1, 2, 3]
+    for c in clocks:
+        assert c["start"] < c["end"] <= c["val_end"] and c["images"] == 8
+        assert 0 <= c["plan_s"] < c["end"] - c["start"] and c["checkpoint_s"] >= 0
+    assert clocks[0]["start"] < clocks[0]["first_step_end"] <= clocks[0]["end"]
+    assert clocks[0]["val_end"] <= clocks[1]["start"]
+
+    with pytest.raises(MedsegError, match="stopped by SIGTERM"):
+        trainer("cut", _StopAfterEpoch(1)).run(tmp_path / "cut" / "models")
+    trainer("cut").run(tmp_path / "cut" / "models")
+    for name in ("model.safetensors", "last.safetensors"):
+        a = load_file(str(tmp_path / "whole" / "models" / name))
+        b = load_file(str(tmp_path / "cut" / "models" / name))
+        assert all(np.array_equal(a[k], b[k]) for k in a), name
+
+
 def test_checkpoint_of_other_params_is_not_resumed(processed: Path, tmp_path: Path, caplog):
     ckpt_dir = tmp_path / "ck"
     save_checkpoint(ckpt_dir / CHECKPOINT, {"params_hash": "from another experiment"})

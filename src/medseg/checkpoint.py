@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
@@ -82,6 +83,74 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class CheckpointWriter:
+    """Writes the checkpoints of one run to ``path`` with `save_checkpoint`, in the background
+    when ``background`` is true (on a GPU, so that the GPU need not wait for the disk).
+
+    A background `save` first copies every tensor of the state to host memory (and every list
+    and dict that holds them), so training may change its tensors at once: the file is exactly
+    the state at the moment of the call, and a resume from it is exact. A thread then writes
+    it (temporary file, fsync, rename). One write at a time: a save waits for the previous one;
+    `wait` waits for the last one and raises the error it met, if any.
+
+    Attributes:
+        blocked_s: seconds the caller waited in the last `save` (copy, or the whole write).
+        write_s: seconds the last finished write took (in the background or not).
+    """
+
+    def __init__(self, path: str | Path, background: bool = False) -> None:
+        self.path = Path(path)
+        self.background = background
+        self.blocked_s = 0.0
+        self.write_s = 0.0
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Write ``state`` (now, or a copy of it in the background)."""
+        start = time.perf_counter()
+        self.wait()
+        if not self.background:
+            save_checkpoint(self.path, state)
+            self.write_s = self.blocked_s = time.perf_counter() - start
+            return
+        snapshot = host_copy(state)
+        self._thread = threading.Thread(target=self._write, args=(snapshot,), name="checkpoint")
+        self._thread.start()
+        self.blocked_s = time.perf_counter() - start
+
+    def _write(self, state: dict[str, Any]) -> None:
+        start = time.perf_counter()
+        try:
+            save_checkpoint(self.path, state)
+        except BaseException as err:  # handed to the training thread by `wait`
+            self._error = err
+        self.write_s = time.perf_counter() - start
+
+    def wait(self) -> None:
+        """Wait until the last write is on disk; raise its error, if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+
+def host_copy(value: Any) -> Any:
+    """``value`` with every tensor copied to host memory, and every dict, list and tuple that
+    holds one rebuilt: a snapshot that later changes to the original cannot reach."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: host_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [host_copy(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(host_copy(v) for v in value)
+    return value
 
 
 def load_checkpoint(path: str | Path, expected_hash: str) -> dict[str, Any] | None:

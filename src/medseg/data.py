@@ -169,38 +169,76 @@ class PatchSampler:
         # per case: cumulative FOV pixels per row, and per foreground class the same
         self._fov_cum = [np.cumsum(store.get(i, "fov_rows"), dtype=np.int64) for i in store]
         self._fg_cum = [np.cumsum(store.get(i, "fg_rows"), axis=1, dtype=np.int64) for i in store]
-        self._classes = [np.flatnonzero(c[:, -1] > 0) for c in self._fg_cum]
+        # per case: the foreground classes present (0-based), padded with -1; heights, widths
+        self.n_labels = n_labels
+        self._present = np.full((len(store), max(n_labels - 1, 1)), -1, np.int64)
+        for i, c in enumerate(self._fg_cum):
+            classes = np.flatnonzero(c[:, -1] > 0)
+            self._present[i, : classes.size] = classes
+        self._heights = np.array([h for h, _ in self.sizes], np.int64)
+        self._widths = np.array([w for _, w in self.sizes], np.int64)
 
-    def _centre(self, i: int, label: int, where: float) -> tuple[int, int]:
-        """The pixel at share ``where`` of the FOV pixels (label 0) or of class ``label``'s."""
-        cum = self._fov_cum[i] if label == 0 else self._fg_cum[i][label - 1]
-        r = min(int(where * int(cum[-1])), int(cum[-1]) - 1)
-        row = int(np.searchsorted(cum, r, side="right"))
-        k = r - (int(cum[row - 1]) if row else 0)
-        inside = self.store.get(i, "fov")[row] > 0
-        if label:
-            inside &= self.store.get(i, "mask")[row] == label
-        return row, int(np.flatnonzero(inside)[k])
+    def _labels(self, image: np.ndarray, on_fg: np.ndarray, which: np.ndarray) -> np.ndarray:
+        """Per patch: 0 (a FOV pixel), or the foreground class at share ``which`` of the classes
+        present in its case when ``on_fg`` and the case has any."""
+        present = self._present[image]  # (..., n_labels - 1) class indices, -1 after the last
+        count = (present >= 0).sum(axis=-1)
+        pick = (which * count).astype(np.int64)  # as int(which * count): which is in [0, 1)
+        pick = np.minimum(pick, present.shape[-1] - 1)[..., None]
+        chosen = np.take_along_axis(present, pick, axis=-1)[..., 0]
+        return np.where(on_fg & (count > 0), chosen + 1, 0)
+
+    def _centres(
+        self, image: np.ndarray, label: np.ndarray, where: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and columns of the patch centres: per patch, the pixel at share ``where`` (in
+        raster order) of its case's FOV pixels (label 0) or of class ``label``'s inside the FOV.
+
+        Vectorised per (case, label) group: the row from the cumulative row counts, the column
+        from the running counts along the rows the group's centres fall on, one
+        ``searchsorted`` each, so a plan costs a few numpy calls per case, not per patch.
+        """
+        rows = np.empty(image.size, np.int64)
+        cols = np.empty(image.size, np.int64)
+        stride = self.n_labels + 1
+        keys = (image * stride + label).ravel()
+        shares = where.ravel()
+        order = np.argsort(keys, kind="stable")
+        for group in np.split(order, np.flatnonzero(np.diff(keys[order])) + 1):
+            i, lab = divmod(int(keys[group[0]]), stride)
+            cum = self._fov_cum[i] if lab == 0 else self._fg_cum[i][lab - 1]
+            total = int(cum[-1])
+            r = np.minimum((shares[group] * total).astype(np.int64), total - 1)
+            row = np.searchsorted(cum, r, side="right")
+            k = r - np.where(row > 0, cum[row - 1], 0)  # the centre is the k-th pixel of its row
+            lines, line_of = np.unique(row, return_inverse=True)
+            inside = self.store.get(i, "fov")[lines] > 0
+            if lab:
+                inside &= self.store.get(i, "mask")[lines] == lab
+            # the lines' running counts as one nondecreasing sequence: line j lifted by j * span
+            span = inside.shape[1] + 1
+            lift = np.arange(len(lines), dtype=np.int64)[:, None] * span
+            running = (np.cumsum(inside, axis=1, dtype=np.int64) + lift).ravel()
+            at = np.searchsorted(running, line_of * span + k, side="right")
+            rows[group], cols[group] = row, at - line_of * (span - 1)
+        return rows.reshape(image.shape), cols.reshape(image.shape)
 
     def plan(self, steps: int, batch_size: int) -> Plan:
-        """Draw every random choice of ``steps`` batches of ``batch_size`` patches."""
+        """Draw every random choice of ``steps`` batches of ``batch_size`` patches.
+
+        Every draw is made up front, in a fixed order, from ``rng``; the centres are then found
+        without further draws, so the plan depends on the generator's state alone.
+        """
         rng, p, aug = self.rng, self.patch_size, self.aug
         shape = (steps, batch_size)
         image = rng.integers(len(self.store), size=shape)
         on_fg = rng.random(shape) < self.foreground_fraction
         which = rng.random(shape)
         where = rng.random(shape)
-        top, left = np.empty(shape, np.int64), np.empty(shape, np.int64)
-        for idx in np.ndindex(shape):
-            i = int(image[idx])
-            present = self._classes[i]
-            label = 0
-            if on_fg[idx] and present.size:
-                label = int(present[int(which[idx] * present.size)]) + 1
-            cy, cx = self._centre(i, label, float(where[idx]))
-            h, w = self.sizes[i]
-            top[idx] = min(max(cy - p // 2, 0), max(h - p, 0))
-            left[idx] = min(max(cx - p // 2, 0), max(w - p, 0))
+        cy, cx = self._centres(image, self._labels(image, on_fg, which), where)
+        h, w = self._heights[image], self._widths[image]
+        top = np.minimum(np.maximum(cy - p // 2, 0), np.maximum(h - p, 0))
+        left = np.minimum(np.maximum(cx - p // 2, 0), np.maximum(w - p, 0))
         if not self.store.ram:
             self.store.release_all()
         turns, flip = rng.integers(4, size=shape), rng.integers(2, size=shape).astype(bool)

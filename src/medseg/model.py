@@ -109,9 +109,13 @@ def check_names(arch: str, encoder: str) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present, else CPU; ``cuda`` without a GPU is a user error."""
+    """``auto`` picks CUDA when present, else Apple's MPS when present, else CPU; ``cuda`` or
+    ``mps`` without such a device is a user error. (MPS is untested on real hardware.)"""
+    mps = torch.backends.mps.is_available()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise MedsegError("params: device is 'cuda' but no CUDA GPU is available; use 'auto'")
+    if name == "mps" and not mps:
+        raise MedsegError("params: device is 'mps' but no Apple MPS device is available; use auto")
     return torch.device(name)

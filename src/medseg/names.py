@@ -47,7 +47,7 @@ LOSSES = ("bce", "dice", "bce_dice", "cldice")  # train.loss: medseg.losses.LOSS
 OPTIMIZERS = ("adam", "adamw")  # train.optimizer: medseg.training.optim.OPTIMIZERS
 SCHEDULES = ("constant", "cosine", "poly")  # train.schedule: medseg.training.optim.lr_factor
 CACHES = ("auto", "ram", "none", "device")  # train.cache: medseg.training.cache
-DEVICES = ("auto", "cpu", "cuda")  # train.device, evaluate.device, medseg predict --device
+DEVICES = ("auto", "cpu", "cuda", "mps")  # train.device, evaluate.device, medseg predict --device
 
 # --- evaluate ---
 BLENDINGS = ("gaussian", "constant")  # evaluate.blending: weights of overlapping windows

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from medseg.io.atomic import write_json
+from medseg.training.monitor import GPU_CURVES
 
 
 class TrainerView(Protocol):
@@ -32,7 +33,9 @@ class TrainerView(Protocol):
 
 # Curves only: they measure the machine, not the model, and would show as a change in every
 # `dvc metrics diff` (the metrics file keeps what the same params and data always reproduce).
-MACHINE_CURVES = ("throughput_images_per_s", "gpu_peak_memory_gib")
+MACHINE_CURVES = (
+    "throughput_images_per_s", "gpu_peak_memory_gib", "gpu_peak_reserved_gib", *GPU_CURVES,
+)  # fmt: skip
 CURVES = Path("plots") / "metrics"  # dvclive's folder of curves, within the logs folder
 
 

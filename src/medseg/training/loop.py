@@ -11,7 +11,8 @@ One epoch, step by step:
    losses stay on the device.
 3. After the epoch: one look at the losses (a NaN or inf stops the run, naming the step),
    validation on whole images every ``val_every`` epochs, the callbacks (dvclive's curves), a
-   checkpoint.
+   checkpoint (on a GPU written in the background from a host copy), one "epoch clock" log
+   line (wall-clock start and end, plan and checkpoint seconds: what bench/gpu.sh reads).
 
 A SIGTERM (spot preemption) or SIGINT finishes the current step, writes a checkpoint that
 includes the position within the epoch, and exits non-zero; the next run with the same params and
@@ -22,6 +23,7 @@ checkpoint is removed after a successful run: the weights are in the models fold
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -39,13 +41,13 @@ from tqdm import tqdm
 from medseg.bundle import save_bundle
 from medseg.checkpoint import (
     CHECKPOINT,
+    CheckpointWriter,
     StopSignals,
     load_checkpoint,
     mark_finished,
     params_hash,
     restore_rng,
     rng_state,
-    save_checkpoint,
 )
 from medseg.config import EvaluateConfig, TrainConfig
 from medseg.data import Batch, PatchSampler, Plan, augment
@@ -74,6 +76,7 @@ from medseg.model import ModelSpec, build_model, check_names, resolve_device
 from medseg.processed import CLASSES, open_split, read_case, read_class_names
 from medseg.training.cache import DevicePlan, choose_cache, make_sampler
 from medseg.training.callbacks import Callback, LiveLog
+from medseg.training.monitor import GpuMonitor
 from medseg.training.optim import build_optimizer, build_schedule
 
 log = logging.getLogger(__name__)
@@ -159,6 +162,8 @@ class Trainer:
         self.class_names = read_class_names(data_dir)
         _check_classes(cfg, self.class_names, data_dir)
         self.ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
+        # on a GPU the checkpoint is written in the background (a host copy first: still exact)
+        self.checkpoints = CheckpointWriter(self.ckpt or CHECKPOINT, self.device.type != "cpu")
         self.hash = params_hash(cfg, [*self.train.files(), *self.val.files()])
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
@@ -182,6 +187,10 @@ class Trainer:
         self.best_dice, self.best_epoch = -1.0, -1
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_threshold: float | None = None  # the best epoch's, for evaluate: auto
+        # the machine's side of the current epoch (wall-clock times; `_log_clock` writes it)
+        self.clock: dict[str, float] = {}
+        self.first_step_at: float | None = None  # time.time() when this process's first step ended
+        self.monitor = GpuMonitor.start(self.device) if self.world.main else None
 
     def _wrap_model(self) -> torch.nn.Module:
         """Check the patch size, move the model to the device (SyncBN, channels-last), and
@@ -215,12 +224,18 @@ class Trainer:
             while self.epoch < cfg.epochs:
                 throughput = self.train_epoch()
                 record = self._end_of_epoch(throughput)
+                self.clock["val_end"] = time.time()
                 self._emit("on_epoch_end", record)
                 self._save_checkpoint()
+                self._log_clock()
                 if any_process(self.stop.requested is not None, self.device):
                     self._stopped()
         finally:
             self._emit("on_run_end")
+            if self.monitor is not None:
+                self.monitor.stop()
+            if self.world.main:
+                self.checkpoints.wait()  # the last checkpoint is whole on disk, even on an error
         if self.world.main:
             self._write_models(Path(models_dir))
             if self.ckpt is not None:
@@ -249,12 +264,13 @@ class Trainer:
         losses are looked at once, at its end).
         """
         cfg = self.cfg
+        start, first = time.time(), self.step  # the epoch's time includes drawing its plan
         plan = self.plan_epoch()
+        self.clock = {"epoch": self.epoch + 1, "start": start, "plan_s": time.time() - start}
         self.net.train()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self._emit("on_epoch_start")
-        start, first = time.perf_counter(), self.step
         bar = tqdm(
             self.batches(plan, first), total=self.steps, initial=first,
             desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
@@ -266,6 +282,9 @@ class Trainer:
             loss = self.train_step(batch)
             self.losses.append(loss.detach())
             self.step += 1
+            if self.first_step_at is None:  # start-up and compile end here: wait for it once
+                _synchronize(self.device)
+                self.first_step_at = time.time()
             self._emit("on_step_end", loss)
             if self.step % 10 == 0 and show_loss:
                 value = loss.item()
@@ -275,11 +294,13 @@ class Trainer:
             if self._stop_requested() and self.step < self.steps:
                 bar.close()
                 self._check_losses()
-                self._save_checkpoint()
+                self._save_checkpoint(wait=True)
                 self._stopped()
         bar.close()
-        self._check_losses()
-        return (self.step - first) * cfg.batch_size / (time.perf_counter() - start)
+        self._check_losses()  # on a GPU, this waits for the epoch's last step
+        end = time.time()
+        self.clock.update(end=end, images=(self.step - first) * cfg.batch_size)
+        return self.clock["images"] / (end - start)
 
     def train_step(self, batch: Batch) -> torch.Tensor:
         """One optimizer step on ``batch`` (moved to the device when it is not there): augment,
@@ -337,6 +358,11 @@ class Trainer:
         }
         if self.device.type == "cuda":
             record["gpu_peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            record["gpu_peak_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
+            self.clock.update(peak_allocated_gib=record["gpu_peak_memory_gib"])
+            self.clock.update(peak_reserved_gib=record["gpu_peak_reserved_gib"])
+        if self.monitor is not None and "end" in self.clock:  # GPU busy share etc., in the epoch
+            record.update(self.monitor.means(self.clock["start"], self.clock["end"]))
         if len(self.val) and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
             if self.world.main:
                 result = validate(self.model, self.val, self.device)
@@ -377,6 +403,8 @@ class Trainer:
         return any_process(self.stop.requested is not None, self.device)
 
     def _stopped(self) -> None:
+        if self.world.main:
+            self.checkpoints.wait()
         barrier()  # rank 0 has saved
         where = f"epoch {self.epoch + 1}, step {self.step}" if self.step else f"epoch {self.epoch}"
         saved = f"checkpoint saved to {self.ckpt}; " if self.ckpt is not None else ""
@@ -405,7 +433,8 @@ class Trainer:
             f"Lower train.lr (now {self.cfg.lr}), raise train.warmup_epochs or set train.grad_clip"
         )
 
-    def _state(self) -> dict[str, Any]:
+    def state(self) -> dict[str, Any]:
+        """Everything a checkpoint holds: the position, history, random states and weights."""
         return {
             "params_hash": self.hash,
             "epoch": self.epoch,
@@ -424,9 +453,22 @@ class Trainer:
             "best_threshold": self.best_threshold,
         }
 
-    def _save_checkpoint(self) -> None:
+    def _save_checkpoint(self, wait: bool = False) -> None:
+        """Write a checkpoint (in the background on a GPU); ``wait``: until it is on disk."""
         if self.ckpt is not None and self.world.main:
-            save_checkpoint(self.ckpt, self._state())
+            self.checkpoints.save(self.state())
+            self.clock["checkpoint_s"] = self.checkpoints.blocked_s
+            if wait:
+                self.checkpoints.wait()
+
+    def _log_clock(self) -> None:
+        """One line per epoch for benchmarks (bench/gpu.sh): its wall-clock start and end
+        (``time.time()``), the seconds spent drawing its plan and blocked by its checkpoint,
+        the images trained, the end of the run's first step, peak GPU memory."""
+        if self.world.main and self.clock:
+            if self.first_step_at is not None:
+                self.clock["first_step_end"] = self.first_step_at
+            log.info("epoch clock %s", json.dumps(self.clock, sort_keys=True))
 
     def resume(self) -> None:
         """Continue from the checkpoint when there is one for these params, data and code."""
@@ -552,6 +594,14 @@ def _check_input_size(model: torch.nn.Module, spec: ModelSpec, patch_size: int) 
             f"params: train.arch {spec.arch} with encoder {spec.encoder} cannot take patches of "
             f"train.patch_size {patch_size} ({err}); use larger patches"
         ) from err
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (CUDA and MPS run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def train_device(cfg: TrainConfig, world: World) -> torch.device:

@@ -1,0 +1,137 @@
+"""bench/gpu.sh's harness on a CPU: its table survives what a GPU run can throw at it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+SUMMARY = REPO / "bench" / "gpu_summary.py"
+T0 = 1_800_000_000.0  # the stages' clock, time.time() seconds
+
+
+def _table(work: Path) -> dict[str, str]:
+    proc = subprocess.run(
+        [sys.executable, str(SUMMARY), str(work), "--out", str(work / "summary.md")],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    rows = [
+        line.strip("|").split("|") for line in proc.stdout.splitlines() if line.startswith("| ")
+    ]
+    assert (work / "summary.md").read_text().strip() == proc.stdout.strip()
+    return {name.strip(): value.strip() for name, value in rows[1:]}
+
+
+def _smi_stamp(t: float) -> str:
+    return datetime.fromtimestamp(t).strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]
+
+
+def _clock(epoch: int, start: float, end: float) -> str:
+    clock = {
+        "epoch": epoch, "start": start, "end": end, "val_end": end + 1.0, "images": 800,
+        "plan_s": 0.01, "checkpoint_s": 0.002, "first_step_end": T0 + 12.0,
+        "peak_allocated_gib": 1.5 + epoch, "peak_reserved_gib": 3.0,
+    }  # fmt: skip
+    return f"medseg.training.loop: epoch clock {json.dumps(clock)}\n"
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    """A finished run's folder: train 3 epochs (T0+10..T0+80), evaluate, params."""
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump({"train": {"epochs": 3, "patch_size": 128}})
+    )
+    (tmp_path / "times.tsv").write_text(
+        f"selfcheck\t{T0}\t{T0 + 5}\t0\ntrain\t{T0 + 5}\t\t\ntrain\t{T0 + 5}\t{T0 + 85}\t0\n"
+        f"evaluate\t{T0 + 85}\t{T0 + 95}\t0\n"
+    )
+    epochs = [(T0 + 10, T0 + 30), (T0 + 31, T0 + 51), (T0 + 52, T0 + 62)]
+    (tmp_path / "train.log").write_text(
+        "start-up noise\n" + "".join(_clock(e + 1, a, b) for e, (a, b) in enumerate(epochs))
+    )
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "metrics.json").write_text('{"best_val_dice": 0.8123, "best_epoch": 3}')
+    (tmp_path / "evaluate").mkdir()
+    metrics = {"threshold": 0.5, "test": {"fov": {"dice": 0.8311, "auc_roc": 0.9822}}}
+    (tmp_path / "evaluate" / "metrics.json").write_text(json.dumps(metrics))
+    return tmp_path
+
+
+def test_busy_share_counts_only_numeric_samples_inside_epochs_2_to_n(work: Path):
+    samples = [
+        (T0 + 20, "10, 100.5, 1000, 5"),  # epoch 1 (start-up, compile): left out
+        (T0 + 35, "90, 500.0, 1980, 5"),
+        (T0 + 40, "[N/A], [N/A], [N/A], [N/A]"),
+        (T0 + 45, "100, [Not Supported], 1980, 5"),
+        (T0 + 51.5, "0, 80.0, 345, 5"),  # validation between epochs: left out
+        (T0 + 60, "80, 400.0, 1900, 5"),
+        (T0 + 70, "0, 70.0, 345, 5"),  # after the last epoch: left out
+    ]
+    lines = [f"{_smi_stamp(t)}, {v}" for t, v in samples]
+    (work / "smi.csv").write_text("\n".join(["Failed to query", *lines, "2026/12/0"]) + "\n")
+    table = _table(work)
+    assert table["GPU busy inside epochs 2..N (%)"] == "90.0"  # (90 + 100 + 80) / 3
+    assert table["GPU power inside epochs 2..N (W)"] == "450"  # (500 + 400) / 2
+    assert table["SM clock inside epochs 2..N (MHz)"] == "1953"
+    assert table["GPU busy over the whole train stage (%)"] == "46.7"  # all 6 numeric ones
+    assert table["images/s, median of epochs 2..N"] == "60.0"  # 800 / 20 and 800 / 10
+    assert table["images/s end to end (all patches / train stage)"] == "30.0"  # 2400 / 80
+    assert table["time to first step (s): start-up + compile"] == "7.0"
+    assert table["epochs done / planned"] == "3 / 3"
+    assert table["peak GPU memory allocated / reserved (GiB)"] == "4.50 / 3.00"
+    assert table["train stage wall time"] == "80.0 s, ok"
+    assert table["test F1 = Dice (FOV)"] == "0.8311" and table["test AUC (FOV)"] == "0.9822"
+    assert table["best val Dice (epoch)"] == "0.8123 (3)"
+
+
+def test_a_killed_train_stage_and_no_nvidia_smi_still_give_the_table(work: Path):
+    (work / "times.tsv").write_text(
+        f"selfcheck\t{T0}\t{T0 + 5}\t0\ntrain\t{T0 + 5}\t{T0 + 40}\t124\n"
+        f"baseline-ram-w0\t{T0 + 41}\t\t\n"
+    )
+    (work / "train.log").write_text(_clock(1, T0 + 10, T0 + 30) + "half a li")
+    (work / "baseline-ram-w0.log").write_text("")
+    shutil.rmtree(work / "train")
+    shutil.rmtree(work / "evaluate")
+    table = _table(work)
+    assert table["train stage wall time"] == "35.0 s, stopped by its time limit"
+    assert table["epochs done / planned"] == "1 / 3"
+    assert table["images/s, median of epochs 2..N"] == "40.0"  # epoch 1 alone
+    assert table["GPU busy inside epochs 2..N (%)"] == "- (no nvidia-smi samples)"
+    assert table["evaluate stage wall time"] == "not run"
+    assert table["test F1 = Dice (FOV)"].startswith("- (KeyError")
+    assert table["baseline ram-w0"] == "- (did not finish (the command was cut off))"
+
+
+def test_nothing_ran_at_all(tmp_path: Path):
+    table = _table(tmp_path)
+    assert table["self-check (crops, bf16 step)"] == "not run"
+    assert table["epochs done / planned"] == "0 / ?"
+
+
+def test_gpu_sh_refuses_a_preprocess_override(tmp_path: Path):
+    """The data were preprocessed where .gpu was built: such an override must not be ignored."""
+    gpu = tmp_path / "gpu"
+    (gpu / "whl").mkdir(parents=True)
+    (gpu / "processed").mkdir()
+    with tarfile.open(gpu / "processed.tar.gz", "w:gz") as tar:
+        tar.add(gpu / "processed", arcname="processed")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    (gpu / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {"PATH": "/usr/bin:/bin", "GPU_DIR": str(gpu), "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu.sh"), "preprocess.contrast=clahe", "train.epochs=1"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "preprocess.contrast is fixed by the data in .gpu" in proc.stdout
+    assert "bench/gpu_prepare.sh" in proc.stdout
+    assert "| self-check (crops, bf16 step) | not run |" in proc.stdout  # the table still prints
