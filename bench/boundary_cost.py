@@ -23,14 +23,13 @@ prediction being the truth shifted by (2, 3) pixels and eroded once. Prints a Ma
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from harness import machine, rounds, table
 from scipy import ndimage
 
 from medseg.boundary import boundary, boundary_scores
@@ -96,35 +95,23 @@ def per_case_ms(
     cases: list[Case], fn: Callable[[Case], object], repeat: int
 ) -> tuple[float, float]:
     """Wall and CPU ms per case: medians over cases of the best of ``repeat`` runs."""
-    walls, cpus = [], []
-    for case in cases:
-        best_wall = best_cpu = float("inf")
-        for _ in range(repeat):
-            start, cpu = time.perf_counter(), time.process_time()
-            fn(case)
-            best_wall = min(best_wall, time.perf_counter() - start)
-            best_cpu = min(best_cpu, time.process_time() - cpu)
-        walls.append(best_wall)
-        cpus.append(best_cpu)
-    return 1e3 * statistics.median(walls), 1e3 * statistics.median(cpus)
+    timings = [rounds(lambda c=case: fn(c), repeat, warmup=0) for case in cases]
+    return (
+        1e3 * statistics.median(t.min for t in timings),
+        1e3 * statistics.median(t.cpu_min for t in timings),
+    )
 
 
 def inference_ms(
     model: torch.nn.Module, shape: tuple[int, int], cfg: EvaluateConfig, repeat: int
 ) -> tuple[float, float]:
     """Wall and CPU ms (all threads) of `predict_case` on a random image of ``shape``, the
-    best of ``repeat`` calls."""
+    best of ``repeat`` calls after one untimed (first calls allocate and pick kernels)."""
     rng = np.random.default_rng(0)
     image = rng.standard_normal((1, *shape)).astype(np.float32)
     fov = np.ones(shape, bool)
-    predict_case(model, image, fov, cfg)  # warm-up: first calls allocate and pick kernels
-    best_wall = best_cpu = float("inf")
-    for _ in range(repeat):
-        start, cpu = time.perf_counter(), time.process_time()
-        predict_case(model, image, fov, cfg)
-        best_wall = min(best_wall, time.perf_counter() - start)
-        best_cpu = min(best_cpu, time.process_time() - cpu)
-    return 1e3 * best_wall, 1e3 * best_cpu
+    timing = rounds(lambda: predict_case(model, image, fov, cfg), repeat, warmup=1)
+    return 1e3 * timing.min, 1e3 * timing.cpu_min
 
 
 def main() -> None:
@@ -162,25 +149,22 @@ def main() -> None:
         infer = (infer_wall, infer_cpu / args.threads)
         rows.append((name, len(cases), shape, bound, dist_scipy, lesion, infer, hd95))
 
-    load = os.getloadavg()[0]
     print(
         f"\nCPU; boundary and lesion metrics on 1 thread, inference on {args.threads} threads "
-        f"(params.yaml: {train.arch} {train.encoder}, window {cfg.window}); load average "
-        f"{load:.1f} on {os.cpu_count()} CPUs. ms per case, wall / CPU: medians over cases of "
-        f"the best of {args.repeat}; inference CPU is divided by the threads (its wall time "
-        "on an idle machine). The shares use CPU times, which a shared machine disturbs less.\n"
+        f"(params.yaml: {train.arch} {train.encoder}, window {cfg.window}). ms per case, "
+        f"wall / CPU: medians over cases of the best of {args.repeat}; inference CPU is divided "
+        "by the threads (its wall time on an idle machine). The shares use CPU times, which a "
+        f"shared machine disturbs less.\n{machine()}\n"
     )
-    print(
-        "| cases | n | size | boundary (HD95, ASSD, NSD) | scipy EDT instead of edt | lesions "
-        "| inference | boundary / inference | lesions / inference | median HD95 (px) |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, n, shape, bound, dist_scipy, lesion, infer, hd95 in rows:
-        cells = [f"{wall:.1f} / {cpu:.1f}" for wall, cpu in (bound, dist_scipy, lesion, infer)]
-        print(
-            f"| {name} | {n} | {shape[1]}x{shape[0]} | {' | '.join(cells)} "
-            f"| {bound[1] / infer[1]:.1%} | {lesion[1] / infer[1]:.1%} | {hd95:.2f} |"
-        )
+    headers = ("cases", "n", "size", "boundary (HD95, ASSD, NSD)", "scipy EDT instead of edt",
+               "lesions", "inference", "boundary / inference", "lesions / inference",
+               "median HD95 (px)")  # fmt: skip
+    print(table(headers, [
+        (name, n, f"{shape[1]}x{shape[0]}",
+         *(f"{wall:.1f} / {cpu:.1f}" for wall, cpu in (bound, dist_scipy, lesion, infer)),
+         f"{bound[1] / infer[1]:.1%}", f"{lesion[1] / infer[1]:.1%}", f"{hd95:.2f}")
+        for name, n, shape, bound, dist_scipy, lesion, infer, hd95 in rows
+    ]))  # fmt: skip
 
 
 if __name__ == "__main__":

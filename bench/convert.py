@@ -21,14 +21,13 @@ import argparse
 import copy
 import dataclasses
 import multiprocessing
-import os
-import resource
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from harness import machine, rounds, table
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
@@ -65,13 +64,6 @@ def make_dicom_set(root: Path, n: int, size: int = 512) -> None:
         write_png(root / "masks" / f"im{i:04d}.png", lines & disc)
 
 
-def cpu_seconds() -> float:
-    """User + system CPU time of this process and its finished children (the workers)."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
 def _spin(seconds: float) -> int:
     """Burn ``seconds`` of CPU time in pure Python."""
     start, n = time.process_time(), 0
@@ -98,15 +90,11 @@ def attainable_speedup(workers: int, seconds: float = 1.0) -> float:
 def time_convert(
     data: DataConfig, cfg: ConvertConfig, out: Path, repeat: int
 ) -> tuple[int, float, float]:
-    """(cases converted, best wall seconds over ``repeat`` runs, CPU seconds of that run)."""
-    best, cpu, n = float("inf"), 0.0, 0
-    for _ in range(repeat):
-        start, start_cpu = time.perf_counter(), cpu_seconds()
-        n = len(convert_dataset(data, cfg, out))
-        wall = time.perf_counter() - start
-        if wall < best:
-            best, cpu = wall, cpu_seconds() - start_cpu
-    return n, best, cpu
+    """(cases converted, best wall seconds of ``repeat`` runs, fewest CPU seconds of a run,
+    this process's and its workers')."""
+    cases: list[int] = []
+    timing = rounds(lambda: cases.append(len(convert_dataset(data, cfg, out))), repeat, warmup=0)
+    return cases[-1], timing.min, timing.cpu_min
 
 
 def main() -> None:
@@ -138,19 +126,14 @@ def main() -> None:
                 n, seconds, cpu = time_convert(data, cfg, tmp / "out", args.repeat)
                 times[workers] = seconds
                 rows.append((name, n, workers, seconds, cpu, n / seconds, times[1] / seconds))
-    print(
-        f"\nconvert throughput ({os.cpu_count()} CPUs visible, {cores} usable; best of "
-        f"{args.repeat})\n"
-    )
-    print("| data set | cases | workers | wall s | CPU s | cases/s | speed-up vs 1 worker |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name, n, workers, seconds, cpu, rate, ratio in rows:
-        print(
-            f"| {name} | {n} | {workers} | {seconds:.2f} | {cpu:.2f} | {rate:.1f} | {ratio:.2f}x |"
-        )
-    print(f"\nload average now: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"\nconvert throughput ({cores} workers usable; best of {args.repeat})\n{machine()}\n")
+    headers = ("data set", "cases", "workers", "wall s", "CPU s", "cases/s", "speed-up vs 1 worker")
+    print(table(headers, [
+        (name, n, workers, f"{seconds:.2f}", f"{cpu:.2f}", f"{rate:.1f}", f"{ratio:.2f}x")
+        for name, n, workers, seconds, cpu, rate, ratio in rows
+    ]))  # fmt: skip
     ceiling = attainable_speedup(cores)
-    print(f"speed-up of pure CPU work with {cores} processes right now: {ceiling:.2f}x")
+    print(f"\nspeed-up of pure CPU work with {cores} processes right now: {ceiling:.2f}x")
 
 
 if __name__ == "__main__":

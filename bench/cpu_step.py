@@ -15,16 +15,15 @@ step, and the range over rounds).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
 import torch
 import yaml
+from harness import machine, rounds, table, turns
 
 from medseg.config import TrainConfig, parse
 from medseg.model import ModelSpec, build_model
-from medseg.training.loop import cpu_bf16_native
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,9 +45,8 @@ class Variant:
         self.x = torch.randn(shape).to(memory_format=layout)
         self.y = (torch.rand(shape) > 0.9).float()
 
-    def run(self, steps: int) -> float:
-        """Seconds per step over ``steps`` steps."""
-        start = time.perf_counter()
+    def run(self, steps: int) -> None:
+        """Take ``steps`` training steps."""
         for _ in range(steps):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
                 logits = self.model(self.x)
@@ -57,11 +55,11 @@ class Variant:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.clip)
             self.optimizer.step()
-        return (time.perf_counter() - start) / steps
 
 
 def optimizer_steps(cfg: TrainConfig, steps: int) -> dict[str, float]:
-    """Seconds per AdamW step over the network's parameters (random gradients), by kernel."""
+    """Median seconds of an AdamW step over the network's parameters (random gradients), by
+    kernel."""
     net = build_model(ModelSpec.from_config(cfg, in_channels=1))
     for p in net.parameters():
         p.grad = torch.randn_like(p)
@@ -69,11 +67,7 @@ def optimizer_steps(cfg: TrainConfig, steps: int) -> dict[str, float]:
     for name, kwargs in (("per-parameter loop", {}), ("foreach", {"foreach": True}),
                          ("fused", {"fused": True})):  # fmt: skip
         optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, **kwargs)
-        optimizer.step()
-        start = time.perf_counter()
-        for _ in range(steps):
-            optimizer.step()
-        found[name] = (time.perf_counter() - start) / steps
+        found[name] = rounds(optimizer.step, steps, warmup=1).median
     return found
 
 
@@ -94,12 +88,11 @@ def main() -> None:
     cfg = parse(TrainConfig, raw, prefix="train.", source=str(args.params))
     print(
         f"{cfg.arch}-{cfg.encoder}, batch {cfg.batch_size} x {cfg.patch_size}^2; torch threads "
-        f"{torch.get_num_threads()}; CPU {torch.backends.cpu.get_cpu_capability()}, native "
-        f"bf16 {cpu_bf16_native()}; {args.rounds} rounds of {args.steps} steps"
+        f"{torch.get_num_threads()}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
+        f"; {args.rounds} rounds of {args.steps} steps\n{machine()}\n"
     )
-    print("\n| AdamW step | ms |\n| --- | ---: |")
-    for name, seconds in optimizer_steps(cfg, 20).items():
-        print(f"| {name} | {seconds * 1000:.1f} |")
+    optimizer = optimizer_steps(cfg, 20)
+    print(table(("AdamW step", "ms"), [(k, f"{v * 1000:.1f}") for k, v in optimizer.items()]))
 
     base = {"fused": True, "channels_last": True, "bf16": False, "compile": False}
     variants = {
@@ -117,23 +110,27 @@ def main() -> None:
         start = time.perf_counter()
         built[name].run(1)  # the first step of a process (and a compile) is not timed
         print(f"{name}: first step {time.perf_counter() - start:.1f} s")
-    times: dict[str, list[float]] = {name: [] for name in built}
-    for _ in range(args.rounds):
-        for name, variant in built.items():
-            times[name].append(variant.run(args.steps))
+    timings = turns(
+        {name: lambda v=variant: v.run(args.steps) for name, variant in built.items()},
+        args.rounds, warmup=0,
+    )  # fmt: skip
     if args.profile:
         with torch.profiler.profile() as prof:
             next(iter(built.values())).run(args.steps)
         events = prof.key_averages()
         total = sum(e.self_cpu_time_total for e in events)
-        print("\n| operator (the train stage's step) | share of CPU time |\n| --- | ---: |")
-        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:5]:
-            print(f"| {e.key} | {e.self_cpu_time_total / total:.0%} |")
-    print("\n| variant | s a step, median | min - max over rounds |\n| --- | ---: | ---: |")
-    for name, values in times.items():
-        print(
-            f"| {name} | {statistics.median(values):.3f} | {min(values):.3f} - {max(values):.3f} |"
+        top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:5]
+        rows = [(e.key, f"{e.self_cpu_time_total / total:.0%}") for e in top]
+        print("\n" + table(("operator (the train stage's step)", "share of CPU time"), rows))
+    rows = [
+        (
+            name,
+            f"{t.median / args.steps:.3f}",
+            f"{t.min / args.steps:.3f} - {t.max / args.steps:.3f}",
         )
+        for name, t in timings.items()
+    ]
+    print("\n" + table(("variant", "s a step, median", "min - max over rounds"), rows))
 
 
 if __name__ == "__main__":

@@ -3,11 +3,17 @@
 Clones this repository's committed state into a temporary folder and runs the README's DRIVE
 recipe there with the real `dvc exp run`, timing each stage from DVC's own output. Prints a
 Markdown table: the train stage's wall time (model building, every epoch and the validations
-included) and the DRIVE test metrics (scored inside the FOV, pooled), each beside its target.
+included), the DRIVE test metrics (scored inside the FOV, pooled), each beside its target, and
+the peak resident memory of the run's process tree (`harness.run`).
 
     python bench/drive_recipe.py --drive ../shared/datasets/DRIVE
     python bench/drive_recipe.py --drive /data/DRIVE --keep    # keep the clone to look at it
     python bench/drive_recipe.py --drive ../shared/datasets/DRIVE --previous daa71ce
+    python bench/drive_recipe.py --drive ../shared/datasets/DRIVE -S train.amp_cpu=false
+
+``-S`` adds overrides after the recipe's: on a CPU with native bf16 (AVX-512 bf16 or AMX, where
+``train.amp_cpu: auto`` trains in bf16), ``-S train.amp_cpu=false`` gives the fp32 run to compare
+the bf16 one with at the recipe's full length.
 
 With ``--previous REF`` the same recipe then runs on commit REF too (one run, the same machine),
 and the table gives both, with the ratio of their training throughput (the median of the
@@ -25,8 +31,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from harness import machine, run, table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +54,7 @@ def stage_times(lines: list[tuple[float, str]], end: float) -> dict[str, float]:
     return {name: stop - start for (start, name), stop in zip(starts, bounds, strict=True)}
 
 
-def run_recipe(ref: str, drive: Path, work: Path) -> dict[str, float]:
+def run_recipe(ref: str, drive: Path, work: Path, overrides: list[str]) -> dict[str, float]:
     """Clone ``ref`` of this repository into ``work`` and run the recipe there with DVC."""
     clone = work / ref
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
@@ -57,18 +64,13 @@ def run_recipe(ref: str, drive: Path, work: Path) -> dict[str, float]:
     cmd = [
         sys.executable, "-m", "dvc", "exp", "run",
         "-S", f"data.root={drive}", "-S", "data.layout=drive", *RECIPE.split(),
+        *(arg for key in overrides for arg in ("-S", key)),
     ]  # fmt: skip
     print(f"$ ({ref})", " ".join(cmd[2:]), flush=True)
-    proc = subprocess.Popen(
-        cmd, cwd=clone, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    assert proc.stdout is not None
-    lines = []
-    for line in proc.stdout:
-        lines.append((time.perf_counter(), line.strip()))
-        print(line, end="", flush=True)
-    if proc.wait() != 0:
-        sys.exit(f"{ref}: dvc exp run failed (exit code {proc.returncode}); see the output above")
+    done = run(cmd, cwd=clone, env=env, echo=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"{ref}: dvc exp run failed (exit code {done.returncode}); see the output above")
+    lines = [(t, line.strip()) for t, line in done.lines]
     end = next(t for t, line in lines if line.startswith("Ran experiment"))
     times = stage_times(lines, end)
     metrics = json.loads((clone / "results" / "evaluate" / "metrics.json").read_text())
@@ -83,6 +85,7 @@ def run_recipe(ref: str, drive: Path, work: Path) -> dict[str, float]:
         "dice": fov["dice"],
         "auc_roc": fov["auc_roc"],
         "train images/s (median epoch)": statistics.median(rates) if rates else float("nan"),
+        "peak RSS of the process tree (GiB)": done.peak_rss / 2**30,
     }
 
 
@@ -97,6 +100,10 @@ def main() -> None:
         help="also run the recipe on this commit, right after, and print both side by side",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary clones")
+    parser.add_argument(
+        "-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="a params override after the recipe's (repeatable)",
+    )  # fmt: skip
     args = parser.parse_args()
     drive = args.drive.resolve()
     if not (drive / "training").is_dir() or not (drive / "test").is_dir():
@@ -108,26 +115,26 @@ def main() -> None:
         check=True, capture_output=True, text=True,
     ).stdout.strip()  # fmt: skip
     refs = [head] + ([args.previous] if args.previous else [])
-    found = {ref: run_recipe(ref, drive, work) for ref in refs}
+    found = {ref: run_recipe(ref, drive, work, args.overrides) for ref in refs}
 
-    header = "| measure | " + " | ".join(refs) + " | target | met |"
-    print("\n" + header + "\n| --- |" + " ---: |" * len(refs) + " --- | --- |")
+    rows = []
     for key in found[head]:
-        values = " | ".join(f"{found[ref][key]:.4f}" for ref in refs)
+        values = [f"{found[ref][key]:.4f}" for ref in refs]
         op, target = TARGETS.get(key, ("", None))
         if target is None:
-            print(f"| {key} | {values} | | |")
+            rows.append((key, *values, "", ""))
             continue
         value = found[head][key]
         met = value <= target if op == "<=" else value >= target
-        print(f"| {key} | {values} | {op} {target} | {'yes' if met else 'NO'} |")
+        rows.append((key, *values, f"{op} {target}", "yes" if met else "NO"))
+    print(f"\n{machine()}; overrides: {' '.join(args.overrides) or 'none'}\n")
+    print(table(("measure", *refs, "target", "met"), rows))
     if args.previous:
         ratio = (
             found[head]["train images/s (median epoch)"]
             / found[args.previous]["train images/s (median epoch)"]
         )
         print(f"\ntrain throughput {head} / {args.previous}: {ratio:.3f} (target >= 0.90)")
-    print(f"CPUs visible: {os.cpu_count()}")
     if args.keep:
         print(f"kept: {work}")
     else:

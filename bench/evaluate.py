@@ -12,14 +12,12 @@ depend on the weights). Prints Markdown tables.
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from harness import Timing, machine, rounds, table
 
 from medseg.bundle import save_bundle
 from medseg.config import EvaluateConfig, PreprocessConfig, TrainConfig, load_params
@@ -56,26 +54,22 @@ def drive_test_store(root: Path, pre: PreprocessConfig, out: Path) -> CaseStore:
     return CaseStore.open(out, "test")
 
 
-def infer_times(
-    model, store: CaseStore, cfg: EvaluateConfig
-) -> tuple[list[float], list[float], list]:
-    """Wall and CPU seconds (all threads) per image, and the probabilities."""
-    walls, cpus, probs = [], [], []
-    for i in store:
-        case = read_case(store, i)
-        start, cpu = time.perf_counter(), time.process_time()
-        p = predict_probabilities(
+def infer_times(model, store: CaseStore, cfg: EvaluateConfig) -> tuple[Timing, list]:
+    """Wall and CPU seconds (all threads) of each image's inference, and the probabilities."""
+    cases, probs = iter([read_case(store, i) for i in store]), []
+
+    def one() -> None:
+        case = next(cases)
+        probs.append(predict_probabilities(
             model, case.image, cfg.window, cfg.overlap, cfg.batch_size, "cpu",
             blending=cfg.blending, tta=cfg.tta,
-        )  # fmt: skip
-        walls.append(time.perf_counter() - start)
-        cpus.append(time.process_time() - cpu)
-        probs.append(p)
-    return walls, cpus, probs
+        ))  # fmt: skip
+
+    return rounds(one, len(store), warmup=0), probs
 
 
-def metric_time(store: CaseStore, probs: list[np.ndarray], threshold: float) -> float:
-    start = time.perf_counter()
+def metric_time(store: CaseStore, probs: list[np.ndarray], threshold: float) -> None:
+    """Score ``probs`` against ``store`` as the evaluate stage does: every table and curve."""
     tally = ScoreTally(1)
     for i, p in enumerate(probs):
         case = read_case(store, i)
@@ -87,7 +81,6 @@ def metric_time(store: CaseStore, probs: list[np.ndarray], threshold: float) -> 
     tally.curves()
     tally.confusion_table()
     tally.per_image()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -113,9 +106,9 @@ def main() -> None:
         (tmp / "models").mkdir()
         save_bundle(tmp / "models", net.state_dict(), net.state_dict(), spec, tmp / "data")
         infer_times(model, split, cfg)  # warm-up: first calls allocate and pick kernels
-        start, cpu = time.perf_counter(), time.process_time()
-        evaluate_model(cfg, tmp / "data", tmp / "models", tmp / "results")
-        full, full_cpu = time.perf_counter() - start, time.process_time() - cpu
+        full = rounds(
+            lambda: evaluate_model(cfg, tmp / "data", tmp / "models", tmp / "results"), 1, 0
+        )
         rows = []
         variants = [
             ("params.yaml", cfg),
@@ -125,48 +118,45 @@ def main() -> None:
         ]
         probs_default: list = []
         for name, variant in variants:
-            walls, cpus, probs = infer_times(model, split, variant)
+            timing, probs = infer_times(model, split, variant)
             if name == "params.yaml":
                 probs_default = probs
-            rows.append((name, variant, min(walls), min(cpus), statistics.median(walls)))
-        start_cpu = time.process_time()
-        metrics_s = min(metric_time(split, probs_default, cfg.threshold) for _ in range(3))
-        metrics_cpu = (time.process_time() - start_cpu) / 3
+            rows.append((name, variant, timing))
+        metrics = rounds(lambda: metric_time(split, probs_default, cfg.threshold), 3, warmup=0)
         observer = SecondObserver(1)
         for i in split:
             case = read_case(split, i)
             assert case.mask2 is not None
             observer.add(case.truth, case.mask2, case.truth_fov)
         second = observer.summary()
-    load = os.getloadavg()[0]
     n = args.threads
-
     print(f"\nDRIVE test, {len(split)} images 565x584, resnet18 UNet "
-          f"(decoder {train.decoder_channels}), CPU, {n} threads, load average {load:.1f} "
-          f"on {os.cpu_count()} CPUs\n")  # fmt: skip
+          f"(decoder {train.decoder_channels}), CPU, {n} threads\n{machine()}\n")  # fmt: skip
     print("CPU/threads: CPU seconds of all threads divided by the thread count, what the wall time")
     print("would be with the cores to ourselves; wall: as measured on this (shared) machine.\n")
-    print("| measure | wall | CPU/threads | target |")
-    print("| --- | --- | --- | --- |")
-    print(f"| full evaluate (inference, metrics, {len(split) * 2} PNGs, tables) | "
-          f"{full:.2f} s | {full_cpu / n:.2f} s | < 15 s |")  # fmt: skip
-    print(f"| inference per image, params.yaml (window {cfg.window}, overlap {cfg.overlap}, "
-          f"{cfg.blending}, no TTA), best of {len(split)} | {rows[0][2]:.3f} s | "
-          f"{rows[0][3] / n:.3f} s | < 0.3 s |")  # fmt: skip
-    print(f"| metrics for {len(split)} images (all scores, AUCs, curves, confusion; "
-          f"one thread) | {metrics_s:.3f} s | {metrics_cpu:.3f} s | < 1 s |")  # fmt: skip
-    print("\n| inference variant | window | wall s/image (best, median) "
-          "| CPU/threads s/image (best) | vs params.yaml |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- |")
-    for name, variant, wall, cpu_s, wall_median in rows:
-        print(f"| {name} | {variant.window} | {wall:.3f}, {wall_median:.3f} | {cpu_s / n:.3f} | "
-              f"{cpu_s / rows[0][3]:.2f}x |")  # fmt: skip
+    base = rows[0][2]
+    print(table(("measure", "wall", "CPU/threads", "target"), [
+        (f"full evaluate (inference, metrics, {len(split) * 2} PNGs, tables)",
+         f"{full.min:.2f} s", f"{full.cpu_min / n:.2f} s", "< 15 s"),
+        (f"inference per image, params.yaml (window {cfg.window}, overlap {cfg.overlap}, "
+         f"{cfg.blending}, no TTA), best of {len(split)}",
+         f"{base.min:.3f} s", f"{base.cpu_min / n:.3f} s", "< 0.3 s"),
+        (f"metrics for {len(split)} images (all scores, AUCs, curves, confusion; one thread), "
+         "best of 3", f"{metrics.min:.3f} s", f"{metrics.cpu_min:.3f} s", "< 1 s"),
+    ]))  # fmt: skip
+    print("\n" + table(
+        ("inference variant", "window", "wall s/image (best, median)",
+         "CPU/threads s/image (best)", "vs params.yaml"),
+        [(name, variant.window, f"{t.min:.3f}, {t.median:.3f}", f"{t.cpu_min / n:.3f}",
+          f"{t.cpu_min / base.cpu_min:.2f}x") for name, variant, t in rows],
+    ))  # fmt: skip
 
     assert second is not None
-    print("\nDRIVE second observer vs first, inside the FOV, pooled over the 20 test images\n")
-    print("| " + " | ".join(k for k in second if k != "n_images") + " |")
-    print("|" + " --- |" * (len(second) - 1))
-    print("| " + " | ".join(f"{v:.4f}" for k, v in second.items() if k != "n_images") + " |")
+    print(
+        f"\nDRIVE second observer vs first, inside the FOV, pooled over {len(split)} test images\n"
+    )
+    scores = {k: v for k, v in second.items() if k != "n_images"}
+    print(table(list(scores), [[f"{v:.4f}" for v in scores.values()]]))
 
 
 if __name__ == "__main__":

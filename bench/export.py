@@ -5,8 +5,9 @@ onnxruntime, on the CPU with the same thread count, through the one case-predict
 The model is an untrained network of the repository's params (timing does not depend on the
 weights), exported with `medseg.export.export_onnx`. The images are the DRIVE test images,
 preprocessed the pipeline's way, where ../shared/datasets/DRIVE holds them; else seeded random
-565x584 images. Rounds alternate which runtime goes first; the table gives medians over all
-images and rounds. Prints a Markdown table.
+565x584 images. An untimed pass gives the probabilities to compare; then the runtimes take turns
+(`harness.turns`), each round every image once; the table gives seconds per image, the median
+and the best round. Prints a Markdown table.
 
     python bench/export.py                                  # 20 images, 3 rounds, 2 threads
     python bench/export.py --images 2 --rounds 1 --threads 4 --tta
@@ -16,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from harness import machine, table, turns
 
 from medseg.bundle import Bundle, load_bundle, save_bundle
 from medseg.config import EvaluateConfig, PreprocessConfig, TrainConfig, load_params
@@ -89,27 +89,22 @@ def main(argv: list[str] | None = None) -> None:
         models = dict(zip(("torch", "onnxruntime"), built, strict=True))
         pre = models["torch"].preprocess
         cases = drive_images(args.drive, pre, args.images)
-        times: dict[str, list[float]] = {name: [] for name in models}
-        probs: dict[str, list[np.ndarray]] = {name: [] for name in models}
-        for r in range(args.rounds):
-            order = list(models) if r % 2 == 0 else list(reversed(models))
-            for name in order:
-                for image, fov in cases:
-                    start = time.perf_counter()
-                    _, p = predict_case(models[name].model, image, fov, options, "cpu")
-                    times[name].append(time.perf_counter() - start)
-                    if r == 0:
-                        probs[name].append(p)
+
+        def predict_all(name: str) -> list[np.ndarray]:
+            runner = models[name].model
+            return [predict_case(runner, image, fov, options, "cpu")[1] for image, fov in cases]
+
+        probs = {name: predict_all(name) for name in models}  # also the warm-up
+        timings = turns({name: lambda n=name: predict_all(n) for name in models}, args.rounds, 0)
     diff = max(float(np.abs(a - b).max()) for a, b in zip(*probs.values(), strict=True))
     size = "x".join(map(str, cases[0][0].shape[:0:-1]))
     print(
         f"\n{len(cases)} images of {size}, {args.rounds} round(s), {args.threads} thread(s), "
-        f"tta {args.tta}, window {options.window}\n"
+        f"tta {args.tta}, window {options.window}\n{machine()}\n"
     )
-    print("| runtime | median s/image | min s/image | runs |")
-    print("| --- | ---: | ---: | ---: |")
-    for name, t in times.items():
-        print(f"| {name} | {statistics.median(t):.3f} | {min(t):.3f} | {len(t)} |")
+    rows = [(name, f"{t.median / len(cases):.3f}", f"{t.min / len(cases):.3f}", len(t.wall))
+            for name, t in timings.items()]  # fmt: skip
+    print(table(("runtime", "median s/image", "best round s/image", "rounds"), rows))
     print(f"\nlargest |onnxruntime - torch| probability: {diff:.2e}")
 
 

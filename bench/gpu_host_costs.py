@@ -27,12 +27,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 import types
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from harness import machine, rounds, table
 
 from medseg.checkpoint import CheckpointWriter
 from medseg.config import TrainConfig, load_params
@@ -56,13 +56,8 @@ def old_data_module() -> types.ModuleType:
     return module
 
 
-def median_ms(fn: Callable[[], object], rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+def median_ms(fn: Callable[[], object], n: int) -> float:
+    return rounds(fn, n, warmup=0).median * 1000
 
 
 def plan_costs(cfg: TrainConfig, data: Path, rounds: int) -> tuple[float, float]:
@@ -121,17 +116,16 @@ def main() -> None:
         old_plan, new_plan = plan_costs(cfg, data, args.rounds)
         sync_ms, blocked_ms, write_ms = checkpoint_costs(cfg, data, args.rounds)
     print(
-        f"\nGPU recipe: {cfg.patches_per_epoch} patches of {cfg.patch_size} a epoch, batch "
-        f"{cfg.batch_size}; median of {args.rounds}"
+        f"\n{machine()}\nGPU recipe: {cfg.patches_per_epoch} patches of {cfg.patch_size} a "
+        f"epoch, batch {cfg.batch_size}; median of {args.rounds}\n"
     )
-    print(f"\n| host cost per epoch | before ({BEFORE}) | now | ratio |")
-    print("| --- | ---: | ---: | ---: |")
-    print(f"| plan drawing (ms) | {old_plan:.1f} | {new_plan:.1f} | {old_plan / new_plan:.0f}x |")
-    print(
-        f"| checkpoint, training waits (ms) | {sync_ms:.1f} | {blocked_ms:.1f} | "
-        f"{sync_ms / blocked_ms:.0f}x |"
-    )
-    print(f"| checkpoint write in the background thread (ms) | - | {write_ms:.1f} | |")
+    rows = [
+        ("plan drawing (ms)", f"{old_plan:.1f}", f"{new_plan:.1f}", f"{old_plan / new_plan:.0f}x"),
+        ("checkpoint, training waits (ms)", f"{sync_ms:.1f}", f"{blocked_ms:.1f}",
+         f"{sync_ms / blocked_ms:.0f}x"),
+        ("checkpoint write in the background thread (ms)", "-", f"{write_ms:.1f}", ""),
+    ]  # fmt: skip
+    print(table(("host cost per epoch", f"before ({BEFORE})", "now", "ratio"), rows))
     print(
         "\nThe background writer's wait here is a copy of CPU tensors; on a GPU it is a "
         "device-to-host copy, and the trainer uses the background writer there only (on a CPU "

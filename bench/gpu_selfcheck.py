@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 import torch
+from harness import machine
 
 from medseg.config import TrainConfig, load_params
 from medseg.model import build_model, resolve_device
@@ -34,6 +35,7 @@ PACKAGES = ("torch", "timm", "huggingface_hub", "numpy", "segmentation_models_py
 
 
 def versions() -> None:
+    print(machine())
     print(f"python {sys.version.split()[0]} ({sys.executable})")
     for name in PACKAGES:
         try:

@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 
+from harness import table
+
 CPU_RECIPE_MPX_S = 0.65  # the 2-core CPU recipe in bf16: 70 patches of 96^2 a second
 KILLED = {124: "stopped by its time limit", 137: "killed by its time limit"}
 
@@ -233,13 +235,10 @@ def main() -> None:
     parser.add_argument("work", type=Path)
     parser.add_argument("--out", type=Path, help="also write the table here")
     args = parser.parse_args()
-    table = "\n".join(
-        ["| measure | value |", "| --- | ---: |"]
-        + [f"| {name} | {value} |" for name, value in summarise(args.work)]
-    )
-    print("\n" + table)
+    text = table(("measure", "value"), summarise(args.work))
+    print(f"\n{text}")
     if args.out is not None:
-        args.out.write_text(table + "\n")
+        args.out.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@ Makes every file of the hostile corpus (tests/hostile_files.py: DICOM with huge 
 deflate bombs, codestreams that disagree with their header or are truncated, PNG/TIFF/GIF with
 huge sizes or page counts, truncated plain files) plus a few genuine controls, then reads each
 one with `medseg.io.reader.read` in a fresh Python process, and prints a Markdown table: the
-outcome, the peak RSS the read added over the process's RSS after importing the reader, the
-time of the read, and both against the limit (``max_pixels`` samples; ``max_bytes`` is the
-bound on the bytes held of one file).
+outcome, the peak RSS the read added (the process's peak, `harness.run`, less that of a process
+that only imports the reader), the time of the read, and both against the limit (``max_pixels``
+samples; ``max_bytes`` is the bound on the bytes held of one file).
 
     python bench/hostile_decode.py                      # the corpus limit, 2**20 samples
     python bench/hostile_decode.py --limit 200000000    # medseg's default limit
@@ -17,39 +17,31 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from harness import machine, run, table
 from PIL import Image
 
 from medseg.io.limits import ReadOptions
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Run in the fresh process: the RSS after importing the reader (its peak then reset through
-# /proc/self/clear_refs, Linux), then the peak RSS after reading.
+# Run in the fresh process: import the reader, then read the file (or, given "-", nothing).
 _CHILD = """
 import json, sys, time
-from pathlib import Path
 from medseg.errors import MedsegError
 from medseg.io.reader import ReadOptions, read
-def status(key):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-Path("/proc/self/clear_refs").write_text("5")
-before = status("VmRSS")
-start = time.perf_counter()
-try:
-    shape = list(read(sys.argv[1], ReadOptions(max_pixels=int(sys.argv[2]))).shape)
-    outcome = "read " + "x".join(map(str, shape))
-except MedsegError as err:
-    outcome = "refused: " + str(err).split(": ", 1)[1][:70]
-seconds = time.perf_counter() - start
-print(json.dumps({"outcome": outcome, "seconds": seconds, "kib": status("VmHWM") - before}))
+if sys.argv[1] != "-":
+    start = time.perf_counter()
+    try:
+        shape = list(read(sys.argv[1], ReadOptions(max_pixels=int(sys.argv[2]))).shape)
+        outcome = "read " + "x".join(map(str, shape))
+    except MedsegError as err:
+        outcome = "refused: " + str(err).split(": ", 1)[1][:70]
+    print(json.dumps({"outcome": outcome, "seconds": time.perf_counter() - start}))
 """
 
 
@@ -70,16 +62,15 @@ def _grey_png(folder: Path, limit: int) -> Path:
     return folder / "at_limit.png"
 
 
-def measure(path: Path, limit: int) -> dict[str, object]:
-    """Read ``path`` in a fresh process; its outcome, seconds and added peak RSS (KiB)."""
-    done = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(path), str(limit)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+def measure(path: Path | str, limit: int) -> tuple[str, float, int]:
+    """Read ``path`` in a fresh process: its outcome, seconds and peak RSS (bytes)."""
+    done = run([sys.executable, "-c", _CHILD, path, str(limit)], check=False)
     if done.returncode != 0:
-        return {"outcome": f"CRASHED (exit {done.returncode})", "seconds": 0.0, "kib": 0}
-    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+        return f"CRASHED (exit {done.returncode})", 0.0, done.peak_rss
+    if path == "-":
+        return "", 0.0, done.peak_rss
+    found = json.loads(next(line for _, line in reversed(done.lines) if line.startswith("{")))
+    return found["outcome"], found["seconds"], done.peak_rss
 
 
 def main() -> None:
@@ -93,9 +84,11 @@ def main() -> None:
     makers["control_deflated_dicom"] = corpus.dicom_deflated_ok  # type: ignore[attr-defined]
     makers["control_png_at_limit"] = lambda folder: _grey_png(folder, limit)
     options = ReadOptions(max_pixels=limit)
-    print(f"limit: {limit:,} samples; bytes held of one file at most {options.max_bytes:,}\n")
-    print("| file class | size on disk | outcome | peak RSS added | of max_bytes | time |")
-    print("| --- | ---: | --- | ---: | ---: | ---: |")
+    baseline = measure("-", limit)[2]
+    print(f"limit: {limit:,} samples; bytes held of one file at most {options.max_bytes:,}")
+    print(f"a process that only imports the reader peaks at {baseline / 2**20:.1f} MiB")
+    print(machine() + "\n")
+    rows = []
     with tempfile.TemporaryDirectory() as folder:
         for name, make in makers.items():
             if args.only and name not in args.only:
@@ -103,13 +96,14 @@ def main() -> None:
             sub = Path(folder) / name
             sub.mkdir()
             path = make(sub)
-            r = measure(path, limit)
-            mib = int(r["kib"]) / 1024  # type: ignore[call-overload]
-            share = int(r["kib"]) * 1024 / options.max_bytes  # type: ignore[call-overload]
-            print(
-                f"| {name} | {path.stat().st_size:,} B | {r['outcome']} | {mib:.1f} MiB | "
-                f"{share:.2f} | {float(r['seconds']) * 1000:.0f} ms |"  # type: ignore[arg-type]
-            )
+            outcome, seconds, peak = measure(path, limit)
+            added = max(peak - baseline, 0)
+            size, mib = f"{path.stat().st_size:,} B", f"{added / 2**20:.1f} MiB"
+            share, ms = f"{added / options.max_bytes:.2f}", f"{seconds * 1000:.0f} ms"
+            rows.append((name, size, outcome, mib, share, ms))
+            print(f"{name}: {outcome}", flush=True)
+    headers = ("file class", "size on disk", "outcome", "peak RSS added", "of max_bytes", "time")
+    print("\n" + table(headers, rows))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Benchmark of the whole pipeline: `dvc repro` time, no-op `dvc repro` time, peak memory.
 
 Runs the real `dvc repro` on a temporary copy of this repository (its params.yaml, or one given
-with --params), sampling the resident memory of the whole process tree (dvc and the stage it
-runs) every 0.1 s, then times no-op reruns. Prints a Markdown table.
+with --params), with the peak resident memory of the whole process tree (dvc and the stage it
+runs; `harness.run`), then times no-op reruns. Prints a Markdown table.
 
     python bench/pipeline.py                 # the default pipeline on the built-in data
     python bench/pipeline.py --noop-runs 5
@@ -11,58 +11,18 @@ runs) every 0.1 s, then times no-op reruns. Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-import psutil
+from harness import machine, run, table
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("synthesize", "convert", "preprocess", "train", "evaluate")
-
-
-def tree_rss(proc: psutil.Process) -> int:
-    """Resident bytes of a process and all its descendants."""
-    total = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            total += p.memory_info().rss
-    return total
-
-
-def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, int, str]:
-    """Run ``cmd``; return (seconds, peak tree RSS in bytes, stdout)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, text=True)
-    peak = 0
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        ps = psutil.Process(proc.pid)
-        while not done.is_set():
-            try:
-                peak = max(peak, tree_rss(ps))
-            except psutil.Error:
-                return
-            time.sleep(0.1)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, _ = proc.communicate()
-    seconds = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
-    return seconds, peak, out
 
 
 def main() -> None:
@@ -98,20 +58,19 @@ def main() -> None:
         ):
             subprocess.run(cmd, cwd=work, env=env, check=True, capture_output=True)
 
-        seconds, peak, out = timed([*dvc, "repro"], work, env)
-        ran = [s for s in STAGES if f"Running stage '{s}'" in out]
-        noop = [timed([*dvc, "repro"], work, env)[0] for _ in range(args.noop_runs)]
+        repro = run([*dvc, "repro"], cwd=work, env=env)
+        ran = [s for s in STAGES if f"Running stage '{s}'" in repro.output]
+        noop = [run([*dvc, "repro"], cwd=work, env=env).seconds for _ in range(args.noop_runs)]
         metrics = (work / "results" / "evaluate" / "metrics.json").read_text()
 
-    cpus = len(os.sched_getaffinity(0))
-    print(
-        f"\nmedseg pipeline benchmark ({cpus} CPUs, torch threads default, params: {args.params})\n"
-    )
-    print("| measure | value | target |")
-    print("| --- | --- | --- |")
-    print(f"| `dvc repro`, all stages ({len(ran)} ran) | {seconds:.1f} s | < 600 s |")
-    print(f"| no-op `dvc repro`, median of {len(noop)} | {statistics.median(noop):.2f} s | < 2 s |")
-    print(f"| peak RSS of the process tree | {peak / 2**30:.2f} GiB | < 4 GiB |")
+    print(f"\nmedseg pipeline benchmark (torch threads default, params: {args.params})")
+    print(machine() + "\n")
+    rows = [
+        (f"`dvc repro`, all stages ({len(ran)} ran)", f"{repro.seconds:.1f} s", "< 600 s"),
+        (f"no-op `dvc repro`, median of {len(noop)}", f"{statistics.median(noop):.2f} s", "< 2 s"),
+        ("peak RSS of the process tree", f"{repro.peak_rss / 2**30:.2f} GiB", "< 4 GiB"),
+    ]
+    print(table(("measure", "value", "target"), rows))
     print(f"\nmetrics.json: {' '.join(metrics.split())}")
 
 

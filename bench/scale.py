@@ -5,8 +5,8 @@ log-uniformly from 256 to 2048 pixels, with the extremes pinned in every split (
 case and the first training case are 2048x2048, the second of each 256x2048), so that the
 largest case met is the same at every size and the figures measure the number of cases; blob-shaped
 masks, written as the convert stage writes its output (PNG + manifest.csv). Each stage then runs
-in a fresh process, through its own stage script, and reports its peak resident memory (the
-process's ``ru_maxrss``) and wall time:
+in a fresh process, through its own stage script, and reports its peak resident memory
+(`harness.run`) and the wall time of the stage's ``main`` (imports excluded):
 
 - preprocess: every case;
 - train: a fixed number of steps (``--steps`` batches of 16 patches of 96 pixels), with
@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,19 +36,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
+from harness import machine, run, table
 
 REPO = Path(__file__).resolve().parents[1]
 
 RUN_STAGE = """
-import resource, sys, time
-from pathlib import Path
-import importlib.util
-spec = importlib.util.spec_from_file_location("stage", Path(sys.argv[1]))
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("stage", sys.argv[1])
 stage = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(stage)
 start = time.perf_counter()
 stage.main(sys.argv[2:])
-print("RESULT", time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print("SECONDS", time.perf_counter() - start)
 """
 
 
@@ -102,13 +99,9 @@ def params(n: int, val: int, steps: int) -> dict:
 def stage(name: str, *args: str | Path) -> tuple[float, float]:
     """Run ``stages/<name>.py`` in a fresh process; return (seconds, peak RSS in GiB)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-c", RUN_STAGE, str(REPO / "stages" / f"{name}.py"), *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        sys.exit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
-    _, seconds, rss_kib = line.split()
-    return float(seconds), int(rss_kib) / 2**20
+    done = run([sys.executable, "-c", RUN_STAGE, REPO / "stages" / f"{name}.py", *args], env=env)
+    seconds = next(line for _, line in done.lines if line.startswith("SECONDS")).split()[1]
+    return float(seconds), done.peak_rss / 2**30
 
 
 def run_size(work: Path, n: int, args: argparse.Namespace) -> dict:
@@ -150,20 +143,21 @@ def main() -> None:
         results = [run_size(work, n, args) for n in args.cases]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-          f"python bench/scale.py {' '.join(sys.argv[1:])}\n")  # fmt: skip
-    print("| cases | pixels (G) | store (GB) | preprocess RSS (GiB) | train RSS | evaluate RSS |"
-          " preprocess s/case | train s (fixed steps) | evaluate s/test case |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in results:
-        print(f"| {r['cases']} | {r['gpx']:.2f} | {r['store_gb']:.1f} | {r['pre'][1]:.2f} | "
-              f"{r['train'][1]:.2f} | {r['eval'][1]:.2f} | {r['pre'][0] / r['cases']:.3f} | "
-              f"{r['train'][0]:.1f} | {r['eval'][0] / r['test']:.3f} |")  # fmt: skip
+    print(f"\npython bench/scale.py {' '.join(sys.argv[1:])}\n{machine()}\n")
+    headers = ("cases", "pixels (G)", "store (GB)", "preprocess RSS (GiB)", "train RSS",
+               "evaluate RSS", "preprocess s/case", "train s (fixed steps)",
+               "evaluate s/test case")  # fmt: skip
+    rows: list[tuple[object, ...]] = [
+        (r["cases"], f"{r['gpx']:.2f}", f"{r['store_gb']:.1f}", f"{r['pre'][1]:.2f}",
+         f"{r['train'][1]:.2f}", f"{r['eval'][1]:.2f}", f"{r['pre'][0] / r['cases']:.3f}",
+         f"{r['train'][0]:.1f}", f"{r['eval'][0] / r['test']:.3f}")
+        for r in results
+    ]  # fmt: skip
     if len(results) > 1:
         a, b = results[0], results[-1]
-        ratios = [b[k][1] / a[k][1] for k in ("pre", "train", "eval")]
-        print(f"| RSS ratio {b['cases']} / {a['cases']} | | | {ratios[0]:.2f} | {ratios[1]:.2f} | "
-              f"{ratios[2]:.2f} | | | |")  # fmt: skip
+        ratios = [f"{b[k][1] / a[k][1]:.2f}" for k in ("pre", "train", "eval")]
+        rows.append((f"RSS ratio {b['cases']} / {a['cases']}", "", "", *ratios, "", "", ""))
+    print(table(headers, rows))
 
 
 if __name__ == "__main__":

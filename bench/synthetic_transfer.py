@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from harness import table
+
 from medseg.config import ConvertConfig, DataConfig, EvaluateConfig, PreprocessConfig
 from medseg.convert import convert_dataset
 from medseg.evaluation import evaluate_model
@@ -49,9 +51,7 @@ def main() -> None:
 
     fov = metrics["test"]["fov"]
     print(f"\n{args.model} on the {metrics['n_images']} DRIVE training images (FOV, pooled)\n")
-    print("| " + " | ".join(fov) + " |")
-    print("|" + " --- |" * len(fov))
-    print("| " + " | ".join(f"{v:.4f}" for v in fov.values()) + " |")
+    print(table(list(fov), [[f"{v:.4f}" for v in fov.values()]]))
 
 
 if __name__ == "__main__":

@@ -29,13 +29,13 @@ import logging
 import os
 import statistics
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
+from harness import machine, table, turns
 
 from medseg.config import TrainConfig, parse
 from medseg.data import Batch
@@ -167,8 +167,7 @@ def main() -> None:
         f"{len(cases)} DRIVE training images; {cfg.arch}-{cfg.encoder} decoder "
         f"{cfg.decoder_channels}; batch {cfg.batch_size} x {cfg.patch_size}^2; "
         f"{args.rounds} rounds of {args.steps} timed steps per loop; "
-        f"torch threads {torch.get_num_threads()}; CPU {torch.backends.cpu.get_cpu_capability()}, "
-        f"native bf16 {cpu_bf16_native()}"
+        f"torch threads {torch.get_num_threads()}\n{machine()}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
@@ -196,19 +195,20 @@ def main() -> None:
             )
         for loop in loops.values():  # the first steps of a process are slow: not timed
             loop.run(args.warmup)
-        speed: dict[str, list[float]] = {name: [] for name in loops}
-        for _ in range(args.rounds):  # interleaved, so a change of load hits every loop
-            for name, loop in loops.items():
-                start = time.perf_counter()
-                loop.run(args.steps)
-                speed[name].append(args.steps * cfg.batch_size / (time.perf_counter() - start))
-    naive = speed[next(iter(loops))]
+        timings = turns(
+            {name: lambda loop=loop: loop.run(args.steps) for name, loop in loops.items()},
+            args.rounds, warmup=0,
+        )  # fmt: skip
+    images = args.steps * cfg.batch_size
+    naive = timings[next(iter(loops))].wall
+    rows = []
+    for name, timing in timings.items():
+        ratio = statistics.median(n / t for t, n in zip(timing.wall, naive, strict=True))
+        rows.append((name, f"{images / timing.median:.2f}", f"{ratio:.2f}"))
     print()
-    print("| loop | images/s, median of rounds | x naive, median of per-round ratios |")
-    print("| --- | ---: | ---: |")
-    for name, values in speed.items():
-        ratio = statistics.median(v / n for v, n in zip(values, naive, strict=True))
-        print(f"| {name} | {statistics.median(values):.2f} | {ratio:.2f} |")
+    print(
+        table(("loop", "images/s, median of rounds", "x naive, median of per-round ratios"), rows)
+    )
 
 
 if __name__ == "__main__":

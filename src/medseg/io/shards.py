@@ -14,7 +14,7 @@ shards into memory instead (small splits; the same views, the same results).
 An index may also name shards of another folder by a relative path (`write_view`): a view of
 cases chosen from other splits, such as a cross-validation fold, that copies no array.
 
-The format was chosen by measurement over zarr and one file per case; see ``bench/storage.py``.
+The format was chosen by measurement over zarr and one file per case: docs/benchmarks.md.
 """
 
 from __future__ import annotations
