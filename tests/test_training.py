@@ -480,7 +480,9 @@ def test_training_learns_well_beyond_a_trivial_predictor(tmp_path: Path):
         ),
     )
     write_dataset(load_params(params, SynthesizeConfig), tmp_path / "raw")
-    convert_dataset(DataConfig(str(tmp_path / "raw"), "drive"), ConvertConfig(), tmp_path / "c")
+    convert_dataset(
+        DataConfig(str(tmp_path / "raw"), "drive"), ConvertConfig(None, None), tmp_path / "c"
+    )
     preprocess_dataset(load_params(params, PreprocessConfig), tmp_path / "c", tmp_path / "p")
     fit(load_params(params, TrainConfig), tmp_path / "p", tmp_path / "m", tmp_path / "l")
     metrics = evaluate_model(
@@ -492,4 +494,4 @@ def test_training_learns_well_beyond_a_trivial_predictor(tmp_path: Path):
     share = truth[fov].mean()
     trivial = 2 * share / (1 + share)  # Dice of "all foreground" inside the FOV
     assert 0.1 < share < 0.5
-    assert metrics["fov"]["dice"] >= trivial + 0.25, (metrics["fov"]["dice"], trivial)
+    assert metrics["test"]["fov"]["dice"] >= trivial + 0.25, (metrics["test"]["fov"]["dice"], trivial)
