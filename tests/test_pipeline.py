@@ -44,6 +44,11 @@ def test_repro_caches_and_reruns_only_what_changed(project: Path):
     assert ran(changed) == ["train", "evaluate"]
     diff = json.loads(run(project, "dvc", "params", "diff", "--json").stdout)
     assert diff["params.yaml"]["train.lr"]["new"] == 0.02
+    # a real edit of the losses module reruns train and no stage before it (the README says
+    # so); this edit leaves the weights as they were, so evaluate stays cached
+    losses = project / "src" / "medseg" / "losses.py"
+    losses.write_text(losses.read_text() + "\n# an edit\n")
+    assert ran(run(project, "dvc", "repro")) == ["train"]
     metrics_diff = run(project, "dvc", "metrics", "diff", "--all", "--json")
     assert "test.fov.dice" in json.loads(metrics_diff.stdout)["results/evaluate/metrics.json"]
     plots = run(project, "dvc", "plots", "show", "-o", "plots_html")
