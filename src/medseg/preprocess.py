@@ -4,6 +4,7 @@ written as one case store (a few shard files) per split (read back by `medseg.pr
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -225,12 +226,15 @@ def _prepare_case(
                 "they must match"
             )
         arrays["mask2"] = mask2
-    meta = {
+    meta: dict[str, Any] = {
         "height": int(fov.shape[0]),
         "width": int(fov.shape[1]),
         "full_height": int(fov_full.shape[0]),
         "full_width": int(fov_full.shape[1]),
     }
+    spacing = [float(getattr(row, f"spacing_{axis}", "nan") or "nan") for axis in ("row", "col")]
+    if all(math.isfinite(v) and v > 0 for v in spacing):
+        meta["spacing"] = spacing  # mm at full size (the ground truth's): boundary distances
     return arrays, meta
 
 

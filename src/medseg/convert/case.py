@@ -15,6 +15,7 @@ from medseg.convert.ids import base_id, source_name
 from medseg.convert.pseudonyms import redact
 from medseg.errors import MedsegError
 from medseg.fov import check_fov_keeps_labels, fov_from_image
+from medseg.io.dicom import header_facts
 from medseg.io.images import mask_to_bool, write_png
 from medseg.io.layouts import CaseFiles, Problem
 from medseg.io.reader import ReadOptions, read, source_format
@@ -22,7 +23,8 @@ from medseg.io.seg import is_seg, read_seg_mask
 
 MANIFEST_COLUMNS = [
     "case_id", "split", "image", "mask", "fov", "source", "source_format", "bit_depth",
-    "channels", "height", "width", "fov_source", "mask2",
+    "channels", "height", "width", "fov_source", "mask2", "modality", "spacing_row",
+    "spacing_col",
 ]  # fmt: skip
 
 
@@ -49,6 +51,8 @@ class _Checked:
     fovs: np.ndarray
     masks2: np.ndarray | None
     fov_source: str
+    modality: str = ""  # DICOM Modality; empty for other formats
+    spacing: tuple[float, float] | None = None  # (row, column) mm, where the file says
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,10 @@ def _convert(
     else:
         fovs = np.ones(images.shape[:3], dtype=bool)
         fov_source = "whole_image"
-    return _Checked(base, source, images, masks, fovs, masks2, fov_source)
+    modality, spacing = "", None
+    if source_format(case.image) == "dicom":
+        modality, spacing = header_facts(case.image)
+    return _Checked(base, source, images, masks, fovs, masks2, fov_source, modality, spacing)
 
 
 def _write_case(
@@ -156,6 +163,9 @@ def _write_case(
                 "width": image.shape[1],
                 "fov_source": fov_source,
                 "mask2": names["masks2"] if masks2 is not None else "",
+                "modality": checked.modality,
+                "spacing_row": checked.spacing[0] if checked.spacing else None,
+                "spacing_col": checked.spacing[1] if checked.spacing else None,
             }
         )
     return rows

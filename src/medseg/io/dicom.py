@@ -563,3 +563,46 @@ def _first(value: object) -> float:
     ):
         return float(value[0])  # type: ignore[index]
     return float(value)  # type: ignore[arg-type]
+
+
+def header_facts(path: str | Path) -> tuple[str, tuple[float, float] | None]:
+    """The modality (``CT``, ``MR``, ``DX``...; empty where absent) and the pixel spacing of a
+    DICOM file that `read_dicom_frames` has read (neither identifies anyone).
+
+    The spacing is (row, column) in mm: ``PixelSpacing`` (in the patient), else the shared
+    functional groups' ``PixelMeasuresSequence`` (enhanced multi-frame objects), else
+    ``ImagerPixelSpacing`` (at the detector: projection radiographs). None where none is present
+    or it is not two positive finite numbers. A deflated file is not read again (its inflation
+    is bounded only inside `read_dicom_frames`): modality and spacing stay unknown.
+    """
+    path = Path(path)
+    if is_deflated(path):
+        return "", None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # read whole a moment ago; a header read cannot add a new problem
+            return "", None
+        modality = str(ds.get("Modality", "") or "").strip()
+        candidates = [ds.get("PixelSpacing")]
+        try:
+            shared = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+            candidates.append(shared.get("PixelSpacing"))
+        except (AttributeError, IndexError, KeyError, TypeError):
+            pass
+        candidates.append(ds.get("ImagerPixelSpacing"))
+    for value in candidates:
+        spacing = _spacing(value)
+        if spacing is not None:
+            return modality, spacing
+    return modality, None
+
+
+def _spacing(value: object) -> tuple[float, float] | None:
+    try:
+        row, col = (float(v) for v in value)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        return None
+    ok = all(np.isfinite(v) and v > 0 for v in (row, col))
+    return (row, col) if ok else None
