@@ -24,7 +24,7 @@ import torch
 from medseg.bundle import save_bundle
 from medseg.config import EvaluateConfig, PreprocessConfig, TrainConfig, load_params
 from medseg.evaluation import ScoreTally, SecondObserver, evaluate_model
-from medseg.inference import predict_probabilities, prepare_model, segment
+from medseg.inference import LabelSpace, WindowSettings, predict_probabilities, prepare_model
 from medseg.io.images import binarize, read_raster
 from medseg.io.shards import CaseStore, ShardWriter
 from medseg.model import ModelSpec, build_model
@@ -62,10 +62,7 @@ def infer_times(
     for i in store:
         case = read_case(store, i)
         start, cpu = time.perf_counter(), time.process_time()
-        p = predict_probabilities(
-            model, case.image, cfg.window, cfg.overlap, cfg.batch_size, "cpu",
-            blending=cfg.blending, tta=cfg.tta,
-        )  # fmt: skip
+        p = predict_probabilities(model, case.image, WindowSettings.from_config(cfg), "cpu")
         walls.append(time.perf_counter() - start)
         cpus.append(time.process_time() - cpu)
         probs.append(p)
@@ -79,7 +76,7 @@ def metric_time(store: CaseStore, probs: list[np.ndarray], threshold: float) -> 
         case = read_case(store, i)
         p = p.copy()
         p[:, ~case.fov] = 0.0
-        pred = segment(p, threshold)
+        pred = LabelSpace.of(1).segment(p, threshold)
         tally.add(case.case_id, p, pred, case.truth, case.fov)
     tally.summary()
     tally.curves()

@@ -1,6 +1,6 @@
 """Benchmark: seconds per DRIVE-sized image for the torch model and its ONNX export run by
 onnxruntime, on the CPU with the same thread count, through the one case-prediction function
-(`medseg.inference.predict_case`); and the largest difference of their probabilities.
+(`medseg.inference.Predictor`); and the largest difference of their probabilities.
 
 The model is an untrained network of the repository's params (timing does not depend on the
 weights), exported with `medseg.export.export_onnx`. The images are the DRIVE test images,
@@ -27,7 +27,7 @@ import torch
 from medseg.bundle import Bundle, load_bundle, save_bundle
 from medseg.config import EvaluateConfig, PreprocessConfig, TrainConfig, load_params
 from medseg.export import export_onnx
-from medseg.inference import predict_case
+from medseg.inference import Predictor, WindowSettings
 from medseg.io.images import binarize, read_raster
 from medseg.model import ModelSpec, build_model
 from medseg.onnx_model import open_onnx
@@ -88,6 +88,11 @@ def main(argv: list[str] | None = None) -> None:
         models = dict(zip(("torch", "onnxruntime"), built, strict=True))
         pre = models["torch"].preprocess
         cases = drive_images(args.drive, pre, args.images)
+        settings = WindowSettings.from_config(options)
+        predictors = {
+            name: Predictor.from_bundles([bundle], settings, options.threshold, 0.5)
+            for name, bundle in models.items()
+        }
         times: dict[str, list[float]] = {name: [] for name in models}
         probs: dict[str, list[np.ndarray]] = {name: [] for name in models}
         for r in range(args.rounds):
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
             for name in order:
                 for image, fov in cases:
                     start = time.perf_counter()
-                    _, p = predict_case(models[name].model, image, fov, options, "cpu")
+                    _, p = predictors[name].predict(image, fov)
                     times[name].append(time.perf_counter() - start)
                     if r == 0:
                         probs[name].append(p)
