@@ -296,11 +296,12 @@ def test_pooled_dice_and_the_best_threshold_on_the_shared_grid():
     probs = [np.clip(t * 0.5 + rng.random((20, 30)) * 0.6, 0, 1).astype(np.float32) for t in truths]
     fov = np.ones((20, 30), bool)
     fov[:, :3] = False
-    tally = ScoreTally(1)
+    tally, light = ScoreTally(1), ScoreTally(1, light=True)
     total = None
     for i, (p, t) in enumerate(zip(probs, truths, strict=True)):
         pred = (p >= 0.5).astype(np.uint8)
         tally.add(f"c{i}", p[None], pred, t.astype(np.uint8), fov)
+        light.add(f"c{i}", p[None], pred, t.astype(np.uint8), fov)
         c = confusion(pred > 0, t, fov)
         total = c if total is None else total + c
     assert total is not None and tally.pooled_dice() == scores(total)["dice"]
@@ -313,3 +314,10 @@ def test_pooled_dice_and_the_best_threshold_on_the_shared_grid():
         dices.append(scores(c)["dice"])
     assert best[0] in grid and best[1] == pytest.approx(max(dices))
     assert ScoreTally(3).best_threshold() is None
+    # validation's light tally: the same two answers, and NaN scored, not refused
+    assert (light.pooled_dice(), light.best_threshold()) == (tally.pooled_dice(), best)
+    assert light.rows == []
+    broken = np.full((1, 20, 30), np.nan, np.float32)
+    with np.errstate(invalid="ignore"):  # NaN cast to a bin index
+        light.add("nan", broken, np.zeros((20, 30), np.uint8), truths[0].astype(np.uint8), fov)
+    assert light.pooled_dice() < tally.pooled_dice()

@@ -238,3 +238,5 @@ def test_threshold_auto_is_resolved_once_from_the_bundles(tmp_path):
     c = load_bundle(make_bundle(tmp_path / "c", multi, names=names), "cpu")
     assert resolve_threshold("auto", [c]) == 0.5  # several classes: not used
     assert c.labels == LabelSpace.of(3, names)
+    with pytest.raises(MedsegError, match="same outputs and classes"):
+        Predictor.from_bundles([a, c], WindowSettings(window=64), 0.5)

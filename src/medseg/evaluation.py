@@ -71,8 +71,9 @@ class _ClassTally:
 
 
 class ScoreTally:
-    """Collects the scores of test images one at a time, then summarises them, in memory that
-    does not grow with the pixels (pooled AUCs from `ScoreHistogram`).
+    """Collects the scores of images one at a time (validation, test, each crossval fold), then
+    summarises them, in memory that does not grow with the pixels (pooled AUCs from
+    `ScoreHistogram`).
 
     Binary models (one output channel) are scored on their foreground. Models with ``K > 1``
     classes (class 0 the background) are scored per foreground class, one class against the
@@ -83,9 +84,14 @@ class ScoreTally:
         names: the class names in label order, background first; default those of
             `medseg.inference.LabelSpace.of`. Names of the data set's own (``data.classes``)
             add per-class blocks to the summary even for a binary model.
+        light: collect only what validation needs (`pooled_dice`, `best_threshold`): the pooled
+            FOV counts and the threshold grid's, no ranking scores, per-image rows or
+            whole-image counts; non-finite probabilities are counted below every threshold,
+            as a training run whose weights overflow is stopped by its loss, not here.
     """
 
-    def __init__(self, n_classes: int, names: list[str] | None = None) -> None:
+    def __init__(self, n_classes: int, names: list[str] | None = None, light: bool = False) -> None:
+        self.light = light
         self.space = LabelSpace.of(n_classes, names or None)
         self.names = list(self.space.names)
         self.named = self.space.named
@@ -105,25 +111,29 @@ class ScoreTally:
             truth: (H, W) integer true labels, in ``[0, max(K, 2))``.
             fov: (H, W) bool field of view; the FOV scores count only these pixels.
         """
-        if not np.isfinite(probs).all():
+        if not self.light and not np.isfinite(probs).all():
             raise MedsegError(
                 f"case {case_id}: the model gave NaN or infinite probabilities; the weights "
                 "are broken (retrain, or check train.lr and the training log)"
             )
-        self.matrix += confusion_matrix(pred, truth, len(self.matrix), fov)
+        if not self.light:
+            self.matrix += confusion_matrix(pred, truth, len(self.matrix), fov)
         for k in self.labels:
             prob_k = self.space.class_probability(probs, k)
             truth_k, pred_k = truth == k, pred == k
             tally = self.tallies[k]
-            c_fov, c_all = confusion(pred_k, truth_k, fov), confusion(pred_k, truth_k)
+            c_fov = confusion(pred_k, truth_k, fov)
             tally.fov += c_fov
-            tally.whole += c_all
             p_in, t_in = prob_k[fov], truth_k[fov]
-            tally.fov_hist.add(p_in, t_in)
-            tally.all_hist.add(prob_k, truth_k)
             pos, neg = threshold_counts(p_in, t_in, CURVE_POINTS)
             tally.pos += pos
             tally.neg += neg
+            if self.light:
+                continue
+            c_all = confusion(pred_k, truth_k)
+            tally.whole += c_all
+            tally.fov_hist.add(p_in, t_in)
+            tally.all_hist.add(prob_k, truth_k)
             self.rows.append(
                 {
                     "case_id": case_id,

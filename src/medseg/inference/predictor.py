@@ -47,7 +47,7 @@ def resolve_threshold(
         elif fallback is not None:
             log.info("the model has no validation threshold: threshold %s", fallback)
             values.append(fallback)
-        elif bundle.spec.classes == 1:
+        elif bundle.labels.binary:
             raise MedsegError(
                 "params: evaluate.threshold is auto, but the model's weights hold no validation "
                 "threshold (trained without a validation split); set a number such as 0.5"
@@ -86,7 +86,18 @@ class Predictor:
         fallback: float | None = None,
     ) -> Predictor:  # fmt: skip
         """The predictor of one loaded bundle, or the ensemble of several (crossval's folds);
-        ``threshold`` and ``fallback`` as `resolve_threshold` takes them."""
+        ``threshold`` and ``fallback`` as `resolve_threshold` takes them.
+
+        Raises:
+            MedsegError: the bundles differ in their label spaces, or `resolve_threshold`'s.
+        """
+        spaces = list(dict.fromkeys(b.labels for b in bundles))
+        if len(spaces) > 1:
+            shown = "; ".join(f"{s.channels} output(s) {', '.join(s.names)}" for s in spaces)
+            raise MedsegError(
+                f"the models of an ensemble must have the same outputs and classes, these have: "
+                f"{shown}; train every fold with the same train.classes"
+            )
         runners = [as_runner(b.model, b.device) for b in bundles]
         value = resolve_threshold(threshold, bundles, fallback)
         return cls(runners, bundles[0].labels, value, settings)

@@ -47,7 +47,7 @@ def validate(
     """
     model.eval()
     predictor = Predictor([TorchRunner(model, device)], labels, VALIDATION_THRESHOLD)
-    tally = ScoreTally(labels.channels, list(labels.names))
+    tally = ScoreTally(labels.channels, list(labels.names), light=True)
     for i in val:
         case = read_case(val, i)
         pred, probs = predictor.predict(case.image, case.fov, out_fov=case.truth_fov)
