@@ -206,11 +206,13 @@ def _check_fits(
             f"preprocessing (preprocess.channel={pre.channel} {pre_from}) gives "
             f"{in_channels(pre.channel)}"
         )
-    if spec.classes != len(classes) and not (spec.classes == 1 and len(classes) == 2):
+    try:
+        LabelSpace.of(spec.classes, classes)
+    except ValueError:
         raise MedsegError(
             f"{where}: the model has {spec.classes} output class(es) but {classes_from} "
             f"names {len(classes)} labels ({', '.join(classes)})"
-        )
+        ) from None
 
 
 def _load_onnx(path: Path, device: str, preprocess: str | Path | None) -> Bundle:
