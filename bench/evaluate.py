@@ -22,7 +22,7 @@ from harness import Timing, machine, rounds, table
 from medseg.bundle import save_bundle
 from medseg.config import EvaluateConfig, PreprocessConfig, TrainConfig, load_params
 from medseg.evaluation import ScoreTally, SecondObserver, evaluate_model
-from medseg.inference import predict_probabilities, prepare_model, segment
+from medseg.inference import LabelSpace, WindowSettings, predict_probabilities, prepare_model
 from medseg.io.images import binarize, read_raster
 from medseg.io.shards import CaseStore, ShardWriter
 from medseg.model import ModelSpec, build_model
@@ -57,13 +57,10 @@ def drive_test_store(root: Path, pre: PreprocessConfig, out: Path) -> CaseStore:
 def infer_times(model, store: CaseStore, cfg: EvaluateConfig) -> tuple[Timing, list]:
     """Wall and CPU seconds (all threads) of each image's inference, and the probabilities."""
     cases, probs = iter([read_case(store, i) for i in store]), []
+    settings = WindowSettings.from_config(cfg)
 
     def one() -> None:
-        case = next(cases)
-        probs.append(predict_probabilities(
-            model, case.image, cfg.window, cfg.overlap, cfg.batch_size, "cpu",
-            blending=cfg.blending, tta=cfg.tta,
-        ))  # fmt: skip
+        probs.append(predict_probabilities(model, next(cases).image, settings, "cpu"))
 
     return rounds(one, len(store), warmup=0), probs
 
@@ -75,7 +72,7 @@ def metric_time(store: CaseStore, probs: list[np.ndarray], threshold: float) -> 
         case = read_case(store, i)
         p = p.copy()
         p[:, ~case.fov] = 0.0
-        pred = segment(p, threshold)
+        pred = LabelSpace.of(1).segment(p, threshold)
         tally.add(case.case_id, p, pred, case.truth, case.fov)
     tally.summary()
     tally.curves()

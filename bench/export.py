@@ -1,6 +1,6 @@
 """Benchmark: seconds per DRIVE-sized image for the torch model and its ONNX export run by
 onnxruntime, on the CPU with the same thread count, through the one case-prediction function
-(`medseg.inference.predict_case`); and the largest difference of their probabilities.
+(`medseg.inference.Predictor`); and the largest difference of their probabilities.
 
 The model is an untrained network of the repository's params (timing does not depend on the
 weights), exported with `medseg.export.export_onnx`. The images are the DRIVE test images,
@@ -27,7 +27,7 @@ from harness import machine, table, turns
 from medseg.bundle import Bundle, load_bundle, save_bundle
 from medseg.config import EvaluateConfig, PreprocessConfig, TrainConfig, load_params
 from medseg.export import export_onnx
-from medseg.inference import predict_case
+from medseg.inference import Predictor, WindowSettings
 from medseg.io.images import binarize, read_raster
 from medseg.model import ModelSpec, build_model
 from medseg.onnx_model import open_onnx
@@ -89,10 +89,14 @@ def main(argv: list[str] | None = None) -> None:
         models = dict(zip(("torch", "onnxruntime"), built, strict=True))
         pre = models["torch"].preprocess
         cases = drive_images(args.drive, pre, args.images)
+        settings = WindowSettings.from_config(options)
+        predictors = {
+            name: Predictor.from_bundles([bundle], settings, options.threshold, 0.5)
+            for name, bundle in models.items()
+        }
 
         def predict_all(name: str) -> list[np.ndarray]:
-            runner = models[name].model
-            return [predict_case(runner, image, fov, options, "cpu")[1] for image, fov in cases]
+            return [predictors[name].predict(image, fov)[1] for image, fov in cases]
 
         probs = {name: predict_all(name) for name in models}  # also the warm-up
         timings = turns({name: lambda n=name: predict_all(n) for name in models}, args.rounds, 0)

@@ -23,7 +23,7 @@ def test_round_trip_gives_the_same_outputs(tmp_path: Path):
     for path in (folder, folder / "model.safetensors", folder / "last.safetensors"):
         bundle = load_bundle(path, "cpu")
         assert bundle.spec == SPEC and bundle.classes == ["background", "foreground"]
-        assert not bundle.named_classes and bundle.preprocess.channel == "green"
+        assert not bundle.labels.named and bundle.preprocess.channel == "green"
         x = torch.randn(1, 1, 64, 64)
         with torch.no_grad():
             want, got = reference(x), bundle.model(x)
@@ -34,7 +34,7 @@ def test_named_classes_travel(tmp_path: Path):
     spec = ModelSpec("unet", "resnet18", [16, 8, 8, 8, 8], in_channels=3, classes=3)
     names = ["background", "vessel", "disc"]
     bundle = load_bundle(make_bundle(tmp_path / "m", spec, channel="rgb", names=names), "cpu")
-    assert bundle.classes == names and bundle.named_classes
+    assert bundle.classes == names and bundle.labels.named
 
 
 @pytest.fixture(scope="module")

@@ -222,7 +222,7 @@ def test_evaluate_refuses_a_model_trained_on_other_classes(tmp_path: Path, model
 def test_streaming_evaluation_equals_the_in_memory_result_on_drive(tmp_path: Path):
     """evaluate streams case by case (histogram AUCs); the same model's probabilities held in
     memory for all 20 DRIVE test images and scored exactly give the same figures to 1e-4."""
-    from medseg.inference import predict_case
+    from medseg.inference import Predictor, WindowSettings
     from medseg.io.images import binarize, read_raster
     from medseg.metrics import confusion, ranking_scores, scores
     from medseg.preprocess import PreprocessConfig, prepare_image
@@ -248,9 +248,10 @@ def test_streaming_evaluation_equals_the_in_memory_result_on_drive(tmp_path: Pat
     from medseg.bundle import load_bundle
 
     bundle = load_bundle(models, "cpu")
+    predictor = Predictor.from_bundles([bundle], WindowSettings.from_config(cfg), cfg.threshold)
     probs, truths, total = [], [], None
     for image, mask, fov in zip(images, masks, fovs, strict=True):
-        pred, p = predict_case(bundle.model, image, fov, cfg, bundle.device)
+        pred, p = predictor.predict(image, fov)
         c = confusion(pred > 0, mask > 0, fov)
         total = c if total is None else total + c
         probs.append(p[0][fov])
@@ -284,3 +285,39 @@ def test_nan_probabilities_name_the_case():
     truth, fov = np.zeros((4, 4), np.uint8), np.ones((4, 4), bool)
     with pytest.raises(MedsegError, match=r"case c7: the model gave NaN or infinite"):
         tally.add("c7", probs, (probs[0] > 0.5).astype(np.uint8), truth, fov)
+
+
+def test_pooled_dice_and_the_best_threshold_on_the_shared_grid():
+    """What validation picks the best epoch and the threshold by, from the same tally."""
+    from medseg.metrics import confusion, scores
+
+    rng = np.random.default_rng(8)
+    truths = [rng.random((20, 30)) < 0.3 for _ in range(2)]
+    probs = [np.clip(t * 0.5 + rng.random((20, 30)) * 0.6, 0, 1).astype(np.float32) for t in truths]
+    fov = np.ones((20, 30), bool)
+    fov[:, :3] = False
+    tally, light = ScoreTally(1), ScoreTally(1, light=True)
+    total = None
+    for i, (p, t) in enumerate(zip(probs, truths, strict=True)):
+        pred = (p >= 0.5).astype(np.uint8)
+        tally.add(f"c{i}", p[None], pred, t.astype(np.uint8), fov)
+        light.add(f"c{i}", p[None], pred, t.astype(np.uint8), fov)
+        c = confusion(pred > 0, t, fov)
+        total = c if total is None else total + c
+    assert total is not None and tally.pooled_dice() == scores(total)["dice"]
+    best = tally.best_threshold()
+    assert best is not None
+    grid = np.linspace(0.0, 1.0, CURVE_POINTS)
+    dices = []
+    for th in grid:  # every grid point by brute force: none beats the one chosen
+        c = confusion(probs[0] >= th, truths[0], fov) + confusion(probs[1] >= th, truths[1], fov)
+        dices.append(scores(c)["dice"])
+    assert best[0] in grid and best[1] == pytest.approx(max(dices))
+    assert ScoreTally(3).best_threshold() is None
+    # validation's light tally: the same two answers, and NaN scored, not refused
+    assert (light.pooled_dice(), light.best_threshold()) == (tally.pooled_dice(), best)
+    assert light.rows == []
+    broken = np.full((1, 20, 30), np.nan, np.float32)
+    with np.errstate(invalid="ignore"):  # NaN cast to a bin index
+        light.add("nan", broken, np.zeros((20, 30), np.uint8), truths[0].astype(np.uint8), fov)
+    assert light.pooled_dice() < tally.pooled_dice()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from medseg.inference import predict_probs, window_starts
+from medseg.inference import LabelSpace, Predictor, TorchRunner, WindowSettings, window_starts
 
 
 class PixelModel(torch.nn.Module):
@@ -34,7 +34,11 @@ def test_window_starts_cover_everything(size: int, window: int, stride: int):
 def test_sliding_window_equals_direct_per_pixel_result(h: int, w: int, window: int):
     image = np.random.default_rng(0).normal(size=(1, h, w)).astype(np.float32)
     model = PixelModel().eval()
-    probs = predict_probs(model, image, window=window, overlap=0.5, batch_size=3)
+    settings = WindowSettings(window=window, overlap=0.5, batch_size=3)
+    binary = LabelSpace.of(1)
+    predictor = Predictor([TorchRunner(model)], binary, 0.5, settings)
+    fov = np.ones((h, w), bool)
+    probs = binary.foreground(predictor.predict(image, fov)[1])
     assert probs.shape == (h, w) and probs.dtype == np.float32
     expected = 1 / (1 + np.exp(-(2 * image[0] - 1)))
     assert np.allclose(probs, expected, atol=1e-5)
@@ -44,7 +48,6 @@ from medseg.inference import (  # noqa: E402
     blend_weights,
     predict_probabilities,
     prepare_model,
-    segment,
 )
 
 
@@ -75,10 +78,8 @@ def test_blend_weights():
 @pytest.mark.parametrize("tta", [False, True])
 def test_per_pixel_model_is_exact_for_every_setting(blending: str, tta: bool):
     image = np.random.default_rng(1).normal(size=(1, 100, 130)).astype(np.float32)
-    probs = predict_probabilities(
-        PixelModel().eval(), image, window=64, overlap=0.3, batch_size=5,
-        blending=blending, tta=tta,
-    )  # fmt: skip
+    settings = WindowSettings(window=64, overlap=0.3, batch_size=5, blending=blending, tta=tta)
+    probs = predict_probabilities(PixelModel().eval(), image, settings)
     assert probs.shape == (1, 100, 130)
     assert np.allclose(probs[0], 1 / (1 + np.exp(-(2 * image[0] - 1))), atol=1e-5)
 
@@ -89,20 +90,20 @@ def test_sliding_window_matches_whole_image_for_a_small_receptive_field():
     and the Gaussian weight (1e-3 at the rim) keeps that error below 1e-3."""
     image = np.random.default_rng(2).normal(size=(1, 150, 170)).astype(np.float32)
     model = ConvModel().eval()
-    whole = predict_probabilities(model, image, window=256)  # one window covers all
+    whole = predict_probabilities(model, image, WindowSettings(window=256))  # one window: all
     with torch.no_grad():
         direct = torch.sigmoid(model(torch.from_numpy(image)[None]))[0].numpy()
     assert np.allclose(whole, direct, atol=1e-6)
-    tiled = predict_probabilities(model, image, window=64, overlap=0.5, blending="gaussian")
+    tiled = predict_probabilities(model, image, WindowSettings(64, 0.5, blending="gaussian"))
     assert np.abs(tiled - whole).max() < 1e-3
-    plain = predict_probabilities(model, image, window=64, overlap=0.5, blending="constant")
+    plain = predict_probabilities(model, image, WindowSettings(64, 0.5, blending="constant"))
     assert np.abs(plain - whole).max() > np.abs(tiled - whole).max()  # why gaussian is default
 
 
 def test_tta_is_the_mean_over_flips():
     image = np.random.default_rng(3).normal(size=(1, 64, 64)).astype(np.float32)
     model = ConvModel(seed=4).eval()
-    got = predict_probabilities(model, image, window=64, tta=True)[0]
+    got = predict_probabilities(model, image, WindowSettings(window=64, tta=True))[0]
     x = torch.from_numpy(image)[None]
     expected = np.zeros((64, 64), np.float32)
     with torch.no_grad():
@@ -111,20 +112,23 @@ def test_tta_is_the_mean_over_flips():
             out = torch.sigmoid(model(view))
             expected += (out.flip(dims) if dims else out)[0, 0].numpy() / 4
     assert np.allclose(got, expected, atol=1e-6)
-    assert not np.allclose(got, predict_probabilities(model, image, window=64)[0], atol=1e-3)
+    plain = predict_probabilities(model, image, WindowSettings(window=64))[0]
+    assert not np.allclose(got, plain, atol=1e-3)
 
 
 def test_multiclass_softmax_and_segment():
     image = np.random.default_rng(5).normal(size=(1, 40, 50)).astype(np.float32)
-    probs = predict_probabilities(ConvModel(classes=3).eval(), image, window=32, overlap=0.5)
+    settings = WindowSettings(window=32, overlap=0.5)
+    probs = predict_probabilities(ConvModel(classes=3).eval(), image, settings)
     assert probs.shape == (3, 40, 50)
     assert np.allclose(probs.sum(axis=0), 1.0, atol=1e-5)
-    labels = segment(probs, threshold=0.5)
+    labels = LabelSpace.of(3).segment(probs, threshold=0.5)
     assert labels.dtype == np.uint8 and np.array_equal(labels, probs.argmax(axis=0))
-    binary = segment(probs[:1], threshold=0.3)
+    binary = LabelSpace.of(1).segment(probs[:1], threshold=0.3)
     assert np.array_equal(binary, (probs[0] >= 0.3).astype(np.uint8))
+    runner = TorchRunner(ConvModel(classes=3).eval())
     with pytest.raises(ValueError, match="binary"):
-        predict_probs(ConvModel(classes=3).eval(), image, window=32)
+        Predictor([runner], LabelSpace.of(1), 0.5, settings).predict(image, np.ones((40, 50), bool))
 
 
 def test_prepare_model_folds_batchnorm_and_keeps_outputs():
@@ -164,3 +168,75 @@ def test_prepare_model_keeps_a_norm_that_does_not_follow_its_convolution():
     x = torch.randn(1, 1, 32, 32)
     with torch.inference_mode():
         assert torch.allclose(fast(x), model(x), atol=1e-6)
+
+
+def test_label_space_binary_and_named_classes():
+    binary, classes = LabelSpace.of(1), LabelSpace.of(3, ["background", "disc", "vessel"])
+    assert (binary.activation, classes.activation) == ("sigmoid", "softmax")
+    assert binary.names == ("background", "foreground") and not binary.named
+    assert LabelSpace.of(1, ["background", "liver"]).named and classes.named
+    assert LabelSpace.of(3).names == ("background", "class_1", "class_2")
+    assert (binary.foreground_labels, classes.foreground_labels) == ([1], [1, 2])
+    assert (binary.map_suffixes, classes.map_suffixes) == ([""], ["_class1", "_class2"])
+    with pytest.raises(ValueError, match="need 3 names"):
+        LabelSpace.of(3, ["background", "disc"])
+    probs = np.array([[[0.7, 0.1]], [[0.2, 0.3]], [[0.1, 0.6]]], np.float32)  # (3, 1, 2)
+    inside = np.array([[True, False]])
+    assert np.allclose(classes.foreground(probs), [[0.3, 0.9]])
+    assert classes.segment(probs, 0.5).tolist() == [[0, 2]]
+    assert classes.segment(probs, 0.5, inside).tolist() == [[0, 0]]
+    assert binary.mask_image(np.array([[0, 1]], np.uint8)).tolist() == [[0, 255]]
+    classes.clear_outside(probs, inside)  # nothing claimed outside: all background
+    assert probs[:, 0, 1].tolist() == [1.0, 0.0, 0.0] and probs[1, 0, 0] == np.float32(0.2)
+    one = np.array([[[0.4, 0.8]]], np.float32)
+    binary.clear_outside(one, inside)
+    assert one.tolist() == [[[pytest.approx(0.4), 0.0]]]
+
+
+def test_predictor_scores_at_the_truth_size_and_averages_an_ensemble():
+    image = np.random.default_rng(6).normal(size=(1, 40, 50)).astype(np.float32)
+    fov = np.ones((40, 50), bool)
+    out_fov = np.zeros((80, 100), bool)
+    out_fov[10:70, 10:90] = True
+    space, settings = LabelSpace.of(3), WindowSettings(window=32)
+    runners = [TorchRunner(ConvModel(classes=3, seed=s).eval()) for s in (7, 8)]
+    ensemble = Predictor(runners, space, 0.5, settings)
+    members = ensemble.member_probabilities(image, fov, out_fov)
+    assert [m.shape for m in members] == [(3, 80, 100)] * 2
+    labels, mean = ensemble.predict(image, fov, out_fov)
+    assert np.allclose(mean, (members[0] + members[1]) / 2, atol=1e-7)
+    assert (mean[0][~out_fov] == 1.0).all() and (labels[~out_fov] == 0).all()
+    assert np.array_equal(labels[out_fov], mean.argmax(axis=0)[out_fov])
+    alone = Predictor(runners[:1], space, 0.5, settings).predict(image, fov, out_fov)[1]
+    assert np.array_equal(alone, members[0])
+    with pytest.raises(ValueError, match="resolve it first"):
+        Predictor(runners, space, "auto", settings)  # type: ignore[arg-type]
+
+
+def test_threshold_auto_is_resolved_once_from_the_bundles(tmp_path):
+    from conftest import make_bundle
+
+    from medseg.bundle import load_bundle
+    from medseg.errors import MedsegError
+    from medseg.inference import resolve_threshold
+    from medseg.model import ModelSpec
+
+    spec = ModelSpec("unet", "resnet18", [16, 8, 8, 8, 8], 1, 1)
+    a = load_bundle(make_bundle(tmp_path / "a", spec, threshold=0.3), "cpu")
+    b = load_bundle(make_bundle(tmp_path / "b", spec, threshold=0.6), "cpu")
+    none = load_bundle(make_bundle(tmp_path / "n", spec), "cpu")
+    assert resolve_threshold(0.42, [none]) == 0.42  # a number stays
+    assert resolve_threshold("auto", [a]) == 0.3
+    assert resolve_threshold("auto", [a, b]) == pytest.approx(0.45)  # an ensemble: the mean
+    assert resolve_threshold("auto", [none], fallback=0.5) == 0.5
+    with pytest.raises(MedsegError, match=r"evaluate\.threshold is auto.*set a number"):
+        resolve_threshold("auto", [a, none])
+    predictor = Predictor.from_bundles([a, b], WindowSettings(window=64), "auto")
+    assert predictor.threshold == pytest.approx(0.45) and len(predictor.runners) == 2
+    multi = ModelSpec("unet", "resnet18", [16, 8, 8, 8, 8], 1, 3)
+    names = ["background", "disc", "vessel"]
+    c = load_bundle(make_bundle(tmp_path / "c", multi, names=names), "cpu")
+    assert resolve_threshold("auto", [c]) == 0.5  # several classes: not used
+    assert c.labels == LabelSpace.of(3, names)
+    with pytest.raises(MedsegError, match="same outputs and classes"):
+        Predictor.from_bundles([a, c], WindowSettings(window=64), 0.5)

@@ -7,10 +7,10 @@ import pytest
 
 from medseg.metrics import (
     Confusion,
-    auc_roc,
     best_dice_threshold,
     confusion,
-    roc_points,
+    curves,
+    ranking_scores,
     scores,
     threshold_counts,
 )
@@ -58,24 +58,24 @@ def test_confusion_adds():
 
 def test_auc_known_values():
     truth = np.array([0, 0, 1, 1], bool)
-    assert auc_roc(np.array([0.1, 0.2, 0.8, 0.9]), truth) == 1.0
-    assert auc_roc(np.array([0.9, 0.8, 0.2, 0.1]), truth) == 0.0
+    assert ranking_scores(np.array([0.1, 0.2, 0.8, 0.9]), truth)["auc_roc"] == 1.0
+    assert ranking_scores(np.array([0.9, 0.8, 0.2, 0.1]), truth)["auc_roc"] == 0.0
     # one of four (pos, neg) pairs misordered: 0.4 (pos) < 0.5 (neg)
-    assert auc_roc(np.array([0.1, 0.5, 0.4, 0.9]), truth) == 0.75
-    assert auc_roc(np.full(4, 0.5), truth) == 0.5  # ties count half
-    assert np.isnan(auc_roc(np.array([0.1, 0.2]), np.array([1, 1], bool)))
+    assert ranking_scores(np.array([0.1, 0.5, 0.4, 0.9]), truth)["auc_roc"] == 0.75
+    assert ranking_scores(np.full(4, 0.5), truth)["auc_roc"] == 0.5  # ties count half
+    assert np.isnan(ranking_scores(np.array([0.1, 0.2]), np.array([1, 1], bool))["auc_roc"])
 
 
-def test_roc_points_span_corners_and_match_auc():
+def test_roc_curve_spans_corners_and_matches_auc():
     rng = np.random.default_rng(0)
     truth = rng.random(5000) < 0.2
     prob = np.clip(truth * 0.3 + rng.random(5000) * 0.7, 0, 1)
-    roc = roc_points(prob, truth, n=201)
+    roc = curves(*threshold_counts(prob, truth, 201))
     assert len(roc["fpr"]) == 201
     assert roc["fpr"][-1] == 1.0 and roc["tpr"][-1] == 1.0
     assert np.all(np.diff(roc["fpr"]) >= 0) and np.all(np.diff(roc["tpr"]) >= 0)
     trapezoid = np.trapezoid(roc["tpr"], roc["fpr"])
-    assert trapezoid == pytest.approx(auc_roc(prob, truth), abs=0.01)
+    assert trapezoid == pytest.approx(ranking_scores(prob, truth)["auc_roc"], abs=0.01)
 
 
 # --- against independent implementations (scikit-learn, torchmetrics) ----------------------
@@ -84,12 +84,9 @@ from sklearn import metrics as skm  # noqa: E402
 from torchmetrics.functional import classification as tmc  # noqa: E402
 
 from medseg.metrics import (  # noqa: E402
-    average_precision,
     class_confusion,
     confusion_matrix,
-    curves,
     mcc,
-    ranking_scores,
 )
 
 
@@ -120,8 +117,6 @@ def test_scores_match_scikit_learn(seed: int, levels: int | None):
     r = ranking_scores(prob, truth)
     assert r["auc_roc"] == pytest.approx(skm.roc_auc_score(truth, prob), abs=1e-12)
     assert r["auc_pr"] == pytest.approx(skm.average_precision_score(truth, prob), abs=1e-12)
-    assert auc_roc(prob, truth) == r["auc_roc"]
-    assert average_precision(prob, truth) == r["auc_pr"]
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -185,7 +180,7 @@ def test_empty_rules():
     for truth in (np.zeros(5, bool), np.ones(5, bool)):
         r = ranking_scores(np.linspace(0, 1, 5), truth)
         assert np.isnan(r["auc_roc"]) and np.isnan(r["auc_pr"])
-    assert np.isnan(average_precision(np.linspace(0, 1, 5), np.zeros(5, bool)))
+    assert np.isnan(ranking_scores(np.linspace(0, 1, 5), np.zeros(5, bool))["auc_pr"])
 
 
 def test_fov_mask_changes_scores_exactly_as_expected():
@@ -203,9 +198,9 @@ def test_fov_mask_changes_scores_exactly_as_expected():
     assert scores(inside)["accuracy"] == 0.5 and scores(whole)["accuracy"] == 6 / 8
     assert scores(whole)["specificity"] == 5 / 6
     # AUC inside: pairs (0.9|0.4) vs (0.6, 0.2): 0.9 wins both, 0.4 wins one -> 3/4
-    assert auc_roc(prob[fov], truth[fov]) == 0.75
+    assert ranking_scores(prob[fov], truth[fov])["auc_roc"] == 0.75
     # whole image adds 4 negatives at 0.0 that both vessels outrank: (3 + 8) / 12
-    assert auc_roc(prob, truth) == 11 / 12
+    assert ranking_scores(prob, truth)["auc_roc"] == 11 / 12
 
 
 def test_curves_agree_with_direct_counts():
@@ -220,9 +215,11 @@ def test_curves_agree_with_direct_counts():
         assert c["tpr"][i] == pytest.approx(scores(direct)["sensitivity"])
         assert c["precision"][i] == pytest.approx(scores(direct)["precision"])
     # the areas under the sampled curves come close to the exact ones
-    assert np.trapezoid(c["tpr"], c["fpr"]) == pytest.approx(auc_roc(prob, truth), abs=0.01)
+    assert np.trapezoid(c["tpr"], c["fpr"]) == pytest.approx(
+        ranking_scores(prob, truth)["auc_roc"], abs=0.01
+    )
     assert np.trapezoid(c["precision"], c["tpr"]) == pytest.approx(
-        average_precision(prob, truth), abs=0.02
+        ranking_scores(prob, truth)["auc_pr"], abs=0.02
     )
 
 

@@ -494,4 +494,7 @@ def test_training_learns_well_beyond_a_trivial_predictor(tmp_path: Path):
     share = truth[fov].mean()
     trivial = 2 * share / (1 + share)  # Dice of "all foreground" inside the FOV
     assert 0.1 < share < 0.5
-    assert metrics["test"]["fov"]["dice"] >= trivial + 0.25, (metrics["test"]["fov"]["dice"], trivial)
+    assert metrics["test"]["fov"]["dice"] >= trivial + 0.25, (
+        metrics["test"]["fov"]["dice"],
+        trivial,
+    )

@@ -14,12 +14,13 @@ without torch.
 
 The weights file of the best epoch of a binary model trained with a validation split also holds,
 in its safetensors metadata (`THRESHOLD`), the threshold with the best validation Dice of those
-weights: ``evaluate.threshold: auto`` and ``medseg predict`` use it.
+weights: ``evaluate.threshold: auto`` and ``medseg predict`` use it
+(`medseg.inference.resolve_threshold`).
 
 `save_bundle` writes it (the train stage), `load_bundle` is the one way a saved model is
 loaded: the evaluate stage and ``medseg predict`` go through it, and every mismatch is refused
 naming the file. (Validation inside training scores the model in memory, through the same
-`medseg.inference.predict_case`.)
+`medseg.inference.Predictor`.)
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import json
 import logging
 import re
 import shutil
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -38,16 +39,16 @@ from medseg.config import (
     MAX_DECODER_BLOCKS,
     MAX_DECODER_WIDTH,
     ConvertConfig,
-    EvaluateConfig,
     PreprocessConfig,
     parse,
     read_json,
     shown,
 )
 from medseg.errors import MedsegError
+from medseg.inference.labels import LabelSpace
 from medseg.names import CLASSES
 from medseg.onnx_model import SUFFIX, open_onnx
-from medseg.processed import BINARY, RECORD, check_class_names, load_record, read_class_names
+from medseg.processed import RECORD, check_class_names, load_record, read_class_names
 from medseg.spec import ARCHS, ModelSpec
 from medseg.transforms import in_channels
 
@@ -92,9 +93,9 @@ class Bundle:
     threshold: float | None = None
 
     @property
-    def named_classes(self) -> bool:
-        """Whether the classes have names of the data set's own (``data.classes``)."""
-        return tuple(self.classes) != BINARY
+    def labels(self) -> LabelSpace:
+        """What its output channels mean (`medseg.inference.LabelSpace`)."""
+        return LabelSpace.of(self.spec.classes, self.classes)
 
 
 def save_bundle(
@@ -200,11 +201,13 @@ def _check_fits(
             f"preprocessing (preprocess.channel={pre.channel} {pre_from}) gives "
             f"{in_channels(pre.channel)}"
         )
-    if spec.classes != len(classes) and not (spec.classes == 1 and len(classes) == 2):
+    try:
+        LabelSpace.of(spec.classes, classes)
+    except ValueError:
         raise MedsegError(
             f"{where}: the model has {spec.classes} output class(es) but {classes_from} "
             f"names {len(classes)} labels ({', '.join(classes)})"
-        )
+        ) from None
 
 
 def _load_onnx(path: Path, device: str, preprocess: str | Path | None) -> Bundle:
@@ -238,29 +241,6 @@ def _metadata(path: Path, meta: dict[str, str], key: str) -> Any:
         raise MedsegError(
             f"{path}: its metadata lacks a readable {key} ({err}); export the model again"
         ) from err
-
-
-def resolve_threshold(
-    options: EvaluateConfig, bundle: Bundle, fallback: float | None = None
-) -> EvaluateConfig:
-    """``options`` with a numeric threshold: ``auto`` becomes the bundle's (`THRESHOLD`), or
-    ``fallback`` where it has none; 0.5 for a model that does not use one (several classes).
-
-    Raises:
-        MedsegError: ``auto`` for a binary model trained without a validation split, and no
-            ``fallback``.
-    """
-    if options.threshold != "auto":
-        return options
-    if bundle.threshold is None and fallback is not None:
-        log.info("the model has no validation threshold: threshold %s", fallback)
-        return replace(options, threshold=fallback)
-    if bundle.threshold is None and bundle.spec.classes == 1:
-        raise MedsegError(
-            "params: evaluate.threshold is auto, but the model's weights hold no validation "
-            "threshold (trained without a validation split); set a number such as 0.5"
-        )
-    return replace(options, threshold=bundle.threshold if bundle.threshold is not None else 0.5)
 
 
 def _threshold(weights: Path) -> float | None:

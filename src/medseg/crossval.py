@@ -8,9 +8,10 @@ The pipeline is ``crossval/dvc.yaml`` (opt-in, see ``docs/crossval.md``):
    that the train stage reads like ``data/processed``: ``train.json`` and ``val.json`` are views
    into preprocess's shards (`medseg.io.shards.write_view`), so no array is copied.
 2. The train stage (`medseg.training.fit`) runs once per fold on that folder.
-3. `ensemble_folds` predicts each test case with every fold's model (`predict_case`, as evaluate
-   does), averages their probabilities, thresholds the mean, and scores every fold and the
-   ensemble with evaluate's `ScoreTally`.
+3. `ensemble_folds` predicts each test case with the folds' ensemble (one
+   `medseg.inference.Predictor` with a runner per fold, as evaluate predicts with one), and
+   scores every fold and the ensemble (the mean of their probabilities) with evaluate's
+   `ScoreTally`.
 """
 
 from __future__ import annotations
@@ -18,13 +19,11 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from medseg.bundle import RECORDS, Bundle, load_bundle, resolve_threshold
+from medseg.bundle import RECORDS, load_bundle
 from medseg.config import CrossvalConfig, EvaluateConfig
 from medseg.errors import MedsegError
 from medseg.evaluation import (
@@ -33,12 +32,14 @@ from medseg.evaluation import (
     SecondObserver,
     build_metrics,
     check_classes,
+    open_test,
 )
-from medseg.inference import predict_case, segment
+from medseg.inference import Predictor, WindowSettings, resolve_threshold, to_uint16
 from medseg.io.atomic import atomic_dir, write_json, write_text
 from medseg.io.images import write_png
 from medseg.io.shards import CaseStore, write_view
-from medseg.preprocess import Case, open_split, read_case, shuffled_groups, source_groups
+from medseg.preprocess import shuffled_groups, source_groups
+from medseg.processed import Case, open_split, read_case
 
 log = logging.getLogger(__name__)
 
@@ -159,12 +160,13 @@ def ensemble_folds(
 ) -> dict:
     """Score every fold's model and their ensemble on the ``test`` split of ``data_dir``.
 
-    Each test case is predicted by each model (`medseg.inference.predict_case`, with the
-    evaluate params); the ensemble's probabilities are the mean of the models' (before any
-    threshold), thresholded by `medseg.inference.segment`. Every model and the ensemble are
-    scored as the evaluate stage scores one (`medseg.evaluation.ScoreTally`). Cases are done one
-    at a time, so memory stays that of one case and the models. Writes into ``out`` (whole or not
-    at all):
+    Each test case is predicted by the ensemble, a `medseg.inference.Predictor` with one
+    runner per fold and the evaluate params: each fold's probabilities are scored at the fold's
+    threshold, their mean at the ensemble's (under ``threshold: auto``, each fold its own
+    validation threshold, the ensemble their mean: `medseg.inference.resolve_threshold`).
+    Every model and the ensemble are scored as the evaluate stage scores one
+    (`medseg.evaluation.ScoreTally`). Cases are done one at a time, so memory stays that of
+    one case and the models. Writes into ``out`` (whole or not at all):
 
     - ``metrics.json``: ``{"ensemble": ..., "fold0": ..., ...}``, each block the content of
       evaluate's ``metrics.json`` (the second observer, where there is one, under ``ensemble``);
@@ -187,29 +189,24 @@ def ensemble_folds(
     for path in models:
         bundles.append(load_bundle(path, cfg.device))
         check_classes(bundles[-1].classes, data_dir, path)
-    test = open_split(data_dir, "test")
-    if len(test) == 0:
-        raise MedsegError(f"{Path(data_dir) / 'test.json'}: no test cases to evaluate")
-    n_classes = bundles[0].spec.classes
+    test = open_test(data_dir)
+    ensemble = Predictor.from_bundles(bundles, WindowSettings.from_config(cfg), cfg.threshold)
+    space = ensemble.labels
     folds = [fold_name(k) for k in range(len(bundles))]
     names = [ENSEMBLE, *folds]
-    tallies = {name: ScoreTally(n_classes, bundles[0].classes) for name in names}
-    second = SecondObserver(n_classes)
-    by_fold = dict(zip(folds, bundles, strict=True))
-    # threshold auto: each fold its own best validation threshold, the ensemble their mean
-    cfgs = {name: resolve_threshold(cfg, bundle) for name, bundle in by_fold.items()}
-    ensemble = cfg
-    if cfg.threshold == "auto":
-        ensemble = replace(
-            cfg, threshold=float(np.mean([float(c.threshold) for c in cfgs.values()]))
-        )
-    cfgs[ENSEMBLE] = ensemble
+    tallies = {name: ScoreTally(space.channels, list(space.names)) for name in names}
+    second = SecondObserver(space.channels)
+    thresholds = {
+        name: resolve_threshold(cfg.threshold, [bundle])
+        for name, bundle in zip(folds, bundles, strict=True)
+    }
+    thresholds[ENSEMBLE] = ensemble.threshold
     with atomic_dir(out) as tmp:
         for name in names:
             (tmp / "probabilities" / name).mkdir(parents=True)
         for i in test:
             case = read_case(test, i)
-            _ensemble_case(case, cfgs, by_fold, tallies, tmp)
+            _ensemble_case(case, ensemble, thresholds, tallies, tmp)
             if case.mask2 is not None:
                 second.add(case.truth, case.mask2, case.truth_fov)
             test.release(i)
@@ -217,7 +214,7 @@ def ensemble_folds(
             name: build_metrics(
                 tallies[name],
                 second.summary() if name == ENSEMBLE else None,
-                cfgs[name].threshold,
+                thresholds[name],
             )
             for name in names
         }
@@ -232,34 +229,16 @@ def ensemble_folds(
 
 
 def _ensemble_case(
-    case: Case, cfgs: dict[str, EvaluateConfig], bundles: dict[str, Bundle],
+    case: Case, ensemble: Predictor, thresholds: dict[str, float],
     tallies: dict[str, ScoreTally], out: Path,
 ) -> None:  # fmt: skip
-    """Predict one case with every fold's model, then with their mean; score and save each.
-    ``cfgs`` holds the evaluate params of each fold and of the ensemble (their thresholds differ
-    under ``threshold: auto``).
-
-    Steps: (1) per fold, `predict_case` (probabilities at the truth's resolution, nothing
-    outside the FOV) and its score; (2) the mean of those probabilities, thresholded by
-    `segment`, background outside the FOV as `predict_case` makes it, and its score.
-    """
-    total: np.ndarray | None = None
-    for name, bundle in bundles.items():
-        pred, probs = predict_case(
-            bundle.model, case.image, case.fov, cfgs[name], bundle.device, out_fov=case.truth_fov
-        )
-        tallies[name].add(case.case_id, probs, pred, case.truth, case.truth_fov)
-        _write_probability(out / "probabilities" / name / f"{case.case_id}.png", probs)
-        total = probs.astype(np.float64) if total is None else total + probs
-    assert total is not None
-    mean = (total / len(bundles)).astype(np.float32)
-    pred = segment(mean, float(cfgs[ENSEMBLE].threshold))
-    pred[~case.truth_fov] = 0
-    tallies[ENSEMBLE].add(case.case_id, mean, pred, case.truth, case.truth_fov)
-    _write_probability(out / "probabilities" / ENSEMBLE / f"{case.case_id}.png", mean)
-
-
-def _write_probability(path: Path, probs: np.ndarray) -> None:
-    """(K, H, W) probabilities -> 16-bit PNG of the foreground's (for K > 1: 1 - background)."""
-    foreground = probs[0] if probs.shape[0] == 1 else 1.0 - probs[0]
-    write_png(path, (np.clip(foreground, 0.0, 1.0) * 65535.0 + 0.5).astype(np.uint16))
+    """Predict one case with every fold's model, then with their mean; score and save each at
+    its threshold (``thresholds``, by fold name and `ENSEMBLE`)."""
+    space, inside = ensemble.labels, case.truth_fov
+    members = ensemble.member_probabilities(case.image, case.fov, out_fov=inside)
+    folds = [name for name in tallies if name != ENSEMBLE]
+    for name, probs in [*zip(folds, members, strict=True), (ENSEMBLE, ensemble.mean(members))]:
+        pred = space.segment(probs, thresholds[name], inside)
+        tallies[name].add(case.case_id, probs, pred, case.truth, inside)
+        path = out / "probabilities" / name / f"{case.case_id}.png"
+        write_png(path, to_uint16(space.foreground(probs)))

@@ -1,4 +1,6 @@
-"""Scoring of the test cases: whole-image inference, FOV metrics, tables, curves, overlays."""
+"""Scoring: the one tally (`ScoreTally`) and threshold grid (`CURVE_POINTS`) that validation,
+evaluate and crossval share; the evaluate stage (whole-image inference of the test cases, FOV
+metrics, tables, curves, overlays)."""
 
 from __future__ import annotations
 
@@ -9,17 +11,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medseg.bundle import load_bundle, resolve_threshold
+from medseg.bundle import load_bundle
 from medseg.config import EvaluateConfig
 from medseg.errors import MedsegError
-from medseg.inference import predict_case
+from medseg.inference import LabelSpace, Predictor, WindowSettings, to_uint8
 from medseg.io.atomic import atomic_dir, write_json
 from medseg.io.images import write_png
+from medseg.io.shards import CaseStore
 from medseg.metrics import (
     RANKING_NAMES,
     SCORE_NAMES,
     Confusion,
     ScoreHistogram,
+    best_dice_threshold,
     confusion,
     confusion_matrix,
     curves,
@@ -28,13 +32,15 @@ from medseg.metrics import (
     threshold_counts,
 )
 from medseg.names import CLASSES
-from medseg.processed import BINARY, open_split, read_case, read_class_names
+from medseg.processed import open_split, read_case, read_class_names
 from medseg.transforms import resize_image
 
 log = logging.getLogger(__name__)
 
 PRECISION = 4  # decimals kept in metrics.json: finer changes are noise, not results
-CURVE_POINTS = 201  # thresholds 0.000, 0.005, ..., 1.000 for the ROC and PR curve files
+# the one threshold grid, 0.000, 0.005, ..., 1.000: the ROC and PR curve files and the
+# validation threshold (evaluate.threshold: auto) are read off it
+CURVE_POINTS = 201
 METRIC_NAMES = (*SCORE_NAMES, *RANKING_NAMES)
 
 # overlay colours (RGB): true positive, false positive, false negative
@@ -61,8 +67,9 @@ class _ClassTally:
 
 
 class ScoreTally:
-    """Collects the scores of test images one at a time, then summarises them, in memory that
-    does not grow with the pixels (pooled AUCs from `ScoreHistogram`).
+    """Collects the scores of images one at a time (validation, test, each crossval fold), then
+    summarises them, in memory that does not grow with the pixels (pooled AUCs from
+    `ScoreHistogram`).
 
     Binary models (one output channel) are scored on their foreground. Models with ``K > 1``
     classes (class 0 the background) are scored per foreground class, one class against the
@@ -70,19 +77,24 @@ class ScoreTally:
 
     Args:
         n_classes: output channels of the model: 1 (binary) or K > 1.
-        names: the class names in label order, background first; default `class_names`.
-            Names of the data set's own (``data.classes``) add per-class blocks to the summary
-            even for a binary model.
+        names: the class names in label order, background first; default those of
+            `medseg.inference.LabelSpace.of`. Names of the data set's own (``data.classes``)
+            add per-class blocks to the summary even for a binary model.
+        light: collect only what validation needs (`pooled_dice`, `best_threshold`): the pooled
+            FOV counts and the threshold grid's, no ranking scores, per-image rows or
+            whole-image counts; non-finite probabilities are counted below every threshold,
+            as a training run whose weights overflow is stopped by its loss, not here.
     """
 
-    def __init__(self, n_classes: int, names: list[str] | None = None) -> None:
-        self.n_classes = n_classes
-        self.names = names or class_names(n_classes)
-        self.named = (tuple(self.names) != BINARY and n_classes == 1) or n_classes > 1
-        self.labels = [1] if n_classes == 1 else list(range(1, n_classes))
+    def __init__(self, n_classes: int, names: list[str] | None = None, light: bool = False) -> None:
+        self.light = light
+        self.space = LabelSpace.of(n_classes, names or None)
+        self.names = list(self.space.names)
+        self.named = self.space.named
+        self.labels = self.space.foreground_labels
         self.tallies = {k: _ClassTally() for k in self.labels}
         self.rows: list[dict] = []
-        self.matrix = np.zeros((max(n_classes, 2),) * 2, dtype=np.int64)
+        self.matrix = np.zeros((len(self.names),) * 2, dtype=np.int64)
 
     def add(self, case_id: str, probs: np.ndarray, pred: np.ndarray, truth: np.ndarray,
             fov: np.ndarray) -> None:  # fmt: skip
@@ -91,29 +103,33 @@ class ScoreTally:
         Args:
             case_id: the image's id, for the per-image table.
             probs: (K, H, W) float32 class probabilities (K = 1: the foreground's).
-            pred: (H, W) integer labels predicted (`medseg.inference.segment`).
+            pred: (H, W) integer labels predicted (`medseg.inference.Predictor.predict`).
             truth: (H, W) integer true labels, in ``[0, max(K, 2))``.
             fov: (H, W) bool field of view; the FOV scores count only these pixels.
         """
-        if not np.isfinite(probs).all():
+        if not self.light and not np.isfinite(probs).all():
             raise MedsegError(
                 f"case {case_id}: the model gave NaN or infinite probabilities; the weights "
                 "are broken (retrain, or check train.lr and the training log)"
             )
-        self.matrix += confusion_matrix(pred, truth, len(self.matrix), fov)
+        if not self.light:
+            self.matrix += confusion_matrix(pred, truth, len(self.matrix), fov)
         for k in self.labels:
-            prob_k = probs[0] if self.n_classes == 1 else probs[k]
+            prob_k = self.space.class_probability(probs, k)
             truth_k, pred_k = truth == k, pred == k
             tally = self.tallies[k]
-            c_fov, c_all = confusion(pred_k, truth_k, fov), confusion(pred_k, truth_k)
+            c_fov = confusion(pred_k, truth_k, fov)
             tally.fov += c_fov
-            tally.whole += c_all
             p_in, t_in = prob_k[fov], truth_k[fov]
-            tally.fov_hist.add(p_in, t_in)
-            tally.all_hist.add(prob_k, truth_k)
             pos, neg = threshold_counts(p_in, t_in, CURVE_POINTS)
             tally.pos += pos
             tally.neg += neg
+            if self.light:
+                continue
+            c_all = confusion(pred_k, truth_k)
+            tally.whole += c_all
+            tally.fov_hist.add(p_in, t_in)
+            tally.all_hist.add(prob_k, truth_k)
             self.rows.append(
                 {
                     "case_id": case_id,
@@ -123,6 +139,18 @@ class ScoreTally:
                     **{f"whole_image_{n}": v for n, v in scores(c_all).items()},
                 }
             )
+
+    def pooled_dice(self) -> float:
+        """The pooled FOV Dice so far; for K > 1 the mean over the foreground classes (what
+        validation picks the best epoch by)."""
+        return float(np.mean([scores(self.tallies[k].fov)["dice"] for k in self.labels]))
+
+    def best_threshold(self) -> tuple[float, float] | None:
+        """A binary model's threshold on the `CURVE_POINTS` grid with the best pooled FOV Dice,
+        and that Dice (`medseg.metrics.best_dice_threshold`); None for several classes."""
+        if not self.space.binary:
+            return None
+        return best_dice_threshold(self.tallies[1].pos, self.tallies[1].neg)
 
     def per_image(self) -> pd.DataFrame:
         """One row per image (and class, for K > 1): FOV scores, then whole-image scores."""
@@ -197,13 +225,6 @@ class ScoreTally:
         )
 
 
-def class_names(n_classes: int) -> list[str]:
-    """Label names for tables: ``background``, ``foreground`` (binary) or ``class_<k>``."""
-    if n_classes == 1:
-        return ["background", "foreground"]
-    return ["background", *(f"class_{k}" for k in range(1, n_classes))]
-
-
 def _mean_blocks(blocks: list[dict[str, float]]) -> dict[str, float]:
     if len(blocks) == 1:
         return dict(blocks[0])
@@ -219,7 +240,7 @@ class SecondObserver:
     """
 
     def __init__(self, n_classes: int) -> None:
-        self.labels = [1] if n_classes == 1 else list(range(1, n_classes))
+        self.labels = LabelSpace.of(n_classes).foreground_labels
         self.totals = {k: Confusion(0, 0, 0, 0) for k in self.labels}
         self.n = 0
 
@@ -242,7 +263,7 @@ def evaluate_model(
 ) -> dict:
     """Score the model on the ``test`` split in ``data_dir`` and write the results into ``out``.
 
-    Cases are read, predicted (`medseg.inference.predict_case`), scored at the ground truth's
+    Cases are read, predicted (`medseg.inference.Predictor`), scored at the ground truth's
     resolution and written one at a time, so memory stays that of one case. Writes
     ``metrics.json`` (nested, rounded to `PRECISION` decimals), ``per_image.csv``, ``roc.csv``,
     ``pr.csv``, ``confusion.csv``, ``overlays/<case>.png`` and ``probabilities/<case>.png``
@@ -256,32 +277,29 @@ def evaluate_model(
         The metrics written to ``metrics.json``.
     """
     bundle = load_bundle(model_path, cfg.device)
-    cfg = resolve_threshold(cfg, bundle)  # auto: the one with the best validation Dice
-    test = open_split(data_dir, "test")
-    if len(test) == 0:
-        raise MedsegError(f"{Path(data_dir) / 'test.json'}: no test cases to evaluate")
+    # threshold auto: the one with the best validation Dice, stored in the bundle
+    predictor = Predictor.from_bundles([bundle], WindowSettings.from_config(cfg), cfg.threshold)
+    test = open_test(data_dir)
     check_classes(bundle.classes, data_dir, model_path)
-    n_classes = bundle.spec.classes
-    tally = ScoreTally(n_classes, bundle.classes)
-    second = SecondObserver(n_classes)
+    space = predictor.labels
+    tally = ScoreTally(space.channels, list(space.names))
+    second = SecondObserver(space.channels)
     with atomic_dir(out) as tmp:
         (tmp / "overlays").mkdir()
         (tmp / "probabilities").mkdir()
         for i in test:
             case = read_case(test, i)
-            pred, probs = predict_case(
-                bundle.model, case.image, case.fov, cfg, bundle.device, out_fov=case.truth_fov
-            )
+            pred, probs = predictor.predict(case.image, case.fov, out_fov=case.truth_fov)
             tally.add(case.case_id, probs, pred, case.truth, case.truth_fov)
             if case.mask2 is not None:
                 second.add(case.truth, case.mask2, case.truth_fov)
             shown = resize_image(case.image, case.truth.shape)
             picture = overlay(shown, pred, case.truth, case.truth_fov)
             write_png(tmp / "overlays" / f"{case.case_id}.png", picture)
-            foreground = probs[0] if n_classes == 1 else 1.0 - probs[0]
+            foreground = space.foreground(probs)
             write_png(tmp / "probabilities" / f"{case.case_id}.png", to_uint8(foreground))
             test.release(i)
-        metrics = build_metrics(tally, second.summary(), cfg.threshold)
+        metrics = build_metrics(tally, second.summary(), predictor.threshold)
         write_json(tmp / "metrics.json", metrics)
         tally.per_image().round(PRECISION).to_csv(tmp / "per_image.csv", index=False)
         roc, pr = tally.curves()
@@ -291,6 +309,14 @@ def evaluate_model(
     fov = metrics["test"]["fov"]
     log.info("test (FOV, pooled): dice %s auc %s", fov["dice"], fov["auc_roc"])
     return metrics
+
+
+def open_test(data_dir: str | Path) -> CaseStore:
+    """The ``test`` split of ``data_dir``, refused when it holds no case."""
+    test = open_split(data_dir, "test")
+    if len(test) == 0:
+        raise MedsegError(f"{Path(data_dir) / 'test.json'}: no test cases to evaluate")
+    return test
 
 
 def check_classes(model_classes: list[str], data_dir: str | Path, model_path: str | Path) -> None:
@@ -304,7 +330,7 @@ def check_classes(model_classes: list[str], data_dir: str | Path, model_path: st
         )
 
 
-def build_metrics(tally: ScoreTally, second: dict | None, threshold: float | str) -> dict:
+def build_metrics(tally: ScoreTally, second: dict | None, threshold: float) -> dict:
     """The content of ``metrics.json``: ``test.fov`` first (Dice, IoU and accuracy lead each
     block), rounded to `PRECISION` decimals, NaN as null."""
     test = tally.summary()
@@ -312,11 +338,6 @@ def build_metrics(tally: ScoreTally, second: dict | None, threshold: float | str
         test["second_observer"] = second
     return _rounded({"test": test, "n_images": len({r["case_id"] for r in tally.rows}),
                      "threshold": threshold})  # fmt: skip
-
-
-def to_uint8(prob: np.ndarray) -> np.ndarray:
-    """Probabilities in [0, 1] to an 8-bit grey image (rounded)."""
-    return (np.clip(prob, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
 def overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray, fov: np.ndarray) -> np.ndarray:

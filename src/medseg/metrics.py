@@ -133,33 +133,17 @@ def _ap_sorted(pos: np.ndarray, neg: np.ndarray) -> float:
     return float(np.sum(gained * tp / (tp + fp)) / pos.size)
 
 
-def auc_roc(prob: np.ndarray, truth: np.ndarray) -> float:
-    """Area under the ROC curve, exact: the share of (positive, negative) pairs ranked right,
-    ties counted half (the Mann-Whitney U identity).
+def ranking_scores(prob: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """``auc_roc`` and ``auc_pr`` from one sort of the scores, both exact; NaN where undefined.
+
+    ``auc_roc`` is the share of (positive, negative) pairs ranked right, ties counted half (the
+    Mann-Whitney U identity); ``auc_pr`` is average precision, ``sum_n (R_n - R_(n-1)) P_n``
+    over the distinct scores taken as thresholds (scikit-learn's definition, no
+    interpolation).
 
     Args:
-        prob: (N,) or any shape, scores.
-        truth: same shape, bool.
-
-    Returns:
-        AUC in [0, 1], or NaN when ``truth`` is all one class.
-    """
-    return _auc_sorted(*_split_sorted(prob, truth))
-
-
-def average_precision(prob: np.ndarray, truth: np.ndarray) -> float:
-    """Area under the precision-recall curve as average precision, exact:
-    ``sum_n (R_n - R_(n-1)) P_n`` over the distinct scores taken as thresholds (scikit-learn's
-    definition, no interpolation).
-
-    Returns:
-        AP in [0, 1], or NaN when ``truth`` has no positive.
-    """
-    return _ap_sorted(*_split_sorted(prob, truth))
-
-
-def ranking_scores(prob: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """``auc_roc`` and ``auc_pr`` from one sort of the scores; NaN where undefined.
+        prob: scores, any shape.
+        truth: bool, same shape.
 
     Returns NaN for both when ``truth`` is all one class (AP alone would be 1.0 when every
     pixel is positive, but a curve over one class says nothing).
@@ -236,16 +220,6 @@ def curves(pos: np.ndarray, neg: np.ndarray) -> dict[str, np.ndarray]:
         "tpr": tp / max(int(pos.sum()), 1),
         "precision": np.divide(tp, predicted, out=np.ones(n), where=predicted > 0),
     }
-
-
-def roc_points(prob: np.ndarray, truth: np.ndarray, n: int = 201) -> dict[str, np.ndarray]:
-    """ROC curve sampled at ``n`` evenly spaced thresholds in [0, 1] (for plots, not for AUC).
-
-    Returns:
-        ``threshold``, ``fpr``, ``tpr``: (n,) float arrays, thresholds descending.
-    """
-    c = curves(*threshold_counts(prob, truth, n))
-    return {k: c[k] for k in ("threshold", "fpr", "tpr")}
 
 
 # Score histograms for pooled AUC-ROC and AUC-PR in bounded memory. A probability's bin is the

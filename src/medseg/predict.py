@@ -16,17 +16,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from medseg.bundle import Bundle, load_bundle, resolve_threshold
-from medseg.config import EvaluateConfig
+from medseg.bundle import Bundle, load_bundle
+from medseg.config import EvaluateConfig, PreprocessConfig
 from medseg.errors import MedsegError
 from medseg.fov import fov_from_image
-from medseg.inference import predict_case
+from medseg.inference import LabelSpace, Predictor, WindowSettings, to_uint16
 from medseg.io.atomic import cleaned_up, output_errors, remove_leftovers, temp_dir, write_json
 from medseg.io.images import binarize, write_png
 from medseg.io.reader import IMAGE_SUFFIXES, ReadOptions, read, source_format
-from medseg.preprocess import prepare_image
+from medseg.transforms import prepare_image
 
 PROBABILITIES = "probabilities"
+AUTO_FALLBACK = 0.5  # threshold auto for a model that stored none (trained without validation)
 STAGING = ".medseg-predict.tmp-"  # a run's temporary folder inside --out; a killed run's is removed
 WRITTEN = ".medseg-predict.json"  # the files predict wrote into --out, with their SHA-256
 
@@ -159,21 +160,22 @@ def read_fov(
 
 
 def predict_image(
-    bundle: Bundle, image: np.ndarray, fov: np.ndarray, options: EvaluateConfig
+    predictor: Predictor, preprocess: PreprocessConfig, image: np.ndarray, fov: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Segment one image as the pipeline would.
+    """Segment one image as the pipeline would: prepared as the model's training images
+    (``preprocess``), predicted at that size, labels and probabilities at the image's.
 
     Args:
-        bundle: from `medseg.bundle.load_bundle`.
+        predictor: e.g. `medseg.inference.Predictor.from_bundles` of a loaded bundle.
+        preprocess: the bundle's preprocess params.
         image: (H, W) or (H, W, 3) uint8/uint16, as `read_input` returns it.
         fov: (H, W) bool; nothing is predicted outside it.
-        options: threshold, window, overlap, blending, tta, batch size.
 
     Returns:
         (H, W) uint8 labels (0/1 for a binary model) and (K, H, W) float32 probabilities.
     """
-    x, model_fov = prepare_image(image, fov, bundle.preprocess)
-    return predict_case(bundle.model, x, model_fov, options, bundle.device, out_fov=fov)
+    x, model_fov = prepare_image(image, fov, preprocess)
+    return predictor.predict(x, model_fov, out_fov=fov)
 
 
 def predict_files(
@@ -225,9 +227,12 @@ def predict_files(
     _refuse_overwriting_inputs(out, names, files, probabilities)
     _refuse_replacing(out, names, overwrite)
     bundle = load_bundle(model, options.device, preprocess)
-    options = resolve_threshold(options, bundle, fallback=0.5)
+    predictor = Predictor.from_bundles(
+        [bundle], WindowSettings.from_config(options), options.threshold, AUTO_FALLBACK
+    )
+    space = predictor.labels
     if probabilities:
-        _refuse_replacing(out, _probability_files(files, bundle.spec.classes), overwrite)
+        _refuse_replacing(out, _probability_files(files, space), overwrite)
     created = _missing_folders(out)
     with output_errors(out):
         out.mkdir(parents=True, exist_ok=True)
@@ -241,15 +246,14 @@ def predict_files(
             list(zip(files, names, strict=True)), desc="predict", unit="image", disable=None
         ):
             image = read_input(bundle, path)
-            labels, probs = predict_image(
-                bundle, image, input_fov(bundle, fovs[path], image, path), options
-            )
-            write_png(tmp / name, labels * 255 if probs.shape[0] == 1 else labels)
+            fov_mask = input_fov(bundle, fovs[path], image, path)
+            labels, probs = predict_image(predictor, bundle.preprocess, image, fov_mask)
+            write_png(tmp / name, space.mask_image(labels))
             written.append(name)
             if probabilities:
-                for suffix, prob in _probability_maps(probs):
+                for suffix, prob in space.probability_maps(probs):
                     rel = Path(PROBABILITIES) / f"{path.stem}{suffix}.png"
-                    write_png(tmp / rel, (np.clip(prob, 0, 1) * 65535.0 + 0.5).astype(np.uint16))
+                    write_png(tmp / rel, to_uint16(prob))
                     written.append(rel)
         _refuse_replacing(out, written, overwrite)  # once more: files may have come meanwhile
         (out / PROBABILITIES if probabilities else out).mkdir(parents=True, exist_ok=True)
@@ -287,10 +291,14 @@ def _removed_on_failure(folders: list[Path]) -> Iterator[None]:
         raise
 
 
-def _probability_files(files: list[Path], classes: int) -> list[Path]:
-    """The probability maps' paths relative to ``out``, as `_probability_maps` names them."""
-    suffixes = [""] if classes == 1 else [f"_class{k}" for k in range(1, classes)]
-    return [Path(PROBABILITIES) / f"{f.stem}{suffix}.png" for f in files for suffix in suffixes]
+def _probability_files(files: list[Path], space: LabelSpace) -> list[Path]:
+    """The probability maps' paths relative to ``out``, as `LabelSpace.probability_maps` names
+    them."""
+    return [
+        Path(PROBABILITIES) / f"{f.stem}{suffix}.png"
+        for f in files
+        for suffix in space.map_suffixes
+    ]
 
 
 def _refuse_replacing(out: Path, targets: list[Path], overwrite: bool) -> None:
@@ -327,12 +335,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _probability_maps(probs: np.ndarray) -> list[tuple[str, np.ndarray]]:
-    if probs.shape[0] == 1:
-        return [("", probs[0])]
-    return [(f"_class{k}", probs[k]) for k in range(1, probs.shape[0])]
 
 
 def _refuse_overwriting_inputs(

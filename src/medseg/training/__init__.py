@@ -1,7 +1,8 @@
 """The train stage: `fit` runs it; its parts can be used on their own.
 
 - `medseg.training.loop`: `fit`, the `Trainer` (the epoch and step loop, checkpoint and resume,
-  AMP, DDP) and whole-image validation.
+  AMP, DDP).
+- `medseg.training.validation`: whole-image validation, scored as evaluate scores.
 - `medseg.training.cache`: where the training cases live (``train.cache``) and the patch sampler
   that cuts on the device.
 - `medseg.training.optim`: optimizer and learning-rate schedule by name.
@@ -12,8 +13,9 @@ The losses are in `medseg.losses`, the augmentation in `medseg.data`, checkpoint
 """
 
 from medseg.training.callbacks import MACHINE_CURVES, Callback, LiveLog
-from medseg.training.loop import Trainer, fit, validate
+from medseg.training.loop import Trainer, fit
 from medseg.training.optim import build_optimizer, build_schedule, lr_factor
+from medseg.training.validation import validate
 
 __all__ = [
     "MACHINE_CURVES",

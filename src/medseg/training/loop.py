@@ -29,7 +29,6 @@ import math
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,7 @@ from medseg.checkpoint import (
     restore_rng,
     rng_state,
 )
-from medseg.config import EvaluateConfig, TrainConfig
+from medseg.config import TrainConfig
 from medseg.data import Batch, PatchSampler, Plan, augment
 from medseg.distributed import (
     World,
@@ -61,23 +60,16 @@ from medseg.distributed import (
     world_from_env,
 )
 from medseg.errors import MedsegError
-from medseg.inference import predict_case
+from medseg.inference import LabelSpace
 from medseg.io.atomic import atomic_dir
-from medseg.io.shards import CaseStore
 from medseg.losses import loss_from_config
-from medseg.metrics import (
-    best_dice_threshold,
-    class_confusion,
-    confusion_matrix,
-    scores,
-    threshold_counts,
-)
 from medseg.model import ModelSpec, build_model, check_names, resolve_device
-from medseg.processed import CLASSES, open_split, read_case, read_class_names
+from medseg.processed import CLASSES, open_split, read_class_names
 from medseg.training.cache import DevicePlan, choose_cache, make_sampler
 from medseg.training.callbacks import Callback, LiveLog
 from medseg.training.monitor import GpuMonitor
 from medseg.training.optim import build_optimizer, build_schedule
+from medseg.training.validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +153,7 @@ class Trainer:
             raise MedsegError(f"{data_dir / 'train.json'}: no training cases")
         self.class_names = read_class_names(data_dir)
         _check_classes(cfg, self.class_names, data_dir)
+        self.labels = LabelSpace.of(cfg.classes, self.class_names)
         self.ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
         # on a GPU the checkpoint is written in the background (a host copy first: still exact)
         self.checkpoints = CheckpointWriter(self.ckpt or CHECKPOINT, self.device.type != "cpu")
@@ -365,7 +358,7 @@ class Trainer:
             record.update(self.monitor.means(self.clock["start"], self.clock["end"]))
         if len(self.val) and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
             if self.world.main:
-                result = validate(self.model, self.val, self.device)
+                result = validate(self.model, self.val, self.device, self.labels)
                 record["val/dice"] = result.dice
                 if result.threshold is not None:
                     record["val/threshold"] = result.threshold
@@ -511,64 +504,6 @@ class StepBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> Batch:
         return self.sampler.crop(self.plan, self.first + i, self.share)
-
-
-# Validation scores whole cases as evaluate does, at its default settings and threshold 0.5.
-VALIDATION = EvaluateConfig(
-    threshold=0.5, window=1024, overlap=0.25, blending="gaussian", tta=False, batch_size=4,
-    device="auto",
-)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Validation:
-    """Scores of one validation pass.
-
-    Attributes:
-        dice: pooled Dice at threshold 0.5 (binary) or of the most probable class.
-        threshold: binary: the threshold on the `THRESHOLD_POINTS` grid with the best pooled
-            Dice (``evaluate.threshold: auto``); None for several classes.
-        threshold_dice: the pooled Dice at that threshold.
-    """
-
-    dice: float
-    threshold: float | None = None
-    threshold_dice: float | None = None
-
-
-THRESHOLD_POINTS = 201  # thresholds 0.000, 0.005, ..., 1.000, as evaluate's curves
-
-
-def validate(model: torch.nn.Module, val: CaseStore, device: torch.device) -> Validation:
-    """Dice inside the FOV, pooled over the whole validation cases (at the ground truth's
-    resolution), through `medseg.inference.predict_case`; for several classes the mean over
-    the foreground classes. A binary model also gets the threshold that maximises that Dice.
-
-    Args:
-        model: the network, (B, C, H, W) -> (B, K, H, W) logits; K = 1 is binary.
-    """
-    model.eval()
-    totals: np.ndarray | None = None
-    pos = np.zeros(THRESHOLD_POINTS, np.int64)
-    neg = np.zeros(THRESHOLD_POINTS, np.int64)
-    for i in val:
-        case = read_case(val, i)
-        labels, probs = predict_case(
-            model, case.image, case.fov, VALIDATION, device, out_fov=case.truth_fov
-        )
-        n = max(probs.shape[0], 2)
-        m = confusion_matrix(labels, case.truth, n, case.truth_fov)
-        totals = m if totals is None else totals + m
-        if probs.shape[0] == 1:
-            inside = case.truth_fov > 0
-            p, q = threshold_counts(probs[0][inside], case.truth[inside] > 0, THRESHOLD_POINTS)
-            pos, neg = pos + p, neg + q
-        val.release(i)
-    assert totals is not None
-    dice = float(np.mean([scores(class_confusion(totals, k))["dice"] for k in range(1, n)]))
-    if n > 2 or probs.shape[0] > 1:
-        return Validation(dice)
-    return Validation(dice, *best_dice_threshold(pos, neg))
 
 
 def _check_classes(cfg: TrainConfig, names: list[str], data_dir: Path) -> None:

@@ -1,0 +1,168 @@
+"""The one object that applies a model (nnU-Net's predictor): built once from its runners, the
+window settings and a threshold resolved to a number, then called case by case. Validation,
+evaluate, crossval and ``medseg predict`` all go through it; an ensemble of crossval folds is a
+predictor with several runners (the mean of their probabilities)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from medseg.errors import MedsegError
+from medseg.inference.labels import LabelSpace
+from medseg.inference.runners import Runner, as_runner
+from medseg.inference.window import WindowSettings, predict_probabilities
+from medseg.transforms import resize_image
+
+if TYPE_CHECKING:
+    from medseg.bundle import Bundle
+
+log = logging.getLogger(__name__)
+
+UNUSED_THRESHOLD = 0.5  # what a model with several classes reports as its (unused) threshold
+
+
+def resolve_threshold(
+    threshold: float | str, bundles: Sequence[Bundle], fallback: float | None = None
+) -> float:
+    """The threshold as a number: a number stays; ``auto`` is the mean of the bundles'
+    stored validation thresholds (`medseg.bundle.THRESHOLD`; one bundle: its own).
+
+    A bundle without one counts as ``fallback`` where that is given, as `UNUSED_THRESHOLD` for
+    a model with several classes (it does not use one).
+
+    Raises:
+        MedsegError: ``auto`` for a binary model trained without a validation split, and no
+            ``fallback``.
+    """
+    if not isinstance(threshold, str):
+        return threshold
+    values = []
+    for bundle in bundles:
+        if bundle.threshold is not None:
+            values.append(bundle.threshold)
+        elif fallback is not None:
+            log.info("the model has no validation threshold: threshold %s", fallback)
+            values.append(fallback)
+        elif bundle.labels.binary:
+            raise MedsegError(
+                "params: evaluate.threshold is auto, but the model's weights hold no validation "
+                "threshold (trained without a validation split); set a number such as 0.5"
+            )
+        else:
+            values.append(UNUSED_THRESHOLD)
+    return float(np.mean(values))
+
+
+class Predictor:
+    """Segments prepared cases with one model or the mean of several.
+
+    Args:
+        runners: the models (`medseg.inference.Runner`), all with the label space ``labels``.
+        labels: what their output channels mean.
+        threshold: the binary foreground threshold, a number (see `resolve_threshold`).
+        settings: the sliding window's; default `WindowSettings()`.
+    """
+
+    def __init__(
+        self, runners: Sequence[Runner], labels: LabelSpace, threshold: float,
+        settings: WindowSettings | None = None,
+    ) -> None:  # fmt: skip
+        if not runners:
+            raise ValueError("a predictor needs at least one runner")
+        if isinstance(threshold, str):
+            raise ValueError(f"threshold {threshold!r}: resolve it first (resolve_threshold)")
+        self.runners = list(runners)
+        self.labels = labels
+        self.threshold = threshold
+        self.settings = settings or WindowSettings()
+
+    @classmethod
+    def from_bundles(
+        cls, bundles: Sequence[Bundle], settings: WindowSettings, threshold: float | str,
+        fallback: float | None = None,
+    ) -> Predictor:  # fmt: skip
+        """The predictor of one loaded bundle, or the ensemble of several (crossval's folds);
+        ``threshold`` and ``fallback`` as `resolve_threshold` takes them.
+
+        Raises:
+            MedsegError: the bundles differ in their label spaces, or `resolve_threshold`'s.
+        """
+        spaces = list(dict.fromkeys(b.labels for b in bundles))
+        if len(spaces) > 1:
+            shown = "; ".join(f"{s.channels} output(s) {', '.join(s.names)}" for s in spaces)
+            raise MedsegError(
+                f"the models of an ensemble must have the same outputs and classes, these have: "
+                f"{shown}; train every fold with the same train.classes"
+            )
+        runners = [as_runner(b.model, b.device) for b in bundles]
+        value = resolve_threshold(threshold, bundles, fallback)
+        return cls(runners, bundles[0].labels, value, settings)
+
+    def member_probabilities(
+        self, image: np.ndarray, fov: np.ndarray, out_fov: np.ndarray | None = None
+    ) -> list[np.ndarray]:
+        """Each runner's probabilities for one case, as `predict` uses them.
+
+        Steps, per runner: (1) `predict_probabilities` at the model's resolution; (2) where
+        the case was resized (``out_fov`` of another size), brought to the size of ``out_fov``
+        (bilinear), so that scores are counted at the ground truth's resolution; (3) nothing
+        claimed outside the FOV (`LabelSpace.clear_outside`).
+
+        Args:
+            image: (C, h, w) float32 as `medseg.preprocess.prepare_image` gives it.
+            fov: (h, w) bool field of view at the model's resolution.
+            out_fov: (H, W) bool FOV at the output resolution; default ``fov``.
+
+        Returns:
+            One (K, H, W) float32 array per runner.
+
+        Raises:
+            ValueError: a runner's output channels do not fit the label space.
+        """
+        inside = fov if out_fov is None else out_fov
+        members = []
+        for runner in self.runners:
+            probs = predict_probabilities(runner, image, self.settings)
+            if probs.shape[0] != self.labels.channels:
+                kind = "binary" if self.labels.binary else f"{self.labels.channels} classes"
+                raise ValueError(
+                    f"the model gives {probs.shape[0]} channel(s); its label space ({kind}) "
+                    f"needs {self.labels.channels}"
+                )
+            if probs.shape[1:] != inside.shape:
+                probs = np.clip(resize_image(probs, inside.shape), 0.0, 1.0)
+            self.labels.clear_outside(probs, inside)
+            members.append(probs)
+        return members
+
+    @staticmethod
+    def mean(members: Sequence[np.ndarray]) -> np.ndarray:
+        """The ensemble's probabilities: the mean of the members' (summed in float64), as
+        float32; a single member as it is."""
+        if len(members) == 1:
+            return members[0]
+        total = members[0].astype(np.float64)
+        for probs in members[1:]:
+            total = total + probs
+        return (total / len(members)).astype(np.float32)
+
+    def segment(self, probs: np.ndarray, inside: np.ndarray) -> np.ndarray:
+        """(K, H, W) probabilities -> (H, W) uint8 labels at this predictor's threshold,
+        background outside ``inside`` (`LabelSpace.segment`)."""
+        return self.labels.segment(probs, self.threshold, inside)
+
+    def predict(
+        self, image: np.ndarray, fov: np.ndarray, out_fov: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Segment one prepared case: `member_probabilities`, their `mean`, `segment`.
+
+        Returns:
+            (H, W) uint8 labels (0/1 for a binary model) and (K, H, W) float32 probabilities,
+            at the size of ``out_fov`` (default ``fov``).
+        """
+        probs = self.mean(self.member_probabilities(image, fov, out_fov))
+        return self.segment(probs, fov if out_fov is None else out_fov), probs
