@@ -45,7 +45,7 @@ from medseg.config import (
     shown,
 )
 from medseg.errors import MedsegError
-from medseg.inference.labels import LabelSpace
+from medseg.labels import LabelSpace
 from medseg.names import CLASSES
 from medseg.onnx_model import SUFFIX, open_onnx
 from medseg.processed import RECORD, check_class_names, load_record, read_class_names

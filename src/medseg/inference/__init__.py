@@ -5,7 +5,6 @@ evaluate, crossval and ``medseg predict``.
 Nothing here imports torch at import time, so that an ONNX model predicts without it.
 """
 
-from medseg.inference.labels import LabelSpace, to_uint8, to_uint16
 from medseg.inference.predictor import Predictor, resolve_threshold
 from medseg.inference.runners import (
     Runner,
@@ -23,6 +22,7 @@ from medseg.inference.window import (
     predict_probabilities,
     window_starts,
 )
+from medseg.labels import LabelSpace, to_uint8, to_uint16
 
 __all__ = [
     "BLENDINGS",

@@ -7,20 +7,35 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 
 from medseg.errors import MedsegError
-from medseg.inference.labels import LabelSpace
 from medseg.inference.runners import Runner, as_runner
 from medseg.inference.window import WindowSettings, predict_probabilities
+from medseg.labels import LabelSpace
 from medseg.transforms import resize_image
 
-if TYPE_CHECKING:
-    from medseg.bundle import Bundle
-
 log = logging.getLogger(__name__)
+
+
+class Bundle(Protocol):
+    """What the predictor needs of a loaded model (`medseg.bundle.Bundle` has it); a protocol,
+    so that the bundle loader may use the inference package without an import cycle."""
+
+    @property
+    def model(self) -> Any: ...
+
+    @property
+    def device(self) -> Any: ...
+
+    @property
+    def labels(self) -> LabelSpace: ...
+
+    @property
+    def threshold(self) -> float | None: ...
+
 
 UNUSED_THRESHOLD = 0.5  # what a model with several classes reports as its (unused) threshold
 
