@@ -190,7 +190,8 @@ def test_evaluate_model_writes_every_output(tmp_path: Path, model_file: Path):
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == metrics and saved["n_images"] == 2
     assert list(saved["test"]) == [
-        "fov", "fov_per_image_mean", "fov_per_image_std", "whole_image", "second_observer",
+        "fov", "fov_per_image_mean", "fov_per_image_std", "whole_image", "boundary",
+        "second_observer",
     ]  # fmt: skip
     assert list(saved["test"]["fov"]) == [
         "dice", "iou", "accuracy", "sensitivity", "specificity", "precision", "mcc",

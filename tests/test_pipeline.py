@@ -23,7 +23,14 @@ def test_repro_caches_and_reruns_only_what_changed(project: Path):
     metrics = json.loads((project / "results" / "evaluate" / "metrics.json").read_text())
     for name in ("dice", "iou", "accuracy", "sensitivity", "specificity", "mcc", "auc_pr"):
         assert metrics["test"]["fov"][name] is None or -1.0 <= metrics["test"]["fov"][name] <= 1.0
-    assert set(metrics["test"]) == {"fov", "fov_per_image_mean", "fov_per_image_std", "whole_image"}
+    assert set(metrics["test"]) == {
+        "fov",
+        "fov_per_image_mean",
+        "fov_per_image_std",
+        "whole_image",
+        "boundary",
+    }  # fmt: skip  (vessels: boundary distances, no lesion counts)
+    assert metrics["boundary_unit"] == "px"  # the synthetic DICOM cases have no spacing
     assert metrics["n_images"] == 2
     overlays = sorted(p.name for p in (project / "results" / "evaluate" / "overlays").iterdir())
     assert overlays == ["01_test.png", "02_test.png"]
@@ -50,7 +57,8 @@ def test_repro_caches_and_reruns_only_what_changed(project: Path):
     losses.write_text(losses.read_text() + "\n# an edit\n")
     assert ran(run(project, "dvc", "repro")) == ["train"]
     metrics_diff = run(project, "dvc", "metrics", "diff", "--all", "--json")
-    assert "test.fov.dice" in json.loads(metrics_diff.stdout)["results/evaluate/metrics.json"]
+    diffed = json.loads(metrics_diff.stdout)["results/evaluate/metrics.json"]
+    assert {"test.fov.dice", "test.boundary.hd95.mean", "test.boundary.nsd.p05"} <= set(diffed)
     plots = run(project, "dvc", "plots", "show", "-o", "plots_html")
     assert plots.returncode == 0 and (project / "plots_html" / "index.html").is_file()
     _check_evaluate_plots(project)

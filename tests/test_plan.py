@@ -23,8 +23,9 @@ from medseg.plan import (
     format_table,
     plan,
     plan_dataset,
-    probe_step_seconds,
+    thin_labels,
 )
+from medseg.training.probe import probe_step_seconds
 
 Case = tuple[np.ndarray, np.ndarray]  # image (H, W[, 3]) uint8, mask (H, W) bool
 
@@ -312,3 +313,17 @@ def test_probe_times_real_steps() -> None:
     )  # fmt: skip
     seconds = probe_step_seconds(small, 3, steps=1, warmup=1)
     assert math.isfinite(seconds) and 0.0 < seconds < 60.0
+
+
+def test_thin_labels_are_the_tubular_classes_of_the_masks():
+    yy, xx = np.mgrid[:128, :128]
+    masks = []
+    for shift in (0, 7):
+        mask = np.zeros((128, 128), np.uint8)
+        for row in range(10 + shift, 120, 24):  # label 1: long 2-pixel lines (vessels)
+            mask[row : row + 2, 5:123] = 1
+        mask[(yy - 64 - shift) ** 2 + (xx - 80) ** 2 < 15**2] = 2  # label 2: a disc (an organ)
+        masks.append(mask)
+    assert thin_labels(masks, [1, 2]) == {1}
+    assert thin_labels(masks[:1], [2]) == set()
+    assert thin_labels([np.zeros((8, 8), np.uint8)], [1]) == set()  # absent: not thin

@@ -7,6 +7,7 @@ key (``train.lr``) so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Any, TypeVar
@@ -331,8 +332,20 @@ class EvaluateConfig:
     tta: bool
     batch_size: int
     device: str
+    boundary: bool = True  # HD95, ASSD, NSD per case and class (docs/metrics.md)
+    boundary_tolerance: float = 1.0  # NSD tolerance, in the boundary unit
+    boundary_unit: str = names.AUTO  # auto (mm where every test case has a spacing), px, mm
+    lesions: bool | str = names.AUTO  # lesion-wise detection: auto (not for thin structures)
 
     def __post_init__(self) -> None:
+        if isinstance(self.lesions, str):
+            _choice("evaluate.lesions", self.lesions, (names.AUTO,))
+        if not (math.isfinite(self.boundary_tolerance) and self.boundary_tolerance >= 0):
+            raise MedsegError(
+                "params: evaluate.boundary_tolerance must be a number >= 0 (in the boundary "
+                f"unit), got {self.boundary_tolerance}"
+            )
+        _choice("evaluate.boundary_unit", self.boundary_unit, names.BOUNDARY_UNITS)
         if isinstance(self.threshold, str):
             _choice("evaluate.threshold", self.threshold, (names.AUTO,))
         else:

@@ -33,6 +33,7 @@ from medseg.evaluation import (
     build_metrics,
     check_classes,
     open_test,
+    shape_scoring,
 )
 from medseg.inference import Predictor, WindowSettings, resolve_threshold, to_uint16
 from medseg.io.atomic import atomic_dir, write_json, write_text
@@ -194,7 +195,8 @@ def ensemble_folds(
     space = ensemble.labels
     folds = [fold_name(k) for k in range(len(bundles))]
     names = [ENSEMBLE, *folds]
-    tallies = {name: ScoreTally(space.channels, list(space.names)) for name in names}
+    shapes, spacings = shape_scoring(cfg, data_dir, test, space)
+    tallies = {name: ScoreTally(space.channels, list(space.names), shapes=shapes) for name in names}
     second = SecondObserver(space.channels)
     thresholds = {
         name: resolve_threshold(cfg.threshold, [bundle])
@@ -206,7 +208,7 @@ def ensemble_folds(
             (tmp / "probabilities" / name).mkdir(parents=True)
         for i in test:
             case = read_case(test, i)
-            _ensemble_case(case, ensemble, thresholds, tallies, tmp)
+            _ensemble_case(case, ensemble, thresholds, tallies, tmp, spacings[i])
             if case.mask2 is not None:
                 second.add(case.truth, case.mask2, case.truth_fov)
             test.release(i)
@@ -230,7 +232,7 @@ def ensemble_folds(
 
 def _ensemble_case(
     case: Case, ensemble: Predictor, thresholds: dict[str, float],
-    tallies: dict[str, ScoreTally], out: Path,
+    tallies: dict[str, ScoreTally], out: Path, spacing: tuple[float, float] | None,
 ) -> None:  # fmt: skip
     """Predict one case with every fold's model, then with their mean; score and save each at
     its threshold (``thresholds``, by fold name and `ENSEMBLE`)."""
@@ -239,6 +241,6 @@ def _ensemble_case(
     folds = [name for name in tallies if name != ENSEMBLE]
     for name, probs in [*zip(folds, members, strict=True), (ENSEMBLE, ensemble.mean(members))]:
         pred = space.segment(probs, thresholds[name], inside)
-        tallies[name].add(case.case_id, probs, pred, case.truth, inside)
+        tallies[name].add(case.case_id, probs, pred, case.truth, inside, spacing)
         path = out / "probabilities" / name / f"{case.case_id}.png"
         write_png(path, to_uint16(space.foreground(probs)))

@@ -17,7 +17,7 @@ from medseg.errors import MedsegError
 from medseg.inference import LabelSpace, Predictor, WindowSettings, to_uint8
 from medseg.io.atomic import atomic_dir, write_json
 from medseg.io.images import write_png
-from medseg.io.shards import CaseStore
+from medseg.io.shards import CaseStore, index_path
 from medseg.metrics import (
     RANKING_NAMES,
     SCORE_NAMES,
@@ -33,6 +33,7 @@ from medseg.metrics import (
 )
 from medseg.names import CLASSES
 from medseg.processed import open_split, read_case, read_class_names
+from medseg.shapes import ShapeScoring, ShapeTally
 from medseg.transforms import resize_image
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,10 @@ class ScoreTally:
             as a training run whose weights overflow is stopped by its loss, not here.
     """
 
-    def __init__(self, n_classes: int, names: list[str] | None = None, light: bool = False) -> None:
+    def __init__(
+        self, n_classes: int, names: list[str] | None = None, light: bool = False,
+        shapes: ShapeScoring | None = None,
+    ) -> None:  # fmt: skip
         self.light = light
         self.space = LabelSpace.of(n_classes, names or None)
         self.names = list(self.space.names)
@@ -95,9 +99,10 @@ class ScoreTally:
         self.tallies = {k: _ClassTally() for k in self.labels}
         self.rows: list[dict] = []
         self.matrix = np.zeros((len(self.names),) * 2, dtype=np.int64)
+        self.shapes = ShapeTally(shapes, self.names) if shapes is not None else None
 
     def add(self, case_id: str, probs: np.ndarray, pred: np.ndarray, truth: np.ndarray,
-            fov: np.ndarray) -> None:  # fmt: skip
+            fov: np.ndarray, spacing: tuple[float, float] | None = None) -> None:  # fmt: skip
         """Score one image.
 
         Args:
@@ -106,6 +111,7 @@ class ScoreTally:
             pred: (H, W) integer labels predicted (`medseg.inference.Predictor.predict`).
             truth: (H, W) integer true labels, in ``[0, max(K, 2))``.
             fov: (H, W) bool field of view; the FOV scores count only these pixels.
+            spacing: (row, column) pixel spacing in mm, for boundary distances in mm.
         """
         if not self.light and not np.isfinite(probs).all():
             raise MedsegError(
@@ -130,6 +136,9 @@ class ScoreTally:
             tally.whole += c_all
             tally.fov_hist.add(p_in, t_in)
             tally.all_hist.add(prob_k, truth_k)
+            shape_row = (
+                {} if self.shapes is None else self.shapes.add(k, pred_k, truth_k, fov, spacing)
+            )
             self.rows.append(
                 {
                     "case_id": case_id,
@@ -137,6 +146,7 @@ class ScoreTally:
                     **scores(c_fov),
                     **ranking_scores(p_in, t_in),
                     **{f"whole_image_{n}": v for n, v in scores(c_all).items()},
+                    **shape_row,
                 }
             )
 
@@ -174,6 +184,11 @@ class ScoreTally:
         }
         if self.named:
             out["classes"] = {self.names[k]: s for k, s in per_class.items()}
+        if self.shapes is not None:
+            head, by_name = self.shapes.summary()
+            out.update(head)
+            for name, blocks in by_name.items() if self.named else ():
+                out["classes"][name].update(blocks)
         return out
 
     def _class_summary(self, k: int) -> dict:
@@ -282,7 +297,8 @@ def evaluate_model(
     test = open_test(data_dir)
     check_classes(bundle.classes, data_dir, model_path)
     space = predictor.labels
-    tally = ScoreTally(space.channels, list(space.names))
+    shapes, spacings = shape_scoring(cfg, data_dir, test, space)
+    tally = ScoreTally(space.channels, list(space.names), shapes=shapes)
     second = SecondObserver(space.channels)
     with atomic_dir(out) as tmp:
         (tmp / "overlays").mkdir()
@@ -290,7 +306,7 @@ def evaluate_model(
         for i in test:
             case = read_case(test, i)
             pred, probs = predictor.predict(case.image, case.fov, out_fov=case.truth_fov)
-            tally.add(case.case_id, probs, pred, case.truth, case.truth_fov)
+            tally.add(case.case_id, probs, pred, case.truth, case.truth_fov, spacings[i])
             if case.mask2 is not None:
                 second.add(case.truth, case.mask2, case.truth_fov)
             shown = resize_image(case.image, case.truth.shape)
@@ -309,6 +325,38 @@ def evaluate_model(
     fov = metrics["test"]["fov"]
     log.info("test (FOV, pooled): dice %s auc %s", fov["dice"], fov["auc_roc"])
     return metrics
+
+
+def shape_scoring(
+    cfg: EvaluateConfig, data_dir: str | Path, test: CaseStore, space: LabelSpace
+) -> tuple[ShapeScoring, list[tuple[float, float] | None]]:
+    """The boundary and lesion scoring of the test cases (`ShapeScoring.from_config`), and each
+    test case's pixel spacing (mm; None where unknown), in store order."""
+    spacings = [_spacing(test.meta(i)) for i in test]
+    thin = _thin_labels(cfg, data_dir, space)
+    return ShapeScoring.from_config(cfg, spacings, space.foreground_labels, thin), spacings
+
+
+def _spacing(meta: dict) -> tuple[float, float] | None:
+    """A case's pixel spacing (mm, at the ground truth's size) from its store entry."""
+    value = meta.get("spacing")
+    return (float(value[0]), float(value[1])) if value else None
+
+
+def _thin_labels(cfg: EvaluateConfig, data_dir: str | Path, space: LabelSpace) -> set[int]:
+    """Under ``evaluate.lesions: auto``, the labels that are thin structures in the training
+    cases' masks (never the test cases'): they get no lesion counts. Without training cases
+    beside the test cases nothing can be judged, and no label gets them."""
+    if cfg.lesions != "auto":
+        return set()
+    from medseg.plan import thin_labels  # scikit-image: only where it is asked for
+
+    if not index_path(Path(data_dir), "train").is_file():
+        log.info("no training cases in %s: no lesion counts under evaluate.lesions: auto", data_dir)
+        return set(space.foreground_labels)
+    train = open_split(data_dir, "train")
+    masks = (read_case(train, i).truth for i in train)
+    return thin_labels(masks, space.foreground_labels)
 
 
 def open_test(data_dir: str | Path) -> CaseStore:
@@ -336,8 +384,11 @@ def build_metrics(tally: ScoreTally, second: dict | None, threshold: float) -> d
     test = tally.summary()
     if second is not None:
         test["second_observer"] = second
-    return _rounded({"test": test, "n_images": len({r["case_id"] for r in tally.rows}),
-                     "threshold": threshold})  # fmt: skip
+    out = {"test": test, "n_images": len({r["case_id"] for r in tally.rows}),
+           "threshold": threshold}  # fmt: skip
+    if tally.shapes is not None and tally.shapes.scoring.boundary:
+        out["boundary_unit"] = tally.shapes.scoring.unit
+    return _rounded(out)
 
 
 def overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray, fov: np.ndarray) -> np.ndarray:

@@ -52,6 +52,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")  # train.device, evaluate.device, medse
 # --- evaluate ---
 BLENDINGS = ("gaussian", "constant")  # evaluate.blending: weights of overlapping windows
 AUTO = "auto"  # evaluate.threshold and train.amp_cpu: decided from the model or the machine
+BOUNDARY_UNITS = (AUTO, "px", "mm")  # evaluate.boundary_unit
 
 # --- files one stage writes and a later one (or a model bundle) reads ---
 # The convert params as the convert stage used them, carried on (preprocess, then train copies

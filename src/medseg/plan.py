@@ -21,7 +21,7 @@ Torch-free except inside `probe_step_seconds`. Why each rule and what chose its 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,11 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from medseg.config import CLASSES, read_json
 from medseg.errors import MedsegError
 from medseg.io.atomic import write_json
 from medseg.io.images import binarize, read_raster
+from medseg.io.records import read_json
+from medseg.names import CLASSES
 
 PLAN_VERSION = 1
 MIN_TRAIN_CASES = 2
@@ -835,74 +836,23 @@ def _spec_text(spec: Mapping[str, Any]) -> str:
 # == step-time probe ===========================================================================
 
 
-def probe_step_seconds(
-    cfg: Any,
-    in_channels: int,
-    *,
-    steps: int = 3,
-    warmup: int = 2,
-    device: str | None = None,
-) -> float:
-    """Seconds per training step on this machine, measured as train runs one.
-
-    Builds the network from ``cfg`` (`medseg.model.build_model` of its spec), its optimizer and
-    loss as `medseg.training` does, and times ``steps`` forward/backward/optimizer steps on a
-    random batch of ``cfg.batch_size`` x ``in_channels`` x ``cfg.patch_size``^2 after
-    ``warmup`` steps (allocator, kernel choice); the median step. Patch cutting and
-    augmentation are not included (`TRAIN_SHARE` leaves room for them).
+def thin_labels(masks: Iterable[np.ndarray], labels: Sequence[int]) -> set[int]:
+    """The labels that form thin (tubular) structures in these label maps, by the fingerprint's
+    rule: a class whose pixel-weighted median component area / thickness^2 exceeds `ELONGATED`
+    (a vessel tree, not an organ or a lesion).
 
     Args:
-        cfg: the train params (`medseg.config.TrainConfig`) with the planned patch and batch.
-        in_channels: the network's input channels (3 for ``rgb``, else 1).
-        steps: timed steps.
-        warmup: untimed steps first.
-        device: default ``cfg.device`` (``auto``: CUDA when present).
-
-    Returns:
-        The median seconds per step.
+        masks: (H, W) integer label maps, e.g. the training cases' (never the test cases').
+        labels: the foreground labels to judge.
     """
-    import time
-
-    import torch
-
-    from medseg.losses import loss_from_config
-    from medseg.model import ModelSpec, build_model, resolve_device
-    from medseg.training.loop import amp_dtype
-    from medseg.training.optim import build_optimizer
-
-    dev = resolve_device(device or cfg.device)
-    torch.manual_seed(0)
-    model = build_model(ModelSpec.from_config(cfg, in_channels)).to(dev)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.train()
-    optimizer = build_optimizer(cfg, model)
-    loss_fn = loss_from_config(cfg)
-    dtype = amp_dtype(cfg, dev)
-    gen = torch.Generator().manual_seed(0)
-    shape = (cfg.batch_size, in_channels, cfg.patch_size, cfg.patch_size)
-    x = torch.randn(shape, generator=gen).to(dev)
-    if cfg.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    classes = max(cfg.classes, 1)
-    if classes == 1:
-        y = (torch.rand((shape[0], 1, *shape[2:]), generator=gen) > 0.8).float().to(dev)
-    else:
-        y = torch.randint(0, classes, (shape[0], 1, *shape[2:]), generator=gen).float().to(dev)
-    valid = torch.ones((shape[0], 1, *shape[2:]), device=dev)
-    times = []
-    for i in range(warmup + steps):
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        start = time.perf_counter()
-        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(x)
-        loss = loss_fn(logits.float(), y, valid)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    stats = {k: _ShapeStats() for k in labels}
+    rng = np.random.default_rng(0)
+    for mask in masks:
+        for k, shape in stats.items():
+            shape.add(mask == k, 1, 10_000, rng)
+    thin = set()
+    for k, shape in stats.items():
+        summary = shape.summary(background=False)
+        if summary.get("present_cases") and summary["elongation_pixel_median"] > ELONGATED:
+            thin.add(k)
+    return thin

@@ -1,0 +1,82 @@
+"""The step-time probe of the plan: seconds per training step on this machine, measured as the
+train stage runs one. It lives with training (it builds the network, optimizer and loss as
+`medseg.training` does), so that `medseg.plan` stays free of torch and of the training code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def probe_step_seconds(
+    cfg: Any,
+    in_channels: int,
+    *,
+    steps: int = 3,
+    warmup: int = 2,
+    device: str | None = None,
+) -> float:
+    """Seconds per training step on this machine, measured as train runs one.
+
+    Builds the network from ``cfg`` (`medseg.model.build_model` of its spec), its optimizer and
+    loss as `medseg.training` does, and times ``steps`` forward/backward/optimizer steps on a
+    random batch of ``cfg.batch_size`` x ``in_channels`` x ``cfg.patch_size``^2 after
+    ``warmup`` steps (allocator, kernel choice); the median step. Patch cutting and
+    augmentation are not included (`TRAIN_SHARE` leaves room for them).
+
+    Args:
+        cfg: the train params (`medseg.config.TrainConfig`) with the planned patch and batch.
+        in_channels: the network's input channels (3 for ``rgb``, else 1).
+        steps: timed steps.
+        warmup: untimed steps first.
+        device: default ``cfg.device`` (``auto``: CUDA when present).
+
+    Returns:
+        The median seconds per step.
+    """
+    import time
+
+    import torch
+
+    from medseg.losses import loss_from_config
+    from medseg.model import ModelSpec, build_model, resolve_device
+    from medseg.training.loop import amp_dtype
+    from medseg.training.optim import build_optimizer
+
+    dev = resolve_device(device or cfg.device)
+    torch.manual_seed(0)
+    model = build_model(ModelSpec.from_config(cfg, in_channels)).to(dev)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    optimizer = build_optimizer(cfg, model)
+    loss_fn = loss_from_config(cfg)
+    dtype = amp_dtype(cfg, dev)
+    gen = torch.Generator().manual_seed(0)
+    shape = (cfg.batch_size, in_channels, cfg.patch_size, cfg.patch_size)
+    x = torch.randn(shape, generator=gen).to(dev)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    classes = max(cfg.classes, 1)
+    if classes == 1:
+        y = (torch.rand((shape[0], 1, *shape[2:]), generator=gen) > 0.8).float().to(dev)
+    else:
+        y = torch.randint(0, classes, (shape[0], 1, *shape[2:]), generator=gen).float().to(dev)
+    valid = torch.ones((shape[0], 1, *shape[2:]), device=dev)
+    times = []
+    for i in range(warmup + steps):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        start = time.perf_counter()
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(x)
+        loss = loss_fn(logits.float(), y, valid)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return float(np.median(times))
