@@ -16,15 +16,9 @@ from conftest import REPO
 from scipy import ndimage
 
 from medseg.errors import MedsegError
+from medseg.fingerprint import fingerprint, thin_labels
 from medseg.io.images import write_png
-from medseg.plan import (
-    PLANNED_KEYS,
-    fingerprint,
-    format_table,
-    plan,
-    plan_dataset,
-    thin_labels,
-)
+from medseg.plan import PLANNED_KEYS, format_table, plan, plan_dataset
 from medseg.training.probe import probe_step_seconds
 
 Case = tuple[np.ndarray, np.ndarray]  # image (H, W[, 3]) uint8, mask (H, W) bool

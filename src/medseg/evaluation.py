@@ -349,7 +349,7 @@ def _thin_labels(cfg: EvaluateConfig, data_dir: str | Path, space: LabelSpace) -
     beside the test cases nothing can be judged, and no label gets them."""
     if cfg.lesions != "auto":
         return set()
-    from medseg.plan import thin_labels  # scikit-image: only where it is asked for
+    from medseg.fingerprint import thin_labels  # scikit-image: only where it is asked for
 
     if not index_path(Path(data_dir), "train").is_file():
         log.info("no training cases in %s: no lesion counts under evaluate.lesions: auto", data_dir)
