@@ -29,7 +29,7 @@ from medseg.model import build_model, resolve_device
 from medseg.preprocess import open_split, read_class_names
 from medseg.spec import ModelSpec
 from medseg.training.cache import make_sampler
-from medseg.training.loop import amp_dtype
+from medseg.training.precision import amp_dtype
 
 PACKAGES = ("torch", "timm", "huggingface_hub", "numpy", "segmentation_models_pytorch")
 

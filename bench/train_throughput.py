@@ -46,7 +46,7 @@ from medseg.losses import bce_dice_loss
 from medseg.model import ModelSpec, build_model
 from medseg.preprocess import case_arrays
 from medseg.training import Trainer
-from medseg.training.loop import cpu_bf16_native
+from medseg.training.precision import cpu_bf16_native
 from medseg.transforms import normalize_in_fov, select_channel
 
 REPO = Path(__file__).resolve().parents[1]

@@ -48,7 +48,7 @@ def test_auto_finds_apple_mps_when_it_is_available(monkeypatch: pytest.MonkeyPat
     """Availability faked: MPS is untested on real hardware (docs/gpu.md)."""
     from medseg.config import TrainConfig, load_params
     from medseg.distributed import World
-    from medseg.training.loop import train_device
+    from medseg.training.precision import train_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)

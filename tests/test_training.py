@@ -304,7 +304,7 @@ def test_cuda_backend_flags_are_set_and_put_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, deterministic: bool
 ):
     """The flags themselves need no GPU to be set: check them for a CUDA device on any machine."""
-    from medseg.training.loop import backend_flags as _backend_flags
+    from medseg.training.precision import backend_flags as _backend_flags
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     cudnn = torch.backends.cudnn
@@ -405,7 +405,7 @@ def test_threshold_auto_comes_from_validation_through_the_bundle(processed: Path
 def test_amp_cpu_auto_takes_bf16_only_where_the_cpu_has_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: str, native: bool
 ):
-    from medseg.training import loop
+    from medseg.training import precision as loop
 
     info = tmp_path / "cpuinfo"
     info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")

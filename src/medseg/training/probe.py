@@ -41,8 +41,8 @@ def probe_step_seconds(
 
     from medseg.losses import loss_from_config
     from medseg.model import ModelSpec, build_model, resolve_device
-    from medseg.training.loop import amp_dtype
     from medseg.training.optim import build_optimizer
+    from medseg.training.precision import amp_dtype
 
     dev = resolve_device(device or cfg.device)
     torch.manual_seed(0)
