@@ -238,9 +238,13 @@ def test_patch_too_small_for_the_architecture(processed: Path, tmp_path: Path):
 
 
 def test_torchrun_two_processes_match_one_process(processed: Path, tmp_path: Path):
-    """The same stage under torchrun with gloo: the loss of one process over the same batch."""
+    """The same stage under torchrun with gloo: the loss of one process over the same batch.
+
+    In fp32: under bf16 autocast (``amp_cpu: auto`` on a CPU with native bf16) the two
+    processes' half batches round otherwise than the whole batch (0.6835 against 0.6851)."""
     params = write_params(
-        tmp_path / "p.yaml", tiny_params(train={"epochs": 1, "patches_per_epoch": 8})
+        tmp_path / "p.yaml",
+        tiny_params(train={"epochs": 1, "patches_per_epoch": 8, "amp_cpu": False}),
     )
     one, two = tmp_path / "one", tmp_path / "two"
     env = {**_env(), "OMP_NUM_THREADS": "1"}
