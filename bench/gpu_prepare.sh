@@ -9,7 +9,7 @@
 # .gpu/params.yaml          this repository's params.yaml, data.root set to DRIVE, the GPU recipe
 # .gpu/processed.tar.gz     DRIVE converted and preprocessed with those params (the stage outputs)
 # .gpu/whl/*.whl            the exact wheels the code was tested with here, unpacked by gpu.sh
-#                           ahead of the machine's own: segmentation-models-pytorch and timm
+#                           ahead of the machine's own: segmentation-models-pytorch, timm, edt
 #
 # The GPU recipe is the CPU DRIVE recipe (bench/drive_recipe.py RECIPE: CLAHE, flip TTA at
 # evaluation, validation every 5 epochs) with a GPU's batch: 64 patches of 128 pixels, 8192
@@ -62,5 +62,14 @@ tar -C "$WORK" -czf "$GPU/processed.tar.gz" processed
 for dist in segmentation-models-pytorch timm; do
     version=$(python3 -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$dist")
     python3 -m pip download --quiet --no-deps --only-binary=:all: --dest "$GPU/whl" "$dist==$version"
+done
+# edt (the boundary metrics' distance transform) is compiled: its wheel for the GPU machine's
+# Python (3.12) and for this one's (the rehearsal); gpu.sh unpacks both, each Python loads its own
+edt=$(python3 -c "import importlib.metadata as m; print(m.version('edt'))")
+here=$(python3 -c "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')")
+for pyver in 3.12 "$here"; do
+    python3 -m pip download --quiet --no-deps --only-binary=:all: --dest "$GPU/whl" \
+        --python-version "$pyver" --platform manylinux2014_x86_64 \
+        --platform manylinux_2_28_x86_64 "edt==$edt"
 done
 du -sh "$GPU" "$GPU"/*

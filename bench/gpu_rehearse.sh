@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rehearse bench/gpu.sh on this CPU machine as a bare GPU machine would run it: the packages it
-# lacks (segmentation-models-pytorch, dvc, dvclive, pydicom, imagecodecs) are made unimportable,
+# lacks (segmentation-models-pytorch, dvc, dvclive, pydicom, imagecodecs, edt) are made unimportable,
 # except from the wheels gpu.sh unpacks out of .gpu/whl; tiny budget, device cpu, device cache.
 #
 #   bash bench/gpu_prepare.sh && bash bench/gpu_rehearse.sh [section.key=value ...]
@@ -16,7 +16,7 @@ cat >"$BLOCK/sitecustomize.py" <<'PY'
 import importlib.machinery
 import sys
 
-MISSING = {"segmentation_models_pytorch", "dvc", "dvclive", "pydicom", "imagecodecs"}
+MISSING = {"segmentation_models_pytorch", "dvc", "dvclive", "pydicom", "imagecodecs", "edt"}
 
 
 class BareMachine:

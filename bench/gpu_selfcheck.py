@@ -31,7 +31,7 @@ from medseg.spec import ModelSpec
 from medseg.training.cache import make_sampler
 from medseg.training.precision import amp_dtype
 
-PACKAGES = ("torch", "timm", "huggingface_hub", "numpy", "segmentation_models_pytorch")
+PACKAGES = ("torch", "timm", "huggingface_hub", "numpy", "segmentation_models_pytorch", "edt")
 
 
 def versions() -> None:
