@@ -219,6 +219,7 @@ def test_evaluate_refuses_a_model_trained_on_other_classes(tmp_path: Path, model
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.slow  # 30 s on real DRIVE images; the streaming tally: small cases above
 @pytest.mark.skipif(not DRIVE.is_dir(), reason=f"DRIVE not found at {DRIVE}")
 def test_streaming_evaluation_equals_the_in_memory_result_on_drive(tmp_path: Path):
     """evaluate streams case by case (histogram AUCs); the same model's probabilities held in

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import tifffile
 from conftest import STAGES, ran, run, tiny_params, write_grey_dicom16, write_params
 from PIL import Image
@@ -71,6 +72,7 @@ def _manifest(proj: Path) -> pd.DataFrame:
     return pd.read_csv(proj / "data" / "converted" / "manifest.csv", dtype={"case_id": str})
 
 
+@pytest.mark.slow  # a fresh pipeline run; the colour test below runs the folders layout
 def test_folders_layout_through_the_whole_pipeline(project: Path, tmp_path: Path):
     _folders_set(tmp_path / "data")
     _params(project, tmp_path / "data", "folders")
