@@ -8,8 +8,8 @@ Issue 20's target: HD95, ASSD and NSD add at most 20% to the evaluate stage, on 
   scipy's ``distance_transform_edt`` instead of the ``edt`` package (the reason for that
   dependency);
 - ``lesions``: `medseg.lesions.lesion_counts` (components, matching, PQ);
-- ``inference``: `medseg.inference.predict_case` with params.yaml's network (untrained: the time
-  does not depend on the weights) and evaluate settings, on an image of the case's size, with
+- ``inference``: `medseg.inference.Predictor.predict` with params.yaml's network (untrained: the
+  time does not depend on the weights) and evaluate settings, on an image of the case's size, with
   ``--threads`` threads (the evaluate stage's cost is this plus the pixel metrics and the
   outputs, so the ratio printed is an upper bound of the share of the stage).
 
@@ -34,7 +34,7 @@ from scipy import ndimage
 
 from medseg.boundary import boundary, boundary_scores
 from medseg.config import EvaluateConfig, TrainConfig, load_params
-from medseg.inference import predict_case, prepare_model
+from medseg.inference import LabelSpace, Predictor, WindowSettings, as_runner, prepare_model
 from medseg.io.images import binarize, read_raster
 from medseg.lesions import lesion_counts
 from medseg.model import ModelSpec, build_model
@@ -105,12 +105,16 @@ def per_case_ms(
 def inference_ms(
     model: torch.nn.Module, shape: tuple[int, int], cfg: EvaluateConfig, repeat: int
 ) -> tuple[float, float]:
-    """Wall and CPU ms (all threads) of `predict_case` on a random image of ``shape``, the
+    """Wall and CPU ms (all threads) of `Predictor.predict` on a random image of ``shape``, the
     best of ``repeat`` calls after one untimed (first calls allocate and pick kernels)."""
     rng = np.random.default_rng(0)
     image = rng.standard_normal((1, *shape)).astype(np.float32)
     fov = np.ones(shape, bool)
-    timing = rounds(lambda: predict_case(model, image, fov, cfg), repeat, warmup=1)
+    predictor = Predictor(
+        [as_runner(model, torch.device("cpu"))], LabelSpace.of(1), 0.5,
+        WindowSettings.from_config(cfg),
+    )  # fmt: skip
+    timing = rounds(lambda: predictor.predict(image, fov), repeat, warmup=1)
     return 1e3 * timing.min, 1e3 * timing.cpu_min
 
 
