@@ -157,7 +157,10 @@ def test_report_inlines_every_plot_and_names_no_url(workspace: Path, tmp_path: P
     table = pd.read_csv(
         workspace / "results" / "evaluate" / "per_image.csv", dtype={"case_id": str}
     )
-    worst = table.sort_values(["dice", "case_id"])["case_id"].tolist()[:10]
+    if "hd95" in table:  # the largest boundary distance first, then the lowest Dice
+        table = table.assign(neg_hd95=-table["hd95"])
+    order = ["neg_hd95", "dice", "case_id"] if "hd95" in table else ["dice", "case_id"]
+    worst = table.sort_values(order)["case_id"].tolist()[:10]
     section = page[page.index("Worst cases: results/evaluate/per_image.csv") :]
     assert re.findall(r"<tr><td>([^<]+)</td>", section)[: len(worst)] == worst
     links = re.findall(r'href="#([^"]+)"', section)

@@ -221,7 +221,7 @@ def md_text(value: Any, table: bool = True) -> str:
     """``value`` for one line of the report: as is when it is plain (a path, a key, a number),
     else as an inline code span (`md_code`), which Markdown shows literally."""
     text = str(value)
-    if _PLAIN.match(text) and len(text) <= MAX_SHOWN and "www." not in text.lower():
+    if _PLAIN.fullmatch(text) and len(text) <= MAX_SHOWN and "www." not in text.lower():
         return text
     return md_code(text, table=table)
 
