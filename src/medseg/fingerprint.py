@@ -23,9 +23,8 @@ import pandas as pd
 from scipy import ndimage
 
 from medseg.errors import MedsegError
-from medseg.io.images import binarize, read_raster
-from medseg.io.records import read_json
-from medseg.names import CLASSES
+from medseg.io.images import binarize, read_labels, read_raster
+from medseg.processed import read_class_names
 
 # -- limits: memory stays that of one case whatever the data set's size --
 MIN_TRAIN_CASES = 2
@@ -88,7 +87,7 @@ def fingerprint(
             f"{MIN_TRAIN_CASES} to fingerprint the data set (add training cases, or set every "
             "planned param explicitly)"
         )
-    names = _class_names(converted)
+    names = read_class_names(converted)
     rng = np.random.default_rng(seed)
     read = rows
     if len(rows) > max_cases:
@@ -102,17 +101,6 @@ def fingerprint(
             "check the masks (and data.classes), the plan cannot size objects it cannot see"
         )
     return acc.result(names, rows)
-
-
-def _class_names(converted: Path) -> list[str]:
-    path = converted / CLASSES
-    if not path.is_file():
-        return ["background", "foreground"]
-    raw = read_json(path, "class list")
-    names = raw.get("names") if isinstance(raw, dict) else None
-    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
-        raise MedsegError(f"{path}: names must be a list of class names, background first")
-    return names
 
 
 class _Accumulator:
@@ -139,7 +127,7 @@ class _Accumulator:
 
     def add(self, converted: Path, row: Any) -> None:
         image = read_raster(converted / str(row.image))
-        truth = _read_truth(converted / str(row.mask), self.n_labels)
+        truth = read_labels(converted / str(row.mask), self.n_labels)
         fov = binarize(read_raster(converted / str(row.fov)))
         for what, arr in (("mask", truth), ("FOV mask", fov)):
             if arr.shape != image.shape[:2]:
@@ -272,21 +260,6 @@ class _Accumulator:
             },
         }
         return out
-
-
-def _read_truth(path: Path, n_labels: int) -> np.ndarray:
-    """A converted mask as (H, W) uint8 labels (0/1 binary; label values for a label map)."""
-    raw = read_raster(path)
-    if n_labels == 2:
-        return binarize(raw).astype(np.uint8)
-    if raw.ndim != 2:
-        raise MedsegError(f"{path}: a label map must have one channel, this one has {raw.shape[2]}")
-    if int(raw.max(initial=0)) >= n_labels:
-        raise MedsegError(
-            f"{path}: label {int(raw.max())} but classes.json names {n_labels - 1} classes; "
-            "rerun convert with this data set's data.classes"
-        )
-    return raw.astype(np.uint8)
 
 
 class _ShapeStats:

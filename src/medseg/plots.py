@@ -213,7 +213,8 @@ def write_report(
 
 
 def _workspace_cases(repo_dir: str | Path) -> dict[str, list[Case]]:
-    root = _open_repo(repo_dir).root_dir
+    with _open_repo(repo_dir) as repo:
+        root = repo.root_dir
     found = {}
     for name in per_image_tables(root):
         path = Path(root) / name

@@ -15,7 +15,7 @@ import pandas as pd
 from medseg.config import PreprocessConfig
 from medseg.errors import MedsegError
 from medseg.io.atomic import atomic_dir, write_json
-from medseg.io.images import binarize, read_raster
+from medseg.io.images import binarize, read_labels, read_raster
 from medseg.io.shards import ShardWriter
 from medseg.names import CLASSES, CONVERT_RECORD
 from medseg.processed import (
@@ -264,24 +264,3 @@ def case_arrays(
             [((mask == k) & fov).sum(axis=1, dtype=np.int32) for k in range(1, n_labels)]
         ),
     }
-
-
-def read_labels(path: Path, n_labels: int) -> np.ndarray:
-    """A converted mask as (H, W) uint8 labels: 0/1 for a binary data set (0/255 on disk),
-    else the label values 0..n_labels-1 that convert wrote.
-
-    Raises:
-        MedsegError: a label outside the classes of ``classes.json``.
-    """
-    raw = read_raster(path)
-    if n_labels == 2:
-        return binarize(raw).astype(np.uint8)
-    if raw.ndim != 2:
-        raise MedsegError(f"{path}: a label map must have one channel, this one has {raw.shape[2]}")
-    top = int(raw.max(initial=0))
-    if top >= n_labels:
-        raise MedsegError(
-            f"{path}: label {top} but data.classes names {n_labels - 1} classes (labels 1.."
-            f"{n_labels - 1}); rerun convert with the data.classes of this data set"
-        )
-    return raw.astype(np.uint8)

@@ -305,3 +305,24 @@ def write_png(path: str | Path, arr: np.ndarray, compress_level: int = 1) -> Non
         raise ValueError(f"write_png: unsupported array {arr.dtype} {arr.shape}")
     # 2D uint16 becomes mode I;16
     Image.fromarray(arr).save(path, format="PNG", compress_level=compress_level)
+
+
+def read_labels(path: Path, n_labels: int) -> np.ndarray:
+    """A converted mask as (H, W) uint8 labels: 0/1 for a binary data set (0/255 on disk),
+    else the label values 0..n_labels-1 that convert wrote.
+
+    Raises:
+        MedsegError: a label outside the classes of ``classes.json``.
+    """
+    raw = read_raster(path)
+    if n_labels == 2:
+        return binarize(raw).astype(np.uint8)
+    if raw.ndim != 2:
+        raise MedsegError(f"{path}: a label map must have one channel, this one has {raw.shape[2]}")
+    top = int(raw.max(initial=0))
+    if top >= n_labels:
+        raise MedsegError(
+            f"{path}: label {top} but data.classes names {n_labels - 1} classes (labels 1.."
+            f"{n_labels - 1}); rerun convert with the data.classes of this data set"
+        )
+    return raw.astype(np.uint8)
