@@ -22,6 +22,7 @@ from medseg.names import (  # importable from here as well, where other modules 
     MAX_DECODER_BLOCKS,
     MAX_DECODER_WIDTH,
 )
+from medseg.postprocess import check_operation
 from medseg.strict import parse
 
 __all__ = [
@@ -264,9 +265,14 @@ class TrainConfig:
     sync_batchnorm: bool
     deterministic: bool
     cache: str = "auto"
+    # post-processing candidates, tried on the validation cases after training; the ones that
+    # raise validation Dice go into the model bundle (medseg.postprocess)
+    postprocess: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         _choice("train.arch", self.arch, names.ARCHS)
+        for i, spec in enumerate(self.postprocess):
+            check_operation(spec, f"params: train.postprocess[{i}]")
         if not re.fullmatch(names.ENCODER_NAME, self.encoder):
             raise MedsegError(
                 f"params: train.encoder must be a segmentation-models-pytorch encoder name "
