@@ -21,12 +21,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "models": "folder of the folds' model bundles",
             "out": "folder for metrics, table and images",
         },
+        optional={"plan": "the plan stage's plans.json (needed where a key is auto)"},
     )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    cfg = load_params(args.params, EvaluateConfig)
+    cfg = load_params(args.params, EvaluateConfig, args.plan)
     folds = load_params(args.params, CrossvalConfig).folds
     models = [Path(args.models) / fold_name(k) for k in folds]
     ensemble_folds(cfg, data_dir=args.data, models=models, out=args.out)

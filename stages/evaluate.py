@@ -20,12 +20,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "model": "model bundle folder (or its weights)",
             "out": "folder for metrics, tables and images",
         },
+        optional={"plan": "the plan stage's plans.json (needed where a key is auto)"},
     )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    cfg = load_params(args.params, EvaluateConfig)
+    cfg = load_params(args.params, EvaluateConfig, args.plan)
     check_output(args.out, {"--data": args.data, "--model": args.model, "--params": args.params})
     evaluate_model(cfg, data_dir=args.data, model_path=args.model, out=args.out)
 

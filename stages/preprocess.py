@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from medseg.config import PreprocessConfig, load_params
+from medseg.config import PreprocessConfig, load_params, plan_value
 from medseg.io.atomic import check_output
 from medseg.preprocess import preprocess_dataset
 from medseg.stage import run_stage, stage_args
@@ -20,14 +20,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "converted": "output folder of the convert stage",
             "out": "folder for the model-ready arrays",
         },
+        optional={"plan": "the plan stage's plans.json (needed where a key is auto)"},
     )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    cfg = load_params(args.params, PreprocessConfig)
+    cfg = load_params(args.params, PreprocessConfig, args.plan)
     check_output(args.out, {"--converted": args.converted, "--params": args.params})
-    preprocess_dataset(cfg, args.converted, args.out)
+    fov = plan_value(args.plan, "convert.fov_fallback") if args.plan else None
+    preprocess_dataset(cfg, args.converted, args.out, fov_fallback=fov)
 
 
 if __name__ == "__main__":

@@ -24,13 +24,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "models": "folder for the weights",
             "logs": "folder for the dvclive curves",
         },
-        optional={"checkpoints": "folder for the resume checkpoint (default: none)"},
+        optional={
+            "plan": "the plan stage's plans.json (needed where a key is auto)",
+            "checkpoints": "folder for the resume checkpoint (default: none)",
+        },
     )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    cfg = load_params(args.params, TrainConfig)
+    cfg = load_params(args.params, TrainConfig, args.plan)
     folders = {"--models": args.models, "--logs": args.logs, "--checkpoints": args.checkpoints}
     for option, folder in folders.items():  # each may be replaced or cleaned: none may hold another
         if folder is not None:

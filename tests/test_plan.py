@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from conftest import REPO
 from scipy import ndimage
 
@@ -20,6 +21,12 @@ from medseg.fingerprint import fingerprint, thin_labels
 from medseg.io.images import write_png
 from medseg.plan import PLANNED_KEYS, format_table, plan, plan_dataset
 from medseg.training.probe import probe_step_seconds
+
+# every planned train key, as a plan would give them (small)
+TINY_TRAIN = {
+    "patch_size": 32, "batch_size": 2, "foreground_fraction": 0.5, "loss": "bce_dice",
+    "epochs": 1, "patches_per_epoch": 2, "postprocess": [],
+}  # fmt: skip
 
 Case = tuple[np.ndarray, np.ndarray]  # image (H, W[, 3]) uint8, mask (H, W) bool
 
@@ -131,7 +138,7 @@ def test_thin_vessels_small_patches_at_full_resolution(vessel_set: Path) -> None
     assert v["preprocess.max_side"] is None
     assert v["train.patch_size"] <= 96
     assert v["train.foreground_fraction"] == 0.5
-    assert v["postprocess.candidates"] == []
+    assert v["train.postprocess"] == []
     assert v["preprocess.contrast"] == "clahe"
     # the vessels are dark in green only: green, not rgb and not gray
     assert v["preprocess.channel"] == "green"
@@ -154,7 +161,7 @@ def test_large_blob_downscaled_with_context(blob_set: Path) -> None:
     assert v["train.patch_size"] >= 128
     assert v["train.patch_size"] >= 1.5 * diameter * scale  # the object with context around it
     assert v["train.batch_size"] >= 4
-    ops = [c["op"] for c in v["postprocess.candidates"]]
+    ops = [c["op"] for c in v["train.postprocess"]]
     assert "keep_largest" in ops and "fill_holes" in ops
     assert f"{fg['extent_pixel_median']:g}" in result["settings"]["preprocess.max_side"]["reason"]
 
@@ -200,7 +207,7 @@ def test_explicit_values_win_and_the_rules_follow_them(vessel_set: Path) -> None
         assert s == {"value": value, "source": "explicit", "reason": "explicit in params.yaml"}
     # the batch follows the explicit patch: 16 x 96^2 pixels at 192 is 4
     assert result["settings"]["train.batch_size"]["value"] == 4
-    assert result["probe"]["patch"] == 192
+    assert result["budget"]["patch"] == 192
     assert "explicit" in format_table(result)
 
 
@@ -209,18 +216,24 @@ def test_explicit_epochs_set_the_steps_without_a_budget(vessel_set: Path) -> Non
     result = plan(fp, {"train.epochs": 3, "train.patches_per_epoch": 64}, None, None)
     v = values(result)
     assert v["train.epochs"] == 3
-    assert v["train.steps"] == 3 * math.ceil(64 / v["train.batch_size"])
-    assert result["probe"] is None
+    assert v["train.patches_per_epoch"] == 64
+    assert result["budget"] is None
+    assert result["params"]["train"]["epochs"] == 3
 
 
 def test_steps_from_budget_and_step_time(vessel_set: Path) -> None:
     fp = fingerprint(vessel_set)
-    v = values(plan(fp, {}, 0.5, 10.0))
-    assert v["train.steps"] == (int(600 * 0.85 / 0.5) // 32) * 32  # 1020 -> 992
-    assert v["train.epochs"] * 32 == v["train.steps"]
+    result = plan(fp, {}, 0.5, 10.0)
+    v = values(result)
+    assert result["budget"]["steps"] == (int(600 * 0.85 / 0.5) // 32) * 32  # 1020 -> 992
+    assert v["train.epochs"] * 32 == result["budget"]["steps"]
     assert v["train.patches_per_epoch"] == 32 * v["train.batch_size"]
     # twice the step time, half the steps (to the epoch)
-    assert values(plan(fp, {}, 1.0, 10.0))["train.steps"] == (int(600 * 0.85) // 32) * 32
+    assert plan(fp, {}, 1.0, 10.0)["budget"]["steps"] == (int(600 * 0.85) // 32) * 32
+    # an explicit epoch size sets the steps per epoch: 992 steps of ceil(100 / batch)
+    per_epoch = math.ceil(100 / v["train.batch_size"])
+    odd = values(plan(fp, {"train.patches_per_epoch": 100}, 0.5, 10.0))
+    assert odd["train.epochs"] == int(600 * 0.85 / 0.5) // per_epoch
 
 
 def test_probe_function_is_called_with_the_planned_patch_and_batch(vessel_set: Path) -> None:
@@ -234,7 +247,7 @@ def test_probe_function_is_called_with_the_planned_patch_and_batch(vessel_set: P
     result = plan(fp, {"preprocess.channel": "rgb"}, probe, 1.0)
     v = values(result)
     assert calls == [(v["train.patch_size"], v["train.batch_size"], 3)]
-    assert result["probe"]["step_seconds"] == 0.2
+    assert result["budget"]["step_seconds"] == 0.2
 
 
 def test_deterministic(vessel_set: Path, tmp_path: Path) -> None:
@@ -287,7 +300,7 @@ def test_budget_too_small_for_one_epoch(vessel_set: Path) -> None:
     fp = fingerprint(vessel_set)
     with pytest.raises(MedsegError, match=r"train\.budget 0\.1 minutes is too small"):
         plan(fp, {}, 1.0, 0.1)
-    with pytest.raises(MedsegError, match=r"train\.budget .* or train\.epochs"):
+    with pytest.raises(MedsegError, match=r"train\.epochs is auto, which needs train\.budget"):
         plan(fp, {}, 1.0, None)
 
 
@@ -300,7 +313,7 @@ def test_table_has_every_setting(vessel_set: Path) -> None:
 def test_probe_times_real_steps() -> None:
     from medseg.config import TrainConfig, load_params
 
-    cfg = load_params(REPO / "params.yaml", TrainConfig)
+    cfg = load_params(REPO / "params.yaml", TrainConfig, {"params": {"train": TINY_TRAIN}})
     small = dataclasses.replace(
         cfg, patch_size=32, batch_size=2, decoder_channels=[16, 8, 8, 8, 8], device="cpu",
         amp_cpu=False,
@@ -321,3 +334,77 @@ def test_thin_labels_are_the_tubular_classes_of_the_masks():
     assert thin_labels(masks, [1, 2]) == {1}
     assert thin_labels(masks[:1], [2]) == set()
     assert thin_labels([np.zeros((8, 8), np.uint8)], [1]) == set()  # absent: not thin
+
+
+# == the plan in the pipeline: params, the stage ==================================================
+
+
+def _params_file(tmp_path: Path, **sections: dict) -> Path:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def test_auto_keys_need_the_plan_and_take_its_values(tmp_path: Path) -> None:
+    from medseg.config import PreprocessConfig, TrainConfig, load_all_params, load_params
+
+    path = _params_file(tmp_path, train={"batch_size": 6})
+    load_all_params(path)  # the whole file checks without a plan
+    with pytest.raises(MedsegError, match=r"train\.patch_size, .* are auto, which the plan"):
+        load_params(path, TrainConfig)
+    plan_dict = {"params": {"train": {**TINY_TRAIN, "patch_size": 64, "batch_size": 3}}}
+    cfg = load_params(path, TrainConfig, plan_dict)
+    assert cfg.patch_size == 64  # auto: the plan's
+    assert cfg.batch_size == 6  # explicit: params.yaml's, whatever the plan says
+    with pytest.raises(MedsegError, match=r"no value for preprocess\.channel"):
+        load_params(path, PreprocessConfig, plan_dict)
+    bad = {"params": {"train": {**TINY_TRAIN, "patch_size": 50}}}
+    with pytest.raises(MedsegError, match=r"train\.patch_size must be a positive multiple of 32"):
+        load_params(path, TrainConfig, bad)
+
+
+def _run_plan_stage(params: Path, converted: Path, out: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_stage", REPO / "stages" / "plan.py")
+    assert spec and spec.loader
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    stage.main(["--params", str(params), "--converted", str(converted), "--out", str(out)])
+
+
+def test_stage_writes_the_plan_the_stages_read(vessel_set: Path, tmp_path: Path) -> None:
+    from medseg.config import EvaluateConfig, PreprocessConfig, TrainConfig, load_params
+
+    path = _params_file(
+        tmp_path,
+        train={"budget": 1.0, "step_seconds": 0.25, "patch_size": 64},
+        preprocess={"contrast": "none"},
+    )
+    out = tmp_path / "plans.json"
+    _run_plan_stage(path, vessel_set, out)
+    written = json.loads(out.read_text())
+    settings = written["settings"]
+    assert settings["train.patch_size"]["source"] == "explicit"
+    assert settings["preprocess.contrast"]["source"] == "explicit"
+    assert settings["preprocess.channel"]["source"] == "plan"
+    assert written["budget"]["steps"] == written["params"]["train"]["epochs"] * 32
+    train = load_params(path, TrainConfig, out)
+    assert (train.patch_size, train.epochs) == (64, written["params"]["train"]["epochs"])
+    assert train.batch_size == settings["train.batch_size"]["value"]
+    pre = load_params(path, PreprocessConfig, out)
+    assert (pre.channel, pre.contrast) == (settings["preprocess.channel"]["value"], "none")
+    assert load_params(path, EvaluateConfig, out).window == settings["evaluate.window"]["value"]
+
+
+def test_stage_refuses_a_budget_too_small_and_writes_nothing(
+    vessel_set: Path, tmp_path: Path
+) -> None:
+    path = _params_file(tmp_path, train={"budget": 0.01, "step_seconds": 1.0})
+    out = tmp_path / "plans.json"
+    with pytest.raises(MedsegError, match=r"train\.budget 0\.01 minutes is too small"):
+        _run_plan_stage(path, vessel_set, out)
+    assert not out.exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -268,6 +269,8 @@ class TrainConfig:
     # post-processing candidates, tried on the validation cases after training; the ones that
     # raise validation Dice go into the model bundle (medseg.postprocess)
     postprocess: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    budget: float | None = None  # minutes of training the plan buys steps for (epochs: auto)
+    step_seconds: float | None = None  # the plan's step time: null measures it (a probe)
 
     def __post_init__(self) -> None:
         _choice("train.arch", self.arch, names.ARCHS)
@@ -325,6 +328,10 @@ class TrainConfig:
             if not 0.0 <= value < 1.0:
                 raise MedsegError(f"params: train.{key} must be in [0, 1), got {value}")
         _at_least("train.workers", self.workers, 0)
+        for key in ("budget", "step_seconds"):
+            value = getattr(self, key)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise MedsegError(f"params: train.{key} must be a number > 0 or null, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,35 +402,132 @@ class Params:
 T = TypeVar("T")
 
 
-def load_params(path: str | Path, section: type[T]) -> T:
+def load_params(
+    path: str | Path, section: type[T], plan: str | Path | Mapping[str, Any] | None = None
+) -> T:
     """Load and validate the whole params file, then return one section of it.
 
     The whole file is checked, not only the section asked for, so that a typo anywhere stops
-    the first stage that runs instead of the one that reads it.
+    the first stage that runs instead of the one that reads it. A planned key (`names.PLANNED`)
+    set to ``auto`` takes its value from the plan (``plans.json``, written by the plan stage).
 
     Args:
         path: the ``params.yaml`` file.
         section: the section's dataclass, e.g. ``TrainConfig``.
+        plan: the plan (its ``plans.json`` path, or the loaded dict); needed when the section
+            has a key set to ``auto``.
 
     Returns:
-        The validated, frozen section.
+        The validated, frozen section, every ``auto`` replaced by the plan's value.
 
     Raises:
-        MedsegError: the file is missing or unreadable, or a key is unknown, missing or of the
-            wrong type.
+        MedsegError: the file is missing or unreadable, a key is unknown, missing or of the
+            wrong type, or a key of the section is ``auto`` and no plan gives it.
     """
-    params = load_all_params(path)
+    params, unresolved = _load(Path(path), plan)
     for field in dataclasses.fields(Params):
         value = getattr(params, field.name)
         if isinstance(value, section):
+            waiting = [key for key in unresolved if key.startswith(f"{field.name}.")]
+            if waiting and plan is not None:
+                raise MedsegError(
+                    f"{plan if not isinstance(plan, Mapping) else names.PLAN_FILE}: no value "
+                    f"for {', '.join(waiting)}, which {path} sets to auto; run the plan stage "
+                    "again (dvc repro)"
+                )
+            if waiting:
+                raise MedsegError(
+                    f"params: {', '.join(waiting)} {'is' if len(waiting) == 1 else 'are'} auto, "
+                    f"which the plan stage chooses; run `dvc repro` (it writes "
+                    f"{names.PLAN_FILE}), or set {'it' if len(waiting) == 1 else 'them'} in "
+                    f"{path}"
+                )
             return value
     raise TypeError(f"{section.__name__} is not a section of params.yaml")
 
 
-def load_all_params(path: str | Path) -> Params:
-    """Load and validate every section of a params file. See `load_params`."""
-    path = Path(path)
-    return parse(Params, read_yaml(path), prefix="", source=str(path))
+def load_all_params(path: str | Path, plan: str | Path | Mapping[str, Any] | None = None) -> Params:
+    """Load and validate every section of a params file. See `load_params`; a key left
+    ``auto`` without a plan is checked as if the plan had given it a valid value."""
+    return _load(Path(path), plan)[0]
+
+
+def planned_values(raw: Any) -> dict[str, Any]:
+    """The planned keys (`names.PLANNED`) of a raw params mapping that are not ``auto``:
+    dotted key -> value. The plan stage records them as explicit."""
+    out: dict[str, Any] = {}
+    for name, keys in names.PLANNED.items():
+        section = raw.get(name) if isinstance(raw, Mapping) else None
+        for key in keys:
+            if isinstance(section, Mapping) and key in section and section[key] != names.AUTO:
+                out[f"{name}.{key}"] = section[key]
+    return out
+
+
+# what an ``auto`` key stands in for while a file is checked without a plan (never used)
+_STAND_INS: dict[str, Any] = {
+    "preprocess.channel": "gray",
+    "preprocess.contrast": "none",
+    "preprocess.max_side": None,
+    "train.patch_size": 96,
+    "train.batch_size": 16,
+    "train.foreground_fraction": 0.5,
+    "train.loss": "bce_dice",
+    "train.epochs": 1,
+    "train.patches_per_epoch": 1,
+    "train.postprocess": [],
+    "evaluate.window": 1024,
+}
+
+
+def _load(path: Path, plan: str | Path | Mapping[str, Any] | None) -> tuple[Params, list[str]]:
+    """Parse ``path`` with every ``auto`` planned key replaced by the plan's value (or, where the
+    plan gives none, a stand-in, listed as unresolved)."""
+    raw = read_yaml(path)
+    chosen = _plan_params(plan) if plan is not None else None
+    unresolved: list[str] = []
+    if isinstance(raw, dict):
+        raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+        for name, keys in names.PLANNED.items():
+            section = raw.get(name)
+            if not isinstance(section, dict):
+                continue
+            for key in keys:
+                if section.get(key) != names.AUTO:
+                    continue
+                dotted = f"{name}.{key}"
+                if chosen is None or key not in chosen.get(name, {}):
+                    section[key] = _STAND_INS[dotted]
+                    unresolved.append(dotted)
+                else:
+                    section[key] = chosen[name][key]
+    return parse(Params, raw, prefix="", source=str(path)), unresolved
+
+
+def plan_value(plan: str | Path | Mapping[str, Any], key: str) -> Any:
+    """One value the plan chose: ``key`` dotted (``convert.fov_fallback``).
+
+    Raises:
+        MedsegError: the plan is unreadable or has no such value.
+    """
+    section, name = key.split(".")
+    chosen = _plan_params(plan).get(section, {})
+    if name not in chosen:
+        raise MedsegError(f"{plan}: the plan has no {key}; run the plan stage again (dvc repro)")
+    return chosen[name]
+
+
+def _plan_params(plan: str | Path | Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ``params`` part of a plan: section -> key -> value."""
+    source = str(plan) if not isinstance(plan, Mapping) else names.PLAN_FILE
+    loaded = read_json(Path(plan), "plan") if not isinstance(plan, Mapping) else plan
+    chosen = loaded.get("params") if isinstance(loaded, Mapping) else None
+    if not isinstance(chosen, Mapping) or not all(isinstance(v, Mapping) for v in chosen.values()):
+        raise MedsegError(
+            f"{source}: not a plan (no 'params' section of section -> key -> value); run the "
+            "plan stage again (dvc repro)"
+        )
+    return {str(k): dict(v) for k, v in chosen.items()}
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -17,7 +17,9 @@ LABEL_SETS = ("vessels", "vessels_disc")  # synthesize.labels: binary, or 1 vess
 # --- convert ---
 MULTIFRAMES = ("split", "refuse")  # convert.multiframe
 ID_NAMES = ("source", "hash")  # convert.names: the path, or its keyed hash
-FOV_FALLBACKS = ("threshold", "whole_image")  # convert.fov_fallback: medseg.fov
+# convert.fov_fallback: medseg.fov; auto: convert makes the thresholded FOV where it can, the
+# plan decides whether preprocess uses it (a photograph's black surround) or the whole image
+FOV_FALLBACKS = ("auto", "threshold", "whole_image")
 ON_ERRORS = ("fail", "skip")  # convert.on_error
 BIT_DEPTHS = (8, 16)  # convert.max_bit_depth
 
@@ -53,6 +55,20 @@ DEVICES = ("auto", "cpu", "cuda", "mps")  # train.device, evaluate.device, medse
 BLENDINGS = ("gaussian", "constant")  # evaluate.blending: weights of overlapping windows
 AUTO = "auto"  # evaluate.threshold and train.amp_cpu: decided from the model or the machine
 BOUNDARY_UNITS = (AUTO, "px", "mm")  # evaluate.boundary_unit
+
+# --- the plan (medseg.plan) ---
+# section -> keys whose value may be ``auto``: the plan stage chooses them and writes them into
+# plans.json ("params" -> section -> key), where the stages that use them read them. Besides
+# these, convert.fov_fallback and evaluate.threshold take ``auto`` as a value of their own.
+PLANNED = {
+    "preprocess": ("channel", "contrast", "max_side"),
+    "train": (
+        "patch_size", "batch_size", "foreground_fraction", "loss", "epochs",
+        "patches_per_epoch", "postprocess",
+    ),
+    "evaluate": ("window",),
+}  # fmt: skip
+PLAN_FILE = "plans.json"
 
 # --- files one stage writes and a later one (or a model bundle) reads ---
 # The convert params as the convert stage used them, carried on (preprocess, then train copies

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from medseg import names
 from medseg.errors import MedsegError
 from medseg.fingerprint import as_number, fingerprint, structure
 from medseg.io.atomic import write_json
@@ -42,23 +43,14 @@ TRAIN_SHARE = 0.85  # share of the budget for steps; the rest: validation, start
 WINDOW_MAX = 1024
 FILL_HOLES_MAX = 0.001  # fill-holes is a candidate when holes hold at most this share of fg
 
-# Every key the plan sets: the params an integrator may mark ``auto``.
+# Every key the plan sets, in the order of the table: the params a user may leave ``auto``
+# (`medseg.names.PLANNED`), and two whose ``auto`` is a value of their own that the plan reports.
 PLANNED_KEYS = (
     "convert.fov_fallback",
-    "preprocess.channel",
-    "preprocess.contrast",
-    "preprocess.max_side",
-    "train.patch_size",
-    "train.batch_size",
-    "train.foreground_fraction",
-    "train.loss",
-    "train.steps",
-    "train.epochs",
-    "train.patches_per_epoch",
-    "evaluate.window",
+    *(f"{section}.{key}" for section, keys in names.PLANNED.items() for key in keys),
     "evaluate.threshold",
-    "postprocess.candidates",
 )
+AUTO_VALUED = ("convert.fov_fallback", "evaluate.threshold")
 
 ProbeFn = Callable[[int, int, int], float]
 
@@ -78,15 +70,17 @@ def plan(
             that depend on it (batch from patch, window from scale) use it.
         probe_step_seconds: seconds per training step at the planned patch and batch: a fixed
             number (a param, CI), or a function ``(patch, batch, in_channels) -> seconds``
-            called once with the planned values (`probe_step_seconds`); None when the steps
-            come from an explicit ``train.epochs``.
-        budget_minutes: ``train.budget``, the training time to plan the steps for; None when
+            called once with the planned values (`probe_step_seconds`); unused when
+            ``train.epochs`` is explicit.
+        budget_minutes: ``train.budget``, the training time to plan the steps for; unused when
             ``train.epochs`` is explicit.
 
     Returns:
-        ``{"version", "fingerprint", "probe": {"step_seconds", "patch", "batch"} | None,
-        "settings": {key: {"value", "source": "plan" | "explicit", "reason"}}}``, one
-        setting per key of `PLANNED_KEYS`, in that order.
+        ``{"version", "params": {section: {key: value}}, "settings": {key: {"value", "source":
+        "plan" | "explicit", "reason"}}, "structure", "budget", "fingerprint"}``, one setting
+        per key of `PLANNED_KEYS`, in that order. ``params`` is what the stages read (DVC
+        tracks it as their params); ``budget`` is ``{"minutes", "step_seconds", "steps"}``,
+        or None with explicit epochs.
 
     Raises:
         MedsegError: a budget too small for one epoch, or neither a budget nor explicit epochs.
@@ -95,7 +89,7 @@ def plan(
     out: dict[str, dict[str, Any]] = {}
 
     def setting(key: str, rule: Callable[[], tuple[Any, str]]) -> Any:
-        if key in explicit:
+        if key in explicit and not (key in AUTO_VALUED and explicit[key] == names.AUTO):
             out[key] = {
                 "value": explicit[key],
                 "source": "explicit",
@@ -116,18 +110,23 @@ def plan(
     batch = setting("train.batch_size", lambda: _batch_rule(int(patch)))
     setting("train.foreground_fraction", lambda: _foreground_rule(fp, kind))
     setting("train.loss", lambda: _loss_rule(kind))
-    probe = _steps(
+    budget = _steps(
         setting, explicit, probe_step_seconds, budget_minutes, int(patch), int(batch), channel
     )
+    setting("train.postprocess", lambda: _postprocess_rule(fp, kind))
     setting("evaluate.window", lambda: _window_rule(fp, scale, int(patch)))
     setting("evaluate.threshold", lambda: _threshold_rule(fp))
-    setting("postprocess.candidates", lambda: _postprocess_rule(fp, kind))
+    params: dict[str, dict[str, Any]] = {}
+    for key in PLANNED_KEYS:
+        section, name = key.split(".")
+        params.setdefault(section, {})[name] = out[key]["value"]
     return {
         "version": PLAN_VERSION,
-        "fingerprint": dict(fp),
-        "structure": kind,
-        "probe": probe,
+        "params": params,
         "settings": {key: out[key] for key in PLANNED_KEYS},
+        "structure": kind,
+        "budget": budget,
+        "fingerprint": dict(fp),
     }
 
 
@@ -257,40 +256,45 @@ def _steps(
     batch: int,
     channel: str,
 ) -> dict[str, Any] | None:
-    """Set ``train.steps``, ``train.epochs`` and ``train.patches_per_epoch``; return the probe."""
+    """Set ``train.patches_per_epoch`` and ``train.epochs`` (from explicit epochs, or from the
+    budget and the step time); return the budget record (None with explicit epochs)."""
+    ppe = int(setting("train.patches_per_epoch", lambda: (
+        STEPS_PER_EPOCH * batch, f"{STEPS_PER_EPOCH} steps of {batch} an epoch",
+    )))  # fmt: skip
+    per_epoch = math.ceil(ppe / batch)
     if "train.epochs" in explicit:
-        epochs = int(explicit["train.epochs"])
-        ppe = setting(
-            "train.patches_per_epoch", lambda: (STEPS_PER_EPOCH * batch, "32 steps an epoch")
-        )
-        steps = epochs * math.ceil(int(ppe) / batch)
-        setting("train.steps", lambda: (steps, f"explicit train.epochs {epochs}"))
-        setting("train.epochs", lambda: (epochs, ""))
+        setting("train.epochs", lambda: (0, ""))
         return None
     if budget_minutes is None:
-        raise MedsegError("params: set train.budget (minutes) or train.epochs; neither is set")
+        raise MedsegError(
+            "params: train.epochs is auto, which needs train.budget (minutes of training); "
+            "set one of them"
+        )
     if probe is None:
-        raise MedsegError("params: train.budget needs a step time: a probe or a fixed value")
+        raise MedsegError("params: train.budget needs a step time: a probe or train.step_seconds")
     seconds = float(probe(patch, batch, 3 if channel == "rgb" else 1) if callable(probe) else probe)
-    if not seconds > 0:
+    if not (math.isfinite(seconds) and seconds > 0):
         raise MedsegError(f"plan: the step time must be > 0 seconds, got {seconds}")
     usable = budget_minutes * 60.0 * TRAIN_SHARE
-    epochs = int(usable / seconds) // STEPS_PER_EPOCH
+    epochs = int(usable / seconds) // per_epoch
     if epochs < 1:
-        need = STEPS_PER_EPOCH * seconds / TRAIN_SHARE / 60.0
+        need = per_epoch * seconds / TRAIN_SHARE / 60.0
         raise MedsegError(
             f"params: train.budget {budget_minutes:g} minutes is too small for one epoch "
-            f"({STEPS_PER_EPOCH} steps at {seconds:.3g} s a step); give at least {need:.2g}"
+            f"({per_epoch} steps at {seconds:.3g} s a step on this machine); give at least "
+            f"{math.ceil(need * 10) / 10:g}, or set train.epochs"
         )
-    steps = epochs * STEPS_PER_EPOCH
-    setting("train.steps", lambda: (
-        steps, f"{budget_minutes:g} min x {TRAIN_SHARE:g} at {seconds:.3g} s a step",
-    ))  # fmt: skip
-    setting("train.epochs", lambda: (epochs, f"{STEPS_PER_EPOCH} steps an epoch"))
-    setting("train.patches_per_epoch", lambda: (
-        STEPS_PER_EPOCH * batch, f"{STEPS_PER_EPOCH} steps of {batch}",
-    ))  # fmt: skip
-    return {"step_seconds": as_number(seconds), "patch": patch, "batch": batch}
+    steps = epochs * per_epoch
+    setting("train.epochs", lambda: (epochs, (
+        f"{steps} steps: {budget_minutes:g} min x {TRAIN_SHARE:g} at {seconds:.3g} s a step"
+    )))  # fmt: skip
+    return {
+        "minutes": as_number(budget_minutes),
+        "step_seconds": as_number(seconds),
+        "steps": steps,
+        "patch": patch,
+        "batch": batch,
+    }
 
 
 def _window_rule(fp: Mapping[str, Any], scale: float, patch: int) -> tuple[int, str]:
@@ -307,7 +311,9 @@ def _threshold_rule(fp: Mapping[str, Any]) -> tuple[str, str]:
     return "auto", "the threshold with the best validation Dice"
 
 
-def _postprocess_rule(fp: Mapping[str, Any], kind: Mapping[str, Any]) -> tuple[list[dict], str]:
+def _postprocess_rule(
+    fp: Mapping[str, Any], kind: Mapping[str, Any]
+) -> tuple[list[dict[str, Any]], str]:
     if kind["kind"] == "thin":
         return [], "thin structures: a missed pixel splits a vessel; no post-processing"
     shapes = fp["shapes"]
@@ -368,7 +374,7 @@ def format_table(plan_dict: Mapping[str, Any]) -> str:
     ]
     for key, s in plan_dict["settings"].items():
         value = s["value"]
-        if key == "postprocess.candidates":
+        if key == "train.postprocess":
             value = ", ".join(_spec_text(c) for c in value) or "none"
         shown = "null" if value is None else str(value)
         lines.append(f"| {key} | {shown} | {s['source']} | {s['reason']} |")

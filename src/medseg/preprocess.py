@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,9 @@ from medseg.config import PreprocessConfig
 from medseg.errors import MedsegError
 from medseg.io.atomic import atomic_dir, write_json
 from medseg.io.images import binarize, read_labels, read_raster
+from medseg.io.records import read_json
 from medseg.io.shards import ShardWriter
-from medseg.names import CLASSES, CONVERT_RECORD
+from medseg.names import AUTO, CLASSES, CONVERT_RECORD
 from medseg.processed import (
     BINARY,
     RECORD,
@@ -108,7 +108,9 @@ def shuffled_groups(
     return group_of, np.random.default_rng(seed).permutation(keys).tolist()
 
 
-def preprocess_dataset(cfg: PreprocessConfig, converted: str | Path, out: str | Path) -> dict:
+def preprocess_dataset(
+    cfg: PreprocessConfig, converted: str | Path, out: str | Path, fov_fallback: str | None = None
+) -> dict:
     """Turn the converted PNGs + manifest into one case store per split (see `medseg.io.shards`:
     ``out/<split>.json`` + ``out/<split>-NNNNN.bin``), ``split.csv``, ``stats.json``,
     ``preprocess.json`` (``cfg``, for `load_record`), ``classes.json``, and the convert
@@ -121,8 +123,17 @@ def preprocess_dataset(cfg: PreprocessConfig, converted: str | Path, out: str | 
     (``fov_rows``, ``fg_rows``: the patch sampler draws centres from them without holding
     pixel lists), and ``mask2`` where the manifest names a second observer.
 
+    Where convert ran with ``fov_fallback: auto`` (it made an FOV by threshold where it could),
+    ``fov_fallback`` is the plan's decision: ``whole_image`` replaces those made FOVs by the
+    whole image, ``threshold`` keeps them; the ``convert.json`` passed on records the decision
+    (`medseg predict` makes a new image's FOV by it).
+
     Returns:
         The statistics written to ``stats.json``.
+
+    Raises:
+        MedsegError: a missing manifest, no training or test cases, a bad case, or a data set
+            converted with ``fov_fallback: auto`` and no ``fov_fallback`` decided.
     """
     converted = Path(converted)
     manifest_path = converted / "manifest.csv"
@@ -135,6 +146,8 @@ def preprocess_dataset(cfg: PreprocessConfig, converted: str | Path, out: str | 
     if not (manifest["split"] == "test").any():
         raise MedsegError(f"{manifest_path}: no test cases (split == 'test')")
     names = read_class_names(converted)
+    convert_record = _convert_record(converted, fov_fallback)
+    whole = convert_record is not None and convert_record["fov_fallback"] == "whole_image"
     val_ids = split_cases(train_ids, cfg.val_fraction, cfg.seed, source_groups(manifest))
     manifest["split"] = [
         "val" if cid in val_ids else split
@@ -144,13 +157,13 @@ def preprocess_dataset(cfg: PreprocessConfig, converted: str | Path, out: str | 
     with atomic_dir(out) as tmp:
         for split in SPLITS:
             rows = manifest[manifest["split"] == split]
-            stats[split] = _write_split(rows, converted, cfg, names, tmp, split)
+            stats[split] = _write_split(rows, converted, cfg, names, tmp, split, whole)
         manifest[["case_id", "split"]].to_csv(tmp / "split.csv", index=False)
         write_json(tmp / "stats.json", stats)
         save_record(cfg, tmp / RECORD)
         write_json(tmp / CLASSES, {"names": names})
-        if (converted / CONVERT_RECORD).is_file():  # passed on to the model, for predict
-            shutil.copyfile(converted / CONVERT_RECORD, tmp / CONVERT_RECORD)
+        if convert_record is not None:  # passed on to the model, for predict
+            write_json(tmp / CONVERT_RECORD, convert_record)
     log.info("preprocessed %d cases", len(manifest))
     return stats
 
@@ -162,18 +175,35 @@ def source_groups(manifest: pd.DataFrame) -> dict[str, str] | None:
     return dict(zip(manifest["case_id"], manifest["source"].astype(str), strict=True))
 
 
+def _convert_record(converted: Path, fov_fallback: str | None) -> dict[str, Any] | None:
+    """The convert stage's record, its ``fov_fallback: auto`` replaced by the plan's decision."""
+    path = converted / CONVERT_RECORD
+    if not path.is_file():
+        return None
+    record = dict(read_json(path, "convert record"))
+    if record.get("fov_fallback") == AUTO:
+        if fov_fallback not in ("threshold", "whole_image"):
+            raise MedsegError(
+                f"{converted}: converted with convert.fov_fallback: auto, which the plan "
+                f"decides; give the plan (--plan plans.json), got {fov_fallback!r}"
+            )
+        record["fov_fallback"] = fov_fallback
+    return record
+
+
 def _write_split(
     rows: pd.DataFrame, converted: Path, cfg: PreprocessConfig, names: list[str], out: Path,
-    split: str,
+    split: str, whole: bool = False,
 ) -> dict:  # fmt: skip
-    """Prepare and append each case of one split to its shards; return the split's stats."""
+    """Prepare and append each case of one split to its shards; return the split's stats.
+    ``whole``: FOVs convert made by threshold become the whole image."""
     writer = ShardWriter(out, split)
     n_labels = len(names)
     fg = np.zeros(n_labels, dtype=np.int64)
     inside = resized = pixels = 0
     try:
         for row in rows.itertuples(index=False):
-            arrays, meta = _prepare_case(row, converted, cfg, n_labels)
+            arrays, meta = _prepare_case(row, converted, cfg, n_labels, whole)
             writer.add(str(row.case_id), arrays, **meta)
             fg[1:] += arrays["fg_rows"].sum(axis=1)
             inside += int(arrays["fov_rows"].sum())
@@ -195,11 +225,13 @@ def _write_split(
 
 
 def _prepare_case(
-    row: Any, converted: Path, cfg: PreprocessConfig, n_labels: int
+    row: Any, converted: Path, cfg: PreprocessConfig, n_labels: int, whole: bool = False
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Read, check and prepare one manifest row; every check before anything is written."""
     image_path = converted / str(row.image)
     fov_full = binarize(read_raster(converted / str(row.fov)))
+    if whole and getattr(row, "fov_source", "") == "threshold":
+        fov_full = np.ones_like(fov_full)
     truth = read_labels(converted / str(row.mask), n_labels)
     image = read_raster(image_path)
     for what, arr, name in (("mask", truth, row.mask), ("FOV mask", fov_full, row.fov)):

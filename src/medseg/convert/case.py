@@ -20,6 +20,7 @@ from medseg.io.images import mask_to_bool, write_png
 from medseg.io.layouts import CaseFiles, Problem
 from medseg.io.reader import ReadOptions, read, source_format
 from medseg.io.seg import is_seg, read_seg_mask
+from medseg.names import AUTO
 
 MANIFEST_COLUMNS = [
     "case_id", "split", "image", "mask", "fov", "source", "source_format", "bit_depth",
@@ -111,23 +112,39 @@ def _convert(
         if not fovs.any(axis=(1, 2)).all():
             raise MedsegError(f"{case.fov}: the field-of-view mask is empty")
         fov_source = "given"
-    elif cfg.fov_fallback == "threshold":
-        fovs = np.stack([fov_from_image(im, cfg.fov_threshold, cfg.fov_erode) for im in images])
-        if not fovs.any(axis=(1, 2)).all():
-            raise MedsegError(
-                f"{case.image}: no field of view found above convert.fov_threshold "
-                f"({cfg.fov_threshold}); lower it, give FOV masks, or set "
-                "convert.fov_fallback: whole_image"
-            )
-        check_fov_keeps_labels(case.image, masks, fovs)
-        fov_source = "threshold"
     else:
-        fovs = np.ones(images.shape[:3], dtype=bool)
-        fov_source = "whole_image"
+        fovs, fov_source = _made_fov(case.image, images, masks, cfg)
     modality, spacing = "", None
     if source_format(case.image) == "dicom":
         modality, spacing = header_facts(case.image)
     return _Checked(base, source, images, masks, fovs, masks2, fov_source, modality, spacing)
+
+
+def _made_fov(
+    image: Path, images: np.ndarray, masks: np.ndarray, cfg: ConvertConfig
+) -> tuple[np.ndarray, str]:
+    """The FOV of a case that ships none, and its source: ``threshold`` or ``whole_image``.
+
+    ``auto`` thresholds where that finds an FOV that keeps the labels and otherwise takes the
+    whole image without complaint: the plan decides later whether a made FOV is used
+    (`medseg.preprocess.preprocess_dataset`). ``threshold`` refuses a case where it fails.
+    """
+    if cfg.fov_fallback == "whole_image":
+        return np.ones(images.shape[:3], dtype=bool), "whole_image"
+    fovs = np.stack([fov_from_image(im, cfg.fov_threshold, cfg.fov_erode) for im in images])
+    try:
+        if not fovs.any(axis=(1, 2)).all():
+            raise MedsegError(
+                f"{image}: no field of view found above convert.fov_threshold "
+                f"({cfg.fov_threshold}); lower it, give FOV masks, or set "
+                "convert.fov_fallback: whole_image"
+            )
+        check_fov_keeps_labels(image, masks, fovs)
+    except MedsegError:
+        if cfg.fov_fallback != AUTO:
+            raise
+        return np.ones(images.shape[:3], dtype=bool), "whole_image"
+    return fovs, "threshold"
 
 
 def _write_case(

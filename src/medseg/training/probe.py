@@ -13,8 +13,8 @@ def probe_step_seconds(
     cfg: Any,
     in_channels: int,
     *,
-    steps: int = 3,
-    warmup: int = 2,
+    steps: int = 5,
+    warmup: int = 3,
     device: str | None = None,
 ) -> float:
     """Seconds per training step on this machine, measured as train runs one.
