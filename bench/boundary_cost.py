@@ -123,12 +123,15 @@ def main() -> None:
     parser.add_argument("--drive", type=Path, default=REPO.parent / "shared/datasets/DRIVE")
     parser.add_argument("--ct", type=Path, default=REPO.parent / "shared/datasets/CHAOS_CT3")
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument(
+        "--plan", type=Path, default=REPO / "plans.json", help="the plan of its auto params"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads for inference")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
-    train = load_params(args.params, TrainConfig)
-    cfg = load_params(args.params, EvaluateConfig)
+    train = load_params(args.params, TrainConfig, args.plan)
+    cfg = load_params(args.params, EvaluateConfig, args.plan)
     cfg = EvaluateConfig(**{**cfg.__dict__, "device": "cpu", "threshold": 0.5})
     spec = ModelSpec.from_config(train, in_channels=1)
     torch.manual_seed(0)

@@ -40,6 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default=REPO / "params.yaml", type=Path)
+    parser.add_argument(
+        "--plan", type=Path, default=REPO / "plans.json", help="the plan of its auto params"
+    )
     parser.add_argument("--drive", default=REPO.parent / "shared" / "datasets" / "DRIVE", type=Path)
     parser.add_argument("--images", type=int, default=20, help="how many images")
     parser.add_argument("--rounds", type=int, default=3)
@@ -63,10 +66,10 @@ def drive_images(root: Path, pre: PreprocessConfig, n: int) -> list[tuple[np.nda
     return cases
 
 
-def make_models(params: Path, work: Path, threads: int) -> tuple[Bundle, Bundle]:
+def make_models(params: Path, plan: Path, work: Path, threads: int) -> tuple[Bundle, Bundle]:
     """An untrained bundle of the params' network, and its export with ``threads`` threads."""
-    pre = load_params(params, PreprocessConfig)
-    spec = ModelSpec.from_config(load_params(params, TrainConfig), in_channels(pre.channel))
+    pre = load_params(params, PreprocessConfig, plan)
+    spec = ModelSpec.from_config(load_params(params, TrainConfig, plan), in_channels(pre.channel))
     torch.manual_seed(0)
     state = build_model(spec).state_dict()
     save_record(pre, work / RECORD)
@@ -82,10 +85,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     options = dataclasses.replace(
-        load_params(args.params, EvaluateConfig), device="cpu", tta=args.tta
+        load_params(args.params, EvaluateConfig, args.plan), device="cpu", tta=args.tta
     )
     with tempfile.TemporaryDirectory() as tmp:
-        built = make_models(args.params, Path(tmp), args.threads)
+        built = make_models(args.params, args.plan, Path(tmp), args.threads)
         models = dict(zip(("torch", "onnxruntime"), built, strict=True))
         pre = models["torch"].preprocess
         cases = drive_images(args.drive, pre, args.images)

@@ -103,10 +103,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--params", type=Path, default=REPO / ".gpu" / "params.yaml")
+    parser.add_argument(
+        "--plan", type=Path, default=REPO / "plans.json", help="the plan of its auto params"
+    )
     parser.add_argument("--data", type=Path, help="processed data (default: .gpu's, unpacked)")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    cfg = load_params(args.params, TrainConfig)
+    cfg = load_params(args.params, TrainConfig, args.plan)
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
         if data is None:

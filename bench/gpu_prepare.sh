@@ -38,10 +38,14 @@ import sys, yaml
 drive, out, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
 p = yaml.safe_load(open("params.yaml"))
 p["data"]["root"] = drive
-p["preprocess"]["contrast"] = "clahe"  # as bench/drive_recipe.py RECIPE
+# every key the plan would choose, given (the GPU run needs no plans.json): DRIVE's hand recipe
+p["convert"]["fov_fallback"] = "threshold"
+p["preprocess"].update(channel="green", contrast="clahe", max_side=None)  # as drive_recipe.py
+p["evaluate"].update(window=1024, threshold=0.5)
 p["evaluate"]["tta"] = True
 p["train"].update(
     device="cuda", amp=True, cache="auto", batch_size=64, patch_size=128,
+    foreground_fraction=0.5, loss="bce_dice", postprocess=[],
     patches_per_epoch=8192, epochs=40, val_every=5, lr=2.0e-3, warmup_epochs=1.0, workers=0,
 )
 for item in overrides:

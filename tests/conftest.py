@@ -42,10 +42,21 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
-def tiny_params(**changes: dict[str, Any]) -> dict[str, Any]:
-    """The repository's params.yaml with `TINY_OVERRIDES` and then ``changes`` applied."""
+# The values the planned keys had before the plan chose them: the tests of anything but the plan
+# pin them, so that their params load without a plans.json (`tiny_params`).
+PINNED: dict[str, dict[str, Any]] = {
+    "convert": {"fov_fallback": "threshold"},
+    "preprocess": {"channel": "green", "contrast": "none", "max_side": None},
+    "train": {"foreground_fraction": 0.5, "loss": "bce_dice", "postprocess": []},
+    "evaluate": {"threshold": 0.5},
+}
+
+
+def tiny_params(auto: bool = False, **changes: dict[str, Any]) -> dict[str, Any]:
+    """The repository's params.yaml with `PINNED` (unless ``auto``: the plan chooses what
+    `TINY_OVERRIDES` leaves ``auto``), `TINY_OVERRIDES` and then ``changes`` applied."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for overrides in (TINY_OVERRIDES, changes):
+    for overrides in ({} if auto else PINNED, TINY_OVERRIDES, changes):
         for section, values in overrides.items():
             params[section].update(copy.deepcopy(values))
     return params
@@ -200,7 +211,7 @@ def make_project(dest: Path, params: dict[str, Any] | None = None) -> Path:
     ``.dvc/config`` (so its default remote, a folder next to the
     project, is the one users get), ``.dvc/.gitignore`` (which keeps ``config.local`` with its
     credentials out of git), the custom plot templates in ``.dvc/plots``
-    and ``params`` (default: `tiny_params`).
+    and ``params`` (default: `tiny_params`, what it leaves ``auto`` chosen by the plan stage).
     """
     dest.mkdir(parents=True)
     for name in ("dvc.yaml", ".dvcignore", ".gitignore", *_other_dvc_files()):
@@ -208,7 +219,7 @@ def make_project(dest: Path, params: dict[str, Any] | None = None) -> Path:
         shutil.copy(REPO / name, dest / name)
     for name in ("stages", "src"):
         shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-    write_params(dest / "params.yaml", params or tiny_params())
+    write_params(dest / "params.yaml", params or tiny_params(auto=True))
     run(dest, "git", "init", "-q", "-b", "main")
     run(dest, "dvc", "init", "-q")
     for name in ("config", ".gitignore"):  # the committed ones, not `dvc init`'s

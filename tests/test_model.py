@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_params, write_params
 
 from medseg.errors import MedsegError
 from medseg.model import (
@@ -44,7 +45,9 @@ def test_device_resolution():
             resolve_device("cuda")
 
 
-def test_auto_finds_apple_mps_when_it_is_available(monkeypatch: pytest.MonkeyPatch):
+def test_auto_finds_apple_mps_when_it_is_available(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
     """Availability faked: MPS is untested on real hardware (docs/gpu.md)."""
     from medseg.config import TrainConfig, load_params
     from medseg.distributed import World
@@ -54,7 +57,7 @@ def test_auto_finds_apple_mps_when_it_is_available(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert resolve_device("auto") == torch.device("mps")
     assert resolve_device("mps") == torch.device("mps")
-    cfg = load_params(Path(__file__).parents[1] / "params.yaml", TrainConfig)
+    cfg = load_params(write_params(tmp_path / "p.yaml", tiny_params()), TrainConfig)
     assert train_device(replace(cfg, device="mps"), World()) == torch.device("mps")
     assert train_device(replace(cfg, device="auto"), World()) == torch.device("mps")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
