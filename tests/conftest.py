@@ -48,7 +48,7 @@ PINNED: dict[str, dict[str, Any]] = {
     "convert": {"fov_fallback": "threshold"},
     "preprocess": {"channel": "green", "contrast": "none", "max_side": None},
     "train": {"foreground_fraction": 0.5, "loss": "bce_dice", "postprocess": []},
-    "evaluate": {"threshold": 0.5},
+    "evaluate": {"threshold": 0.5, "tta": False},
 }
 
 

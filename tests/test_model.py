@@ -45,9 +45,7 @@ def test_device_resolution():
             resolve_device("cuda")
 
 
-def test_auto_finds_apple_mps_when_it_is_available(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-):
+def test_auto_finds_apple_mps_when_it_is_available(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """Availability faked: MPS is untested on real hardware (docs/gpu.md)."""
     from medseg.config import TrainConfig, load_params
     from medseg.distributed import World

@@ -225,11 +225,13 @@ def test_steps_from_budget_and_step_time(vessel_set: Path) -> None:
     fp = fingerprint(vessel_set)
     result = plan(fp, {}, 0.5, 10.0)
     v = values(result)
-    assert result["budget"]["steps"] == (int(600 * 0.85 / 0.5) // 32) * 32  # 1020 -> 992
-    assert v["train.epochs"] * 32 == result["budget"]["steps"]
-    assert v["train.patches_per_epoch"] == 32 * v["train.batch_size"]
-    # twice the step time, half the steps (to the epoch)
-    assert plan(fp, {}, 1.0, 10.0)["budget"]["steps"] == (int(600 * 0.85) // 32) * 32
+    # 1020 steps fit: 20 validations, epochs of 51 steps
+    assert result["budget"]["steps"] == int(600 * 0.85 / 0.5) == 20 * 51
+    assert (v["train.epochs"], v["train.patches_per_epoch"]) == (20, 51 * v["train.batch_size"])
+    # twice the step time, half the steps: 510, in epochs of at least 32 steps (15 of them)
+    slow = plan(fp, {}, 1.0, 10.0)
+    assert slow["budget"]["steps"] == (int(600 * 0.85) // 32) * 32 == 15 * 32
+    assert values(slow)["train.epochs"] == 15
     # an explicit epoch size sets the steps per epoch: 992 steps of ceil(100 / batch)
     per_epoch = math.ceil(100 / v["train.batch_size"])
     odd = values(plan(fp, {"train.patches_per_epoch": 100}, 0.5, 10.0))
@@ -366,6 +368,10 @@ def test_auto_keys_need_the_plan_and_take_its_values(tmp_path: Path) -> None:
         load_params(path, TrainConfig, bad)
 
 
+def train_batch(plan_dict: dict) -> int:
+    return int(plan_dict["params"]["train"]["batch_size"])
+
+
 def _run_plan_stage(params: Path, converted: Path, out: Path) -> None:
     import importlib.util
 
@@ -391,7 +397,8 @@ def test_stage_writes_the_plan_the_stages_read(vessel_set: Path, tmp_path: Path)
     assert settings["train.patch_size"]["source"] == "explicit"
     assert settings["preprocess.contrast"]["source"] == "explicit"
     assert settings["preprocess.channel"]["source"] == "plan"
-    assert written["budget"]["steps"] == written["params"]["train"]["epochs"] * 32
+    per_epoch = written["params"]["train"]["patches_per_epoch"] // train_batch(written)
+    assert written["budget"]["steps"] == written["params"]["train"]["epochs"] * per_epoch
     train = load_params(path, TrainConfig, out)
     assert (train.patch_size, train.epochs) == (64, written["params"]["train"]["epochs"])
     assert train.batch_size == settings["train.batch_size"]["value"]

@@ -477,6 +477,7 @@ _STAND_INS: dict[str, Any] = {
     "train.patches_per_epoch": 1,
     "train.postprocess": [],
     "evaluate.window": 1024,
+    "evaluate.tta": False,
 }
 
 

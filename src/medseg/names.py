@@ -66,7 +66,7 @@ PLANNED = {
         "patch_size", "batch_size", "foreground_fraction", "loss", "epochs",
         "patches_per_epoch", "postprocess",
     ),
-    "evaluate": ("window",),
+    "evaluate": ("window", "tta"),
 }  # fmt: skip
 PLAN_FILE = "plans.json"
 

@@ -38,7 +38,9 @@ BATCH_PIXELS = 16 * 96 * 96  # pixels per batch: the default 16 x 96^2, tuned on
 BATCH_MIN, BATCH_MAX = 4, 32
 COLOUR_GAIN = 1.15  # rgb when colour separates fg/bg this much better than the best grey channel
 DARK_SURROUND = 0.5  # share of the border that is dark: a photograph's black surround
-STEPS_PER_EPOCH = 32  # planned steps per epoch (validation granularity)
+STEPS_PER_EPOCH = 32  # planned steps per epoch at least (an epoch ends in a validation)
+VALIDATIONS = 20  # a budgeted run validates about this often: longer runs get longer epochs
+TTA_MAX_CASES = 2000  # flip TTA (4x inference) up to this many training cases
 TRAIN_SHARE = 0.85  # share of the budget for steps; the rest: validation, start-up, cutting
 WINDOW_MAX = 1024
 FILL_HOLES_MAX = 0.001  # fill-holes is a candidate when holes hold at most this share of fg
@@ -115,6 +117,7 @@ def plan(
     )
     setting("train.postprocess", lambda: _postprocess_rule(fp, kind))
     setting("evaluate.window", lambda: _window_rule(fp, scale, int(patch)))
+    setting("evaluate.tta", lambda: _tta_rule(fp))
     setting("evaluate.threshold", lambda: _threshold_rule(fp))
     params: dict[str, dict[str, Any]] = {}
     for key in PLANNED_KEYS:
@@ -258,11 +261,10 @@ def _steps(
 ) -> dict[str, Any] | None:
     """Set ``train.patches_per_epoch`` and ``train.epochs`` (from explicit epochs, or from the
     budget and the step time); return the budget record (None with explicit epochs)."""
-    ppe = int(setting("train.patches_per_epoch", lambda: (
-        STEPS_PER_EPOCH * batch, f"{STEPS_PER_EPOCH} steps of {batch} an epoch",
-    )))  # fmt: skip
-    per_epoch = math.ceil(ppe / batch)
     if "train.epochs" in explicit:
+        setting("train.patches_per_epoch", lambda: (
+            STEPS_PER_EPOCH * batch, f"{STEPS_PER_EPOCH} steps of {batch} an epoch",
+        ))  # fmt: skip
         setting("train.epochs", lambda: (0, ""))
         return None
     if budget_minutes is None:
@@ -276,7 +278,15 @@ def _steps(
     if not (math.isfinite(seconds) and seconds > 0):
         raise MedsegError(f"plan: the step time must be > 0 seconds, got {seconds}")
     usable = budget_minutes * 60.0 * TRAIN_SHARE
-    epochs = int(usable / seconds) // per_epoch
+    total = int(usable / seconds)
+    per_epoch = max(STEPS_PER_EPOCH, total // VALIDATIONS)
+    ppe = int(setting("train.patches_per_epoch", lambda: (
+        per_epoch * batch,
+        f"{per_epoch} steps of {batch} an epoch: about {VALIDATIONS} validations a run, "
+        f"each epoch at least {STEPS_PER_EPOCH} steps",
+    )))  # fmt: skip
+    per_epoch = math.ceil(ppe / batch)
+    epochs = total // per_epoch
     if epochs < 1:
         need = per_epoch * seconds / TRAIN_SHARE / 60.0
         raise MedsegError(
@@ -303,6 +313,13 @@ def _window_rule(fp: Mapping[str, Any], scale: float, patch: int) -> tuple[int, 
     if window >= side:
         return window, f"one window covers the largest case ({side:.0f} px at the model's scale)"
     return window, f"cases up to {side:.0f} px: windows of {WINDOW_MAX} (memory)"
+
+
+def _tta_rule(fp: Mapping[str, Any]) -> tuple[bool, str]:
+    cases = int(fp["cases"])
+    if cases > TTA_MAX_CASES:
+        return False, f"{cases} training cases: a large set, inference without the 4x of TTA"
+    return True, "flip TTA (nnU-Net's mirroring): 4x inference time, steadier edges"
 
 
 def _threshold_rule(fp: Mapping[str, Any]) -> tuple[str, str]:

@@ -16,6 +16,8 @@ from typing import Any
 
 from medseg.cases import OVERLAYS, Case, per_image_tables, read_table, worst_cases
 from medseg.errors import MedsegError
+from medseg.io.records import read_json
+from medseg.names import PLAN_FILE
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class Report:
         errors: files that could not be read, ``(revision, path, message)``.
         cases: per ``per_image.csv`` of ``dvc.yaml``, its worst cases in the workspace with
             their base scores (`medseg.cases.worst_cases`).
+        plan: the workspace's ``plans.json`` settings (`medseg.plan`), ``(key, value, source,
+            reason)`` each; empty where there is none.
     """
 
     base: str
@@ -53,6 +57,7 @@ class Report:
     missing: list[str]
     errors: list[tuple[str, str, str]]
     cases: dict[str, list[Case]] = field(default_factory=dict)
+    plan: list[tuple[str, Any, str, str]] = field(default_factory=list)
 
 
 def compare(repo_dir: str | Path = ".", base: str = "main", all_rows: bool = False) -> Report:
@@ -89,12 +94,15 @@ def compare(repo_dir: str | Path = ".", base: str = "main", all_rows: bool = Fal
         metrics = repo.metrics.diff(a_rev=base_sha, b_rev="workspace", all=all_rows)
         stale, missing = _stale_and_missing(repo.status())
         cases = _worst_cases(repo, base_sha)
+        plan, plan_error = _plan_rows(Path(repo.root_dir) / PLAN_FILE)
     errors = [
         (_side(rev, base), path, str(err))
         for result in (params, metrics)
         for rev, by_path in result.get("errors", {}).items()
         for path, err in (by_path.items() if isinstance(by_path, dict) else [("", by_path)])
     ]
+    if plan_error:
+        errors.append(("workspace", PLAN_FILE, plan_error))
     return Report(
         base=base,
         base_sha=base_sha,
@@ -104,7 +112,22 @@ def compare(repo_dir: str | Path = ".", base: str = "main", all_rows: bool = Fal
         missing=missing,
         errors=errors,
         cases=cases,
+        plan=plan,
     )
+
+
+def _plan_rows(path: Path) -> tuple[list[tuple[str, Any, str, str]], str]:
+    """The settings of a plan file, and a message where it cannot be read (none: no file)."""
+    if not path.is_file():
+        return [], ""
+    try:
+        settings = read_json(path, "plan")["settings"]
+        rows = [
+            (str(k), s["value"], str(s["source"]), str(s["reason"])) for k, s in settings.items()
+        ]
+    except (MedsegError, KeyError, TypeError, AttributeError) as err:
+        return [], f"not a plan ({err})"
+    return rows, ""
 
 
 def _worst_cases(repo: Any, base_sha: str) -> dict[str, list[Case]]:
@@ -200,6 +223,14 @@ def to_markdown(report: Report) -> str:
             "",
             f"> Note: outputs absent from the workspace (not pulled or not run): "
             f"{_names(report.missing)}. Metrics come from the committed files.",
+        ]
+    if report.plan:
+        lines += ["", "### Plan (plans.json, workspace)", ""]
+        lines += ["| setting | value | from | reason |", "| --- | --- | --- | --- |"]
+        lines += [
+            f"| {md_text(key)} | {_param(value)} | {md_text(source)} | "
+            f"{md_code(reason, limit=160)} |"
+            for key, value, source, reason in report.plan
         ]
     for name, cases in report.cases.items():
         lines += ["", f"### Worst cases: {md_text(name, table=False)}", ""]
