@@ -117,9 +117,11 @@ def make_bundle(
     names: list[str] | None = None,
     seed: int = 0,
     threshold: float | None = None,
+    postprocess: dict[int, list[dict[str, object]]] | None = None,
 ) -> Path:
-    """A model bundle with random weights, as the train stage writes one (``threshold``: the
-    validation threshold kept in the weights' metadata); returns ``folder``."""
+    """A model bundle with random weights, as the train stage writes one (``threshold``,
+    ``postprocess``: the validation threshold and post-processing kept in the weights'
+    metadata); returns ``folder``."""
     import torch
 
     from medseg.bundle import save_bundle
@@ -136,7 +138,7 @@ def make_bundle(
     if names is not None:
         (records / CLASSES).write_text(json.dumps({"names": names}))
     folder.mkdir(parents=True, exist_ok=True)
-    save_bundle(folder, state, state, spec, records, threshold)
+    save_bundle(folder, state, state, spec, records, threshold, postprocess)
     return folder
 
 

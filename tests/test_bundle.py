@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_bundle
 
-from medseg.bundle import load_bundle
+from medseg.bundle import POSTPROCESS, THRESHOLD, load_bundle, read_weights
 from medseg.errors import MedsegError
 from medseg.model import ModelSpec, build_model
 
@@ -120,3 +120,54 @@ def test_records_loaded_with_a_bundle_are_checked_naming_the_file(
     (folder / name).write_text(text)
     with pytest.raises(MedsegError, match=message):
         load_bundle(folder, "cpu")
+
+
+def test_post_processing_travels_in_the_best_weights_metadata(tmp_path: Path):
+    steps = {1: [{"op": "keep_largest"}, {"op": "drop_small", "min_size": 9}]}
+    folder = make_bundle(tmp_path / "m", SPEC, threshold=0.4, postprocess=steps)
+    bundle = load_bundle(folder, "cpu")
+    assert bundle.postprocess == steps and bundle.threshold == 0.4
+    assert load_bundle(folder / "last.safetensors", "cpu").postprocess == {}  # the best epoch's
+    assert load_bundle(make_bundle(tmp_path / "n", SPEC), "cpu").postprocess == {}
+    spec = ModelSpec("unet", "resnet18", [16, 8, 8, 8, 8], in_channels=1, classes=3)
+    per_class = {2: [{"op": "fill_holes"}], 1: []}  # a class where nothing helped: not recorded
+    names = ["background", "disc", "cup"]
+    three = make_bundle(tmp_path / "3", spec, names=names, postprocess=per_class)
+    assert load_bundle(three, "cpu").postprocess == {2: [{"op": "fill_holes"}]}
+
+
+def _rewrite_metadata(made: Path, tmp_path: Path, meta: dict[str, str] | None) -> Path:
+    """A copy of the bundle whose best weights hold ``meta`` as their metadata."""
+    from safetensors.torch import save_file
+
+    folder = _copy(made, tmp_path)
+    weights = folder / "model.safetensors"
+    tensors = read_weights(weights)
+    weights.unlink()
+    save_file(tensors, str(weights), metadata=meta)
+    return weights
+
+
+def test_a_bundle_older_than_post_processing_has_none(made: Path, tmp_path: Path):
+    weights = _rewrite_metadata(made, tmp_path, {THRESHOLD: "0.3"})
+    bundle = load_bundle(weights, "cpu")
+    assert bundle.postprocess == {} and bundle.threshold == 0.3
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("keep_largest", r"medseg\.postprocess in its metadata is not JSON"),
+        ("[]", "must be an object of class labels -> lists of operations, got list"),
+        ('{"2": [{"op": "keep_largest"}]}', r"for class '2'; the model's classes are 1$"),
+        ('{"1": [{"op": "erode"}]}', r"unknown post-processing 'erode'; known: keep_largest"),
+        ('{"1": [{"op": "drop_small"}]}', r"drop_small needs min_size, an integer >= 1"),
+    ],
+)
+def test_malformed_post_processing_metadata_is_refused_naming_the_file(
+    made: Path, tmp_path: Path, text: str, message: str
+):
+    weights = _rewrite_metadata(made, tmp_path, {POSTPROCESS: text})
+    with pytest.raises(MedsegError, match=message) as info:
+        load_bundle(weights.parent, "cpu")
+    assert str(info.value).startswith(f"{weights}: {POSTPROCESS} in its metadata")

@@ -234,3 +234,21 @@ def test_other_commands_still_refuse_unknown_arguments(capsys):
         main(["check-params", "params.yaml", "--bogus"])
     assert stop.value.code == 2
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_each_fold_post_processes_as_evaluate_does_and_the_ensemble_only_when_they_agree(
+    tmp_path: Path,
+):
+    data = _processed(tmp_path / "processed")
+    spec = ModelSpec("unet", "resnet18", [16, 8, 8, 8, 8], in_channels=1, classes=1)
+    largest = {1: [{"op": "keep_largest"}]}
+    plain = [make_bundle(tmp_path / f"plain/fold{k}", spec, seed=k) for k in range(2)]
+    mixed = [
+        make_bundle(tmp_path / f"mixed/fold{k}", spec, seed=k, postprocess=steps)
+        for k, steps in enumerate((largest, None))
+    ]
+    raw = ensemble_folds(CFG, data, plain, tmp_path / "raw")
+    metrics = ensemble_folds(CFG, data, mixed, tmp_path / "mixed-out")
+    assert metrics["fold0"] == evaluate_model(CFG, data, mixed[0], tmp_path / "evaluate")
+    assert metrics["fold0"] != raw["fold0"]  # keep_largest changed fold 0's masks
+    assert metrics["fold1"] == raw["fold1"] and metrics["ensemble"] == raw["ensemble"]

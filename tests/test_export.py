@@ -36,9 +36,13 @@ def _cli(*args: str | Path) -> int:
     return int(exit_info.value.code or 0)
 
 
+THREE_STEPS = {2: [{"op": "drop_small", "min_size": 3}]}  # the post-processing of the 3 classes
+
+
 def _bundle(folder: Path, classes: int, seed: int = 1) -> Path:
     """A random-weight bundle: binary green-channel with a validation threshold of 0.37, or
-    ``classes`` classes from RGB, with a convert record that sets a DICOM window."""
+    ``classes`` classes from RGB with post-processing (`THREE_STEPS`), with a convert record
+    that sets a DICOM window."""
     channels = 1 if classes == 1 else 3
     spec = ModelSpec("unet", "resnet18", [16, 8, 8, 8, 8], channels, classes)
     names = None if classes == 1 else ["background", *(f"c{k}" for k in range(1, classes))]
@@ -49,6 +53,7 @@ def _bundle(folder: Path, classes: int, seed: int = 1) -> Path:
         names,
         seed,
         0.37 if classes == 1 else None,
+        None if classes == 1 else THREE_STEPS,
     )
     convert = ConvertConfig(window_center=40.0, window_width=400.0)
     (folder / CONVERT_RECORD).write_text(json.dumps(dataclasses.asdict(convert)))
@@ -86,9 +91,10 @@ def test_export_carries_the_records_and_matches_torch_on_a_drive_image(exported)
     assert set(METADATA) <= set(meta)
     assert json.loads(meta["medseg.spec"]) == json.loads((folder / "model.json").read_text())
     assert json.loads(meta["medseg.convert"])["window_width"] == 400.0
-    for record in ("spec", "preprocess", "classes", "convert", "threshold"):
+    for record in ("spec", "preprocess", "classes", "convert", "threshold", "postprocess"):
         assert getattr(deployed, record) == getattr(bundle, record)
     assert bundle.threshold == (0.37 if bundle.spec.classes == 1 else None)
+    assert bundle.postprocess == ({} if bundle.spec.classes == 1 else THREE_STEPS)
     assert deployed.model.divisor == 32 and deployed.device == "cpu"
     image = np.random.default_rng(7).normal(size=(bundle.spec.in_channels, *DRIVE_SIZE))
     x = pad_to_multiple(image.astype(np.float32), 32)[None]
@@ -181,6 +187,23 @@ def test_predict_with_onnx_runs_without_torch(binary, tmp_path: Path):
     assert proc.returncode != 0 and b"is blocked" in proc.stderr
 
 
+def _with_metadata(path: Path, out: Path, key: str, value: str | None) -> Path:
+    """A copy of the export ``path`` whose metadata ``key`` is ``value`` (None: without it)."""
+    proto = onnx.load(str(path))
+    kept = [p for p in proto.metadata_props if p.key != key]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    if value is not None:
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, out)
+    return out
+
+
+def test_an_export_older_than_post_processing_has_none(three, tmp_path: Path):
+    old = _with_metadata(three[1], tmp_path / "old.onnx", "medseg.postprocess", None)
+    assert load_bundle(old, "cpu").postprocess == {} and three[3].postprocess == THREE_STEPS
+
+
 def test_a_corrupt_or_foreign_onnx_file_is_one_line_naming_it(binary, tmp_path, capsys):
     path = binary[1]
     png = tmp_path / "in.png"
@@ -196,14 +219,13 @@ def test_a_corrupt_or_foreign_onnx_file_is_one_line_naming_it(binary, tmp_path, 
     onnx.save(
         onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), foreign
     )
-    proto = onnx.load(str(path))
-    for prop in proto.metadata_props:
-        if prop.key == "medseg.threshold":
-            prop.value = "1.5"
-    bad_threshold = tmp_path / "threshold.onnx"
-    onnx.save(proto, bad_threshold)
+    bad_threshold = _with_metadata(path, tmp_path / "threshold.onnx", "medseg.threshold", "1.5")
+    bad_steps = _with_metadata(
+        path, tmp_path / "steps.onnx", "medseg.postprocess", '{"1": [{"op": "erode"}]}'
+    )
     for bad, message in (
         (bad_threshold, "medseg.threshold in its metadata is 1.5"),
+        (bad_steps, "medseg.postprocess in its metadata: unknown post-processing 'erode'"),
         (truncated, "not a readable ONNX model"),
         (foreign, "not one exported by this medseg"),
         (tmp_path / "absent.onnx", "is missing"),

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from medseg.inference import LabelSpace, Predictor, TorchRunner, WindowSettings, window_starts
+from medseg.postprocess import keep_largest
 
 
 class PixelModel(torch.nn.Module):
@@ -240,3 +241,54 @@ def test_threshold_auto_is_resolved_once_from_the_bundles(tmp_path):
     assert c.labels == LabelSpace.of(3, names)
     with pytest.raises(MedsegError, match="same outputs and classes"):
         Predictor.from_bundles([a, c], WindowSettings(window=64), 0.5)
+
+
+def test_predictor_post_processes_labels_and_leaves_probabilities_alone():
+    image = np.zeros((1, 30, 40), np.float32)
+    image[0, 5:20, 5:20] = 1.0  # the organ
+    image[0, 24:27, 30:33] = 1.0  # a separate speck
+    fov = np.ones((30, 40), bool)
+    out_fov = np.ones((60, 80), bool)  # the truth's resolution: the steps apply there
+    out_fov[:, 76:] = False
+    runner, space = TorchRunner(PixelModel().eval()), LabelSpace.of(1)
+    raw = Predictor([runner], space, 0.5, WindowSettings(window=64))
+    kept = Predictor([runner], space, 0.5, WindowSettings(window=64), {1: [{"op": "keep_largest"}]})
+    labels, probs = raw.predict(image, fov, out_fov)
+    largest, same = kept.predict(image, fov, out_fov)
+    assert np.array_equal(probs, same)  # probabilities (AUC, curves) stay as they were
+    assert labels[50, 63] == 1 and largest[50, 63] == 0  # the speck, at the output's size
+    assert np.array_equal(largest, keep_largest(labels == 1).astype(np.uint8))
+    assert (labels[:, 76:] == 0).all() and (largest[:, 76:] == 0).all()
+    filled = Predictor([runner], space, 0.5, postprocess={1: [{"op": "fill_holes"}]})
+    ring = np.ones((1, 8, 8), np.float32)
+    ring[0, 3:5, 3:5] = 0.0
+    inside = np.ones((8, 8), bool)
+    inside[3, 3] = False  # a hole the FOV leaves out stays background once filled
+    filled_labels = filled.segment(filled.mean(filled.member_probabilities(ring, inside)), inside)
+    assert filled_labels.sum() == 63 and filled_labels[3, 3] == 0
+
+
+def test_an_ensemble_post_processes_only_when_its_models_agree(tmp_path, caplog):
+    from conftest import make_bundle
+
+    from medseg.bundle import load_bundle
+    from medseg.model import ModelSpec
+
+    spec = ModelSpec("unet", "resnet18", [16, 8, 8, 8, 8], 1, 1)
+    largest = {1: [{"op": "keep_largest"}]}
+    a = load_bundle(make_bundle(tmp_path / "a", spec, postprocess=largest), "cpu")
+    b = load_bundle(make_bundle(tmp_path / "b", spec, seed=1, postprocess=largest), "cpu")
+    c = load_bundle(
+        make_bundle(tmp_path / "c", spec, postprocess={1: [{"op": "fill_holes"}]}), "cpu"
+    )
+    none = load_bundle(make_bundle(tmp_path / "n", spec), "cpu")
+    settings = WindowSettings(window=64)
+    caplog.clear()
+    assert Predictor.from_bundles([a], settings, 0.5).postprocess == largest
+    assert Predictor.from_bundles([a, b], settings, 0.5).postprocess == largest
+    assert Predictor.from_bundles([none, none], settings, 0.5).postprocess == {}
+    assert "post-processing" not in caplog.text
+    for mixed in ([a, c], [a, none]):
+        caplog.clear()
+        assert Predictor.from_bundles(mixed, settings, 0.5).postprocess == {}
+        assert "chose different post-processing" in caplog.text and "applies none" in caplog.text

@@ -14,6 +14,8 @@ from medseg.postprocess import (
     drop_small,
     fill_holes,
     keep_largest,
+    parse_steps,
+    steps_record,
 )
 
 
@@ -129,3 +131,22 @@ def test_choose_decides_per_class() -> None:
     pred[0, 29] = 1  # a speck of class 1
     choice = choose([(pred, truth, None)], [{"op": "keep_largest"}])
     assert choice.steps == {1: [{"op": "keep_largest"}], 2: []}
+
+
+def test_steps_record_round_trips_and_is_checked() -> None:
+    steps = {2: [{"op": "fill_holes"}], 1: [{"op": "drop_small", "min_size": 9}], 3: []}
+    record = steps_record(steps)
+    assert record == {"1": [{"op": "drop_small", "min_size": 9}], "2": [{"op": "fill_holes"}]}
+    assert parse_steps(record, [1, 2, 3], "m") == {k: v for k, v in steps.items() if v}
+    assert parse_steps({}, [1], "m") == {} and parse_steps({"1": []}, [1], "m") == {}
+    for raw, message in (
+        ([], "must be an object of class labels"),
+        ({"4": []}, r"m: post-processing for class '4'; the model's classes are 1, 2, 3"),
+        ({"-1": []}, r"class '-1'"),
+        ({"1": {"op": "fill_holes"}}, "class 1 is not a list of objects"),
+        ({"1": ["fill_holes"]}, "class 1 is not a list of objects"),
+        ({"1": [{"op": "erode"}]}, r"m: unknown post-processing 'erode'"),
+        ({"1": [{"op": "drop_small", "min_size": 0}]}, "drop_small needs min_size"),
+    ):
+        with pytest.raises(MedsegError, match=message):
+            parse_steps(raw, [1, 2, 3], "m")

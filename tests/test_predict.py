@@ -243,3 +243,21 @@ def test_predict_colour_and_resized_models_answer_at_the_input_size(tmp_path: Pa
     grey = tmp_path / "grey.png"
     write_png(grey, np.zeros((40, 40), np.uint8))
     assert _run("--model", model, "--out", tmp_path / "o2", grey) == 2
+
+
+def test_predict_applies_the_bundles_post_processing(tmp_path: Path, png: Path):
+    from scipy import ndimage
+
+    spec = ModelSpec("unet", "resnet18", [16, 8, 8, 8, 8], 1, 1)
+    raw = make_bundle(tmp_path / "raw", spec, seed=2)
+    largest = make_bundle(
+        tmp_path / "largest", spec, seed=2, postprocess={1: [{"op": "keep_largest"}]}
+    )
+    masks = {}
+    for folder in (raw, largest):
+        out = tmp_path / f"out-{folder.name}"
+        assert _run("--model", folder, "--out", out, png, "--threshold", "0.5") == 0
+        masks[folder.name] = read_raster(out / "fundus.png") > 0
+    parts = {name: ndimage.label(m, np.ones((3, 3)))[1] for name, m in masks.items()}
+    assert parts["raw"] > 1 and parts["largest"] == 1, parts
+    assert (masks["largest"] <= masks["raw"]).all()

@@ -15,7 +15,10 @@ without torch.
 The weights file of the best epoch of a binary model trained with a validation split also holds,
 in its safetensors metadata (`THRESHOLD`), the threshold with the best validation Dice of those
 weights: ``evaluate.threshold: auto`` and ``medseg predict`` use it
-(`medseg.inference.resolve_threshold`).
+(`medseg.inference.resolve_threshold`). Beside it (`POSTPROCESS`), the post-processing chosen on
+the validation cases after training (`medseg.training.postchoice`; JSON
+``{"1": [{"op": "keep_largest"}]}``, ``{}`` for none), which every predictor of the bundle
+applies to its labels.
 
 `save_bundle` writes it (the train stage), `load_bundle` is the one way a saved model is
 loaded: the evaluate stage and ``medseg predict`` go through it, and every mismatch is refused
@@ -29,7 +32,7 @@ import json
 import logging
 import re
 import shutil
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -48,6 +51,7 @@ from medseg.errors import MedsegError
 from medseg.labels import LabelSpace
 from medseg.names import CLASSES
 from medseg.onnx_model import SUFFIX, open_onnx
+from medseg.postprocess import Steps, parse_steps, steps_record
 from medseg.processed import RECORD, check_class_names, load_record, read_class_names
 from medseg.spec import ARCHS, ModelSpec
 from medseg.transforms import in_channels
@@ -61,6 +65,7 @@ WEIGHTS = "model.safetensors"  # the best epoch: what evaluate and predict use
 LAST = "last.safetensors"  # the last epoch
 RECORDS = (RECORD, CONVERT_RECORD, CLASSES)  # travel from data/processed into the bundle
 THRESHOLD = "medseg.threshold"  # safetensors metadata key of the weights file
+POSTPROCESS = "medseg.postprocess"  # another: the chosen post-processing
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +87,9 @@ class Bundle:
         threshold: the threshold with the best validation Dice of a binary model (from the
             weights' metadata, `THRESHOLD`); None where there is none (no validation split,
             several classes).
+        postprocess: class label -> the post-processing operations chosen on validation
+            (`POSTPROCESS`, `medseg.postprocess.apply`); empty where none was chosen or the
+            bundle is older than the choice.
     """
 
     model: torch.nn.Module | Runner
@@ -91,6 +99,7 @@ class Bundle:
     device: torch.device | str
     convert: ConvertConfig | None = None
     threshold: float | None = None
+    postprocess: Steps = field(default_factory=dict)
 
     @property
     def labels(self) -> LabelSpace:
@@ -105,6 +114,7 @@ def save_bundle(
     spec: ModelSpec,
     records: str | Path,
     threshold: float | None = None,
+    postprocess: Steps | None = None,
 ) -> None:
     """Write a bundle into the (new, empty) folder ``out``.
 
@@ -116,13 +126,19 @@ def save_bundle(
             ``preprocess.json`` must be there.
         threshold: the best epoch's validation threshold (binary models), kept in the metadata
             of its weights file (`THRESHOLD`).
+        postprocess: the post-processing chosen for the best epoch (`POSTPROCESS`), kept there
+            too; none recorded as ``{}``.
     """
     from safetensors.torch import save_file
 
     out, records = Path(out), Path(records)
     for state, name in ((best, WEIGHTS), (last, LAST)):
         path = out / name
-        meta = {THRESHOLD: repr(threshold)} if threshold is not None and name == WEIGHTS else None
+        meta = None
+        if name == WEIGHTS:
+            meta = {POSTPROCESS: json.dumps(steps_record(postprocess or {}))}
+            if threshold is not None:
+                meta[THRESHOLD] = repr(threshold)
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         save_file(tensors, str(path), metadata=meta)
         path.with_suffix(".json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
@@ -172,6 +188,10 @@ def load_bundle(
     classes = read_class_names(folder)
     _check_fits(spec, pre, classes, spec_path, f"in {record}", folder / CLASSES)
     convert = _convert_record(folder / CONVERT_RECORD)  # every record checked before building
+    meta = _weights_metadata(weights)
+    text = meta.get(THRESHOLD)
+    threshold = None if text is None else _threshold_value(text, f"{weights}: the threshold")
+    steps = _postprocess_value(meta.get(POSTPROCESS, "{}"), spec, classes, weights)
     from medseg.inference import prepare_model
     from medseg.model import build_model, resolve_device
 
@@ -187,7 +207,7 @@ def load_bundle(
         ) from err
     dev = resolve_device(device) if isinstance(device, str) else device
     model = prepare_model(net.to(dev).eval(), spec.in_channels)
-    return Bundle(model, spec, pre, classes, dev, convert, _threshold(weights))
+    return Bundle(model, spec, pre, classes, dev, convert, threshold, steps)
 
 
 def _check_fits(
@@ -228,9 +248,10 @@ def _load_onnx(path: Path, device: str, preprocess: str | Path | None) -> Bundle
         else parse(ConvertConfig, convert_raw, prefix="convert.", source=str(path))
     )  # fmt: skip
     # absent ("null") in exports older than threshold auto
-    threshold = _threshold_value(meta.get("medseg.threshold", "null"), f"{path}: medseg.threshold")
+    threshold = _threshold_value(meta.get(THRESHOLD, "null"), f"{path}: {THRESHOLD}")
+    steps = _postprocess_value(meta.get(POSTPROCESS, "{}"), spec, classes, path)  # absent: older
     used = "cuda" if runner.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-    return Bundle(runner, spec, pre, classes, used, convert, threshold)
+    return Bundle(runner, spec, pre, classes, used, convert, threshold, steps)
 
 
 def _metadata(path: Path, meta: dict[str, str], key: str) -> Any:
@@ -243,13 +264,31 @@ def _metadata(path: Path, meta: dict[str, str], key: str) -> Any:
         ) from err
 
 
-def _threshold(weights: Path) -> float | None:
-    """The validation threshold in the metadata of a weights file (None where absent)."""
-    from safetensors import safe_open
+def _weights_metadata(weights: Path) -> dict[str, str]:
+    """The safetensors metadata of a weights file (empty where it has none)."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(weights), "pt") as f:
-        text = (f.metadata() or {}).get(THRESHOLD)
-    return None if text is None else _threshold_value(text, f"{weights}: the threshold")
+    try:
+        with safe_open(str(weights), "pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise MedsegError(f"{weights}: not a readable safetensors weights file ({err})") from err
+
+
+def _postprocess_value(text: str, spec: ModelSpec, classes: list[str], path: Path) -> Steps:
+    """The stored post-processing (`POSTPROCESS`): JSON class label -> operation specs.
+
+    Raises:
+        MedsegError: naming ``path``, where it is not JSON or `medseg.postprocess.parse_steps`
+            refuses it.
+    """
+    source = f"{path}: {POSTPROCESS} in its metadata"
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise MedsegError(f"{source} is not JSON ({err}); export or train it again") from err
+    labels = LabelSpace.of(spec.classes, classes).foreground_labels
+    return parse_steps(raw, labels, source)
 
 
 def _threshold_value(text: str, what: str) -> float | None:

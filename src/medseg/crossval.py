@@ -35,7 +35,7 @@ from medseg.evaluation import (
     open_test,
     shape_scoring,
 )
-from medseg.inference import Predictor, WindowSettings, resolve_threshold, to_uint16
+from medseg.inference import Predictor, WindowSettings, to_uint16
 from medseg.io.atomic import atomic_dir, write_json, write_text
 from medseg.io.images import write_png
 from medseg.io.shards import CaseStore, write_view
@@ -164,10 +164,12 @@ def ensemble_folds(
     Each test case is predicted by the ensemble, a `medseg.inference.Predictor` with one
     runner per fold and the evaluate params: each fold's probabilities are scored at the fold's
     threshold, their mean at the ensemble's (under ``threshold: auto``, each fold its own
-    validation threshold, the ensemble their mean: `medseg.inference.resolve_threshold`).
-    Every model and the ensemble are scored as the evaluate stage scores one
-    (`medseg.evaluation.ScoreTally`). Cases are done one at a time, so memory stays that of
-    one case and the models. Writes into ``out`` (whole or not at all):
+    validation threshold, the ensemble their mean: `medseg.inference.resolve_threshold`), and
+    with its post-processing (each fold its own; the ensemble the folds' where they all chose
+    the same, else none: `medseg.inference.predictor.shared_postprocess`). Every model and the
+    ensemble are scored as the evaluate stage scores one (`medseg.evaluation.ScoreTally`).
+    Cases are done one at a time, so memory stays that of one case and the models. Writes into
+    ``out`` (whole or not at all):
 
     - ``metrics.json``: ``{"ensemble": ..., "fold0": ..., ...}``, each block the content of
       evaluate's ``metrics.json`` (the second observer, where there is one, under ``ensemble``);
@@ -191,24 +193,25 @@ def ensemble_folds(
         bundles.append(load_bundle(path, cfg.device))
         check_classes(bundles[-1].classes, data_dir, path)
     test = open_test(data_dir)
-    ensemble = Predictor.from_bundles(bundles, WindowSettings.from_config(cfg), cfg.threshold)
+    settings = WindowSettings.from_config(cfg)
+    ensemble = Predictor.from_bundles(bundles, settings, cfg.threshold)
     space = ensemble.labels
     folds = [fold_name(k) for k in range(len(bundles))]
     names = [ENSEMBLE, *folds]
     shapes, spacings = shape_scoring(cfg, data_dir, test, space)
     tallies = {name: ScoreTally(space.channels, list(space.names), shapes=shapes) for name in names}
     second = SecondObserver(space.channels)
-    thresholds = {
-        name: resolve_threshold(cfg.threshold, [bundle])
-        for name, bundle in zip(folds, bundles, strict=True)
-    }
-    thresholds[ENSEMBLE] = ensemble.threshold
+    # each fold segments as its own predictor would (threshold, post-processing), the ensemble
+    # as ``ensemble``; the probabilities are computed once, by ``ensemble``
+    alone = [Predictor.from_bundles([bundle], settings, cfg.threshold) for bundle in bundles]
+    segmenters = {ENSEMBLE: ensemble, **dict(zip(folds, alone, strict=True))}
+    thresholds = {name: predictor.threshold for name, predictor in segmenters.items()}
     with atomic_dir(out) as tmp:
         for name in names:
             (tmp / "probabilities" / name).mkdir(parents=True)
         for i in test:
             case = read_case(test, i)
-            _ensemble_case(case, ensemble, thresholds, tallies, tmp, spacings[i])
+            _ensemble_case(case, segmenters, tallies, tmp, spacings[i])
             if case.mask2 is not None:
                 second.add(case.truth, case.mask2, case.truth_fov)
             test.release(i)
@@ -231,16 +234,18 @@ def ensemble_folds(
 
 
 def _ensemble_case(
-    case: Case, ensemble: Predictor, thresholds: dict[str, float],
-    tallies: dict[str, ScoreTally], out: Path, spacing: tuple[float, float] | None,
+    case: Case, segmenters: dict[str, Predictor], tallies: dict[str, ScoreTally], out: Path,
+    spacing: tuple[float, float] | None,
 ) -> None:  # fmt: skip
-    """Predict one case with every fold's model, then with their mean; score and save each at
-    its threshold (``thresholds``, by fold name and `ENSEMBLE`)."""
-    space, inside = ensemble.labels, case.truth_fov
+    """Predict one case with every fold's model, then with their mean; score and save each
+    segmented by its predictor (``segmenters``, by fold name and `ENSEMBLE`, whose runners give
+    the folds' probabilities)."""
+    ensemble, inside = segmenters[ENSEMBLE], case.truth_fov
+    space = ensemble.labels
     members = ensemble.member_probabilities(case.image, case.fov, out_fov=inside)
     folds = [name for name in tallies if name != ENSEMBLE]
     for name, probs in [*zip(folds, members, strict=True), (ENSEMBLE, ensemble.mean(members))]:
-        pred = space.segment(probs, thresholds[name], inside)
+        pred = segmenters[name].segment(probs, inside)
         tallies[name].add(case.case_id, probs, pred, case.truth, inside, spacing)
         path = out / "probabilities" / name / f"{case.case_id}.png"
         write_png(path, to_uint16(space.foreground(probs)))

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from medseg import __version__
-from medseg.bundle import Bundle, load_bundle
+from medseg.bundle import POSTPROCESS, THRESHOLD, Bundle, load_bundle
 from medseg.errors import MedsegError
 from medseg.inference import Runner, TorchRunner, activate, model_divisor, pad_to_multiple
 from medseg.onnx_model import FORMAT, INPUT, OUTPUT, SUFFIX, require
+from medseg.postprocess import steps_record
 
 FORMATS = ("onnx",)
 OPSET = 17  # ONNX opset: onnxruntime >= 1.14 and TensorRT 8.6 read it
@@ -106,7 +107,8 @@ def metadata(bundle: Bundle, divisor: int) -> dict[str, str]:
         "medseg.preprocess": json.dumps(asdict(bundle.preprocess)),
         "medseg.convert": json.dumps(convert),
         "medseg.classes": json.dumps(list(bundle.classes)),
-        "medseg.threshold": json.dumps(bundle.threshold),
+        THRESHOLD: json.dumps(bundle.threshold),
+        POSTPROCESS: json.dumps(steps_record(bundle.postprocess)),
     }
 
 
@@ -153,7 +155,7 @@ def check_export(
         MedsegError: the records differ, or the difference is not under `TOLERANCE`.
     """
     exported = load_bundle(path, "cpu")
-    records = ("spec", "preprocess", "classes", "convert")
+    records = ("spec", "preprocess", "classes", "convert", "postprocess")
     for record in records:
         if getattr(exported, record) != getattr(bundle, record):
             raise MedsegError(f"{name or path}: the exported {record} differs from the bundle's")

@@ -31,6 +31,7 @@ METADATA = {
     "medseg.convert": "the convert params of its training data (convert.json), or null",
     "medseg.classes": "class names in label order, background first",
     "medseg.threshold": "a binary model's best validation threshold (threshold auto), or null",
+    "medseg.postprocess": "class label -> post-processing chosen on validation, {} for none",
 }
 
 

@@ -101,6 +101,50 @@ def check_operation(spec: Mapping[str, object], source: str = "post-processing")
             raise MedsegError(f"{source}: drop_small needs min_size, an integer >= 1")
 
 
+Steps = dict[int, list[dict[str, object]]]  # class label -> operation specs, in order
+
+
+def steps_record(
+    steps: Mapping[int, Sequence[Mapping[str, object]]],
+) -> dict[str, list[dict[str, object]]]:
+    """Steps as JSON takes them: ``{"1": [{"op": "keep_largest"}], ...}``, classes without an
+    operation left out (`parse_steps` reads it back)."""
+    return {str(k): [dict(spec) for spec in steps[k]] for k in sorted(steps) if steps[k]}
+
+
+def parse_steps(raw: object, labels: Sequence[int], source: str) -> Steps:
+    """Steps from their JSON record (`steps_record`), every entry checked.
+
+    Args:
+        raw: the decoded JSON value.
+        labels: the class labels a step may name (a model's foreground labels).
+        source: names the record in errors.
+
+    Raises:
+        MedsegError: not an object of class labels -> lists of operation specs, a label not in
+            ``labels``, or an operation `check_operation` refuses.
+    """
+    if not isinstance(raw, dict):
+        raise MedsegError(
+            f"{source}: post-processing must be an object of class labels -> lists of "
+            f"operations, got {type(raw).__name__}"
+        )
+    steps: Steps = {}
+    for key, specs in raw.items():
+        if not (isinstance(key, str) and key.isdecimal() and int(key) in labels):
+            raise MedsegError(
+                f"{source}: post-processing for class {key!r}; the model's classes are "
+                f"{', '.join(map(str, labels))}"
+            )
+        if not isinstance(specs, list) or not all(isinstance(s, dict) for s in specs):
+            raise MedsegError(f"{source}: post-processing for class {key} is not a list of objects")
+        for spec in specs:
+            check_operation(spec, source)
+        if specs:
+            steps[int(key)] = [dict(spec) for spec in specs]
+    return steps
+
+
 def apply(labels: np.ndarray, steps: Mapping[int, Sequence[Mapping[str, object]]]) -> np.ndarray:
     """Apply chosen post-processing to a label map, class by class.
 

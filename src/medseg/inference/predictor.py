@@ -1,12 +1,13 @@
 """The one object that applies a model (nnU-Net's predictor): built once from its runners, the
-window settings and a threshold resolved to a number, then called case by case. Validation,
-evaluate, crossval and ``medseg predict`` all go through it; an ensemble of crossval folds is a
-predictor with several runners (the mean of their probabilities)."""
+window settings, a threshold resolved to a number and the post-processing chosen on validation,
+then called case by case. Validation, evaluate, crossval and ``medseg predict`` all go through
+it; an ensemble of crossval folds is a predictor with several runners (the mean of their
+probabilities)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -15,6 +16,7 @@ from medseg.errors import MedsegError
 from medseg.inference.runners import Runner, as_runner
 from medseg.inference.window import WindowSettings, predict_probabilities
 from medseg.labels import LabelSpace
+from medseg.postprocess import Steps, apply
 from medseg.transforms import resize_image
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,22 @@ class Bundle(Protocol):
 
     @property
     def threshold(self) -> float | None: ...
+
+    @property
+    def postprocess(self) -> Steps: ...
+
+
+def shared_postprocess(bundles: Sequence[Bundle]) -> Steps:
+    """The post-processing of an ensemble: the bundles' own where they all hold the same, else
+    none (each was chosen for one model's errors, not for their mean), with a warning."""
+    first = bundles[0].postprocess
+    if all(b.postprocess == first for b in bundles[1:]):
+        return first
+    log.warning(
+        "the models of the ensemble chose different post-processing (%s); the ensemble applies "
+        "none", "; ".join(str(b.postprocess or "none") for b in bundles),
+    )  # fmt: skip
+    return {}
 
 
 UNUSED_THRESHOLD = 0.5  # what a model with several classes reports as its (unused) threshold
@@ -80,11 +98,15 @@ class Predictor:
         labels: what their output channels mean.
         threshold: the binary foreground threshold, a number (see `resolve_threshold`).
         settings: the sliding window's; default `WindowSettings()`.
+        postprocess: class label -> operation specs applied to the labels
+            (`medseg.postprocess.apply`); default none (validation during training scores the
+            raw labels).
     """
 
     def __init__(
         self, runners: Sequence[Runner], labels: LabelSpace, threshold: float,
         settings: WindowSettings | None = None,
+        postprocess: Mapping[int, Sequence[Mapping[str, object]]] | None = None,
     ) -> None:  # fmt: skip
         if not runners:
             raise ValueError("a predictor needs at least one runner")
@@ -94,6 +116,7 @@ class Predictor:
         self.labels = labels
         self.threshold = threshold
         self.settings = settings or WindowSettings()
+        self.postprocess: Steps = {k: [dict(s) for s in v] for k, v in (postprocess or {}).items()}
 
     @classmethod
     def from_bundles(
@@ -101,7 +124,8 @@ class Predictor:
         fallback: float | None = None,
     ) -> Predictor:  # fmt: skip
         """The predictor of one loaded bundle, or the ensemble of several (crossval's folds);
-        ``threshold`` and ``fallback`` as `resolve_threshold` takes them.
+        ``threshold`` and ``fallback`` as `resolve_threshold` takes them, the post-processing
+        that of the bundles (`shared_postprocess`).
 
         Raises:
             MedsegError: the bundles differ in their label spaces, or `resolve_threshold`'s.
@@ -115,7 +139,7 @@ class Predictor:
             )
         runners = [as_runner(b.model, b.device) for b in bundles]
         value = resolve_threshold(threshold, bundles, fallback)
-        return cls(runners, bundles[0].labels, value, settings)
+        return cls(runners, bundles[0].labels, value, settings, shared_postprocess(bundles))
 
     def member_probabilities(
         self, image: np.ndarray, fov: np.ndarray, out_fov: np.ndarray | None = None
@@ -167,8 +191,14 @@ class Predictor:
 
     def segment(self, probs: np.ndarray, inside: np.ndarray) -> np.ndarray:
         """(K, H, W) probabilities -> (H, W) uint8 labels at this predictor's threshold,
-        background outside ``inside`` (`LabelSpace.segment`)."""
-        return self.labels.segment(probs, self.threshold, inside)
+        background outside ``inside`` (`LabelSpace.segment`), then its post-processing
+        (`medseg.postprocess.apply`; a filled hole never reaches outside ``inside``)."""
+        labels = self.labels.segment(probs, self.threshold, inside)
+        if not self.postprocess:
+            return labels
+        labels = apply(labels, self.postprocess)
+        labels[~inside] = 0
+        return labels
 
     def predict(
         self, image: np.ndarray, fov: np.ndarray, out_fov: np.ndarray | None = None

@@ -3,6 +3,8 @@
 - `medseg.training.loop`: `fit`, the `Trainer` (the epoch and step loop, checkpoint and resume,
   AMP, DDP).
 - `medseg.training.validation`: whole-image validation, scored as evaluate scores.
+- `medseg.training.postchoice`: the post-processing chosen on validation after training, for
+  the bundle.
 - `medseg.training.cache`: where the training cases live (``train.cache``) and the patch sampler
   that cuts on the device.
 - `medseg.training.optim`: optimizer and learning-rate schedule by name.

@@ -68,6 +68,7 @@ from medseg.training.cache import DevicePlan, choose_cache, make_sampler
 from medseg.training.callbacks import Callback, LiveLog
 from medseg.training.monitor import GpuMonitor
 from medseg.training.optim import build_optimizer, build_schedule
+from medseg.training.postchoice import choose_for_bundle
 from medseg.training.precision import amp_dtype, backend_flags, train_device
 from medseg.training.validation import validate
 
@@ -87,7 +88,9 @@ def fit(
     """Train a network on the ``train`` split in ``data_dir``, choosing the best epoch on ``val``.
 
     Writes ``models_dir/model.safetensors`` (best validation Dice; the last epoch when there is
-    no validation split) and ``last.safetensors``, each with a ``.json`` spec, and per-epoch
+    no validation split; in its metadata the validation threshold and the post-processing chosen
+    on validation, `medseg.training.postchoice`) and ``last.safetensors``, each with a ``.json``
+    spec, and per-epoch
     curves (dvclive, when installed) into ``logs_dir``. With ``checkpoint_dir``, a checkpoint is
     written there after every epoch and on a stop signal, resumed when it matches, and removed
     at the end. Under ``torchrun`` only rank 0 writes. ``callbacks`` run after the curves'.
@@ -487,10 +490,15 @@ class Trainer:
         )  # fmt: skip
 
     def _write_models(self, models_dir: Path) -> None:
+        """Write the bundle, with the post-processing chosen for the best weights."""
         last = self.model.state_dict()
         best = self.best_state if self.best_state is not None else last
+        steps = choose_for_bundle(
+            self.cfg.postprocess, self.spec, best, self.val, self.device, self.labels,
+            self.best_threshold,
+        )  # fmt: skip
         with atomic_dir(models_dir) as out:
-            save_bundle(out, best, last, self.spec, self.data_dir, self.best_threshold)
+            save_bundle(out, best, last, self.spec, self.data_dir, self.best_threshold, steps)
 
 
 class StepBatches(torch.utils.data.Dataset):

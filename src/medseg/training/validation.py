@@ -40,6 +40,8 @@ def validate(
     resolution), predicted and scored as evaluate does (`medseg.inference.Predictor` at the
     default window settings, `medseg.evaluation.ScoreTally`); for several classes the mean over
     the foreground classes. A binary model also gets the threshold that maximises that Dice.
+    The labels are scored raw: post-processing is chosen after training, for the best epoch
+    (`medseg.training.postchoice`).
 
     Args:
         model: the network, (B, C, H, W) -> (B, K, H, W) logits.
