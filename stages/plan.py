@@ -1,5 +1,10 @@
 """plan: converted training cases -> plans.json, every ``auto`` param chosen from their
-fingerprint, each with its reason (docs/plan.md). Test cases are never read."""
+fingerprint, each with its reason (docs/plan.md). Test cases are never read.
+
+The step time the budget is planned with is measured once (a probe) and kept: while the
+measured step (network, patch, batch, precision, device, machine) stays the same, a rerun of
+this stage takes it from the plan it replaces, so the same data and params plan the same steps.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,17 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from medseg import names
 from medseg.config import load_all_params, planned_values
+from medseg.errors import MedsegError
+from medseg.fingerprint import fingerprint
 from medseg.io.atomic import check_output
-from medseg.io.records import read_yaml
-from medseg.plan import format_table, plan_dataset
+from medseg.io.records import read_json, read_yaml
+from medseg.plan import format_table, plan, write_plan
 from medseg.stage import run_stage, stage_args
-from medseg.training.probe import probe_step_seconds
+from medseg.training.probe import probe_key, probe_step_seconds
 
 log = logging.getLogger("plan")
 
@@ -28,11 +36,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
 
 
+def previous_probe(path: Path) -> dict[str, Any] | None:
+    """The measured step of the plan at ``path`` (``budget.probe`` and ``step_seconds``)."""
+    try:
+        budget = read_json(path, "plan").get("budget") or {}
+        return {"probe": dict(budget["probe"]), "step_seconds": float(budget["step_seconds"])}
+    except (MedsegError, KeyError, TypeError, ValueError, AttributeError):  # measure again
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     params = load_all_params(args.params)  # every key checked; auto keys by a stand-in
-    raw = read_yaml(Path(args.params))
-    explicit = planned_values(raw)
+    explicit = planned_values(read_yaml(Path(args.params)))
     for key, value in (
         ("convert.fov_fallback", params.convert.fov_fallback),
         ("evaluate.threshold", params.evaluate.threshold),
@@ -40,23 +56,28 @@ def main(argv: Sequence[str] | None = None) -> None:
         if value != names.AUTO:
             explicit[key] = value
     check_output(args.out, {"--converted": args.converted, "--params": args.params})
-    train = params.train
+    train, out = params.train, Path(args.out)
+    previous = previous_probe(out) if out.is_file() else None
+    measured: dict[str, Any] = {}
 
     def probe(patch: int, batch: int, in_channels: int) -> float:
         loss = explicit.get("train.loss", "bce_dice")
         cfg = dataclasses.replace(train, patch_size=patch, batch_size=batch, loss=loss)
+        measured["probe"] = probe_key(cfg, in_channels)
+        if previous is not None and previous["probe"] == measured["probe"]:
+            seconds = previous["step_seconds"]
+            log.info("probe: %.3g s a step, kept from the plan it replaces (same step)", seconds)
+            return seconds
         seconds = probe_step_seconds(cfg, in_channels)
         log.info("probe: %.3g s a training step at patch %d, batch %d", seconds, patch, batch)
         return seconds
 
-    result = plan_dataset(
-        args.converted,
-        args.out,
-        explicit,
-        train.step_seconds if train.step_seconds is not None else probe,
-        train.budget,
-    )
-    log.info("%s\n\n%s", args.out, format_table(result))
+    step_time = train.step_seconds if train.step_seconds is not None else probe
+    result = plan(fingerprint(args.converted), explicit, step_time, train.budget)
+    if result["budget"] is not None and measured:
+        result["budget"]["probe"] = measured["probe"]
+    write_plan(out, result)
+    log.info("%s\n\n%s", out, format_table(result))
 
 
 if __name__ == "__main__":

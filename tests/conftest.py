@@ -156,7 +156,7 @@ def params_file(tmp_path: Path) -> Path:
 
 # --- Temporary git + DVC copies of the pipeline, shared by the end-to-end tests ---------------
 
-STAGES = ("synthesize", "convert", "preprocess", "train", "evaluate")
+STAGES = ("synthesize", "convert", "plan", "preprocess", "train", "evaluate")
 FIRST_REPRO = "first_repro.stdout"  # beside the session's reproduced project: its first output
 
 

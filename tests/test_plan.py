@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, ran, run, write_params
 from scipy import ndimage
 
 from medseg.errors import MedsegError
@@ -415,3 +415,69 @@ def test_stage_refuses_a_budget_too_small_and_writes_nothing(
     with pytest.raises(MedsegError, match=r"train\.budget 0\.01 minutes is too small"):
         _run_plan_stage(path, vessel_set, out)
     assert not out.exists()
+
+
+def test_stage_keeps_the_measured_step_while_the_step_is_the_same(
+    vessel_set: Path, tmp_path: Path
+) -> None:
+    small = {"decoder_channels": [16, 8, 8, 8, 8], "patch_size": 32, "batch_size": 2}
+    path = _params_file(tmp_path, train={**small, "budget": 5.0, "amp_cpu": False})
+    out = tmp_path / "plans.json"
+    _run_plan_stage(path, vessel_set, out)
+    first = json.loads(out.read_text())["budget"]
+    assert first["probe"]["step"] == [2, first["probe"]["step"][1], 32]
+    assert first["step_seconds"] > 0
+    # a rerun (new data, new code) keeps the measured step time: the same steps are planned
+    first["step_seconds"] = 0.125  # marks the kept value
+    whole = json.loads(out.read_text())
+    whole["budget"] = first
+    out.write_text(json.dumps(whole))
+    _run_plan_stage(path, vessel_set, out)
+    assert json.loads(out.read_text())["budget"]["step_seconds"] == 0.125
+    # another step (a larger patch) is measured again
+    path = _params_file(
+        tmp_path, train={**small, "patch_size": 64, "budget": 5.0, "amp_cpu": False}
+    )
+    _run_plan_stage(path, vessel_set, out)
+    again = json.loads(out.read_text())["budget"]
+    assert again["probe"]["step"][2] == 64 and again["step_seconds"] != 0.125
+
+
+# == end to end: dvc repro with auto ==============================================================
+
+
+def test_dvc_repro_with_auto_plans_and_the_stages_follow(reproduced: Path) -> None:
+    """The session's pipeline leaves channel, contrast, resolution, foreground share, loss,
+    post-processing, TTA, FOV fallback and threshold to the plan: what the stages used is what
+    plans.json says, and `medseg report` shows the plan."""
+    from medseg.report import compare, to_markdown
+
+    written = json.loads((reproduced / "plans.json").read_text())
+    settings = written["settings"]
+    assert settings["preprocess.channel"]["source"] == "plan"
+    assert settings["train.patch_size"] == {
+        "value": 32, "source": "explicit", "reason": "explicit in params.yaml",
+    }  # fmt: skip
+    record = json.loads((reproduced / "models" / "preprocess.json").read_text())
+    assert record["channel"] == settings["preprocess.channel"]["value"]
+    assert record["contrast"] == settings["preprocess.contrast"]["value"]
+    convert = json.loads((reproduced / "models" / "convert.json").read_text())
+    assert convert["fov_fallback"] == settings["convert.fov_fallback"]["value"] != "auto"
+    text = to_markdown(compare(reproduced, base="main"))
+    assert "### Plan" in text and "| train.patch_size | 32 | explicit |" in text
+
+
+def test_an_explicit_value_overrides_the_plan_through_dvc(reproduced: Path) -> None:
+    planned = json.loads((reproduced / "plans.json").read_text())["params"]["preprocess"]
+    other = "gray" if planned["channel"] != "gray" else "rgb"
+    params = yaml.safe_load((reproduced / "params.yaml").read_text())
+    params["preprocess"]["channel"] = other
+    write_params(reproduced / "params.yaml", params)
+    proc = run(reproduced, "dvc", "repro")
+    assert ran(proc) == ["plan", "preprocess", "train", "evaluate"]
+    setting = json.loads((reproduced / "plans.json").read_text())["settings"]["preprocess.channel"]
+    assert setting == {"value": other, "source": "explicit", "reason": "explicit in params.yaml"}
+    record = json.loads((reproduced / "models" / "preprocess.json").read_text())
+    assert record["channel"] == other
+    diff = run(reproduced, "dvc", "params", "diff", "--json").stdout
+    assert '"params.preprocess.channel"' in diff  # review sees what the plan's output changed

@@ -97,10 +97,10 @@ def workflow_step(name: str) -> dict[str, Any]:
 
 def test_report_warns_when_params_changed_without_a_rerun(reproduced: Path):
     params = yaml.safe_load((reproduced / "params.yaml").read_text())
-    params["evaluate"]["threshold"] = 0.25
+    params["evaluate"]["overlap"] = 0.5
     write_params(reproduced / "params.yaml", params)
     report = compare(reproduced, base="main")
-    assert report.params == [Row("params.yaml", "evaluate.threshold", 0.5, 0.25)]
+    assert report.params == [Row("params.yaml", "evaluate.overlap", 0.25, 0.5)]
     assert report.metrics == []
     assert report.stale == ["evaluate"]
     assert report.missing == []

@@ -80,3 +80,45 @@ def probe_step_seconds(
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def probe_key(cfg: Any, in_channels: int, device: str | None = None) -> dict[str, Any]:
+    """What `probe_step_seconds` measures, as a JSON-ready dict: the network, the step's shape,
+    loss, optimizer and precision, and the device it runs on (for a CPU: its model name and the
+    cores this process may use). Two probes with equal keys measure the same step."""
+    import os
+    import platform
+
+    import torch
+
+    from medseg.model import resolve_device
+    from medseg.training.precision import amp_dtype
+
+    dev = resolve_device(device or cfg.device)
+    if dev.type == "cuda":
+        where = torch.cuda.get_device_name(dev)
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        where = f"{_cpu_model() or platform.machine()}, {cores} cores"
+    dtype = amp_dtype(cfg, dev)
+    return {
+        "device": f"{dev.type}: {where}",
+        "torch": torch.__version__,
+        "network": [cfg.arch, cfg.encoder, list(cfg.decoder_channels), cfg.classes],
+        "step": [cfg.batch_size, in_channels, cfg.patch_size],
+        "loss": cfg.loss,
+        "optimizer": cfg.optimizer,
+        "precision": str(dtype).replace("torch.", "") if dtype is not None else "float32",
+        "channels_last": bool(cfg.channels_last),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
