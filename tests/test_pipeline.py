@@ -59,7 +59,8 @@ def test_repro_caches_and_reruns_only_what_changed(_reproduced: Path, reproduced
     # so); this edit leaves the weights as they were, so evaluate stays cached
     losses = project / "src" / "medseg" / "losses.py"
     losses.write_text(losses.read_text() + "\n# an edit\n")
-    assert ran(run(project, "dvc", "repro")) == ["train"]
+    edited = run(project, "dvc", "repro")
+    assert ran(edited) == ["plan", "train"], edited.stdout
     metrics_diff = run(project, "dvc", "metrics", "diff", "--all", "--json")
     diffed = json.loads(metrics_diff.stdout)["results/evaluate/metrics.json"]
     assert {"test.fov.dice", "test.boundary.hd95.mean", "test.boundary.nsd.p05"} <= set(diffed)

@@ -90,7 +90,7 @@ def test_folders_layout_through_the_whole_pipeline(project: Path, tmp_path: Path
 def test_manifest_layout_through_convert_and_preprocess(project: Path, tmp_path: Path):
     _manifest_set(tmp_path / "data")
     _params(project, tmp_path / "data", "manifest")
-    assert ran(run(project, "dvc", "repro", "preprocess")) == ["convert", "preprocess"]
+    assert ran(run(project, "dvc", "repro", "preprocess")) == ["convert", "plan", "preprocess"]
     manifest = _manifest(project)
     assert manifest["case_id"].tolist() == [f"p{i:02d}" for i in range(N_CASES)]
     assert manifest["fov_source"].tolist() == ["given"] * 3 + ["threshold"] * 3
