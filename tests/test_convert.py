@@ -626,3 +626,48 @@ def test_find_source_names_the_file_behind_a_token(tmp_path: Path, monkeypatch, 
         main(["find-source", "--params", str(params), token])
     assert code.value.code != 0 and "no id key" in capsys.readouterr().err
     assert not (tmp_path / ".medseg").exists()
+
+
+def test_auto_fov_thresholds_where_it_can_and_preprocess_applies_the_plan(tmp_path: Path):
+    """fov_fallback auto: convert makes the FOV by threshold where that keeps the labels (a
+    photograph on black) and takes the whole image where it would cut them (a dark lesion at
+    the border), without refusing; preprocess then uses or drops the made FOVs as the plan
+    decides, and passes the decision on in convert.json for predict."""
+    from medseg.config import PreprocessConfig
+    from medseg.io.shards import CaseStore
+    from medseg.preprocess import preprocess_dataset
+
+    root = tmp_path / "raw"
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    for k in range(2):
+        image, mask, _ = _disc_image(k)
+        write_png(root / "images" / f"disc{k}.png", image)
+        write_png(root / "masks" / f"disc{k}.png", mask)
+    dark = np.full((40, 48, 3), 160, np.uint8)
+    dark[:, :14] = 5
+    cut = np.zeros((40, 48), np.uint8)
+    cut[10:30, 2:20] = 255
+    for k in range(2):
+        write_png(root / "images" / f"lesion{k}.png", dark)
+        write_png(root / "masks" / f"lesion{k}.png", cut)
+    data = DataConfig(str(root), "folders", test_fraction=0.5, split_seed=1)
+    manifest = convert_dataset(data, _cfg(fov_fallback="auto"), tmp_path / "c")
+    source = dict(zip(manifest["case_id"], manifest["fov_source"], strict=True))
+    assert {source[c] for c in source if c.startswith("disc")} == {"threshold"}
+    assert {source[c] for c in source if c.startswith("lesion")} == {"whole_image"}
+    pre = PreprocessConfig("green", 0.0, 0)
+    with pytest.raises(MedsegError, match=r"converted with convert\.fov_fallback: auto"):
+        preprocess_dataset(pre, tmp_path / "c", tmp_path / "p0")
+    assert not (tmp_path / "p0").exists()
+    for decision in ("threshold", "whole_image"):
+        out = tmp_path / f"p-{decision}"
+        preprocess_dataset(pre, tmp_path / "c", out, fov_fallback=decision)
+        record = json.loads((out / "convert.json").read_text())
+        assert record["fov_fallback"] == decision
+        for split in ("train", "test"):
+            store = CaseStore.open(out, split)
+            for i in store:
+                fov = np.asarray(store.get(i, "fov"), bool)
+                made = source[store.ids[i]] == "threshold"
+                assert fov.all() == (decision == "whole_image" or not made)

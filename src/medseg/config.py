@@ -487,6 +487,7 @@ def _load(path: Path, plan: str | Path | Mapping[str, Any] | None) -> tuple[Para
     raw = read_yaml(path)
     chosen = _plan_params(plan) if plan is not None else None
     unresolved: list[str] = []
+    planned: list[str] = []
     if isinstance(raw, dict):
         raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
         for name, keys in names.PLANNED.items():
@@ -502,7 +503,17 @@ def _load(path: Path, plan: str | Path | Mapping[str, Any] | None) -> tuple[Para
                     unresolved.append(dotted)
                 else:
                     section[key] = chosen[name][key]
-    return parse(Params, raw, prefix="", source=str(path)), unresolved
+                    planned.append(dotted)
+    try:
+        return parse(Params, raw, prefix="", source=str(path)), unresolved
+    except MedsegError as err:
+        if not planned:
+            raise
+        source = plan if not isinstance(plan, Mapping) else names.PLAN_FILE
+        raise MedsegError(
+            f"{err} (the values of {', '.join(planned)}, auto in {path}, come from {source}: "
+            "run the plan stage again, or set them)"
+        ) from None
 
 
 def plan_value(plan: str | Path | Mapping[str, Any], key: str) -> Any:
