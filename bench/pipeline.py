@@ -22,7 +22,7 @@ from pathlib import Path
 from harness import machine, run, table
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("synthesize", "convert", "preprocess", "train", "evaluate")
+STAGES = ("synthesize", "convert", "plan", "preprocess", "train", "evaluate")
 
 
 def main() -> None:
