@@ -171,3 +171,23 @@ def test_malformed_post_processing_metadata_is_refused_naming_the_file(
     with pytest.raises(MedsegError, match=message) as info:
         load_bundle(weights.parent, "cpu")
     assert str(info.value).startswith(f"{weights}: {POSTPROCESS} in its metadata")
+
+
+def test_weights_files_are_the_same_bytes_in_every_process():
+    """safetensors orders its metadata by a per-process hash map; the bundle's weights must not
+    change bytes (and so their DVC hash) from one training process to the next."""
+    import subprocess
+    import sys
+
+    code = (
+        "import hashlib, torch; from medseg.bundle import safetensors_bytes; "
+        "m = {'medseg.threshold': '0.5', 'medseg.postprocess': '{}', 'other': 'x'}; "
+        "print(hashlib.sha256(safetensors_bytes({'w': torch.ones(2)}, m)).hexdigest())"
+    )
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout
+        for _ in range(6)
+    }
+    assert len(digests) == 1

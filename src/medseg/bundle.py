@@ -129,8 +129,6 @@ def save_bundle(
         postprocess: the post-processing chosen for the best epoch (`POSTPROCESS`), kept there
             too; none recorded as ``{}``.
     """
-    from safetensors.torch import save_file
-
     out, records = Path(out), Path(records)
     for state, name in ((best, WEIGHTS), (last, LAST)):
         path = out / name
@@ -140,11 +138,32 @@ def save_bundle(
             if threshold is not None:
                 meta[THRESHOLD] = repr(threshold)
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-        save_file(tensors, str(path), metadata=meta)
+        path.write_bytes(safetensors_bytes(tensors, meta))
         path.with_suffix(".json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
     for name in RECORDS:
         if (records / name).is_file():
             shutil.copyfile(records / name, out / name)
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> bytes:
+    """A safetensors file's bytes, the same for the same tensors and metadata.
+
+    safetensors writes its ``__metadata__`` in the order of a hash map, which differs from one
+    process to the next once it holds two keys: the same weights would give other bytes, and
+    DVC would see a changed model. The header is written again with the metadata's keys sorted
+    (the same JSON, so the same length; safetensors pads a header with spaces).
+    """
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size:  # not the JSON safetensors wrote: keep its bytes
+        return data
+    return data[:8] + text + b" " * (size - len(text)) + data[8 + size :]
 
 
 def load_bundle(
