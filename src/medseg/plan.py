@@ -265,7 +265,7 @@ def _steps(
         setting("train.patches_per_epoch", lambda: (
             STEPS_PER_EPOCH * batch, f"{STEPS_PER_EPOCH} steps of {batch} an epoch",
         ))  # fmt: skip
-        setting("train.epochs", lambda: (0, ""))
+        setting("train.epochs", lambda: (0, ""))  # explicit: the rule is never called
         return None
     if budget_minutes is None:
         raise MedsegError(
@@ -400,6 +400,3 @@ def format_table(plan_dict: Mapping[str, Any]) -> str:
 
 def _spec_text(spec: Mapping[str, Any]) -> str:
     return str(spec["op"]) + (f" {spec['min_size']}" if "min_size" in spec else "")
-
-
-# == step-time probe ===========================================================================
