@@ -168,7 +168,7 @@ def test_crossval_pipeline_end_to_end(tmp_path: Path):
     run(project, "git", "commit", "-qm", "crossval")
     cv = [f"crossval/dvc.yaml:{s}" for s in ("folds", "train@0", "train@1", "ensemble")]
     ran = [s for s in (*STAGES, *cv) if f"Running stage '{s}'" in out]
-    assert ran == ["synthesize", "convert", "preprocess", *cv]  # not train, not evaluate
+    assert ran == ["synthesize", "convert", "plan", "preprocess", *cv]  # not train, evaluate
     # the default `dvc repro` stays what it was: the top pipeline only (a dry run stops at
     # evaluate, whose models it cannot hash before train has run)
     dry = run(project, "dvc", "repro", "--dry", check=False)
