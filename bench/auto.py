@@ -198,13 +198,11 @@ def main() -> None:
     rows = []
     for name in args.sets.split(","):
         ds = SETS[name]
-        if ds.root.startswith("synthetic:"):
-            kind = ds.root.split(":")[1]
-            root = work / f"data-{kind}"
-            if kind == "lesion":
-                write_lesions(root)
-            else:
-                root = Path("data/raw/synthetic")  # the clone's own synthesize stage
+        if ds.root == "synthetic:lesion":
+            root = work / "data-lesion"
+            write_lesions(root)
+        elif ds.root == "synthetic:labels":
+            root = Path("data/raw/synthetic")  # the clone's own synthesize stage
         else:
             root = (args.datasets / ds.root).resolve()
             if not root.is_dir():

@@ -19,8 +19,10 @@ from scipy import ndimage
 from medseg.errors import MedsegError
 from medseg.fingerprint import fingerprint, thin_labels
 from medseg.io.images import write_png
-from medseg.plan import PLANNED_KEYS, format_table, plan, plan_dataset
+from medseg.plan import PLANNED_KEYS, format_table, plan
 from medseg.training.probe import probe_step_seconds
+
+FIXED_STEP = {"step_seconds": 0.3, "budget": 2.0}  # a plan with no probe
 
 # every planned train key, as a plan would give them (small)
 TINY_TRAIN = {
@@ -253,11 +255,12 @@ def test_probe_function_is_called_with_the_planned_patch_and_batch(vessel_set: P
 
 
 def test_deterministic(vessel_set: Path, tmp_path: Path) -> None:
-    a = plan_dataset(vessel_set, tmp_path / "a.json", {}, 0.3, 2.0)
-    b = plan_dataset(vessel_set, tmp_path / "b.json", {}, 0.3, 2.0)
-    assert a == b
+    path = _params_file(tmp_path, train={"step_seconds": 0.3, "budget": 2.0})
+    _run_plan_stage(path, vessel_set, tmp_path / "a.json")
+    _run_plan_stage(path, vessel_set, tmp_path / "b.json")
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
-    assert json.loads((tmp_path / "a.json").read_text())["settings"] == a["settings"]
+    written = json.loads((tmp_path / "a.json").read_text())
+    assert written["settings"] == plan(fingerprint(vessel_set), {}, 0.3, 2.0)["settings"]
 
 
 def test_test_cases_are_never_read(vessel_set: Path, tmp_path: Path) -> None:
@@ -283,7 +286,7 @@ def test_more_cases_than_max_cases_are_sampled(vessel_set: Path) -> None:
 def test_fewer_than_two_training_cases_is_one_error(tmp_path: Path) -> None:
     conv = write_converted(tmp_path / "conv", vessels, n_train=1)
     with pytest.raises(MedsegError, match=r"manifest\.csv: 1 training case\(s\)"):
-        plan_dataset(conv, tmp_path / "plans.json", {}, 0.3, 2.0)
+        _run_plan_stage(_params_file(tmp_path, train=FIXED_STEP), conv, tmp_path / "plans.json")
     assert not (tmp_path / "plans.json").exists()
 
 
@@ -294,7 +297,7 @@ def test_no_foreground_is_one_error(tmp_path: Path) -> None:
 
     conv = write_converted(tmp_path / "conv", empty)
     with pytest.raises(MedsegError, match=r"masks: no foreground in any of the 4 training"):
-        plan_dataset(conv, tmp_path / "plans.json", {}, 0.3, 2.0)
+        _run_plan_stage(_params_file(tmp_path, train=FIXED_STEP), conv, tmp_path / "plans.json")
     assert not (tmp_path / "plans.json").exists()
 
 

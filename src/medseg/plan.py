@@ -21,7 +21,7 @@ from typing import Any
 
 from medseg import names
 from medseg.errors import MedsegError
-from medseg.fingerprint import as_number, fingerprint, structure
+from medseg.fingerprint import as_number, structure
 from medseg.io.atomic import write_json
 
 PLAN_VERSION = 1
@@ -354,24 +354,6 @@ def _postprocess_rule(
 
 
 # == output ====================================================================================
-
-
-def plan_dataset(
-    converted_dir: str | Path,
-    out: str | Path,
-    explicit: Mapping[str, Any],
-    probe_step_seconds: float | ProbeFn | None,
-    budget_minutes: float | None,
-) -> dict[str, Any]:
-    """`fingerprint`, `plan`, `write_plan` in one: what the ``plan`` stage does. Nothing is
-    written unless every step succeeds.
-
-    Returns:
-        The plan written to ``out``.
-    """
-    result = plan(fingerprint(converted_dir), explicit, probe_step_seconds, budget_minutes)
-    write_plan(out, result)
-    return result
 
 
 def write_plan(path: str | Path, plan_dict: Mapping[str, Any]) -> None:
