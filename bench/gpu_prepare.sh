@@ -63,7 +63,7 @@ nice -n 10 python3 stages/preprocess.py --params "$GPU/params.yaml" --converted 
 tar -C "$WORK" -czf "$GPU/processed.tar.gz" processed
 
 # the versions installed here (the ones the tests pass with); pure Python, no platform tags
-for dist in segmentation-models-pytorch timm; do
+for dist in segmentation-models-pytorch timm ruamel.yaml; do
     version=$(python3 -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$dist")
     python3 -m pip download --quiet --no-deps --only-binary=:all: --dest "$GPU/whl" "$dist==$version"
 done

@@ -62,7 +62,7 @@ def test_int_is_accepted_for_float(tmp_path: Path):
         ({"train": {"epochs": "ten"}}, "train.epochs must be of type int"),
         ({"train": {"epochs": 2.5}}, "train.epochs must be of type int"),
         ({"train": {"amp": 1}}, "train.amp must be of type bool"),
-        ({"train": {"lr": "1e-3"}}, "floats are written with a dot"),
+        ({"train": {"lr": "fast"}}, "train.lr must be of type float, got 'fast' (str)"),
         ({"train": {"decoder_channels": 16}}, "train.decoder_channels must be a list"),
         ({"train": {"patch_size": 50}}, "train.patch_size must be a positive multiple of 32"),
         ({"train": {"epochs": 0}}, "train.epochs must be > 0"),

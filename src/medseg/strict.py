@@ -85,7 +85,7 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     if not ok:
         raise MedsegError(
             f"{source}: {key} must be of type {tp.__name__}, got {shown(value)} "
-            f"({type(value).__name__}); floats are written with a dot, e.g. 1.0e-3"
+            f"({type(value).__name__})"
         )
     if tp is float:
         return _finite(value, key, source)
