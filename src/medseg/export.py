@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from medseg import __version__
-from medseg.bundle import POSTPROCESS, THRESHOLD, Bundle, load_bundle
+from medseg.bundle import POSTPROCESS, THRESHOLD, Bundle, format_text, load_bundle
 from medseg.errors import MedsegError
 from medseg.inference import Runner, TorchRunner, activate, model_divisor, pad_to_multiple
+from medseg.names import BUNDLE_FORMAT, BUNDLE_FORMAT_KEY
 from medseg.onnx_model import FORMAT, INPUT, OUTPUT, SUFFIX, require
 from medseg.postprocess import steps_record
 
@@ -102,6 +103,7 @@ def metadata(bundle: Bundle, divisor: int) -> dict[str, str]:
     convert = asdict(bundle.convert) if bundle.convert is not None else None
     return {
         "medseg.format": FORMAT,
+        BUNDLE_FORMAT_KEY: format_text(BUNDLE_FORMAT),
         "medseg.spec": json.dumps(asdict(bundle.spec)),
         "medseg.divisor": str(divisor),
         "medseg.preprocess": json.dumps(asdict(bundle.preprocess)),

@@ -16,7 +16,9 @@ from medseg.errors import MedsegError, cut, shown
 T = TypeVar("T")
 
 
-def parse(cls: type[T], raw: Any, prefix: str = "", source: str = "params") -> T:
+def parse(
+    cls: type[T], raw: Any, prefix: str = "", source: str = "params", defaults: bool = False
+) -> T:
     """Build dataclass ``cls`` from a plain mapping, strictly.
 
     Args:
@@ -25,6 +27,8 @@ def parse(cls: type[T], raw: Any, prefix: str = "", source: str = "params") -> T
         raw: the mapping, as read from YAML.
         prefix: dotted key of ``raw`` within the file, for messages (``"train."``).
         source: the file name, for messages.
+        defaults: a key absent from ``raw`` takes its field's default (a record written before
+            the key existed, e.g. a model bundle's); without one it is still missing.
 
     Raises:
         MedsegError: naming the first unknown, missing or mistyped key.
@@ -40,14 +44,22 @@ def parse(cls: type[T], raw: Any, prefix: str = "", source: str = "params") -> T
             f"{source}: unknown key {prefix}{cut(str(unknown[0]), 60)}; known keys in {where}: "
             f"{', '.join(names)}"
         )
-    missing = [n for n in names if n not in raw]
+    given = [n for n in names if n in raw]
+    missing = [n for n in names if n not in raw and not (defaults and _has_default(cls, n))]
     if missing:
         raise MedsegError(f"{source}: missing key {prefix}{missing[0]}")
-    values = {n: _coerce(hints[n], raw[n], f"{prefix}{n}", source) for n in names}
+    values = {n: _coerce(hints[n], raw[n], f"{prefix}{n}", source) for n in given}
     try:
         return cls(**values)
     except MedsegError as err:
         raise MedsegError(f"{source}: {str(err).removeprefix('params: ')}") from None
+
+
+def _has_default(cls: type, name: str) -> bool:
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return not (
+        field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+    )
 
 
 def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
