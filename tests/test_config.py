@@ -371,6 +371,8 @@ def _has_type(value: object, tp: object) -> bool:
         return any(_has_type(value, arg) for arg in typing.get_args(tp))
     if tp is type(None):
         return value is None
+    if origin is typing.Literal:
+        return isinstance(value, str) and value in typing.get_args(tp)
     if origin is list:
         (item,) = typing.get_args(tp)
         return isinstance(value, list) and all(_has_type(v, item) for v in value)

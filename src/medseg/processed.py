@@ -12,12 +12,12 @@ from typing import Any, TypeVar
 import numpy as np
 
 from medseg.config import PreprocessConfig
+from medseg.config.keys import parse
 from medseg.errors import MedsegError
 from medseg.io.atomic import write_json
 from medseg.io.records import read_json
 from medseg.io.shards import CaseStore
 from medseg.names import CLASSES, MAX_CLASSES, PREPROCESS_RECORD
-from medseg.strict import parse
 
 SPLITS = ("train", "val", "test")
 RECORD = PREPROCESS_RECORD
