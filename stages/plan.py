@@ -18,12 +18,12 @@ from typing import Any
 from medseg import names
 from medseg.config import load_all_params, planned_values
 from medseg.errors import MedsegError
-from medseg.fingerprint import fingerprint
 from medseg.io.atomic import check_output
 from medseg.io.records import read_json, read_yaml
-from medseg.plan import format_table, plan, write_plan
+from medseg.planning.fingerprint import fingerprint
+from medseg.planning.plan import format_table, plan, write_plan
+from medseg.planning.probe import probe_key, probe_step_seconds
 from medseg.stage import run_stage, stage_args
-from medseg.training.probe import probe_key, probe_step_seconds
 
 log = logging.getLogger("plan")
 

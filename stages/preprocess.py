@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from medseg.config import PreprocessConfig, load_params, plan_value
 from medseg.io.atomic import check_output
-from medseg.preprocess import preprocess_dataset
+from medseg.preprocess.dataset import preprocess_dataset
 from medseg.stage import run_stage, stage_args
 
 

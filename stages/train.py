@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from medseg.config import TrainConfig, load_params
 from medseg.io.atomic import check_output
 from medseg.stage import run_stage, stage_args
-from medseg.training import fit
+from medseg.training.loop import fit
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -19,15 +19,11 @@ from scipy import ndimage
 
 from medseg.cli import main
 from medseg.config import ConvertConfig, DataConfig, SynthesizeConfig, load_params
-from medseg.convert import (
-    ID_KEY_ENV,
-    MANIFEST_COLUMNS,
-    convert_dataset,
-    id_key,
-    key_fingerprint,
-)
+from medseg.convert.case import MANIFEST_COLUMNS
+from medseg.convert.dataset import convert_dataset
+from medseg.convert.fov import fov_from_image
+from medseg.convert.pseudonyms import ID_KEY_ENV, id_key, key_fingerprint
 from medseg.errors import MedsegError
-from medseg.fov import fov_from_image
 from medseg.io.images import read_raster, write_png
 from medseg.io.reader import read
 from medseg.synthetic import generate_case, write_dataset
@@ -635,7 +631,7 @@ def test_auto_fov_thresholds_where_it_can_and_preprocess_applies_the_plan(tmp_pa
     decides, and passes the decision on in convert.json for predict."""
     from medseg.config import PreprocessConfig
     from medseg.io.shards import CaseStore
-    from medseg.preprocess import preprocess_dataset
+    from medseg.preprocess.dataset import preprocess_dataset
 
     root = tmp_path / "raw"
     for sub in ("images", "masks"):

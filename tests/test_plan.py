@@ -17,10 +17,10 @@ from conftest import REPO, ran, run, write_params
 from scipy import ndimage
 
 from medseg.errors import MedsegError
-from medseg.fingerprint import fingerprint, thin_labels
 from medseg.io.images import write_png
-from medseg.plan import PLANNED_KEYS, format_table, plan
-from medseg.training.probe import probe_step_seconds
+from medseg.planning.fingerprint import fingerprint, thin_labels
+from medseg.planning.plan import PLANNED_KEYS, format_table, plan
+from medseg.planning.probe import probe_step_seconds
 
 FIXED_STEP = {"step_seconds": 0.3, "budget": 2.0}  # a plan with no probe
 
@@ -453,7 +453,7 @@ def test_dvc_repro_with_auto_plans_and_the_stages_follow(reproduced: Path) -> No
     """The session's pipeline leaves channel, contrast, resolution, foreground share, loss,
     post-processing, TTA, FOV fallback and threshold to the plan: what the stages used is what
     plans.json says, and `medseg report` shows the plan."""
-    from medseg.report import compare, to_markdown
+    from medseg.review.report import compare, to_markdown
 
     written = json.loads((reproduced / "plans.json").read_text())
     settings = written["settings"]

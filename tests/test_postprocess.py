@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from medseg.errors import MedsegError
-from medseg.postprocess import (
+from medseg.inference.postprocess import (
     apply,
     as_labels,
     check_operation,

@@ -15,23 +15,16 @@ from typing import Any, TypeVar
 
 from medseg import names
 from medseg.errors import MedsegError, shown
+from medseg.inference.postprocess import check_operation
 from medseg.io.records import read_json, read_yaml
 from medseg.names import (  # importable from here as well, where other modules look for them
-    CLASSES,
-    CONVERT_RECORD,
     MAX_CLASSES,
     MAX_DECODER_BLOCKS,
     MAX_DECODER_WIDTH,
 )
-from medseg.postprocess import check_operation
 from medseg.strict import parse
 
 __all__ = [
-    "CLASSES",
-    "CONVERT_RECORD",
-    "MAX_CLASSES",
-    "MAX_DECODER_BLOCKS",
-    "MAX_DECODER_WIDTH",
     "ConvertConfig",
     "CrossvalConfig",
     "DataConfig",
@@ -43,9 +36,6 @@ __all__ = [
     "label_map",
     "load_all_params",
     "load_params",
-    "parse",
-    "read_json",
-    "shown",
 ]
 
 
@@ -267,7 +257,7 @@ class TrainConfig:
     deterministic: bool
     cache: str = "auto"
     # post-processing candidates, tried on the validation cases after training; the ones that
-    # raise validation Dice go into the model bundle (medseg.postprocess)
+    # raise validation Dice go into the model bundle (medseg.inference.postprocess)
     postprocess: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     budget: float | None = None  # minutes of training the plan buys steps for (epochs: auto)
     step_seconds: float | None = None  # the plan's step time: null measures it (a probe)

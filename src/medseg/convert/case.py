@@ -11,14 +11,15 @@ from pathlib import Path
 import numpy as np
 
 from medseg.config import ConvertConfig
+from medseg.convert.fov import check_fov_keeps_labels, fov_from_image
 from medseg.convert.ids import base_id, source_name
 from medseg.convert.pseudonyms import redact
 from medseg.errors import MedsegError
-from medseg.fov import check_fov_keeps_labels, fov_from_image
 from medseg.io.dicom import header_facts
 from medseg.io.images import mask_to_bool, write_png
 from medseg.io.layouts import CaseFiles, Problem
-from medseg.io.reader import ReadOptions, read, source_format
+from medseg.io.limits import ReadOptions
+from medseg.io.reader import read, source_format
 from medseg.io.seg import is_seg, read_seg_mask
 from medseg.names import AUTO
 
@@ -127,7 +128,7 @@ def _made_fov(
 
     ``auto`` thresholds where that finds an FOV that keeps the labels and otherwise takes the
     whole image without complaint: the plan decides later whether a made FOV is used
-    (`medseg.preprocess.preprocess_dataset`). ``threshold`` refuses a case where it fails.
+    (`medseg.preprocess.dataset.preprocess_dataset`). ``threshold`` refuses a case where it fails.
     """
     if cfg.fov_fallback == "whole_image":
         return np.ones(images.shape[:3], dtype=bool), "whole_image"

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from medseg.config import TrainConfig
-from medseg.data import Augmentation, Batch, PatchSampler, Plan, augment_dihedral
 from medseg.errors import MedsegError
 from medseg.io.shards import CaseStore
-from medseg.processed import open_split
+from medseg.preprocess.processed import open_split
+from medseg.training.data import Augmentation, Batch, PatchSampler, Plan, augment_dihedral
 
 # auto: the training cases are read into RAM when they take at most this share of the memory
 # available now (and at most RAM_CACHE_MAX bytes); else they stay memory-mapped.

@@ -1,6 +1,6 @@
 """Hooks into the fit loop, and the one every run has on its main process: the per-epoch curves.
 
-A `Callback` overrides any of its methods; `medseg.training.Trainer` calls them in this order:
+A `Callback` overrides any of its methods; `medseg.training.loop.Trainer` calls them in this order:
 ``on_run_start``, then per epoch ``on_epoch_start``, ``on_step_end`` after every optimizer step,
 ``on_epoch_end`` with the epoch's logged values (after validation, before the checkpoint), and
 ``on_run_end`` (also when the run stops on an error or a signal). Hooks must not wait for the
@@ -20,7 +20,7 @@ from medseg.training.monitor import GPU_CURVES
 
 
 class TrainerView(Protocol):
-    """What a hook is given of `medseg.training.Trainer` (its other attributes are there as
+    """What a hook is given of `medseg.training.loop.Trainer` (its other attributes are there as
     well); a protocol, so that the loop imports its hooks and not the other way round."""
 
     epoch: int  # epochs done

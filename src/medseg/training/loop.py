@@ -36,8 +36,18 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from medseg.bundle import save_bundle
-from medseg.checkpoint import (
+from medseg.config import TrainConfig
+from medseg.errors import MedsegError
+from medseg.inference.bundle import save_bundle
+from medseg.io.atomic import atomic_dir
+from medseg.labels import LabelSpace
+from medseg.model import build_model, check_names
+from medseg.names import CLASSES
+from medseg.preprocess.processed import open_split, read_class_names
+from medseg.spec import ModelSpec
+from medseg.training.cache import DevicePlan, choose_cache, make_sampler
+from medseg.training.callbacks import Callback, LiveLog
+from medseg.training.checkpoint import (
     CHECKPOINT,
     CheckpointWriter,
     StopSignals,
@@ -47,9 +57,8 @@ from medseg.checkpoint import (
     restore_rng,
     rng_state,
 )
-from medseg.config import TrainConfig
-from medseg.data import Batch, PatchSampler, Plan, augment
-from medseg.distributed import (
+from medseg.training.data import Batch, PatchSampler, Plan, augment
+from medseg.training.distributed import (
     World,
     allsum,
     any_process,
@@ -58,14 +67,7 @@ from medseg.distributed import (
     sync_batchnorm,
     world_from_env,
 )
-from medseg.errors import MedsegError
-from medseg.inference import LabelSpace
-from medseg.io.atomic import atomic_dir
-from medseg.losses import loss_from_config
-from medseg.model import ModelSpec, build_model, check_names
-from medseg.processed import CLASSES, open_split, read_class_names
-from medseg.training.cache import DevicePlan, choose_cache, make_sampler
-from medseg.training.callbacks import Callback, LiveLog
+from medseg.training.losses import loss_from_config
 from medseg.training.monitor import GpuMonitor
 from medseg.training.optim import build_optimizer, build_schedule
 from medseg.training.postchoice import choose_for_bundle

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from medseg.config import TrainConfig
-from medseg.distributed import World
 from medseg.model import resolve_device
+from medseg.training.distributed import World
 
 
 def train_device(cfg: TrainConfig, world: World) -> torch.device:

@@ -1,6 +1,7 @@
 """The step-time probe of the plan: seconds per training step on this machine, measured as the
 train stage runs one. It lives with training (it builds the network, optimizer and loss as
-`medseg.training` does), so that `medseg.plan` stays free of torch and of the training code."""
+`medseg.training` does), so that `medseg.planning.plan` stays free of torch and of the training
+code."""
 
 from __future__ import annotations
 
@@ -39,8 +40,9 @@ def probe_step_seconds(
 
     import torch
 
-    from medseg.losses import loss_from_config
-    from medseg.model import ModelSpec, build_model, resolve_device
+    from medseg.model import build_model, resolve_device
+    from medseg.spec import ModelSpec
+    from medseg.training.losses import loss_from_config
     from medseg.training.optim import build_optimizer
     from medseg.training.precision import amp_dtype
 

@@ -2,10 +2,10 @@
 
 nnU-Net's idea for 2D images of any kind, plus a time budget. Three steps:
 
-1. `medseg.fingerprint.fingerprint` reads the converted **training** cases.
+1. `medseg.planning.fingerprint.fingerprint` reads the converted **training** cases.
 2. `plan` turns the fingerprint into settings by the rules below (each returns its reason);
    a value the user gave explicitly wins, and the plan says so. The number of training steps
-   comes from ``train.budget`` and a measured step time (`medseg.training.probe`, or a fixed
+   comes from ``train.budget`` and a measured step time (`medseg.planning.probe`, or a fixed
    value: the plan is deterministic given it).
 3. `write_plan` writes ``plans.json`` atomically; `format_table` prints it for the log.
 
@@ -21,8 +21,8 @@ from typing import Any
 
 from medseg import names
 from medseg.errors import MedsegError
-from medseg.fingerprint import as_number, structure
 from medseg.io.atomic import write_json
+from medseg.planning.fingerprint import as_number, structure
 
 PLAN_VERSION = 1
 

@@ -8,7 +8,7 @@ thickness on the medial axis; the same for the background between objects, whose
 the detail of a dense tissue). `structure` says from it whether the objects are thin (tubular),
 dense or compact; `thin_labels` applies the same rule to label maps (the evaluate stage uses it
 to leave thin structures without lesion counts). The rules that turn a fingerprint into
-settings are `medseg.plan`'s.
+settings are `medseg.planning.plan`'s.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from scipy import ndimage
 
 from medseg.errors import MedsegError
 from medseg.io.images import binarize, read_labels, read_raster
-from medseg.processed import read_class_names
+from medseg.preprocess.processed import read_class_names
 
 # -- limits: memory stays that of one case whatever the data set's size --
 MIN_TRAIN_CASES = 2
