@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medseg import names
 from medseg.config import load_all_params, planned_values
 from medseg.errors import MedsegError
 from medseg.io.atomic import check_output
@@ -49,12 +48,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     params = load_all_params(args.params)  # every key checked; auto keys by a stand-in
     explicit = planned_values(read_yaml(Path(args.params)))
-    for key, value in (
-        ("convert.fov_fallback", params.convert.fov_fallback),
-        ("evaluate.threshold", params.evaluate.threshold),
-    ):
-        if value != names.AUTO:
-            explicit[key] = value
     check_output(args.out, {"--converted": args.converted, "--params": args.params})
     train, out = params.train, Path(args.out)
     previous = previous_probe(out) if out.is_file() else None

@@ -19,7 +19,8 @@ from scipy import ndimage
 from medseg.errors import MedsegError
 from medseg.io.images import write_png
 from medseg.planning.fingerprint import fingerprint, thin_labels
-from medseg.planning.plan import PLANNED_KEYS, format_table, plan
+from medseg.planning.plan import format_table, plan
+from medseg.planning.settings import DVC_PARAMS, KEYS, SETTINGS
 from medseg.planning.probe import probe_step_seconds
 
 FIXED_STEP = {"step_seconds": 0.3, "budget": 2.0}  # a plan with no probe
@@ -144,7 +145,7 @@ def test_thin_vessels_small_patches_at_full_resolution(vessel_set: Path) -> None
     assert v["preprocess.contrast"] == "clahe"
     # the vessels are dark in green only: green, not rgb and not gray
     assert v["preprocess.channel"] == "green"
-    assert set(result["settings"]) == set(PLANNED_KEYS)
+    assert set(result["settings"]) == set(KEYS)
     assert all(s["source"] == "plan" and s["reason"] for s in result["settings"].values())
 
 
@@ -311,7 +312,7 @@ def test_budget_too_small_for_one_epoch(vessel_set: Path) -> None:
 
 def test_table_has_every_setting(vessel_set: Path) -> None:
     table = format_table(plan(fingerprint(vessel_set), {}, 0.3, 2.0))
-    for key in PLANNED_KEYS:
+    for key in KEYS:
         assert f"| {key} |" in table
 
 
@@ -484,3 +485,39 @@ def test_an_explicit_value_overrides_the_plan_through_dvc(reproduced: Path) -> N
     assert record["channel"] == other
     diff = run(reproduced, "dvc", "params", "diff", "--json").stdout
     assert '"params.preprocess.channel"' in diff  # review sees what the plan's output changed
+
+
+def test_the_table_of_planned_settings_is_the_one_declaration() -> None:
+    """Each planned key is declared once (`medseg.planning.settings`): its rule is a function of
+    the plan module, its key a params key with a stand-in that validates, and the plan stage's
+    DVC params in dvc.yaml are exactly the table's keys and what the probe measures, so a key
+    set explicitly, re-planned, then set back to auto reruns the plan."""
+    import medseg.planning.plan as plan_module
+    from medseg.config import load_all_params
+
+    for setting in SETTINGS:
+        assert callable(getattr(plan_module, setting.rule, None)), setting
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["plan"]
+    assert tuple(stage["params"]) == DVC_PARAMS
+    params = load_all_params(REPO / "params.yaml")  # every auto key by its stand-in
+    for setting in SETTINGS:
+        section = getattr(params, setting.section)
+        value = getattr(section, setting.name)
+        raw = yaml.safe_load((REPO / "params.yaml").read_text())[setting.section][setting.name]
+        if raw == "auto" and not setting.before_plan:
+            assert value == setting.stand_in, setting.key
+
+
+def test_a_key_outside_the_table_is_refused(vessel_set: Path) -> None:
+    """The rules set exactly the table's keys: a key the plan would set but the table does not
+    declare stops the plan (a programming error, caught by this test, not by a user)."""
+    import medseg.planning.plan as plan_module
+
+    fp = fingerprint(vessel_set)
+    original = plan_module.KEYS
+    try:
+        plan_module.KEYS = (*original, "train.lr")
+        with pytest.raises(AssertionError, match="the table has"):
+            plan(fp, {}, 0.3, 2.0)
+    finally:
+        plan_module.KEYS = original

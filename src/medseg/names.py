@@ -62,18 +62,7 @@ BLENDINGS = ("gaussian", "constant")  # evaluate.blending: weights of overlappin
 AUTO = "auto"  # evaluate.threshold and train.amp_cpu: decided from the model or the machine
 BOUNDARY_UNITS = (AUTO, "px", "mm")  # evaluate.boundary_unit
 
-# --- the plan (medseg.planning.plan) ---
-# section -> keys whose value may be ``auto``: the plan stage chooses them and writes them into
-# plans.json ("params" -> section -> key), where the stages that use them read them. Besides
-# these, convert.fov_fallback and evaluate.threshold take ``auto`` as a value of their own.
-PLANNED = {
-    "preprocess": ("channel", "contrast", "max_side"),
-    "train": (
-        "patch_size", "batch_size", "foreground_fraction", "loss", "epochs",
-        "patches_per_epoch", "postprocess",
-    ),
-    "evaluate": ("window", "tta"),
-}  # fmt: skip
+# --- the plan (medseg.planning.plan; its keys: medseg.planning.settings) ---
 PLAN_FILE = "plans.json"
 
 # --- files one stage writes and a later one (or a model bundle) reads ---
