@@ -88,7 +88,8 @@ def fit(
     on validation, `medseg.training.postchoice`) and ``last.safetensors``, each with a ``.json``
     spec, and per-epoch curves (dvclive, when installed) into ``logs_dir``. With
     ``checkpoint_dir``, a checkpoint is written there after every epoch and on a stop signal,
-    resumed when it matches, and removed at the end. Under ``torchrun`` only rank 0 writes. ``callbacks`` run after the curves'.
+    resumed when it matches, and removed at the end. Under ``torchrun`` only rank 0 writes.
+    ``callbacks`` run after the curves'.
 
     Returns:
         A summary: best epoch, best validation Dice, images per second of the last epoch.
