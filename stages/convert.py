@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from medseg.config import ConvertConfig, DataConfig, load_params
-from medseg.convert import convert_dataset
+from medseg.config import load_params
+from medseg.config.sections import ConvertConfig, DataConfig
+from medseg.convert.dataset import convert_dataset
 from medseg.io.atomic import check_output
 from medseg.stage import run_stage, stage_args
 

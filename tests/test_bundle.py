@@ -11,12 +11,20 @@ import pytest
 import torch
 from conftest import make_bundle
 
-from medseg.bundle import POSTPROCESS, THRESHOLD, _weights_metadata, load_bundle, read_weights
-from medseg.config import ConvertConfig, PreprocessConfig
+from medseg.config.sections import ConvertConfig, PreprocessConfig
 from medseg.errors import MedsegError
-from medseg.inference import Predictor, WindowSettings
-from medseg.model import ModelSpec, build_model
+from medseg.inference.bundle import (
+    POSTPROCESS,
+    THRESHOLD,
+    _weights_metadata,
+    load_bundle,
+    read_weights,
+)
+from medseg.inference.predictor import Predictor
+from medseg.inference.window import WindowSettings
+from medseg.model import build_model
 from medseg.names import BUNDLE_FORMAT, BUNDLE_FORMAT_KEY
+from medseg.spec import ModelSpec
 
 SPEC = ModelSpec("unet", "resnet18", [16, 8, 8, 8, 8], in_channels=1, classes=1)
 
@@ -185,7 +193,7 @@ def test_weights_files_are_the_same_bytes_in_every_process():
     import sys
 
     code = (
-        "import hashlib, torch; from medseg.bundle import safetensors_bytes; "
+        "import hashlib, torch; from medseg.inference.bundle import safetensors_bytes; "
         "m = {'medseg.threshold': '0.5', 'medseg.postprocess': '{}', 'other': 'x'}; "
         "print(hashlib.sha256(safetensors_bytes({'w': torch.ones(2)}, m)).hexdigest())"
     )

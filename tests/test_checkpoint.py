@@ -10,7 +10,9 @@ import pytest
 import torch
 from conftest import tiny_params, write_params
 
-from medseg.checkpoint import (
+from medseg.config import load_params
+from medseg.config.sections import TrainConfig
+from medseg.training.checkpoint import (
     CheckpointWriter,
     StopSignals,
     load_checkpoint,
@@ -19,7 +21,6 @@ from medseg.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from medseg.config import TrainConfig, load_params
 
 
 @pytest.fixture

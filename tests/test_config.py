@@ -18,14 +18,8 @@ from conftest import REPO, tiny_params, write_params
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from medseg.config import (
-    DataConfig,
-    EvaluateConfig,
-    Params,
-    TrainConfig,
-    load_all_params,
-    load_params,
-)
+from medseg.config import load_all_params, load_params
+from medseg.config.sections import DataConfig, EvaluateConfig, Params, TrainConfig
 from medseg.errors import MedsegError
 
 
@@ -155,7 +149,7 @@ def test_bad_data_classes_are_refused_naming_the_key(classes: dict, message: str
 
 
 def test_data_classes_map_values_to_labels_in_order():
-    from medseg.config import label_map
+    from medseg.config.sections import label_map
 
     assert label_map({"liver": 63, "kidney": [126, 189]}) == {63: 1, 126: 2, 189: 2}
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import make_store
 
-from medseg.data import Augmentation, PatchSampler
 from medseg.training.cache import DevicePatchSampler, DevicePlan
+from medseg.training.data import Augmentation, PatchSampler
 
 AFFINE = Augmentation(prob=1.0, rotate=30.0, scale=0.2, brightness=0.1, contrast=0.1, gamma=0.2)
 
@@ -83,7 +83,8 @@ def test_cuda_crops_equal_host_crops(tmp_path: Path):
 def test_choose_cache_on_cpu(tmp_path: Path):
     from conftest import tiny_params, write_params
 
-    from medseg.config import TrainConfig, load_params
+    from medseg.config import load_params
+    from medseg.config.sections import TrainConfig
     from medseg.training.cache import choose_cache
 
     store = make_store(tmp_path / "d", *_mixed_cases(1, 2))

@@ -23,6 +23,7 @@ from pydantic import TypeAdapter
 from medseg import names
 from medseg.config.keys import bounds_text
 from medseg.config.sections import Params
+from medseg.planning.settings import KEYS as AUTO_KEYS
 
 MARKDOWN = Path("docs/params.md")
 SCHEMA = Path("docs/params.schema.json")
@@ -85,7 +86,7 @@ def params_markdown() -> str:
 
 def params_schema() -> dict[str, Any]:
     """The JSON Schema of ``params.yaml``: every key required, none other allowed, ``auto``
-    allowed where the plan chooses (`medseg.names.PLANNED`), defaults as shipped."""
+    allowed where the plan chooses (`medseg.planning.settings`), defaults as shipped."""
     schema = TypeAdapter(Params).json_schema()
     for name, cls in sections().items():
         definition = schema["$defs"][cls.__name__]
@@ -93,7 +94,7 @@ def params_schema() -> dict[str, Any]:
         for key, prop in definition["properties"].items():
             prop.pop("x-unit", None)
             prop.pop("title", None)
-            if key in names.PLANNED.get(name, ()):
+            if f"{name}.{key}" in AUTO_KEYS and names.AUTO not in prop.get("enum", ()):
                 inner = {k: v for k, v in prop.items() if k not in ("default", "description")}
                 prop.clear()
                 prop.update(

@@ -4,10 +4,11 @@ messages, ``docs/params.md`` and ``docs/params.schema.json`` are derived from th
 declarations (`medseg.config.reference`); the reference's section text is each class's
 docstring.
 
-A key's ``default`` is the value the shipped ``params.yaml`` holds (``auto`` for the keys the
-plan chooses, `medseg.lists.PLANNED`); every key must still be written in ``params.yaml``. Its
-``absent`` value is what a record without it means (a model bundle written before the key
-existed, `medseg.bundle`).
+A key's first value is the one the shipped ``params.yaml`` holds (``auto`` for the keys the
+plan chooses, `medseg.planning.settings`): the default the reference shows; every key must still
+be written in ``params.yaml``. Its ``default=`` is what a record without it means (a model bundle
+written before the key existed, `medseg.inference.bundle`) and what code that builds a section
+gets.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pydantic import Field
 from medseg import names as lists
 from medseg.config.keys import SAME, check_choices, key, section
 from medseg.errors import MedsegError, shown
+from medseg.inference.postprocess import check_operation
 from medseg.names import MAX_CLASSES, MAX_DECODER_BLOCKS, MAX_DECODER_WIDTH
-from medseg.postprocess import check_operation
 
 _CLASS_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 

@@ -1,5 +1,5 @@
 """The sliding window (MONAI's ``SlidingWindowInferer``, nnU-Net's Gaussian weighting): padded
-windows in batches over any `medseg.inference.Runner`, Gaussian or constant blending, flip
+windows in batches over any `medseg.inference.runners.Runner`, Gaussian or constant blending, flip
 test-time augmentation. Settings travel as one `WindowSettings`."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from medseg.names import BLENDINGS
 if TYPE_CHECKING:
     import torch
 
-    from medseg.config import EvaluateConfig
+    from medseg.config.sections import EvaluateConfig
 
 # sigma of the Gaussian weight as a share of the window side (nnU-Net's choice): the centre of a
 # window, which saw the most context, outweighs its rim where windows overlap

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from medseg.config import TrainConfig
-from medseg.distributed import World
+from medseg.config.sections import TrainConfig
 from medseg.model import resolve_device
+from medseg.training.distributed import World
 
 
 def train_device(cfg: TrainConfig, world: World) -> torch.device:

@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from medseg.config import PreprocessConfig
 from medseg.config.keys import parse
+from medseg.config.sections import PreprocessConfig
 from medseg.errors import MedsegError
 from medseg.io.atomic import write_json
 from medseg.io.records import read_json
