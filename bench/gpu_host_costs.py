@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 from harness import machine, rounds, table
 
-from medseg.config import TrainConfig, load_params
+from medseg.config import load_params
+from medseg.config.sections import TrainConfig
 from medseg.preprocess.processed import open_split
 from medseg.training.checkpoint import CheckpointWriter
 from medseg.training.data import Augmentation, PatchSampler

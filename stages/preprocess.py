@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from medseg.config import ConvertConfig, PreprocessConfig, load_params
+from medseg.config import load_params
+from medseg.config.sections import ConvertConfig, PreprocessConfig
 from medseg.io.atomic import check_output
 from medseg.preprocess.dataset import preprocess_dataset
 from medseg.stage import run_stage, stage_args

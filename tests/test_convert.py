@@ -19,7 +19,8 @@ from PIL import Image
 from scipy import ndimage
 
 from medseg.cli import main
-from medseg.config import ConvertConfig, DataConfig, SynthesizeConfig, load_params
+from medseg.config import load_params
+from medseg.config.sections import ConvertConfig, DataConfig, SynthesizeConfig
 from medseg.convert.case import MANIFEST_COLUMNS
 from medseg.convert.dataset import convert_dataset
 from medseg.convert.fov import fov_from_image
@@ -630,7 +631,7 @@ def test_auto_fov_thresholds_every_case_alike_and_preprocess_applies_the_plan(tm
     photograph on black and a dark lesion at the border alike), records the share of labels it
     leaves out (fov_cut) without refusing or switching; preprocess then uses or drops all the
     made FOVs as the plan decides, and passes the decision on in convert.json for predict."""
-    from medseg.config import PreprocessConfig
+    from medseg.config.sections import PreprocessConfig
     from medseg.io.shards import CaseStore
     from medseg.preprocess.dataset import preprocess_dataset
 

@@ -14,7 +14,8 @@ from conftest import REPO, STAGES, make_bundle, make_project, make_store, run, t
 from PIL import Image
 
 from medseg.cli import main, write_crossval_pipeline
-from medseg.config import CrossvalConfig, EvaluateConfig, PreprocessConfig, TrainConfig
+from medseg.config.keys import parse
+from medseg.config.sections import CrossvalConfig, EvaluateConfig, PreprocessConfig, TrainConfig
 from medseg.errors import MedsegError
 from medseg.evaluation.crossval import ensemble_folds, split_folds, write_folds
 from medseg.evaluation.evaluate import evaluate_model
@@ -23,7 +24,6 @@ from medseg.names import CLASSES
 from medseg.preprocess.dataset import split_cases
 from medseg.preprocess.processed import RECORD, save_record
 from medseg.spec import ModelSpec
-from medseg.strict import parse
 from medseg.training.loop import fit
 
 CFG = EvaluateConfig(

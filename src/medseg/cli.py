@@ -144,7 +144,7 @@ def _threshold(text: str) -> float | str:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from medseg.config import EvaluateConfig
+    from medseg.config.sections import EvaluateConfig
     from medseg.inference.predict import predict_files  # imports torch: only when predicting
 
     try:
@@ -210,7 +210,8 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _find_source(args: argparse.Namespace) -> None:
-    from medseg.config import DataConfig, load_params
+    from medseg.config import load_params
+    from medseg.config.sections import DataConfig
     from medseg.convert.pseudonyms import find_sources, id_key
 
     root = Path(load_params(args.params, DataConfig).root)

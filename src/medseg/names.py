@@ -72,6 +72,12 @@ CONVERT_RECORD = "convert.json"
 # (the data's labels for train, the metrics' names for evaluate).
 CLASSES = "classes.json"
 PREPROCESS_RECORD = "preprocess.json"  # the preprocess params, for `medseg predict`
+# The model bundle's format (major, minor), written into the metadata of its weights (and of an
+# ONNX export) as "1.1" under BUNDLE_FORMAT_KEY. A minor version may add keys to the records,
+# each with a default that a bundle without it gets; a major version is one an older medseg
+# cannot read, and refuses. 1.0: bundles written before the format was (no key); 1.1: the key.
+BUNDLE_FORMAT = (1, 1)
+BUNDLE_FORMAT_KEY = "medseg.bundle_format"
 
 # --- bounds on the network's size, shared by the params schema and a saved model's spec:
 # far above any useful value, far below one that would allocate memory for hours ---

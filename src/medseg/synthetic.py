@@ -29,7 +29,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
-from medseg.config import SynthesizeConfig
+from medseg.config.sections import SynthesizeConfig
 
 _SUPERSAMPLE = 2
 # Ophthalmic Photography 8 Bit Image Storage: what a fundus camera writes.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.config import ConvertConfig
+from medseg.config.sections import ConvertConfig
 from medseg.convert.fov import check_fov_keeps_labels, fov_from_image, labels_outside
 from medseg.convert.ids import base_id, source_name
 from medseg.convert.pseudonyms import redact

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from medseg.config import ConvertConfig, DataConfig, label_map
+from medseg.config.sections import ConvertConfig, DataConfig, label_map
 from medseg.convert.case import MANIFEST_COLUMNS, Job, Result, convert_case
 from medseg.convert.fov import FOV_LABEL_TOLERANCE
 from medseg.convert.ids import check_unique_ids

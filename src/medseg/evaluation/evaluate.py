@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.config import EvaluateConfig
+from medseg.config.sections import EvaluateConfig
 from medseg.errors import MedsegError
 from medseg.inference.bundle import load_bundle
 from medseg.inference.predictor import Predictor

@@ -21,11 +21,18 @@ import torch
 
 from medseg import __version__
 from medseg.errors import MedsegError
-from medseg.inference.bundle import POSTPROCESS, THRESHOLD, Bundle, load_bundle
+from medseg.inference.bundle import (
+    POSTPROCESS,
+    THRESHOLD,
+    Bundle,
+    format_text,
+    load_bundle,
+)
 from medseg.inference.onnx_model import FORMAT, INPUT, OUTPUT, SUFFIX, require
 from medseg.inference.postprocess import steps_record
 from medseg.inference.runners import Runner, TorchRunner, activate, model_divisor
 from medseg.inference.window import pad_to_multiple
+from medseg.names import BUNDLE_FORMAT, BUNDLE_FORMAT_KEY
 
 FORMATS = ("onnx",)
 OPSET = 17  # ONNX opset: onnxruntime >= 1.14 and TensorRT 8.6 read it
@@ -105,6 +112,7 @@ def metadata(bundle: Bundle, divisor: int) -> dict[str, str]:
     convert = asdict(bundle.convert) if bundle.convert is not None else None
     return {
         "medseg.format": FORMAT,
+        BUNDLE_FORMAT_KEY: format_text(BUNDLE_FORMAT),
         "medseg.spec": json.dumps(asdict(bundle.spec)),
         "medseg.divisor": str(divisor),
         "medseg.preprocess": json.dumps(asdict(bundle.preprocess)),

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from medseg.config import EvaluateConfig, PreprocessConfig
+from medseg.config.sections import EvaluateConfig, PreprocessConfig
 from medseg.convert.fov import fov_from_image
 from medseg.errors import MedsegError
 from medseg.inference.bundle import Bundle, load_bundle

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medseg.config import PreprocessConfig
+from medseg.config.sections import PreprocessConfig
 from medseg.errors import MedsegError
 from medseg.io.atomic import atomic_dir, write_json
 from medseg.io.images import binarize, read_labels, read_raster

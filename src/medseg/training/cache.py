@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medseg.config import TrainConfig
+from medseg.config.sections import TrainConfig
 from medseg.errors import MedsegError
 from medseg.io.shards import CaseStore
 from medseg.names import CLASSES

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medseg.config import TrainConfig
+from medseg.config.sections import TrainConfig
 
 log = logging.getLogger(__name__)
 

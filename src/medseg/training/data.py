@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medseg.config import TrainConfig
+from medseg.config.sections import TrainConfig
 from medseg.io.shards import CaseStore
 
 

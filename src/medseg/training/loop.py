@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from medseg.config import TrainConfig
+from medseg.config.sections import TrainConfig
 from medseg.errors import MedsegError
 from medseg.inference.bundle import save_bundle
 from medseg.io.atomic import atomic_dir

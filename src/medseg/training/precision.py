@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from medseg.config import TrainConfig
+from medseg.config.sections import TrainConfig
 from medseg.model import resolve_device
 from medseg.training.distributed import World
 
