@@ -8,7 +8,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,14 @@ from medseg.config import EvaluateConfig, PreprocessConfig
 from medseg.errors import MedsegError
 from medseg.fov import fov_from_image
 from medseg.inference import LabelSpace, Predictor, WindowSettings, to_uint16
-from medseg.io.atomic import cleaned_up, output_errors, remove_leftovers, temp_dir, write_json
+from medseg.io.atomic import (
+    cleaned_up,
+    output_errors,
+    publish,
+    remove_leftovers,
+    temp_dir,
+    write_json,
+)
 from medseg.io.images import binarize, write_png
 from medseg.io.reader import IMAGE_SUFFIXES, ReadOptions, read, source_format
 from medseg.transforms import prepare_image
@@ -260,7 +266,7 @@ def predict_files(
         record = _written(out)
         for rel in written:
             record[rel.as_posix()] = _sha256(tmp / rel)
-            os.replace(tmp / rel, out / rel)
+            publish(tmp / rel, out / rel)
         write_json(out / WRITTEN, {"files": dict(sorted(record.items()))})
     shutil.rmtree(tmp, ignore_errors=True)
     return [out / n for n in names]
