@@ -41,6 +41,7 @@ from medseg.io.images import write_png
 from medseg.io.shards import CaseStore, write_view
 from medseg.preprocess import shuffled_groups, source_groups
 from medseg.processed import Case, open_split, read_case
+from medseg.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ def ensemble_folds(
     with atomic_dir(out) as tmp:
         for name in names:
             (tmp / "probabilities" / name).mkdir(parents=True)
-        for i in test:
+        for i in progress(test, desc="ensemble"):
             case = read_case(test, i)
             _ensemble_case(case, segmenters, tallies, tmp, spacings[i])
             if case.mask2 is not None:

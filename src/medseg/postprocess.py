@@ -19,6 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from medseg.errors import MedsegError
+from medseg.progress import progress
 
 # 8-connectivity in 2D: a diagonal step joins two pixels, as the eye sees a thin oblique line.
 _CONNECTIVITY = ndimage.generate_binary_structure(2, 2)
@@ -259,22 +260,28 @@ def choose(
             found.update(int(v) for v in np.unique(truth))
         classes = sorted(v for v in found if v > 0)
     choice = Choice({}, {}, {}, {})
-    for k in classes:
-        masks = [(pred == k, (truth == k) & inside, inside) for pred, truth, inside in prepared]
-        kept: list[dict[str, object]] = []
-        best = _pooled_dice(masks, kept)
-        choice.dice_before[k] = best
-        choice.tried[k] = []
-        for spec in candidates:
-            trial = [*kept, dict(spec)]
-            dice = _pooled_dice(masks, trial)
-            keep = dice > best + MIN_GAIN
-            verdict = "kept" if keep else "not kept"
-            choice.tried[k].append(f"{_describe(spec)}: Dice {best:.4f} -> {dice:.4f}, {verdict}")
-            if keep:
-                kept, best = trial, dice
-        choice.steps[k] = kept
-        choice.dice_after[k] = best
+    trials = len(classes) * (1 + len(candidates))
+    with progress(total=trials, desc="post-processing: choose", unit="trial") as bar:
+        for k in classes:
+            masks = [(pred == k, (truth == k) & inside, inside) for pred, truth, inside in prepared]
+            kept: list[dict[str, object]] = []
+            best = _pooled_dice(masks, kept)
+            bar.update()
+            choice.dice_before[k] = best
+            choice.tried[k] = []
+            for spec in candidates:
+                trial = [*kept, dict(spec)]
+                dice = _pooled_dice(masks, trial)
+                bar.update()
+                keep = dice > best + MIN_GAIN
+                verdict = "kept" if keep else "not kept"
+                choice.tried[k].append(
+                    f"{_describe(spec)}: Dice {best:.4f} -> {dice:.4f}, {verdict}"
+                )
+                if keep:
+                    kept, best = trial, dice
+            choice.steps[k] = kept
+            choice.dice_after[k] = best
     return choice
 
 

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from medseg.bundle import Bundle, load_bundle
 from medseg.config import EvaluateConfig, PreprocessConfig
@@ -30,6 +29,7 @@ from medseg.io.atomic import (
 )
 from medseg.io.images import binarize, write_png
 from medseg.io.reader import IMAGE_SUFFIXES, ReadOptions, read, source_format
+from medseg.progress import progress
 from medseg.transforms import prepare_image
 
 PROBABILITIES = "probabilities"
@@ -248,8 +248,8 @@ def predict_files(
     with _removed_on_failure(created), cleaned_up(tmp, out):
         if probabilities:
             (tmp / PROBABILITIES).mkdir()
-        for path, name in tqdm(
-            list(zip(files, names, strict=True)), desc="predict", unit="image", disable=None
+        for path, name in progress(
+            list(zip(files, names, strict=True)), desc="predict", unit="image"
         ):
             image = read_input(bundle, path)
             fov_mask = input_fov(bundle, fovs[path], image, path)

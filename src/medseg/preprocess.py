@@ -30,6 +30,7 @@ from medseg.processed import (
     read_class_names,
     save_record,
 )
+from medseg.progress import progress
 from medseg.transforms import in_channels, prepare_image, resize_image, resize_labels
 
 # The stage's own names, and those the modules reading processed data import from here.
@@ -202,7 +203,8 @@ def _write_split(
     fg = np.zeros(n_labels, dtype=np.int64)
     inside = resized = pixels = 0
     try:
-        for row in rows.itertuples(index=False):
+        cases = progress(rows.itertuples(index=False), total=len(rows), desc=f"preprocess {split}")
+        for row in cases:
             arrays, meta = _prepare_case(row, converted, cfg, n_labels, whole)
             writer.add(str(row.case_id), arrays, **meta)
             fg[1:] += arrays["fg_rows"].sum(axis=1)

@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from medseg.bundle import save_bundle
 from medseg.checkpoint import (
@@ -64,6 +63,7 @@ from medseg.io.atomic import atomic_dir
 from medseg.losses import loss_from_config
 from medseg.model import ModelSpec, build_model, check_names
 from medseg.processed import CLASSES, open_split, read_class_names
+from medseg.progress import progress
 from medseg.training.cache import DevicePlan, choose_cache, make_sampler
 from medseg.training.callbacks import Callback, LiveLog
 from medseg.training.monitor import GpuMonitor
@@ -267,10 +267,9 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self._emit("on_epoch_start")
-        bar = tqdm(
-            self.batches(plan, first), total=self.steps, initial=first,
-            desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
-            disable=None if self.world.main else True,
+        bar = progress(
+            self.batches(plan, first), total=self.steps, initial=first, unit="step",
+            desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False, show=self.world.main,
         )  # fmt: skip
         # the bar shows the loss on a CPU only: there .item() costs nothing, on a GPU it waits
         show_loss = not bar.disable and self.device.type == "cpu"

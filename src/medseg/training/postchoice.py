@@ -21,6 +21,7 @@ from medseg.io.shards import CaseStore
 from medseg.model import ModelSpec, build_model
 from medseg.postprocess import Choice, Steps, choose
 from medseg.processed import read_case
+from medseg.progress import progress
 from medseg.training.validation import VALIDATION_THRESHOLD
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def validation_predictions(
         memory holds the predictions only.
     """
     cases = []
-    for i in val:
+    for i in progress(val, desc="post-processing: predict"):
         case = read_case(val, i)
         pred, _ = predictor.predict(case.image, case.fov, out_fov=case.truth_fov)
         cases.append((pred, case.truth, case.truth_fov))

@@ -12,6 +12,7 @@ from medseg.evaluation import ScoreTally
 from medseg.inference import LabelSpace, Predictor, TorchRunner
 from medseg.io.shards import CaseStore
 from medseg.processed import read_case
+from medseg.progress import progress
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ def validate(
     model.eval()
     predictor = Predictor([TorchRunner(model, device)], labels, VALIDATION_THRESHOLD)
     tally = ScoreTally(labels.channels, list(labels.names), light=True)
-    for i in val:
+    for i in progress(val, desc="validation", leave=False):
         case = read_case(val, i)
         pred, probs = predictor.predict(case.image, case.fov, out_fov=case.truth_fov)
         tally.add(case.case_id, probs, pred, case.truth, case.truth_fov)
