@@ -69,7 +69,7 @@ from medseg.training.callbacks import Callback, LiveLog
 from medseg.training.monitor import GpuMonitor
 from medseg.training.optim import build_optimizer, build_schedule
 from medseg.training.postchoice import choose_for_bundle
-from medseg.training.precision import amp_dtype, backend_flags, train_device
+from medseg.training.precision import amp_dtype, backend_flags, cpu_threads, train_device
 from medseg.training.validation import validate
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,8 @@ def fit(
     check_names(cfg.arch, cfg.encoder)
     world = world_from_env()
     device = train_device(cfg, world)
+    if device.type == "cpu":
+        cpu_threads(cfg.deterministic)  # the cores other processes leave free
     with process_group(world, device), backend_flags(cfg, device), StopSignals() as stop:
         hooks = [LiveLog(logs_dir)] if world.main else []
         trainer = Trainer(

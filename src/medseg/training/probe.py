@@ -4,9 +4,31 @@ train stage runs one. It lives with training (it builds the network, optimizer a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+# other processes' CPU use during a probe (in cores) above which its step time is not this
+# machine's: the plan still uses it, but a later plan measures again instead of keeping it
+BUSY_CORES = 0.5
+
+
+@dataclass(frozen=True)
+class StepProbe:
+    """What a probe measured: ``seconds`` a step (the median), the torch ``threads`` it ran on
+    (on a CPU), and ``other_cores``: how many of this process's CPUs other processes kept busy
+    meanwhile, on average (`medseg.training.precision.other_cores`; 0.0 on a GPU or where
+    unknown)."""
+
+    seconds: float
+    threads: int
+    other_cores: float
+
+    @property
+    def busy(self) -> bool:
+        """Whether other processes took more than `BUSY_CORES` while it measured."""
+        return self.other_cores > BUSY_CORES
 
 
 def probe_step_seconds(
@@ -16,14 +38,16 @@ def probe_step_seconds(
     steps: int = 5,
     warmup: int = 3,
     device: str | None = None,
-) -> float:
+) -> StepProbe:
     """Seconds per training step on this machine, measured as train runs one.
 
     Builds the network from ``cfg`` (`medseg.model.build_model` of its spec), its optimizer and
     loss as `medseg.training` does, and times ``steps`` forward/backward/optimizer steps on a
     random batch of ``cfg.batch_size`` x ``in_channels`` x ``cfg.patch_size``^2 after
     ``warmup`` steps (allocator, kernel choice); the median step. Patch cutting and
-    augmentation are not included (`TRAIN_SHARE` leaves room for them).
+    augmentation are not included (`TRAIN_SHARE` leaves room for them). On a CPU it runs on
+    the threads train would take (`medseg.training.precision.cpu_threads`; torch's setting is
+    restored after) and watches the other processes' CPU use while it measures.
 
     Args:
         cfg: the train params (`medseg.config.TrainConfig`) with the planned patch and batch.
@@ -33,18 +57,37 @@ def probe_step_seconds(
         device: default ``cfg.device`` (``auto``: CUDA when present).
 
     Returns:
-        The median seconds per step.
+        The median seconds per step, the threads, the other processes' CPU use.
     """
+    import torch
+
+    from medseg.model import resolve_device
+    from medseg.training.precision import cpu_sample, cpu_threads, other_cores
+
+    dev = resolve_device(device or cfg.device)
+    saved = torch.get_num_threads()
+    try:
+        threads = cpu_threads(cfg.deterministic) if dev.type == "cpu" else saved
+        before = cpu_sample()
+        seconds = _median_step(cfg, in_channels, dev, steps, warmup)
+        other = other_cores(before, cpu_sample()) if dev.type == "cpu" else 0.0
+    finally:
+        torch.set_num_threads(saved)
+    return StepProbe(seconds, threads, round(other, 2))
+
+
+def _median_step(cfg: Any, in_channels: int, dev: Any, steps: int, warmup: int) -> float:
+    """The median seconds of ``steps`` training steps after ``warmup`` (see
+    `probe_step_seconds`), on the torch device ``dev``."""
     import time
 
     import torch
 
     from medseg.losses import loss_from_config
-    from medseg.model import ModelSpec, build_model, resolve_device
+    from medseg.model import ModelSpec, build_model
     from medseg.training.optim import build_optimizer
     from medseg.training.precision import amp_dtype
 
-    dev = resolve_device(device or cfg.device)
     torch.manual_seed(0)
     model = build_model(ModelSpec.from_config(cfg, in_channels)).to(dev)
     if cfg.channels_last:
