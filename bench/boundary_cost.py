@@ -3,12 +3,14 @@
 Issue 20's target: HD95, ASSD and NSD add at most 20% to the evaluate stage, on DRIVE and on a
 512x512 CT set. Per case this times, on one thread of its own:
 
-- ``boundary``: `medseg.boundary.boundary_scores` (HD95, ASSD, NSD at 1 pixel), as the evaluate
+- ``boundary``: `medseg.scoring.boundary.boundary_scores` (HD95, ASSD, NSD at 1 pixel), as the
+evaluate
   stage would call it, and ``scipy EDT``: its boundaries and distances (no statistics) with
   scipy's ``distance_transform_edt`` instead of the ``edt`` package (the reason for that
   dependency);
-- ``lesions``: `medseg.lesions.lesion_counts` (components, matching, PQ);
-- ``inference``: `medseg.inference.Predictor.predict` with params.yaml's network (untrained: the
+- ``lesions``: `medseg.scoring.lesions.lesion_counts` (components, matching, PQ);
+- ``inference``: `medseg.inference.predictor.Predictor.predict` with params.yaml's network
+(untrained: the
   time does not depend on the weights) and evaluate settings, on an image of the case's size, with
   ``--threads`` threads (the evaluate stage's cost is this plus the pixel metrics and the
   outputs, so the ratio printed is an upper bound of the share of the stage).
@@ -32,12 +34,16 @@ import torch
 from harness import machine, rounds, table
 from scipy import ndimage
 
-from medseg.boundary import boundary, boundary_scores
 from medseg.config import EvaluateConfig, TrainConfig, load_params
-from medseg.inference import LabelSpace, Predictor, WindowSettings, as_runner, prepare_model
+from medseg.inference.predictor import Predictor
+from medseg.inference.runners import as_runner, prepare_model
+from medseg.inference.window import WindowSettings
 from medseg.io.images import binarize, read_raster
-from medseg.lesions import lesion_counts
-from medseg.model import ModelSpec, build_model
+from medseg.labels import LabelSpace
+from medseg.model import build_model
+from medseg.scoring.boundary import boundary, boundary_scores
+from medseg.scoring.lesions import lesion_counts
+from medseg.spec import ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
 Case = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # prediction, truth, FOV

@@ -55,11 +55,12 @@ def write_store(out: Path, n_cases: int, size: int) -> None:
     them (a ``train`` split and an empty ``val``)."""
     import yaml
 
-    from medseg.config import SynthesizeConfig, parse
+    from medseg.config import SynthesizeConfig
     from medseg.io.shards import ShardWriter
-    from medseg.preprocess import case_arrays
+    from medseg.preprocess.dataset import case_arrays
+    from medseg.preprocess.transforms import normalize_in_fov, select_channel
+    from medseg.strict import parse
     from medseg.synthetic import generate_case
-    from medseg.transforms import normalize_in_fov, select_channel
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())["synthesize"]
     raw.update(height=size, width=size, n_train=n_cases)
@@ -80,8 +81,9 @@ def child(args: argparse.Namespace) -> None:
     import torch
     import yaml
 
-    from medseg.config import TrainConfig, parse
-    from medseg.training import Trainer
+    from medseg.config import TrainConfig
+    from medseg.strict import parse
+    from medseg.training.loop import Trainer
     from medseg.training.precision import cpu_threads
 
     if args.free_cores:

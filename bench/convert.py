@@ -32,7 +32,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from medseg.config import ConvertConfig, DataConfig
-from medseg.convert import convert_dataset
+from medseg.convert.dataset import convert_dataset
 from medseg.io.images import write_png
 from medseg.pool import worker_count
 

@@ -19,16 +19,20 @@ import numpy as np
 import torch
 from harness import Timing, machine, rounds, table
 
-from medseg.bundle import save_bundle
 from medseg.config import EvaluateConfig, PreprocessConfig, TrainConfig, load_params
-from medseg.evaluation import ScoreTally, SecondObserver, evaluate_model
-from medseg.inference import LabelSpace, WindowSettings, predict_probabilities, prepare_model
+from medseg.evaluation.evaluate import evaluate_model
+from medseg.inference.bundle import save_bundle
+from medseg.inference.runners import prepare_model
+from medseg.inference.window import WindowSettings, predict_probabilities
 from medseg.io.images import binarize, read_raster
 from medseg.io.shards import CaseStore, ShardWriter
-from medseg.model import ModelSpec, build_model
-from medseg.preprocess import case_arrays
-from medseg.processed import RECORD, read_case, save_record
-from medseg.transforms import prepare_image
+from medseg.labels import LabelSpace
+from medseg.model import build_model
+from medseg.preprocess.dataset import case_arrays
+from medseg.preprocess.processed import RECORD, read_case, save_record
+from medseg.preprocess.transforms import prepare_image
+from medseg.scoring.tally import ScoreTally, SecondObserver
+from medseg.spec import ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,9 +1,9 @@
 """Benchmark: seconds per DRIVE-sized image for the torch model and its ONNX export run by
 onnxruntime, on the CPU with the same thread count, through the one case-prediction function
-(`medseg.inference.Predictor`); and the largest difference of their probabilities.
+(`medseg.inference.predictor.Predictor`); and the largest difference of their probabilities.
 
 The model is an untrained network of the repository's params (timing does not depend on the
-weights), exported with `medseg.export.export_onnx`. The images are the DRIVE test images,
+weights), exported with `medseg.inference.export.export_onnx`. The images are the DRIVE test images,
 preprocessed the pipeline's way, where ../shared/datasets/DRIVE holds them; else seeded random
 565x584 images. An untimed pass gives the probabilities to compare; then the runtimes take turns
 (`harness.turns`), each round every image once; the table gives seconds per image, the median
@@ -24,15 +24,17 @@ import numpy as np
 import torch
 from harness import machine, table, turns
 
-from medseg.bundle import Bundle, load_bundle, save_bundle
 from medseg.config import EvaluateConfig, PreprocessConfig, TrainConfig, load_params
-from medseg.export import export_onnx
-from medseg.inference import Predictor, WindowSettings
+from medseg.inference.bundle import Bundle, load_bundle, save_bundle
+from medseg.inference.export import export_onnx
+from medseg.inference.onnx_model import open_onnx
+from medseg.inference.predictor import Predictor
+from medseg.inference.window import WindowSettings
 from medseg.io.images import binarize, read_raster
-from medseg.model import ModelSpec, build_model
-from medseg.onnx_model import open_onnx
-from medseg.processed import RECORD, save_record
-from medseg.transforms import in_channels, prepare_image
+from medseg.model import build_model
+from medseg.preprocess.processed import RECORD, save_record
+from medseg.preprocess.transforms import in_channels, prepare_image
+from medseg.spec import ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
 

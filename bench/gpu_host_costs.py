@@ -34,25 +34,25 @@ from pathlib import Path
 import numpy as np
 from harness import machine, rounds, table
 
-from medseg.checkpoint import CheckpointWriter
 from medseg.config import TrainConfig, load_params
-from medseg.data import Augmentation, PatchSampler
-from medseg.preprocess import open_split
-from medseg.training import Trainer
+from medseg.preprocess.processed import open_split
+from medseg.training.checkpoint import CheckpointWriter
+from medseg.training.data import Augmentation, PatchSampler
+from medseg.training.loop import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 BEFORE = "78e742e"  # the last commit with the per-patch plan loop
 
 
 def old_data_module() -> types.ModuleType:
-    """``medseg.data`` as it was at ``BEFORE``, loaded from git under another name."""
+    """``medseg.training.data`` as it was at ``BEFORE``, loaded from git under another name."""
     source = subprocess.run(
-        ["git", "-C", str(REPO), "show", f"{BEFORE}:src/medseg/data.py"],
+        ["git", "-C", str(REPO), "show", f"{BEFORE}:src/medseg/training/data.py"],
         check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
     module = types.ModuleType("medseg_data_before")
     sys.modules[module.__name__] = module  # dataclasses look their module up
-    exec(compile(source, f"{BEFORE}:src/medseg/data.py", "exec"), module.__dict__)
+    exec(compile(source, f"{BEFORE}:src/medseg/training/data.py", "exec"), module.__dict__)
     return module
 
 
@@ -81,7 +81,7 @@ def plan_costs(cfg: TrainConfig, data: Path, rounds: int) -> tuple[float, float]
 
 
 def checkpoint_costs(cfg: TrainConfig, data: Path, rounds: int) -> tuple[float, float, float]:
-    trainer = Trainer(dataclasses.replace(cfg, device="cpu", cache="ram"), data)
+    trainer = Trainer.from_config(dataclasses.replace(cfg, device="cpu", cache="ram"), data)
     state = trainer.state()
     with tempfile.TemporaryDirectory() as tmp:
         sync = CheckpointWriter(Path(tmp) / "sync.pt", background=False)

@@ -26,7 +26,7 @@ from harness import machine
 
 from medseg.config import TrainConfig, load_params
 from medseg.model import build_model, resolve_device
-from medseg.preprocess import open_split, read_class_names
+from medseg.preprocess.processed import open_split, read_class_names
 from medseg.spec import ModelSpec
 from medseg.training.cache import make_sampler
 from medseg.training.precision import amp_dtype

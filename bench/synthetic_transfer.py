@@ -18,9 +18,9 @@ from pathlib import Path
 from harness import table
 
 from medseg.config import ConvertConfig, DataConfig, EvaluateConfig, PreprocessConfig
-from medseg.convert import convert_dataset
-from medseg.evaluation import evaluate_model
-from medseg.preprocess import preprocess_dataset
+from medseg.convert.dataset import convert_dataset
+from medseg.evaluation.evaluate import evaluate_model
+from medseg.preprocess.dataset import preprocess_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

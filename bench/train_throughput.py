@@ -37,17 +37,19 @@ import torch
 import yaml
 from harness import machine, table, turns
 
-from medseg.config import TrainConfig, parse
-from medseg.data import Batch
+from medseg.config import TrainConfig
 from medseg.io.images import binarize, read_raster
 from medseg.io.layouts import CaseFiles, scan_cases
 from medseg.io.shards import ShardWriter
-from medseg.losses import bce_dice_loss
-from medseg.model import ModelSpec, build_model
-from medseg.preprocess import case_arrays
-from medseg.training import Trainer
+from medseg.model import build_model
+from medseg.preprocess.dataset import case_arrays
+from medseg.preprocess.transforms import normalize_in_fov, select_channel
+from medseg.spec import ModelSpec
+from medseg.strict import parse
+from medseg.training.data import Batch
+from medseg.training.loop import Trainer
+from medseg.training.losses import bce_dice_loss
 from medseg.training.precision import cpu_bf16_native
-from medseg.transforms import normalize_in_fov, select_channel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,7 +100,7 @@ class NaiveLoop:
 
 
 class OurLoop:
-    """The train stage's own step (`medseg.training.Trainer`): patches cut from memory (or
+    """The train stage's own step (`medseg.training.loop.Trainer`): patches cut from memory (or
     gathered from the cases on the device), augmented on the batch, channels-last, AdamW,
     schedule, clipping, optional bf16; or patches cut by DataLoader workers, started once per
     block as the stage starts them once per epoch."""
@@ -108,9 +110,9 @@ class OurLoop:
             cfg, epochs=1, patches_per_epoch=total_steps * cfg.batch_size, device="cpu"
         )
         self.cfg = cfg
-        self.trainer = Trainer(cfg, data)
+        self.trainer = Trainer.from_config(cfg, data)
         self.plan = self.trainer.plan_epoch()
-        self.trainer.net.train()
+        self.trainer.parts.net.train()
         self.next = 0
 
     def run(self, steps: int) -> None:

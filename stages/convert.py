@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from medseg.config import ConvertConfig, DataConfig, load_params
-from medseg.convert import convert_dataset
+from medseg.convert.dataset import convert_dataset
 from medseg.io.atomic import check_output
 from medseg.stage import run_stage, stage_args
 

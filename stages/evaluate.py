@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from medseg.config import EvaluateConfig, load_params
-from medseg.evaluation import evaluate_model
+from medseg.evaluation.evaluate import evaluate_model
 from medseg.io.atomic import check_output
 from medseg.stage import run_stage, stage_args
 

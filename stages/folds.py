@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Sequence
 
 from medseg.config import CrossvalConfig, load_params
-from medseg.crossval import write_folds
+from medseg.evaluation.crossval import write_folds
 from medseg.stage import run_stage, stage_args
 
 

@@ -21,7 +21,7 @@ from pydicom.data import get_testdata_file
 # segmentation_models_pytorch (huggingface_hub) is first imported
 if TYPE_CHECKING:
     from medseg.io.shards import CaseStore
-    from medseg.model import ModelSpec
+    from medseg.spec import ModelSpec
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download during tests
 
@@ -97,7 +97,7 @@ def make_store(
         masks2: per case a second observer's (h, w) labels or None; ids: default ``case<i>``.
     """
     from medseg.io.shards import CaseStore, ShardWriter
-    from medseg.preprocess import case_arrays
+    from medseg.preprocess.dataset import case_arrays
 
     folder.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(folder, split)
@@ -127,11 +127,11 @@ def make_bundle(
     metadata); returns ``folder``."""
     import torch
 
-    from medseg.bundle import save_bundle
     from medseg.config import PreprocessConfig
+    from medseg.inference.bundle import save_bundle
     from medseg.model import build_model
     from medseg.names import CLASSES
-    from medseg.processed import RECORD, save_record
+    from medseg.preprocess.processed import RECORD, save_record
 
     torch.manual_seed(seed)
     state = build_model(spec).state_dict()
@@ -274,8 +274,8 @@ def processed(tmp_path_factory: pytest.TempPathFactory) -> Path:
         SynthesizeConfig,
         load_params,
     )
-    from medseg.convert import convert_dataset
-    from medseg.preprocess import preprocess_dataset
+    from medseg.convert.dataset import convert_dataset
+    from medseg.preprocess.dataset import preprocess_dataset
     from medseg.synthetic import write_dataset
 
     tmp = tmp_path_factory.mktemp("processed")

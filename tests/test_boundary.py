@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from medseg.boundary import (
+from medseg.errors import MedsegError
+from medseg.scoring.boundary import (
     BoundaryScores,
     BoundaryTally,
     boundary,
@@ -15,7 +16,6 @@ from medseg.boundary import (
     surface_distances,
     worst_distance,
 )
-from medseg.errors import MedsegError
 
 SHAPE = (30, 40)
 

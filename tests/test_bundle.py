@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import make_bundle
 
-from medseg.bundle import POSTPROCESS, THRESHOLD, load_bundle, read_weights
 from medseg.errors import MedsegError
-from medseg.model import ModelSpec, build_model
+from medseg.inference.bundle import POSTPROCESS, THRESHOLD, load_bundle, read_weights
+from medseg.model import build_model
+from medseg.spec import ModelSpec
 
 SPEC = ModelSpec("unet", "resnet18", [16, 8, 8, 8, 8], in_channels=1, classes=1)
 
@@ -180,7 +181,7 @@ def test_weights_files_are_the_same_bytes_in_every_process():
     import sys
 
     code = (
-        "import hashlib, torch; from medseg.bundle import safetensors_bytes; "
+        "import hashlib, torch; from medseg.inference.bundle import safetensors_bytes; "
         "m = {'medseg.threshold': '0.5', 'medseg.postprocess': '{}', 'other': 'x'}; "
         "print(hashlib.sha256(safetensors_bytes({'w': torch.ones(2)}, m)).hexdigest())"
     )

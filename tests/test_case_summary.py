@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from medseg.case_summary import mean_over_classes, summarize, tail_key
+from medseg.scoring.case_summary import mean_over_classes, summarize, tail_key
 
 
 def test_summary_known_values():

@@ -9,8 +9,8 @@ import pandas as pd
 import yaml
 from conftest import REPO
 
-from medseg.cases import per_image_tables, read_table, worst_cases
-from medseg.report import Report, to_markdown
+from medseg.review.cases import per_image_tables, read_table, worst_cases
+from medseg.review.report import Report, to_markdown
 
 
 def _table(rows: list[tuple]) -> pd.DataFrame:

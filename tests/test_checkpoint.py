@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import tiny_params, write_params
 
-from medseg.checkpoint import (
+from medseg.config import TrainConfig, load_params
+from medseg.training.checkpoint import (
     CheckpointWriter,
     StopSignals,
     load_checkpoint,
@@ -19,7 +20,6 @@ from medseg.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from medseg.config import TrainConfig, load_params
 
 
 @pytest.fixture

@@ -14,14 +14,17 @@ from conftest import REPO, STAGES, make_bundle, make_project, make_store, run, t
 from PIL import Image
 
 from medseg.cli import main, write_crossval_pipeline
-from medseg.config import CrossvalConfig, EvaluateConfig, PreprocessConfig, TrainConfig, parse
-from medseg.crossval import ensemble_folds, split_folds, write_folds
+from medseg.config import CrossvalConfig, EvaluateConfig, PreprocessConfig, TrainConfig
 from medseg.errors import MedsegError
-from medseg.evaluation import evaluate_model
+from medseg.evaluation.crossval import ensemble_folds, split_folds, write_folds
+from medseg.evaluation.evaluate import evaluate_model
 from medseg.io.shards import CaseStore
-from medseg.model import ModelSpec
-from medseg.preprocess import CLASSES, RECORD, save_record, split_cases
-from medseg.training import fit
+from medseg.names import CLASSES
+from medseg.preprocess.dataset import split_cases
+from medseg.preprocess.processed import RECORD, save_record
+from medseg.spec import ModelSpec
+from medseg.strict import parse
+from medseg.training.loop import fit
 
 CFG = EvaluateConfig(
     threshold=0.5, window=64, overlap=0.25, blending="gaussian", tta=False, batch_size=2,

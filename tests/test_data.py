@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import make_store
 
-from medseg.data import Augmentation, PatchSampler, augment_dihedral
 from medseg.io.shards import CaseStore
+from medseg.training.data import Augmentation, PatchSampler, augment_dihedral
 
 
 def _arrays(n: int = 3, size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -159,7 +159,7 @@ def test_brightness_and_contrast_by_hand(store_at):
     batch.brightness = torch.tensor([0.0, -0.5])
     batch.gamma = torch.tensor([1.0, 1.0])
     aug = Augmentation(prob=1.0, brightness=0.5, contrast=0.5)
-    from medseg.data import augment
+    from medseg.training.data import augment
 
     x, _, _ = augment(batch, 32, aug)
     torch.testing.assert_close(x[0], batch.image[0] * 2.0)
@@ -171,7 +171,7 @@ def test_gamma_keeps_the_range_inside_the_fov(store_at):
     sampler = PatchSampler(data, 32, 0.5, np.random.default_rng(0), Augmentation(prob=1.0))
     batch = sampler.crop(sampler.plan(1, 1), 0)
     batch.gamma = torch.tensor([1.5])
-    from medseg.data import augment
+    from medseg.training.data import augment
 
     x, _, _ = augment(batch, 32, Augmentation(prob=1.0, gamma=0.5))
     before = batch.image

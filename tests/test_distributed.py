@@ -8,9 +8,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from medseg.distributed import World, allsum, sync_batchnorm, world_from_env
 from medseg.errors import MedsegError
-from medseg.losses import bce_dice_loss
+from medseg.training.distributed import World, allsum, sync_batchnorm, world_from_env
+from medseg.training.losses import bce_dice_loss
 
 
 def test_world_from_env(monkeypatch: pytest.MonkeyPatch):

@@ -214,3 +214,35 @@ def test_medseg_help_and_every_subcommand_help_are_plain_text():
         markup = REST_MARKUP.findall(text)
         command = " ".join(("medseg", *args, "--help"))
         assert not markup, f"{command} shows reST markup {markup}:\n{text}"
+
+
+def test_the_module_map_is_the_tree():
+    """docs/development.md's repository layout names every module of src/medseg, in its
+    package, and nothing that is not there: the map a newcomer reads is the tree."""
+    text = (REPO / "docs" / "development.md").read_text()
+    block = text[text.index("src/medseg/ ") : text.index("\ntests/ ")]
+    listed: set[str] = set()
+    package = ""
+    for line in block.splitlines()[1:]:
+        if not line.startswith("  ") or not line.strip():
+            continue
+        name = line.split()[0]
+        if line.startswith("    "):  # a module of the package above, or a continued line
+            if name.endswith((".py", ".yaml")):
+                listed.add(package + name)
+        elif name.endswith("/"):
+            package = name
+            listed.add(name + "__init__.py")
+        else:
+            package = ""
+            listed.add(name)
+    tree = {
+        p.relative_to(REPO / "src" / "medseg").as_posix()
+        for p in (REPO / "src" / "medseg").rglob("*")
+        if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts
+    }
+    tree.discard("__init__.py")
+    assert listed == tree, (
+        f"in the tree, not the map: {sorted(tree - listed)}; "
+        f"in the map, not the tree: {sorted(listed - tree)}"
+    )

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from medseg.evaluation import FN_COLOUR, FP_COLOUR, TP_COLOUR, overlay
+from medseg.evaluation.evaluate import FN_COLOUR, FP_COLOUR, TP_COLOUR, overlay
 
 
 def test_overlay_colours_each_outcome():
@@ -30,13 +30,9 @@ from sklearn import metrics as skm  # noqa: E402
 
 from medseg.config import EvaluateConfig  # noqa: E402
 from medseg.errors import MedsegError  # noqa: E402
-from medseg.evaluation import (  # noqa: E402
-    CURVE_POINTS,
-    ScoreTally,
-    SecondObserver,
-    evaluate_model,
-)
-from medseg.model import ModelSpec  # noqa: E402
+from medseg.evaluation.evaluate import evaluate_model  # noqa: E402
+from medseg.scoring.tally import CURVE_POINTS, ScoreTally, SecondObserver  # noqa: E402
+from medseg.spec import ModelSpec  # noqa: E402
 
 CFG = EvaluateConfig(
     threshold=0.5, window=64, overlap=0.25, blending="gaussian", tta=False, batch_size=2,
@@ -224,10 +220,12 @@ def test_evaluate_refuses_a_model_trained_on_other_classes(tmp_path: Path, model
 def test_streaming_evaluation_equals_the_in_memory_result_on_drive(tmp_path: Path):
     """evaluate streams case by case (histogram AUCs); the same model's probabilities held in
     memory for all 20 DRIVE test images and scored exactly give the same figures to 1e-4."""
-    from medseg.inference import Predictor, WindowSettings
+    from medseg.config import PreprocessConfig
+    from medseg.inference.predictor import Predictor
+    from medseg.inference.window import WindowSettings
     from medseg.io.images import binarize, read_raster
-    from medseg.metrics import confusion, ranking_scores, scores
-    from medseg.preprocess import PreprocessConfig, prepare_image
+    from medseg.preprocess.transforms import prepare_image
+    from medseg.scoring.metrics import confusion, ranking_scores, scores
 
     pre = PreprocessConfig("green", 0.2, 0)
     images, masks, fovs, ids = [], [], [], []
@@ -247,7 +245,7 @@ def test_streaming_evaluation_equals_the_in_memory_result_on_drive(tmp_path: Pat
                          tta=False, batch_size=1, device="cpu")  # fmt: skip
     streamed = evaluate_model(cfg, tmp_path / "data", models, tmp_path / "out")["test"]["fov"]
 
-    from medseg.bundle import load_bundle
+    from medseg.inference.bundle import load_bundle
 
     bundle = load_bundle(models, "cpu")
     predictor = Predictor.from_bundles([bundle], WindowSettings.from_config(cfg), cfg.threshold)
@@ -267,7 +265,7 @@ def test_streaming_evaluation_equals_the_in_memory_result_on_drive(tmp_path: Pat
 
 def test_histogram_counts_do_not_depend_on_how_the_pixels_come():
     """Small images are held back and counted together: the same counts as one big image."""
-    from medseg.metrics import ScoreHistogram
+    from medseg.scoring.metrics import ScoreHistogram
 
     rng = np.random.default_rng(5)
     probs, truth = rng.random(50_000).astype(np.float32), rng.random(50_000) < 0.3
@@ -291,7 +289,7 @@ def test_nan_probabilities_name_the_case():
 
 def test_pooled_dice_and_the_best_threshold_on_the_shared_grid():
     """What validation picks the best epoch and the threshold by, from the same tally."""
-    from medseg.metrics import confusion, scores
+    from medseg.scoring.metrics import confusion, scores
 
     rng = np.random.default_rng(8)
     truths = [rng.random((20, 30)) < 0.3 for _ in range(2)]

@@ -17,15 +17,17 @@ from conftest import REPO, make_bundle
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from medseg import export  # noqa: E402
-from medseg.bundle import Bundle, load_bundle  # noqa: E402
 from medseg.cli import main  # noqa: E402
-from medseg.config import CONVERT_RECORD, ConvertConfig  # noqa: E402
+from medseg.config import ConvertConfig  # noqa: E402
 from medseg.errors import MedsegError  # noqa: E402
-from medseg.inference import TorchRunner, pad_to_multiple  # noqa: E402
+from medseg.inference import export  # noqa: E402
+from medseg.inference.bundle import Bundle, load_bundle  # noqa: E402
+from medseg.inference.onnx_model import METADATA  # noqa: E402
+from medseg.inference.runners import TorchRunner  # noqa: E402
+from medseg.inference.window import pad_to_multiple  # noqa: E402
 from medseg.io.images import read_raster, write_png  # noqa: E402
-from medseg.model import ModelSpec  # noqa: E402
-from medseg.onnx_model import METADATA  # noqa: E402
+from medseg.names import CONVERT_RECORD  # noqa: E402
+from medseg.spec import ModelSpec  # noqa: E402
 
 DRIVE_SIZE = (584, 565)  # height, width
 
@@ -225,7 +227,10 @@ def test_a_corrupt_or_foreign_onnx_file_is_one_line_naming_it(binary, tmp_path, 
     )
     for bad, message in (
         (bad_threshold, "medseg.threshold in its metadata is 1.5"),
-        (bad_steps, "medseg.postprocess in its metadata: unknown post-processing 'erode'"),
+        (
+            bad_steps,
+            "medseg.postprocess in its metadata: unknown post-processing 'erode'",
+        ),
         (truncated, "not a readable ONNX model"),
         (foreign, "not one exported by this medseg"),
         (tmp_path / "absent.onnx", "is missing"),

@@ -294,7 +294,7 @@ def test_outputs_get_the_permissions_of_the_umask(tmp_path: Path, umask: int):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from medseg.model import ModelSpec
+    from medseg.spec import ModelSpec
 
     folder = tmp_path_factory.mktemp("model") / "models"
     make_bundle(folder, ModelSpec("unet", "resnet18", [16, 8, 8, 8, 8], 1, 1))

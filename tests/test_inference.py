@@ -4,8 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from medseg.inference import LabelSpace, Predictor, TorchRunner, WindowSettings, window_starts
-from medseg.postprocess import keep_largest
+from medseg.inference.postprocess import keep_largest
+from medseg.inference.predictor import Predictor
+from medseg.inference.runners import TorchRunner
+from medseg.inference.window import WindowSettings, window_starts
+from medseg.labels import LabelSpace
 
 
 class PixelModel(torch.nn.Module):
@@ -45,11 +48,8 @@ def test_sliding_window_equals_direct_per_pixel_result(h: int, w: int, window: i
     assert np.allclose(probs, expected, atol=1e-5)
 
 
-from medseg.inference import (  # noqa: E402
-    blend_weights,
-    predict_probabilities,
-    prepare_model,
-)
+from medseg.inference.runners import prepare_model  # noqa: E402
+from medseg.inference.window import blend_weights, predict_probabilities  # noqa: E402
 
 
 class ConvModel(torch.nn.Module):
@@ -133,7 +133,8 @@ def test_multiclass_softmax_and_segment():
 
 
 def test_prepare_model_folds_batchnorm_and_keeps_outputs():
-    from medseg.model import ModelSpec, build_model
+    from medseg.model import build_model
+    from medseg.spec import ModelSpec
 
     torch.manual_seed(0)
     model = build_model(ModelSpec("unet", "resnet18", [16, 8, 8, 8, 8], 1, 1)).eval()
@@ -217,10 +218,10 @@ def test_predictor_scores_at_the_truth_size_and_averages_an_ensemble():
 def test_threshold_auto_is_resolved_once_from_the_bundles(tmp_path):
     from conftest import make_bundle
 
-    from medseg.bundle import load_bundle
     from medseg.errors import MedsegError
-    from medseg.inference import resolve_threshold
-    from medseg.model import ModelSpec
+    from medseg.inference.bundle import load_bundle
+    from medseg.inference.predictor import resolve_threshold
+    from medseg.spec import ModelSpec
 
     spec = ModelSpec("unet", "resnet18", [16, 8, 8, 8, 8], 1, 1)
     a = load_bundle(make_bundle(tmp_path / "a", spec, threshold=0.3), "cpu")
@@ -271,8 +272,8 @@ def test_predictor_post_processes_labels_and_leaves_probabilities_alone():
 def test_an_ensemble_post_processes_only_when_its_models_agree(tmp_path, caplog):
     from conftest import make_bundle
 
-    from medseg.bundle import load_bundle
-    from medseg.model import ModelSpec
+    from medseg.inference.bundle import load_bundle
+    from medseg.spec import ModelSpec
 
     spec = ModelSpec("unet", "resnet18", [16, 8, 8, 8, 8], 1, 1)
     largest = {1: [{"op": "keep_largest"}]}

@@ -14,7 +14,8 @@ from pydicom.encaps import encapsulate
 
 from medseg.errors import MedsegError
 from medseg.io.dicom import window_to_unit
-from medseg.io.reader import ReadOptions, read
+from medseg.io.limits import ReadOptions
+from medseg.io.reader import read
 from medseg.synthetic import write_rgb_dicom
 
 

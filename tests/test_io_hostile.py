@@ -37,7 +37,8 @@ from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from medseg.errors import MedsegError
 from medseg.io.images import write_png
-from medseg.io.reader import ReadOptions, read
+from medseg.io.limits import ReadOptions
+from medseg.io.reader import read
 
 OPTIONS = ReadOptions(max_pixels=LIMIT)
 
@@ -199,8 +200,9 @@ def _predict(*args: str | Path) -> int:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from medseg.config import CONVERT_RECORD, ConvertConfig
-    from medseg.model import ModelSpec
+    from medseg.config import ConvertConfig
+    from medseg.names import CONVERT_RECORD
+    from medseg.spec import ModelSpec
 
     folder = make_bundle(
         tmp_path_factory.mktemp("bundle") / "models", ModelSpec("unet", "resnet18", [8] * 5, 1, 1)

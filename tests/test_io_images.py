@@ -11,7 +11,8 @@ from PIL import Image
 
 from medseg.errors import MedsegError
 from medseg.io.images import binarize, mask_to_bool, read_raster, write_png
-from medseg.io.reader import ReadOptions, read, source_format
+from medseg.io.limits import ReadOptions
+from medseg.io.reader import read, source_format
 
 RNG = np.random.default_rng(0)
 RGB8 = RNG.integers(0, 256, (17, 23, 3), dtype=np.uint8)

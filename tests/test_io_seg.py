@@ -14,7 +14,7 @@ from PIL import Image
 from pydicom.uid import generate_uid
 
 from medseg.config import ConvertConfig, DataConfig
-from medseg.convert import convert_dataset
+from medseg.convert.dataset import convert_dataset
 from medseg.errors import MedsegError
 from medseg.io.images import read_raster
 from medseg.io.seg import SegIndex, class_names, is_seg

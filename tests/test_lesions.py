@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from medseg.lesions import (
+from medseg.scoring.lesions import (
     LesionCounts,
     LesionTally,
     components,

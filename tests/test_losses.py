@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from medseg.losses import (
+from medseg.training.losses import (
     bce_dice_loss,
     cldice_loss,
     make_loss,

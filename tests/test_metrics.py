@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 
-from medseg.metrics import (
+from medseg.scoring.metrics import (
     Confusion,
     best_dice_threshold,
     confusion,
@@ -83,7 +83,7 @@ def test_roc_curve_spans_corners_and_matches_auc():
 from sklearn import metrics as skm  # noqa: E402
 from torchmetrics.functional import classification as tmc  # noqa: E402
 
-from medseg.metrics import (  # noqa: E402
+from medseg.scoring.metrics import (  # noqa: E402
     class_confusion,
     confusion_matrix,
     mcc,

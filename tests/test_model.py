@@ -8,12 +8,9 @@ import torch
 from conftest import tiny_params, write_params
 
 from medseg.errors import MedsegError
-from medseg.model import (
-    ARCHS,
-    ModelSpec,
-    build_model,
-    resolve_device,
-)
+from medseg.model import build_model, resolve_device
+from medseg.names import ARCHS
+from medseg.spec import ModelSpec
 
 SPEC = ModelSpec("unet", "resnet18", [32, 16, 16, 8, 8], in_channels=1, classes=1)
 
@@ -48,7 +45,7 @@ def test_device_resolution():
 def test_auto_finds_apple_mps_when_it_is_available(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """Availability faked: MPS is untested on real hardware (docs/gpu.md)."""
     from medseg.config import TrainConfig, load_params
-    from medseg.distributed import World
+    from medseg.training.distributed import World
     from medseg.training.precision import train_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -21,7 +21,7 @@ import pytest
 from conftest import REPO, tiny_params, write_params
 from safetensors.numpy import load_file
 
-from medseg.checkpoint import CHECKPOINT, FINISHED
+from medseg.training.checkpoint import CHECKPOINT, FINISHED
 
 # 3 epochs of 2 steps: the kill lands after the first epoch's checkpoint, inside the second
 TRAIN = {"epochs": 3, "patches_per_epoch": 8, "batch_size": 4, "val_every": 1}

@@ -21,13 +21,14 @@ def test_the_architectures_are_the_models_registry():
 
 
 def test_the_losses_are_the_loss_registry():
-    from medseg.losses import LOSSES
+    from medseg.training.losses import LOSSES
 
     assert tuple(LOSSES) == names.LOSSES
 
 
 def test_the_optimizers_and_schedules_are_those_of_optim():
-    from medseg.training.optim import OPTIMIZERS, SCHEDULES, lr_factor
+    from medseg.names import SCHEDULES
+    from medseg.training.optim import OPTIMIZERS, lr_factor
 
     assert tuple(OPTIMIZERS) == names.OPTIMIZERS
     assert SCHEDULES == names.SCHEDULES
@@ -37,7 +38,7 @@ def test_the_optimizers_and_schedules_are_those_of_optim():
 
 
 def test_the_blendings_are_those_of_the_sliding_window():
-    from medseg.inference import BLENDINGS
+    from medseg.names import BLENDINGS
 
     assert tuple(BLENDINGS) == names.BLENDINGS
 
@@ -119,7 +120,7 @@ def test_every_encoder_name_of_smp_has_the_shape_the_schema_accepts():
 def test_the_names_and_the_schema_import_no_implementation():
     code = (
         "import sys, medseg.config; "
-        "print(sorted(m for m in ('torch', 'pandas', 'skimage', 'medseg.losses') "
+        "print(sorted(m for m in ('torch', 'pandas', 'skimage', 'medseg.training.losses') "
         "if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

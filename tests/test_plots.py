@@ -24,7 +24,7 @@ from dvc_render.base import Renderer
 
 from medseg.cli import main
 from medseg.errors import MedsegError
-from medseg.plots import TEMPLATE, collect, inline_script, write_report
+from medseg.review.plots import TEMPLATE, collect, inline_script, write_report
 
 CHROMIUM = shutil.which("chromium")
 needs_chromium = pytest.mark.skipif(

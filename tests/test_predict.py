@@ -10,15 +10,17 @@ from conftest import make_bundle
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from medseg.bundle import load_bundle
 from medseg.cli import main
-from medseg.config import CONVERT_RECORD, ConvertConfig, PreprocessConfig
-from medseg.fov import fov_from_image
+from medseg.config import ConvertConfig, PreprocessConfig
+from medseg.convert.fov import fov_from_image
+from medseg.inference.bundle import load_bundle
+from medseg.inference.predict import collect_inputs, find_fov, read_input
 from medseg.io.images import read_raster, write_png
-from medseg.io.reader import ReadOptions, read
-from medseg.model import ModelSpec
-from medseg.predict import collect_inputs, find_fov, read_input
-from medseg.preprocess import RECORD, save_record
+from medseg.io.limits import ReadOptions
+from medseg.io.reader import read
+from medseg.names import CONVERT_RECORD
+from medseg.preprocess.processed import RECORD, save_record
+from medseg.spec import ModelSpec
 
 CT_SMALL = get_testdata_file("CT_small.dcm")  # 128x128, 16-bit CT, ships with pydicom
 

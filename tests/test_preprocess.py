@@ -7,13 +7,12 @@ import pandas as pd
 import pytest
 
 from medseg.config import ConvertConfig, DataConfig, PreprocessConfig, SynthesizeConfig
-from medseg.convert import convert_dataset
+from medseg.convert.dataset import convert_dataset
 from medseg.errors import MedsegError
 from medseg.io.images import read_raster, write_png
-from medseg.preprocess import preprocess_dataset, split_cases
-from medseg.processed import RECORD, load_record, open_split, read_case
-from medseg.synthetic import write_dataset
-from medseg.transforms import (
+from medseg.preprocess.dataset import preprocess_dataset, split_cases
+from medseg.preprocess.processed import RECORD, load_record, open_split, read_case
+from medseg.preprocess.transforms import (
     clahe,
     model_size,
     normalize_in_fov,
@@ -21,6 +20,7 @@ from medseg.transforms import (
     resize_labels,
     select_channel,
 )
+from medseg.synthetic import write_dataset
 
 
 def test_channels():

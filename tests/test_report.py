@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from markdown_it import MarkdownIt
 
 from medseg.errors import MedsegError
-from medseg.report import Report, Row, compare, md_code, to_markdown
+from medseg.review.report import Report, Row, compare, md_code, to_markdown
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -11,15 +11,16 @@ import pandas as pd
 import pytest
 from conftest import make_bundle
 
-from medseg.boundary import boundary_scores
 from medseg.config import EvaluateConfig
 from medseg.errors import MedsegError
-from medseg.evaluation import ScoreTally, evaluate_model
+from medseg.evaluation.evaluate import evaluate_model
 from medseg.io.shards import ShardWriter
-from medseg.lesions import lesion_counts
-from medseg.model import ModelSpec
-from medseg.preprocess import case_arrays
-from medseg.shapes import ShapeScoring
+from medseg.preprocess.dataset import case_arrays
+from medseg.scoring.boundary import boundary_scores
+from medseg.scoring.lesions import lesion_counts
+from medseg.scoring.shapes import ShapeScoring
+from medseg.scoring.tally import ScoreTally
+from medseg.spec import ModelSpec
 
 CFG = EvaluateConfig(
     threshold=0.5, window=64, overlap=0.25, blending="gaussian", tta=False, batch_size=2,

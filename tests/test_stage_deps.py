@@ -95,7 +95,9 @@ def test_stage_deps_list_every_module_its_script_imports(stage: str):
         for p in imported_files(REPO / _in_repo(wdir, script.group(1)))
         if not _covered(p, deps)
     )
-    assert not missing, f"{stage}: add to deps: {', '.join(missing)}"
+    assert not missing, (
+        f"{stage}: add to deps: {', '.join(missing)} (python tests/test_stage_deps.py does)"
+    )
 
 
 def test_every_pipeline_file_is_checked():
@@ -124,11 +126,11 @@ def test_the_import_walk_finds_indirect_imports():
 
 @pytest.mark.parametrize("stage", ["synthesize", "convert", "preprocess"])
 def test_editing_a_loss_reruns_no_stage_before_train(stage: str):
-    """The stages that do not train neither import `medseg.losses` (nor torch's other parts
+    """The stages that do not train neither import `medseg.training.losses` (nor torch's other parts
     through it) nor list it as a dep, so DVC reruns only train and evaluate on a loss edit."""
     wdir, spec = STAGES[f"dvc.yaml:{stage}"]
     deps = [_in_repo(wdir, str(next(iter(d)) if isinstance(d, dict) else d)) for d in spec["deps"]]
-    losses = REPO / "src/medseg/losses.py"
+    losses = REPO / "src/medseg/training/losses.py"
     assert not _covered(losses, deps), f"{stage}: losses.py is a dep"
     assert losses not in imported_files(REPO / f"stages/{stage}.py")
 
@@ -153,3 +155,123 @@ def test_no_module_imports_itself_through_others():
                 seen.add(name)
                 todo.extend(graph.get(name, ()))
     assert not cycles, f"modules in an import cycle: {', '.join(sorted(cycles))}"
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stage_deps_list_no_module_its_script_does_not_import(stage: str):
+    """The other direction: a listed medseg file the script never reaches (or a folder none of
+    whose files it reaches) reruns the stage for nothing, e.g. training on an overlay-colour
+    edit. Folders stand for the modules of a package the stage imports whole (``io/``: every
+    stage reads through it)."""
+    wdir, spec = STAGES[stage]
+    script = re.search(r"python (\S*stages/\S+\.py)", spec["cmd"])
+    assert script
+    used = imported_files(REPO / _in_repo(wdir, script.group(1)))
+    deps = [_in_repo(wdir, str(next(iter(d)) if isinstance(d, dict) else d)) for d in spec["deps"]]
+    stale = [
+        d for d in deps if d.startswith("src/medseg") and not any(_covered(p, [d]) for p in used)
+    ]
+    assert not stale, (
+        f"{stage}: not imported, remove from deps: {', '.join(stale)} "
+        "(python tests/test_stage_deps.py does)"
+    )
+
+
+def test_overlay_colours_are_evaluates_alone():
+    """Editing the overlay colours (the evaluate stage's module) reruns evaluate and nothing
+    before it: training scores through `medseg.scoring`, never through the stage's module."""
+    module = REPO / "src/medseg/evaluation/evaluate.py"
+    for stage, (wdir, spec) in STAGES.items():
+        deps = [
+            _in_repo(wdir, str(next(iter(d)) if isinstance(d, dict) else d)) for d in spec["deps"]
+        ]
+        listed = _covered(module, deps)
+        assert listed == stage.endswith((":evaluate", ":folds", ":ensemble")), stage
+
+
+def _defined_names(path: Path) -> set[str]:
+    """Names a module binds itself at its top level (defs, classes, assignments, third-party
+    imports); names it imports from other medseg modules are not its own."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        body = node.body + node.orelse if isinstance(node, ast.If) else [node]
+        for n in body:
+            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                names.add(n.name)
+            elif isinstance(n, ast.Assign | ast.AnnAssign | ast.AugAssign):
+                targets = n.targets if isinstance(n, ast.Assign) else [n.target]
+                names.update(x.id for t in targets for x in ast.walk(t) if isinstance(x, ast.Name))
+            elif isinstance(n, ast.ImportFrom) and not (n.module or "").startswith("medseg"):
+                names.update(a.asname or a.name for a in n.names)
+            elif isinstance(n, ast.Import):
+                names.update((a.asname or a.name).split(".")[0] for a in n.names)
+    return names
+
+
+def test_every_name_is_imported_from_its_home():
+    """One import path per name: ``from medseg.X import n`` only where X defines n (or n is a
+    submodule of package X), in the library, the stages, the tests and the benchmarks. A
+    re-export gives a name two homes, and the second one drifts."""
+    wrong = []
+    for folder in ("src", "stages", "tests", "bench"):
+        for path in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not (isinstance(node, ast.ImportFrom) and node.level == 0):
+                    continue
+                module = node.module or ""
+                if module != "medseg" and not module.startswith("medseg."):
+                    continue
+                home = _module_file(module)
+                assert home is not None, f"{path}: no module {module}"
+                own = _defined_names(home)
+                for alias in node.names:
+                    if alias.name not in own and _module_file(f"{module}.{alias.name}") is None:
+                        wrong.append(f"{path.relative_to(REPO)}: {module}.{alias.name}")
+    assert not wrong, "import these from the module that defines them: " + "; ".join(wrong)
+
+
+def minimal_deps(script: Path) -> list[str]:
+    """The medseg deps of a stage script, as `write_deps` lists them: a package folder where the
+    script imports every module of it (and ``io/``, which every stage reads through), else
+    each module, relative to the repository."""
+    files = imported_files(script)
+    out: list[str] = []
+    covered: set[Path] = set()
+    for package in sorted({p.parent for p in files if p.parent != SRC / "medseg"}):
+        modules = set(package.rglob("*.py"))
+        if modules <= files or package == SRC / "medseg" / "io":
+            out.append(package.relative_to(REPO).as_posix())
+            covered |= modules
+    out += [p.relative_to(REPO).as_posix() for p in sorted(files - covered)]
+    return out
+
+
+def write_deps() -> None:
+    """Rewrite the medseg part of every stage's ``deps`` in every pipeline file from what its
+    script imports (`minimal_deps`); other deps (data, the script) keep their place."""
+    for name, runs_as in PIPELINES.items():
+        prefix = os.path.relpath(REPO, (REPO / runs_as).parent)
+        prefix = "" if prefix == "." else prefix + "/"
+        lines = (REPO / name).read_text().splitlines(keepends=True)
+        out, script, i = [], None, 0
+        while i < len(lines):
+            found = re.search(r"python (\S*stages/\S+\.py)", lines[i])
+            script = found.group(1) if found else script
+            out.append(lines[i])
+            i += 1
+            if script is None or not re.match(r"\s+deps:\s*$", lines[i - 1]):
+                continue
+            items = []
+            while i < len(lines) and re.match(r"\s+- ", lines[i]):
+                items.append(lines[i])
+                i += 1
+            indent = items[0][: items[0].index("-")]
+            kept = [line for line in items if "src/medseg" not in line]
+            deps = minimal_deps(REPO / script.removeprefix(prefix))
+            out += kept + [f"{indent}- {prefix}{d}\n" for d in deps]
+            script = None
+        (REPO / name).write_text("".join(out))
+
+
+if __name__ == "__main__":  # python tests/test_stage_deps.py: rewrite the deps lists
+    write_deps()

@@ -16,14 +16,16 @@ import torch
 from conftest import REPO, tiny_params, write_params
 from safetensors.numpy import load_file
 
-from medseg.checkpoint import CHECKPOINT, FINISHED, save_checkpoint
 from medseg.config import (
     EvaluateConfig,
     TrainConfig,
     load_params,
 )
 from medseg.errors import MedsegError
-from medseg.training import MACHINE_CURVES, Callback, Trainer, fit, lr_factor
+from medseg.training.callbacks import MACHINE_CURVES, Callback
+from medseg.training.checkpoint import CHECKPOINT, FINISHED, save_checkpoint
+from medseg.training.loop import Trainer, fit
+from medseg.training.optim import lr_factor
 
 
 def _curve(out: Path, name: str) -> list[str]:
@@ -161,7 +163,9 @@ def test_background_checkpoints_resume_exactly_and_epochs_are_clocked(
 
     def trainer(out: str, stop: Callback | None = None) -> Trainer:
         hooks = [stop] if stop else []
-        t = Trainer(cfg, processed, checkpoint_dir=tmp_path / out / "ck", callbacks=hooks)
+        t = Trainer.from_config(
+            cfg, processed, checkpoint_dir=tmp_path / out / "ck", callbacks=hooks
+        )
         t.checkpoints.background = True
         return t
 
@@ -374,8 +378,8 @@ def test_callbacks_see_every_step_and_dvclive_is_optional(
 
 
 def test_threshold_auto_comes_from_validation_through_the_bundle(processed: Path, tmp_path: Path):
-    from medseg.bundle import load_bundle
-    from medseg.evaluation import evaluate_model
+    from medseg.evaluation.evaluate import evaluate_model
+    from medseg.inference.bundle import load_bundle
 
     fit(_cfg(tmp_path, epochs=1), processed, tmp_path / "models", tmp_path / "logs")
     saved = load_bundle(tmp_path / "models", "cpu").threshold
@@ -463,10 +467,10 @@ def test_training_learns_well_beyond_a_trivial_predictor(tmp_path: Path):
     broken loss, a gradient with the wrong sign or labels fed misaligned would stay near or
     below it."""
     from medseg.config import ConvertConfig, DataConfig, PreprocessConfig, SynthesizeConfig
-    from medseg.convert import convert_dataset
-    from medseg.evaluation import evaluate_model
+    from medseg.convert.dataset import convert_dataset
+    from medseg.evaluation.evaluate import evaluate_model
     from medseg.io.shards import CaseStore
-    from medseg.preprocess import preprocess_dataset
+    from medseg.preprocess.dataset import preprocess_dataset
     from medseg.synthetic import write_dataset
 
     params = write_params(

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import make_store
 
-from medseg.data import Augmentation, PatchSampler
 from medseg.training.cache import DevicePatchSampler, DevicePlan
+from medseg.training.data import Augmentation, PatchSampler
 
 AFFINE = Augmentation(prob=1.0, rotate=30.0, scale=0.2, brightness=0.1, contrast=0.1, gamma=0.2)
 

@@ -10,14 +10,16 @@ import numpy as np
 import torch
 from conftest import make_store, tiny_params, write_params
 
-from medseg.bundle import load_bundle
 from medseg.config import TrainConfig, load_params
-from medseg.inference import LabelSpace, Predictor, TorchRunner
+from medseg.inference.bundle import load_bundle
+from medseg.inference.predictor import Predictor
+from medseg.inference.runners import TorchRunner
 from medseg.io.shards import CaseStore, ShardWriter
-from medseg.model import ModelSpec
-from medseg.preprocess import case_arrays
-from medseg.processed import open_split
-from medseg.training import fit
+from medseg.labels import LabelSpace
+from medseg.preprocess.dataset import case_arrays
+from medseg.preprocess.processed import open_split
+from medseg.spec import ModelSpec
+from medseg.training.loop import fit
 from medseg.training.postchoice import choose_for_bundle, choose_postprocess
 
 KEEP_LARGEST = {"op": "keep_largest"}

@@ -147,7 +147,7 @@ def _threshold(text: str) -> float | str:
 
 def _predict(args: argparse.Namespace) -> None:
     from medseg.config import EvaluateConfig
-    from medseg.predict import predict_files  # imports torch: only when predicting
+    from medseg.inference.predict import predict_files  # imports torch: only when predicting
 
     try:
         options = EvaluateConfig(
@@ -186,7 +186,7 @@ def _main(argv: Sequence[str] | None) -> None:
 
 
 def _plots(args: argparse.Namespace) -> None:
-    from medseg.plots import install_dvc_template, write_report
+    from medseg.review.plots import install_dvc_template, write_report
 
     if args.dvc_template:
         print(f"wrote {install_dvc_template(args.repo)}; `dvc plots show` now renders offline")
@@ -199,7 +199,10 @@ def _plots(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from medseg.export import CHECK_SIZE, export_onnx  # imports torch: only when exporting
+    from medseg.inference.export import (  # imports torch: only when exporting
+        CHECK_SIZE,
+        export_onnx,
+    )
 
     diff = export_onnx(args.model, args.out, preprocess=args.preprocess)
     print(
@@ -258,7 +261,7 @@ def _crossval(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from medseg.report import compare, to_markdown
+    from medseg.review.report import compare, to_markdown
 
     text = to_markdown(compare(args.repo, base=args.base, all_rows=args.all))
     if args.out:

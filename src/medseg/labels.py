@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medseg.processed import BINARY  # the names of a data set without data.classes
+from medseg.preprocess.processed import BINARY  # the names of a data set without data.classes
 
 
 @dataclass(frozen=True)

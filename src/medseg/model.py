@@ -1,5 +1,5 @@
 """The segmentation network, built from params with segmentation-models-pytorch (its files:
-`medseg.bundle`)."""
+`medseg.inference.bundle`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from medseg.errors import MedsegError
 from medseg.names import ARCHS
 from medseg.spec import ModelSpec
 
-__all__ = ["ARCHS", "ModelSpec", "build_model", "check_names", "resolve_device"]
+__all__ = ["build_model", "check_names", "resolve_device"]
 
 
 def _per_block(channels: list[int]) -> dict:

@@ -3,8 +3,8 @@ and a saved model share. Torch-free and import-free, so that the params schema
 (`medseg.config`) checks every choice without importing what implements it.
 
 Each registry is built from, or checked against, its list here (``tests/test_names.py``): the
-architectures of `medseg.model`, the losses of `medseg.losses`, the optimizers and schedules of
-`medseg.training.optim`, the blendings of the sliding window, the layouts of
+architectures of `medseg.model`, the losses of `medseg.training.losses`, the optimizers and
+schedules of `medseg.training.optim`, the blendings of the sliding window, the layouts of
 `medseg.io.layouts`, the caches of `medseg.training.cache`.
 """
 
@@ -17,14 +17,18 @@ LABEL_SETS = ("vessels", "vessels_disc")  # synthesize.labels: binary, or 1 vess
 # --- convert ---
 MULTIFRAMES = ("split", "refuse")  # convert.multiframe
 ID_NAMES = ("source", "hash")  # convert.names: the path, or its keyed hash
-# convert.fov_fallback: medseg.fov; auto: convert makes the thresholded FOV where it can, the
-# plan decides whether preprocess uses it (a photograph's black surround) or the whole image
+# convert.fov_fallback: medseg.convert.fov; auto: convert makes the thresholded FOV where it can,
+# the plan decides whether preprocess uses it (a photograph's black surround) or the whole image
 FOV_FALLBACKS = ("auto", "threshold", "whole_image")
 ON_ERRORS = ("fail", "skip")  # convert.on_error
 BIT_DEPTHS = (8, 16)  # convert.max_bit_depth
 
 # --- preprocess ---
-CHANNELS = ("green", "gray", "rgb")  # preprocess.channel: medseg.transforms.select_channel
+CHANNELS = (
+    "green",
+    "gray",
+    "rgb",
+)  # preprocess.channel: medseg.preprocess.transforms.select_channel
 CONTRASTS = ("none", "clahe")  # preprocess.contrast
 
 # --- train ---
@@ -45,7 +49,7 @@ ARCHS = (
 # train.encoder: the shape of a segmentation-models-pytorch encoder name; which names exist is
 # known only to smp (it imports torch), so the train stage checks that (medseg.model.check_names)
 ENCODER_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}"
-LOSSES = ("bce", "dice", "bce_dice", "cldice")  # train.loss: medseg.losses.LOSSES
+LOSSES = ("bce", "dice", "bce_dice", "cldice")  # train.loss: medseg.training.losses.LOSSES
 OPTIMIZERS = ("adam", "adamw")  # train.optimizer: medseg.training.optim.OPTIMIZERS
 SCHEDULES = ("constant", "cosine", "poly")  # train.schedule: medseg.training.optim.lr_factor
 CACHES = ("auto", "ram", "none", "device")  # train.cache: medseg.training.cache
@@ -56,18 +60,7 @@ BLENDINGS = ("gaussian", "constant")  # evaluate.blending: weights of overlappin
 AUTO = "auto"  # evaluate.threshold and train.amp_cpu: decided from the model or the machine
 BOUNDARY_UNITS = (AUTO, "px", "mm")  # evaluate.boundary_unit
 
-# --- the plan (medseg.plan) ---
-# section -> keys whose value may be ``auto``: the plan stage chooses them and writes them into
-# plans.json ("params" -> section -> key), where the stages that use them read them. Besides
-# these, convert.fov_fallback and evaluate.threshold take ``auto`` as a value of their own.
-PLANNED = {
-    "preprocess": ("channel", "contrast", "max_side"),
-    "train": (
-        "patch_size", "batch_size", "foreground_fraction", "loss", "epochs",
-        "patches_per_epoch", "postprocess",
-    ),
-    "evaluate": ("window", "tta"),
-}  # fmt: skip
+# --- the plan (medseg.planning.plan; its keys: medseg.planning.settings) ---
 PLAN_FILE = "plans.json"
 
 # --- files one stage writes and a later one (or a model bundle) reads ---

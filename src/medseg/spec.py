@@ -7,9 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from medseg.config import TrainConfig
-from medseg.names import ARCHS  # importable from here as well: bundle.py looks for it here
 
-__all__ = ["ARCHS", "ModelSpec"]
+__all__ = ["ModelSpec"]
 
 
 @dataclass(frozen=True)

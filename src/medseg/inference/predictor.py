@@ -13,18 +13,18 @@ from typing import Any, Protocol
 import numpy as np
 
 from medseg.errors import MedsegError
+from medseg.inference.postprocess import Steps, apply
 from medseg.inference.runners import Runner, as_runner
 from medseg.inference.window import WindowSettings, predict_probabilities
 from medseg.labels import LabelSpace
-from medseg.postprocess import Steps, apply
-from medseg.transforms import resize_image
+from medseg.preprocess.transforms import resize_image
 
 log = logging.getLogger(__name__)
 
 
 class Bundle(Protocol):
-    """What the predictor needs of a loaded model (`medseg.bundle.Bundle` has it); a protocol,
-    so that the bundle loader may use the inference package without an import cycle."""
+    """What the predictor needs of a loaded model (`medseg.inference.bundle.Bundle` has it); a
+    protocol, so that the bundle loader may use the inference package without an import cycle."""
 
     @property
     def model(self) -> Any: ...
@@ -62,7 +62,7 @@ def resolve_threshold(
     threshold: float | str, bundles: Sequence[Bundle], fallback: float | None = None
 ) -> float:
     """The threshold as a number: a number stays; ``auto`` is the mean of the bundles'
-    stored validation thresholds (`medseg.bundle.THRESHOLD`; one bundle: its own).
+    stored validation thresholds (`medseg.inference.bundle.THRESHOLD`; one bundle: its own).
 
     A bundle without one counts as ``fallback`` where that is given, as `UNUSED_THRESHOLD` for
     a model with several classes (it does not use one).
@@ -94,13 +94,14 @@ class Predictor:
     """Segments prepared cases with one model or the mean of several.
 
     Args:
-        runners: the models (`medseg.inference.Runner`), all with the label space ``labels``.
+        runners: the models (`medseg.inference.runners.Runner`), all with the label space
+            ``labels``.
         labels: what their output channels mean.
         threshold: the binary foreground threshold, a number (see `resolve_threshold`).
         settings: the sliding window's; default `WindowSettings()`.
         postprocess: class label -> operation specs applied to the labels
-            (`medseg.postprocess.apply`); default none (validation during training scores the
-            raw labels).
+            (`medseg.inference.postprocess.apply`); default none (validation during training scores
+            the raw labels).
     """
 
     def __init__(
@@ -152,7 +153,7 @@ class Predictor:
         claimed outside the FOV (`LabelSpace.clear_outside`).
 
         Args:
-            image: (C, h, w) float32 as `medseg.preprocess.prepare_image` gives it.
+            image: (C, h, w) float32 as `medseg.preprocess.dataset.prepare_image` gives it.
             fov: (h, w) bool field of view at the model's resolution.
             out_fov: (H, W) bool FOV at the output resolution; default ``fov``.
 
@@ -192,7 +193,7 @@ class Predictor:
     def segment(self, probs: np.ndarray, inside: np.ndarray) -> np.ndarray:
         """(K, H, W) probabilities -> (H, W) uint8 labels at this predictor's threshold,
         background outside ``inside`` (`LabelSpace.segment`), then its post-processing
-        (`medseg.postprocess.apply`; a filled hole never reaches outside ``inside``)."""
+        (`medseg.inference.postprocess.apply`; a filled hole never reaches outside ``inside``)."""
         labels = self.labels.segment(probs, self.threshold, inside)
         if not self.postprocess:
             return labels

@@ -1,5 +1,5 @@
 """The network behind one call (`Runner`): a torch module (`TorchRunner`) here, an onnxruntime
-session in `medseg.onnx_model.OnnxRunner`; and a torch module made faster for inference.
+session in `medseg.inference.onnx_model.OnnxRunner`; and a torch module made faster for inference.
 
 torch is imported inside the functions that need it, so that an ONNX model predicts without it.
 """
@@ -67,7 +67,7 @@ def _fold_batchnorm(module: torch.nn.Module) -> None:
 @runtime_checkable
 class Runner(Protocol):
     """A network behind one call, whatever runs it: a torch module (`TorchRunner`) or an
-    onnxruntime session (`medseg.onnx_model.OnnxRunner`)."""
+    onnxruntime session (`medseg.inference.onnx_model.OnnxRunner`)."""
 
     @property
     def divisor(self) -> int:

@@ -1,5 +1,5 @@
 """The sliding window (MONAI's ``SlidingWindowInferer``, nnU-Net's Gaussian weighting): padded
-windows in batches over any `medseg.inference.Runner`, Gaussian or constant blending, flip
+windows in batches over any `medseg.inference.runners.Runner`, Gaussian or constant blending, flip
 test-time augmentation. Settings travel as one `WindowSettings`."""
 
 from __future__ import annotations

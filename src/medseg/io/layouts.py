@@ -30,7 +30,8 @@ import numpy as np
 import pandas as pd
 
 from medseg.errors import MedsegError
-from medseg.io.reader import IMAGE_SUFFIXES, is_dicom_file
+from medseg.io.dicom import is_dicom_file
+from medseg.io.reader import IMAGE_SUFFIXES
 
 DRIVE_SPLITS = {"training": "train", "test": "test"}
 FOLDER_SPLITS = {"train": "train", "training": "train", "test": "test", "testing": "test"}

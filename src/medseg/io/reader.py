@@ -19,7 +19,7 @@ from medseg.io.limits import ReadOptions
 
 IMAGE_SUFFIXES = RASTER_SUFFIXES + DICOM_SUFFIXES
 
-__all__ = ["IMAGE_SUFFIXES", "ReadOptions", "is_dicom_file", "read", "source_format"]
+__all__ = ["IMAGE_SUFFIXES", "read", "source_format"]
 
 
 def source_format(path: str | Path) -> str:

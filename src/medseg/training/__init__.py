@@ -10,23 +10,6 @@
 - `medseg.training.optim`: optimizer and learning-rate schedule by name.
 - `medseg.training.callbacks`: the hooks of the loop, and the per-epoch curves.
 
-The losses are in `medseg.losses`, the augmentation in `medseg.data`, checkpoints in
-`medseg.checkpoint`, process groups in `medseg.distributed`.
+The losses are in `medseg.training.losses`, the augmentation in `medseg.training.data`, checkpoints
+in `medseg.training.checkpoint`, process groups in `medseg.training.distributed`.
 """
-
-from medseg.training.callbacks import MACHINE_CURVES, Callback, LiveLog
-from medseg.training.loop import Trainer, fit
-from medseg.training.optim import build_optimizer, build_schedule, lr_factor
-from medseg.training.validation import validate
-
-__all__ = [
-    "MACHINE_CURVES",
-    "Callback",
-    "LiveLog",
-    "Trainer",
-    "build_optimizer",
-    "build_schedule",
-    "fit",
-    "lr_factor",
-    "validate",
-]

@@ -8,9 +8,8 @@ from collections.abc import Callable
 import torch
 
 from medseg.config import TrainConfig
-from medseg.names import SCHEDULES
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "build_optimizer", "build_schedule", "lr_factor"]
+__all__ = ["OPTIMIZERS", "build_optimizer", "build_schedule", "lr_factor"]
 
 # train.optimizer: every name of `medseg.names.OPTIMIZERS` and its class
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {

@@ -1,11 +1,12 @@
 """Post-processing chosen after training, for the model bundle.
 
 The best epoch's weights predict every validation case through the one predictor
-(`medseg.inference.Predictor`, at validation's window settings and the best validation
+(`medseg.inference.predictor.Predictor`, at validation's window settings and the best validation
 threshold, without post-processing), at the ground truth's resolution: the candidates' sizes
-(``drop_small``'s ``min_size``) are pixels of the converted images. `medseg.postprocess.choose`
-then keeps, class by class, each candidate of ``train.postprocess`` that raises the pooled
-validation Dice; the train stage records what it kept in the bundle (`medseg.bundle.POSTPROCESS`).
+(``drop_small``'s ``min_size``) are pixels of the converted images.
+`medseg.inference.postprocess.choose` then keeps, class by class, each candidate of
+``train.postprocess`` that raises the pooled validation Dice; the train stage records what it kept
+in the bundle (`medseg.inference.bundle.POSTPROCESS`).
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from medseg.inference import LabelSpace, Predictor, TorchRunner, prepare_model
+from medseg.inference.postprocess import Choice, Steps, choose
+from medseg.inference.predictor import Predictor
+from medseg.inference.runners import TorchRunner, prepare_model
 from medseg.io.shards import CaseStore
-from medseg.model import ModelSpec, build_model
-from medseg.postprocess import Choice, Steps, choose
-from medseg.processed import read_case
+from medseg.labels import LabelSpace
+from medseg.model import build_model
+from medseg.preprocess.processed import read_case
 from medseg.progress import progress
+from medseg.spec import ModelSpec
 from medseg.training.validation import VALIDATION_THRESHOLD
 
 log = logging.getLogger(__name__)
@@ -58,7 +62,7 @@ def best_predictor(
     threshold: float | None,
 ) -> Predictor:
     """The predictor evaluate will build from the bundle, without its post-processing: the
-    network of ``spec`` with the weights ``state`` prepared as `medseg.bundle.load_bundle`
+    network of ``spec`` with the weights ``state`` prepared as `medseg.inference.bundle.load_bundle`
     prepares it, at validation's window settings.
 
     Args:
@@ -78,7 +82,7 @@ def choose_postprocess(
     candidates: Sequence[Mapping[str, object]], predictor: Predictor, val: CaseStore
 ) -> Steps:
     """Per class, the candidates that raise the Dice of ``predictor``'s labels pooled over the
-    validation cases (`medseg.postprocess.choose`); each candidate tried is logged.
+    validation cases (`medseg.inference.postprocess.choose`); each candidate tried is logged.
 
     Returns:
         Class label -> the operation specs kept (classes where none helped left out).
@@ -97,8 +101,8 @@ def validation_predictions(
 
     Returns:
         Per case: (H, W) uint8 predicted labels, (H, W) truth labels, (H, W) bool FOV, as
-        `medseg.postprocess.choose` takes them. The truths are views into the case store, so
-        memory holds the predictions only.
+        `medseg.inference.postprocess.choose` takes them. The truths are views into the case store,
+        so memory holds the predictions only.
     """
     cases = []
     for i in progress(val, desc="post-processing: predict"):

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from medseg.config import TrainConfig
-from medseg.distributed import World
 from medseg.model import resolve_device
+from medseg.training.distributed import World
 
 log = logging.getLogger(__name__)
 

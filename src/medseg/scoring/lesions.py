@@ -20,8 +20,8 @@ Definitions:
   FN'/2), SQ = mean IoU of those pairs, PQ = SQ x RQ, where TP' counts those pairs and FP', FN'
   the components not in one.
 
-Empty cases, the rule of `medseg.metrics` (a score whose denominator is 0 is 1.0: nothing was
-there to get wrong): precision 1.0 when nothing is predicted, recall 1.0 when the truth has no
+Empty cases, the rule of `medseg.scoring.metrics` (a score whose denominator is 0 is 1.0: nothing
+was there to get wrong): precision 1.0 when nothing is predicted, recall 1.0 when the truth has no
 lesion, F1, RQ and PQ 1.0 when neither has one. SQ is 1.0 when neither has a lesion, and NaN
 (no pair to average; left out of means over cases, and counted) when lesions exist but none
 matches at IoU > 0.5; PQ is then 0.
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from medseg.case_summary import summarize
+from medseg.scoring.case_summary import summarize
 
 CONNECTIVITY = np.ones((3, 3), bool)  # 8-connectivity in 2D
 PQ_IOU = 0.5

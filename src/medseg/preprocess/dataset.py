@@ -1,5 +1,6 @@
-"""The preprocess stage: model-ready cases (see `medseg.transforms`), the train/val split,
-written as one case store (a few shard files) per split (read back by `medseg.processed`)."""
+"""The preprocess stage: model-ready cases (see `medseg.preprocess.transforms`), the train/val
+split, written as one case store (a few shard files) per split (read back by
+`medseg.preprocess.processed`)."""
 
 from __future__ import annotations
 
@@ -18,43 +19,17 @@ from medseg.io.images import binarize, read_labels, read_raster
 from medseg.io.records import read_json
 from medseg.io.shards import ShardWriter
 from medseg.names import AUTO, CLASSES, CONVERT_RECORD
-from medseg.processed import (
-    BINARY,
+from medseg.preprocess.processed import (
     RECORD,
     SPLITS,
-    Case,
-    check_class_names,
-    load_record,
-    open_split,
-    read_case,
     read_class_names,
     save_record,
 )
+from medseg.preprocess.transforms import prepare_image, resize_labels
 from medseg.progress import progress
-from medseg.transforms import in_channels, prepare_image, resize_image, resize_labels
 
 # The stage's own names, and those the modules reading processed data import from here.
-__all__ = [
-    "BINARY",
-    "CLASSES",
-    "RECORD",
-    "Case",
-    "case_arrays",
-    "check_class_names",
-    "in_channels",
-    "load_record",
-    "open_split",
-    "prepare_image",
-    "preprocess_dataset",
-    "read_case",
-    "read_class_names",
-    "read_labels",
-    "resize_image",
-    "save_record",
-    "shuffled_groups",
-    "source_groups",
-    "split_cases",
-]
+__all__ = ["case_arrays", "preprocess_dataset", "shuffled_groups", "source_groups", "split_cases"]
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +68,7 @@ def shuffled_groups(
 ) -> tuple[dict[str, str], list[str]]:
     """The groups of the training cases in a seeded random order, for splits that keep a
     group (the frames of one source file) on one side: validation here, the folds of
-    `medseg.crossval`.
+    `medseg.evaluation.crossval`.
 
     Args:
         train_ids: the training case ids.

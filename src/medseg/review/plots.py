@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from medseg import __version__
-from medseg.cases import OVERLAYS, Case, per_image_tables, read_table, worst_cases
 from medseg.errors import MedsegError
 from medseg.io.atomic import write_text
+from medseg.review.cases import OVERLAYS, Case, per_image_tables, read_table, worst_cases
 
 # The template's place, relative to `.dvc/` (DVC resolves `plots.html_template` from there).
 # Git-ignored and set in config.local, not in the committed config: a committed setting would

@@ -7,10 +7,10 @@ The pipeline is ``crossval/dvc.yaml`` (opt-in, see ``docs/crossval.md``):
    into folds, keeping the frames of one source file in one fold, and writes one folder per fold
    that the train stage reads like ``data/processed``: ``train.json`` and ``val.json`` are views
    into preprocess's shards (`medseg.io.shards.write_view`), so no array is copied.
-2. The train stage (`medseg.training.fit`) runs once per fold on that folder.
+2. The train stage (`medseg.training.loop.fit`) runs once per fold on that folder.
 3. `ensemble_folds` predicts each test case with the folds' ensemble (one
-   `medseg.inference.Predictor` with a runner per fold, as evaluate predicts with one), and
-   scores every fold and the ensemble (the mean of their probabilities) with evaluate's
+   `medseg.inference.predictor.Predictor` with a runner per fold, as evaluate predicts with one),
+   and scores every fold and the ensemble (the mean of their probabilities) with evaluate's
    `ScoreTally`.
 """
 
@@ -23,25 +23,20 @@ from pathlib import Path
 
 import pandas as pd
 
-from medseg.bundle import RECORDS, load_bundle
 from medseg.config import CrossvalConfig, EvaluateConfig
 from medseg.errors import MedsegError
-from medseg.evaluation import (
-    PRECISION,
-    ScoreTally,
-    SecondObserver,
-    build_metrics,
-    check_classes,
-    open_test,
-    shape_scoring,
-)
-from medseg.inference import Predictor, WindowSettings, to_uint16
+from medseg.evaluation.evaluate import check_classes, open_test, shape_scoring
+from medseg.inference.bundle import RECORDS, load_bundle
+from medseg.inference.predictor import Predictor
+from medseg.inference.window import WindowSettings
 from medseg.io.atomic import atomic_dir, write_json, write_text
 from medseg.io.images import write_png
 from medseg.io.shards import CaseStore, write_view
-from medseg.preprocess import shuffled_groups, source_groups
-from medseg.processed import Case, open_split, read_case
+from medseg.labels import to_uint16
+from medseg.preprocess.dataset import shuffled_groups, source_groups
+from medseg.preprocess.processed import Case, open_split, read_case
 from medseg.progress import progress
+from medseg.scoring.tally import PRECISION, ScoreTally, SecondObserver, build_metrics
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +54,10 @@ def split_folds(
 ) -> list[list[str]]:
     """The training cases in ``k`` disjoint folds that cover them all, reproducibly.
 
-    The groups (source files) come in the seeded order of `medseg.preprocess.shuffled_groups`,
-    the one the validation split uses; each goes whole to the fold with the fewest cases so far
-    (the first such fold on a tie), so with one case per group the folds differ in size by at
-    most one case.
+    The groups (source files) come in the seeded order of
+    `medseg.preprocess.dataset.shuffled_groups`, the one the validation split uses; each goes whole
+    to the fold with the fewest cases so far (the first such fold on a tie), so with one case per
+    group the folds differ in size by at most one case.
 
     Args:
         train_ids: the training case ids.
@@ -101,7 +96,7 @@ def write_folds(
 
     ``out/fold<k>/`` holds ``train.json`` (the cases of the other folds) and ``val.json`` (fold
     ``k``'s cases), views into the shards of ``data_dir``, and the records ``data_dir`` has
-    (preprocess, convert, classes), so that `medseg.training.fit` takes it as its data folder.
+    (preprocess, convert, classes), so that `medseg.training.loop.fit` takes it as its data folder.
     ``out`` appears whole or not at all.
 
     Args:
@@ -162,13 +157,13 @@ def ensemble_folds(
 ) -> dict:
     """Score every fold's model and their ensemble on the ``test`` split of ``data_dir``.
 
-    Each test case is predicted by the ensemble, a `medseg.inference.Predictor` with one
+    Each test case is predicted by the ensemble, a `medseg.inference.predictor.Predictor` with one
     runner per fold and the evaluate params: each fold's probabilities are scored at the fold's
     threshold, their mean at the ensemble's (under ``threshold: auto``, each fold its own
-    validation threshold, the ensemble their mean: `medseg.inference.resolve_threshold`), and
-    with its post-processing (each fold its own; the ensemble the folds' where they all chose
+    validation threshold, the ensemble their mean: `medseg.inference.predictor.resolve_threshold`),
+    and with its post-processing (each fold its own; the ensemble the folds' where they all chose
     the same, else none: `medseg.inference.predictor.shared_postprocess`). Every model and the
-    ensemble are scored as the evaluate stage scores one (`medseg.evaluation.ScoreTally`).
+    ensemble are scored as the evaluate stage scores one (`medseg.scoring.tally.ScoreTally`).
     Cases are done one at a time, so memory stays that of one case and the models. Writes into
     ``out`` (whole or not at all):
 

@@ -1,5 +1,5 @@
 """``medseg predict``: a trained model on new image files, with the pipeline's own readers,
-preprocessing and inference (the model bundle: `medseg.bundle`)."""
+preprocessing and inference (the model bundle: `medseg.inference.bundle`)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.bundle import Bundle, load_bundle
 from medseg.config import EvaluateConfig, PreprocessConfig
+from medseg.convert.fov import fov_from_image
 from medseg.errors import MedsegError
-from medseg.fov import fov_from_image
-from medseg.inference import LabelSpace, Predictor, WindowSettings, to_uint16
+from medseg.inference.bundle import Bundle, load_bundle
+from medseg.inference.predictor import Predictor
+from medseg.inference.window import WindowSettings
 from medseg.io.atomic import (
     cleaned_up,
     output_errors,
@@ -28,9 +29,11 @@ from medseg.io.atomic import (
     write_json,
 )
 from medseg.io.images import binarize, write_png
-from medseg.io.reader import IMAGE_SUFFIXES, ReadOptions, read, source_format
+from medseg.io.limits import ReadOptions
+from medseg.io.reader import IMAGE_SUFFIXES, read, source_format
+from medseg.labels import LabelSpace, to_uint16
+from medseg.preprocess.transforms import prepare_image
 from medseg.progress import progress
-from medseg.transforms import prepare_image
 
 PROBABILITIES = "probabilities"
 AUTO_FALLBACK = 0.5  # threshold auto for a model that stored none (trained without validation)
@@ -172,7 +175,7 @@ def predict_image(
     (``preprocess``), predicted at that size, labels and probabilities at the image's.
 
     Args:
-        predictor: e.g. `medseg.inference.Predictor.from_bundles` of a loaded bundle.
+        predictor: e.g. `medseg.inference.predictor.Predictor.from_bundles` of a loaded bundle.
         preprocess: the bundle's preprocess params.
         image: (H, W) or (H, W, 3) uint8/uint16, as `read_input` returns it.
         fov: (H, W) bool; nothing is predicted outside it.
@@ -205,7 +208,7 @@ def predict_files(
     an input never is. A killed run's temporary folder is removed by the next run.
 
     Args:
-        model: weights file or its folder; see `medseg.bundle.load_bundle`.
+        model: weights file or its folder; see `medseg.inference.bundle.load_bundle`.
         inputs: image files and folders of images.
         out: output folder, created if needed.
         options: inference settings (the ``evaluate`` params; its ``device`` is used);

@@ -1,8 +1,9 @@
 """``medseg export``: a trained bundle as one ONNX file that carries its records
-(`medseg.onnx_model`), checked against the torch model with onnxruntime before it is written.
+(`medseg.inference.onnx_model`), checked against the torch model with onnxruntime before it is
+written.
 
-The network is exported as `medseg.inference.prepare_model` leaves it (batch norms folded into
-the convolutions) and ends with the activation, so the file maps an image to probabilities.
+The network is exported as `medseg.inference.runners.prepare_model` leaves it (batch norms folded
+into the convolutions) and ends with the activation, so the file maps an image to probabilities.
 It is traced by torch's TorchScript-based exporter (``dynamo=False``): it needs nothing beyond
 torch and onnx, works offline, and gives batch, height and width as dynamic axes.
 """
@@ -18,12 +19,13 @@ import numpy as np
 import torch
 
 from medseg import __version__
-from medseg.bundle import POSTPROCESS, THRESHOLD, Bundle, load_bundle
 from medseg.errors import MedsegError
-from medseg.inference import Runner, TorchRunner, activate, model_divisor, pad_to_multiple
+from medseg.inference.bundle import POSTPROCESS, THRESHOLD, Bundle, load_bundle
+from medseg.inference.onnx_model import FORMAT, INPUT, OUTPUT, SUFFIX, require
+from medseg.inference.postprocess import steps_record
+from medseg.inference.runners import Runner, TorchRunner, activate, model_divisor
+from medseg.inference.window import pad_to_multiple
 from medseg.io.atomic import atomic_file
-from medseg.onnx_model import FORMAT, INPUT, OUTPUT, SUFFIX, require
-from medseg.postprocess import steps_record
 
 FORMATS = ("onnx",)
 OPSET = 17  # ONNX opset: onnxruntime >= 1.14 and TensorRT 8.6 read it
@@ -47,8 +49,8 @@ def export_onnx(
 ) -> float:
     """Export a trained bundle to ``out`` (``.onnx``), checked before it is written.
 
-    Steps: (1) load the bundle on the CPU (`medseg.bundle.load_bundle`); (2) trace the network
-    plus activation at a small size, with dynamic batch, height and width; (3) write the
+    Steps: (1) load the bundle on the CPU (`medseg.inference.bundle.load_bundle`); (2) trace the
+    network plus activation at a small size, with dynamic batch, height and width; (3) write the
     records into the file's ``metadata_props``; (4) load the file back through
     `load_bundle` and compare its probabilities with torch's on a DRIVE-sized image
     (`CHECK_SIZE`, padded as predict pads it), a size other than the traced one; (5) move it
@@ -93,7 +95,8 @@ def export_onnx(
 
 
 def metadata(bundle: Bundle, divisor: int) -> dict[str, str]:
-    """The ``metadata_props`` of an export: `medseg.onnx_model.METADATA`, as JSON strings."""
+    """The ``metadata_props`` of an export: `medseg.inference.onnx_model.METADATA`, as JSON
+    strings."""
     convert = asdict(bundle.convert) if bundle.convert is not None else None
     return {
         "medseg.format": FORMAT,

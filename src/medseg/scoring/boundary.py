@@ -53,8 +53,8 @@ import edt
 import numpy as np
 from scipy import ndimage
 
-from medseg.case_summary import summarize
 from medseg.errors import MedsegError
+from medseg.scoring.case_summary import summarize
 
 BOUNDARY_NAMES = ("hd95", "assd", "nsd")
 # the direction in which a case is worse, for the tail statistic of `summarize`
@@ -247,7 +247,8 @@ class BoundaryTally:
     def summary(self) -> dict[str, dict]:
         """Per class: ``{"hd95": {mean, median, p95, n, n_excluded}, "assd": {...}, "nsd":
         {mean, median, p05, ...}, "n_both_empty": k, "n_truth_empty": k, "n_pred_empty": k}``,
-        the tail percentile on each metric's worse side (`medseg.case_summary.summarize`)."""
+        the tail percentile on each metric's worse side
+        (`medseg.scoring.case_summary.summarize`)."""
         out: dict[str, dict] = {}
         for name, cases in self._scores.items():
             block: dict = {

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medseg.cases import OVERLAYS, Case, per_image_tables, read_table, worst_cases
 from medseg.errors import MedsegError
 from medseg.io.records import read_json
 from medseg.names import PLAN_FILE
+from medseg.review.cases import OVERLAYS, Case, per_image_tables, read_table, worst_cases
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,9 @@ class Report:
         missing: other stages whose outputs are absent (not pulled, not run): nothing stale.
         errors: files that could not be read, ``(revision, path, message)``.
         cases: per ``per_image.csv`` of ``dvc.yaml``, its worst cases in the workspace with
-            their base scores (`medseg.cases.worst_cases`).
-        plan: the workspace's ``plans.json`` settings (`medseg.plan`), ``(key, value, source,
+            their base scores (`medseg.review.cases.worst_cases`).
+        plan: the workspace's ``plans.json`` settings (`medseg.planning.plan`), ``(key, value,
+        source,
             reason)`` each; empty where there is none.
     """
 

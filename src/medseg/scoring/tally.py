@@ -1,24 +1,17 @@
-"""Scoring: the one tally (`ScoreTally`) and threshold grid (`CURVE_POINTS`) that validation,
-evaluate and crossval share; the evaluate stage (whole-image inference of the test cases, FOV
-metrics, tables, curves, overlays)."""
+"""The one scoring tally (`ScoreTally`) and threshold grid (`CURVE_POINTS`) that validation,
+evaluate and crossval share, the second observer, and the content of ``metrics.json``."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from medseg.bundle import load_bundle
-from medseg.config import EvaluateConfig
 from medseg.errors import MedsegError
-from medseg.inference import LabelSpace, Predictor, WindowSettings, to_uint8
-from medseg.io.atomic import atomic_dir, write_json
-from medseg.io.images import write_png
-from medseg.io.shards import CaseStore, index_path
-from medseg.metrics import (
+from medseg.labels import LabelSpace
+from medseg.scoring.metrics import (
     RANKING_NAMES,
     SCORE_NAMES,
     Confusion,
@@ -31,11 +24,7 @@ from medseg.metrics import (
     scores,
     threshold_counts,
 )
-from medseg.names import CLASSES
-from medseg.processed import open_split, read_case, read_class_names
-from medseg.progress import progress
-from medseg.shapes import ShapeScoring, ShapeTally
-from medseg.transforms import resize_image
+from medseg.scoring.shapes import ShapeScoring, ShapeTally
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +33,6 @@ PRECISION = 4  # decimals kept in metrics.json: finer changes are noise, not res
 # validation threshold (evaluate.threshold: auto) are read off it
 CURVE_POINTS = 201
 METRIC_NAMES = (*SCORE_NAMES, *RANKING_NAMES)
-
-# overlay colours (RGB): true positive, false positive, false negative
-TP_COLOUR = np.array([0, 220, 0], dtype=np.float32)
-FP_COLOUR = np.array([255, 40, 40], dtype=np.float32)
-FN_COLOUR = np.array([40, 120, 255], dtype=np.float32)
-# correctly found classes, label 1, 2, ... (red and blue are kept for the errors)
-CLASS_COLOURS = np.array(
-    [[0, 220, 0], [255, 200, 0], [200, 0, 255], [0, 220, 220], [255, 128, 0], [150, 255, 150]],
-    dtype=np.float32,
-)
 
 
 @dataclass
@@ -80,7 +59,7 @@ class ScoreTally:
     Args:
         n_classes: output channels of the model: 1 (binary) or K > 1.
         names: the class names in label order, background first; default those of
-            `medseg.inference.LabelSpace.of`. Names of the data set's own (``data.classes``)
+            `medseg.labels.LabelSpace.of`. Names of the data set's own (``data.classes``)
             add per-class blocks to the summary even for a binary model.
         light: collect only what validation needs (`pooled_dice`, `best_threshold`): the pooled
             FOV counts and the threshold grid's, no ranking scores, per-image rows or
@@ -109,7 +88,7 @@ class ScoreTally:
         Args:
             case_id: the image's id, for the per-image table.
             probs: (K, H, W) float32 class probabilities (K = 1: the foreground's).
-            pred: (H, W) integer labels predicted (`medseg.inference.Predictor.predict`).
+            pred: (H, W) integer labels predicted (`medseg.inference.predictor.Predictor.predict`).
             truth: (H, W) integer true labels, in ``[0, max(K, 2))``.
             fov: (H, W) bool field of view; the FOV scores count only these pixels.
             spacing: (row, column) pixel spacing in mm, for boundary distances in mm.
@@ -158,7 +137,7 @@ class ScoreTally:
 
     def best_threshold(self) -> tuple[float, float] | None:
         """A binary model's threshold on the `CURVE_POINTS` grid with the best pooled FOV Dice,
-        and that Dice (`medseg.metrics.best_dice_threshold`); None for several classes."""
+        and that Dice (`medseg.scoring.metrics.best_dice_threshold`); None for several classes."""
         if not self.space.binary:
             return None
         return best_dice_threshold(self.tallies[1].pos, self.tallies[1].neg)
@@ -274,111 +253,6 @@ class SecondObserver:
         return {**_mean_blocks([scores(c) for c in self.totals.values()]), "n_images": self.n}
 
 
-def evaluate_model(
-    cfg: EvaluateConfig, data_dir: str | Path, model_path: str | Path, out: str | Path
-) -> dict:
-    """Score the model on the ``test`` split in ``data_dir`` and write the results into ``out``.
-
-    Cases are read, predicted (`medseg.inference.Predictor`), scored at the ground truth's
-    resolution and written one at a time, so memory stays that of one case. Writes
-    ``metrics.json`` (nested, rounded to `PRECISION` decimals), ``per_image.csv``, ``roc.csv``,
-    ``pr.csv``, ``confusion.csv``, ``overlays/<case>.png`` and ``probabilities/<case>.png``
-    (8-bit, probability x 255; for K > 1 that of any foreground). ``out`` appears whole or not
-    at all.
-
-    Args:
-        model_path: the model bundle (folder or weights file, see `medseg.bundle.load_bundle`).
-
-    Returns:
-        The metrics written to ``metrics.json``.
-    """
-    bundle = load_bundle(model_path, cfg.device)
-    # threshold auto: the one with the best validation Dice, stored in the bundle
-    predictor = Predictor.from_bundles([bundle], WindowSettings.from_config(cfg), cfg.threshold)
-    test = open_test(data_dir)
-    check_classes(bundle.classes, data_dir, model_path)
-    space = predictor.labels
-    shapes, spacings = shape_scoring(cfg, data_dir, test, space)
-    tally = ScoreTally(space.channels, list(space.names), shapes=shapes)
-    second = SecondObserver(space.channels)
-    with atomic_dir(out) as tmp:
-        (tmp / "overlays").mkdir()
-        (tmp / "probabilities").mkdir()
-        for i in progress(test, desc="evaluate"):
-            case = read_case(test, i)
-            pred, probs = predictor.predict(case.image, case.fov, out_fov=case.truth_fov)
-            tally.add(case.case_id, probs, pred, case.truth, case.truth_fov, spacings[i])
-            if case.mask2 is not None:
-                second.add(case.truth, case.mask2, case.truth_fov)
-            shown = resize_image(case.image, case.truth.shape)
-            picture = overlay(shown, pred, case.truth, case.truth_fov)
-            write_png(tmp / "overlays" / f"{case.case_id}.png", picture)
-            foreground = space.foreground(probs)
-            write_png(tmp / "probabilities" / f"{case.case_id}.png", to_uint8(foreground))
-            test.release(i)
-        metrics = build_metrics(tally, second.summary(), predictor.threshold)
-        write_json(tmp / "metrics.json", metrics)
-        tally.per_image().round(PRECISION).to_csv(tmp / "per_image.csv", index=False)
-        roc, pr = tally.curves()
-        roc.round(6).to_csv(tmp / "roc.csv", index=False)
-        pr.round(6).to_csv(tmp / "pr.csv", index=False)
-        tally.confusion_table().to_csv(tmp / "confusion.csv", index=False)
-    fov = metrics["test"]["fov"]
-    log.info("test (FOV, pooled): dice %s auc %s", fov["dice"], fov["auc_roc"])
-    return metrics
-
-
-def shape_scoring(
-    cfg: EvaluateConfig, data_dir: str | Path, test: CaseStore, space: LabelSpace
-) -> tuple[ShapeScoring, list[tuple[float, float] | None]]:
-    """The boundary and lesion scoring of the test cases (`ShapeScoring.from_config`), and each
-    test case's pixel spacing (mm; None where unknown), in store order."""
-    spacings = [_spacing(test.meta(i)) for i in test]
-    thin = _thin_labels(cfg, data_dir, space)
-    return ShapeScoring.from_config(cfg, spacings, space.foreground_labels, thin), spacings
-
-
-def _spacing(meta: dict) -> tuple[float, float] | None:
-    """A case's pixel spacing (mm, at the ground truth's size) from its store entry."""
-    value = meta.get("spacing")
-    return (float(value[0]), float(value[1])) if value else None
-
-
-def _thin_labels(cfg: EvaluateConfig, data_dir: str | Path, space: LabelSpace) -> set[int]:
-    """Under ``evaluate.lesions: auto``, the labels that are thin structures in the training
-    cases' masks (never the test cases'): they get no lesion counts. Without training cases
-    beside the test cases nothing can be judged, and no label gets them."""
-    if cfg.lesions != "auto":
-        return set()
-    from medseg.fingerprint import thin_labels  # scikit-image: only where it is asked for
-
-    if not index_path(Path(data_dir), "train").is_file():
-        log.info("no training cases in %s: no lesion counts under evaluate.lesions: auto", data_dir)
-        return set(space.foreground_labels)
-    train = open_split(data_dir, "train")
-    masks = (read_case(train, i).truth for i in progress(train, desc="thin labels"))
-    return thin_labels(masks, space.foreground_labels)
-
-
-def open_test(data_dir: str | Path) -> CaseStore:
-    """The ``test`` split of ``data_dir``, refused when it holds no case."""
-    test = open_split(data_dir, "test")
-    if len(test) == 0:
-        raise MedsegError(f"{Path(data_dir) / 'test.json'}: no test cases to evaluate")
-    return test
-
-
-def check_classes(model_classes: list[str], data_dir: str | Path, model_path: str | Path) -> None:
-    """Refuse a model trained on other classes than the test data in ``data_dir`` has."""
-    data_names = read_class_names(data_dir)
-    if data_names != model_classes:
-        raise MedsegError(
-            f"{model_path}: the model was trained on the classes {', '.join(model_classes)}, "
-            f"the test data ({Path(data_dir) / CLASSES}) has {', '.join(data_names)}; train it "
-            "on this data (dvc repro)"
-        )
-
-
 def build_metrics(tally: ScoreTally, second: dict | None, threshold: float) -> dict:
     """The content of ``metrics.json``: ``test.fov`` first (Dice, IoU and accuracy lead each
     block), rounded to `PRECISION` decimals, NaN as null."""
@@ -390,40 +264,6 @@ def build_metrics(tally: ScoreTally, second: dict | None, threshold: float) -> d
     if tally.shapes is not None and tally.shapes.scoring.boundary:
         out["boundary_unit"] = tally.shapes.scoring.unit
     return _rounded(out)
-
-
-def overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray, fov: np.ndarray) -> np.ndarray:
-    """Colour the input by outcome; black outside the FOV.
-
-    Binary: true positives green, false positives red, false negatives blue. Several classes:
-    each correctly found class in its own colour (`CLASS_COLOURS`), a pixel given a wrong
-    foreground class or foreground where there is none red, missed foreground blue.
-
-    Args:
-        image: (C, H, W) or (H, W) float32, roughly zero-mean unit-variance; 3 channels are
-            shown in colour.
-        pred, truth: (H, W) bool, or integer labels (0 = background).
-        fov: (H, W) bool.
-
-    Returns:
-        (H, W, 3) uint8 RGB.
-    """
-    x = image[None] if image.ndim == 2 else image
-    shade = np.clip((x + 2.5) / 5.0, 0.0, 1.0) * 255.0
-    rgb = shade.transpose(1, 2, 0) if len(x) == 3 else np.repeat(shade[0][..., None], 3, axis=2)
-    rgb = np.where(fov[..., None], rgb, 0.0)
-    found, present = pred > 0, truth > 0
-    hit = found & (pred == truth)
-    multiclass = int(max(pred.max(initial=0), truth.max(initial=0))) > 1
-    if multiclass:
-        for k in np.unique(pred[hit]):
-            where = hit & (pred == k)
-            rgb[where] = 0.25 * rgb[where] + 0.75 * CLASS_COLOURS[(int(k) - 1) % len(CLASS_COLOURS)]
-    else:
-        rgb[hit] = 0.25 * rgb[hit] + 0.75 * TP_COLOUR
-    for where, colour in ((found & ~hit, FP_COLOUR), (~found & present, FN_COLOUR)):
-        rgb[where] = 0.25 * rgb[where] + 0.75 * colour
-    return (rgb + 0.5).astype(np.uint8)
 
 
 def _rounded(tree: dict) -> dict:

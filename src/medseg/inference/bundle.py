@@ -8,22 +8,22 @@ models/convert.json        the convert params its data went through (DICOM windo
 models/classes.json        the class names in label order, background first
 ```
 
-A model exported by ``medseg export`` (`medseg.export`) is a bundle in one ``.onnx`` file, its
-records in the file's metadata (`medseg.onnx_model`); `load_bundle` loads it the same way,
-without torch.
+A model exported by ``medseg export`` (`medseg.inference.export`) is a bundle in one ``.onnx`` file,
+its records in the file's metadata (`medseg.inference.onnx_model`); `load_bundle` loads it the same
+way, without torch.
 
 The weights file of the best epoch of a binary model trained with a validation split also holds,
 in its safetensors metadata (`THRESHOLD`), the threshold with the best validation Dice of those
 weights: ``evaluate.threshold: auto`` and ``medseg predict`` use it
-(`medseg.inference.resolve_threshold`). Beside it (`POSTPROCESS`), the post-processing chosen on
-the validation cases after training (`medseg.training.postchoice`; JSON
+(`medseg.inference.predictor.resolve_threshold`). Beside it (`POSTPROCESS`), the post-processing
+chosen on the validation cases after training (`medseg.training.postchoice`; JSON
 ``{"1": [{"op": "keep_largest"}]}``, ``{}`` for none), which every predictor of the bundle
 applies to its labels.
 
 `save_bundle` writes it (the train stage), `load_bundle` is the one way a saved model is
 loaded: the evaluate stage and ``medseg predict`` go through it, and every mismatch is refused
 naming the file. (Validation inside training scores the model in memory, through the same
-`medseg.inference.Predictor`.)
+`medseg.inference.predictor.Predictor`.)
 """
 
 from __future__ import annotations
@@ -36,30 +36,29 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from medseg.config import (
+from medseg.config import ConvertConfig, PreprocessConfig
+from medseg.errors import MedsegError, shown
+from medseg.inference.onnx_model import SUFFIX, open_onnx
+from medseg.inference.postprocess import Steps, parse_steps, steps_record
+from medseg.io.records import read_json
+from medseg.labels import LabelSpace
+from medseg.names import (
+    ARCHS,
+    CLASSES,
     CONVERT_RECORD,
     MAX_CLASSES,
     MAX_DECODER_BLOCKS,
     MAX_DECODER_WIDTH,
-    ConvertConfig,
-    PreprocessConfig,
-    parse,
-    read_json,
-    shown,
 )
-from medseg.errors import MedsegError
-from medseg.labels import LabelSpace
-from medseg.names import CLASSES
-from medseg.onnx_model import SUFFIX, open_onnx
-from medseg.postprocess import Steps, parse_steps, steps_record
-from medseg.processed import RECORD, check_class_names, load_record, read_class_names
-from medseg.spec import ARCHS, ModelSpec
-from medseg.transforms import in_channels
+from medseg.preprocess.processed import RECORD, check_class_names, load_record, read_class_names
+from medseg.preprocess.transforms import in_channels
+from medseg.spec import ModelSpec
+from medseg.strict import parse
 
 if TYPE_CHECKING:  # torch is imported where a torch model is loaded: ONNX bundles run without
     import torch
 
-    from medseg.inference import Runner
+    from medseg.inference.runners import Runner
 
 WEIGHTS = "model.safetensors"  # the best epoch: what evaluate and predict use
 LAST = "last.safetensors"  # the last epoch
@@ -77,7 +76,7 @@ class Bundle:
     Attributes:
         model: the network in eval mode on ``device``, prepared for inference (batch norms
             folded); (B, C, H, W) -> (B, K, H, W) logits. For an ONNX export, its
-            `medseg.onnx_model.OnnxRunner`.
+            `medseg.inference.onnx_model.OnnxRunner`.
         spec: its spec.
         preprocess: the preprocess params it was trained with.
         classes: class names in label order, background first (``background, foreground`` for
@@ -88,8 +87,8 @@ class Bundle:
             weights' metadata, `THRESHOLD`); None where there is none (no validation split,
             several classes).
         postprocess: class label -> the post-processing operations chosen on validation
-            (`POSTPROCESS`, `medseg.postprocess.apply`); empty where none was chosen or the
-            bundle is older than the choice.
+            (`POSTPROCESS`, `medseg.inference.postprocess.apply`); empty where none was chosen or
+            the bundle is older than the choice.
     """
 
     model: torch.nn.Module | Runner
@@ -103,7 +102,7 @@ class Bundle:
 
     @property
     def labels(self) -> LabelSpace:
-        """What its output channels mean (`medseg.inference.LabelSpace`)."""
+        """What its output channels mean (`medseg.labels.LabelSpace`)."""
         return LabelSpace.of(self.spec.classes, self.classes)
 
 
@@ -211,7 +210,7 @@ def load_bundle(
     text = meta.get(THRESHOLD)
     threshold = None if text is None else _threshold_value(text, f"{weights}: the threshold")
     steps = _postprocess_value(meta.get(POSTPROCESS, "{}"), spec, classes, weights)
-    from medseg.inference import prepare_model
+    from medseg.inference.runners import prepare_model
     from medseg.model import build_model, resolve_device
 
     net = build_model(spec)
@@ -298,7 +297,8 @@ def _postprocess_value(text: str, spec: ModelSpec, classes: list[str], path: Pat
     """The stored post-processing (`POSTPROCESS`): JSON class label -> operation specs.
 
     Raises:
-        MedsegError: naming ``path``, where it is not JSON or `medseg.postprocess.parse_steps`
+        MedsegError: naming ``path``, where it is not JSON or
+        `medseg.inference.postprocess.parse_steps`
             refuses it.
     """
     source = f"{path}: {POSTPROCESS} in its metadata"

@@ -1,5 +1,5 @@
 """An exported model: the medseg metadata an ONNX file carries and the onnxruntime runner that
-serves it (`medseg.export` writes the file).
+serves it (`medseg.inference.export` writes the file).
 
 The file alone is a deployable model: one input ``image`` (N, C, H, W) float32, H and W
 multiples of ``medseg.divisor``, one output ``probabilities`` (N, K, H, W) float32, and in its
@@ -48,7 +48,7 @@ def require(module: str) -> ModuleType:
 
 
 class OnnxRunner:
-    """An onnxruntime session as a `medseg.inference.Runner`.
+    """An onnxruntime session as a `medseg.inference.runners.Runner`.
 
     Args:
         session: an ``onnxruntime.InferenceSession`` of a medseg export.
@@ -61,7 +61,7 @@ class OnnxRunner:
 
     @property
     def divisor(self) -> int:
-        """See `medseg.inference.Runner.divisor`."""
+        """See `medseg.inference.runners.Runner.divisor`."""
         return self._divisor
 
     def probabilities(self, windows: np.ndarray) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""Reviewing results: the Markdown report, the offline plots page, the worst cases."""
