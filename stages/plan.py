@@ -4,6 +4,8 @@ fingerprint, each with its reason (docs/plan.md). Test cases are never read.
 The step time the budget is planned with is measured once (a probe) and kept: while the
 measured step (network, patch, batch, precision, device, machine) stays the same, a rerun of
 this stage takes it from the plan it replaces, so the same data and params plan the same steps.
+A probe that other processes disturbed (they kept a core busy while it measured) plans this run
+with a warning and is marked ``busy`` in ``budget.probe``: the next run measures again.
 """
 
 from __future__ import annotations
@@ -40,12 +42,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def previous_probe(path: Path) -> dict[str, Any] | None:
-    """The measured step of the plan at ``path`` (``budget.probe`` and ``step_seconds``)."""
+    """The measured step of the plan at ``path`` (``budget.probe`` and ``step_seconds``); None
+    where there is none, or where the machine was busy while it was measured."""
     try:
         budget = read_json(path, "plan").get("budget") or {}
-        return {"probe": dict(budget["probe"]), "step_seconds": float(budget["step_seconds"])}
+        probe = dict(budget["probe"])
+        seconds = float(budget["step_seconds"])
     except (MedsegError, KeyError, TypeError, ValueError, AttributeError):  # measure again
         return None
+    return None if probe.get("busy") else {"probe": probe, "step_seconds": seconds}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -69,9 +74,20 @@ def main(argv: Sequence[str] | None = None) -> None:
             seconds = previous["step_seconds"]
             log.info("probe: %.3g s a step, kept from the plan it replaces (same step)", seconds)
             return seconds
-        seconds = probe_step_seconds(cfg, in_channels)
-        log.info("probe: %.3g s a training step at patch %d, batch %d", seconds, patch, batch)
-        return seconds
+        probe = probe_step_seconds(cfg, in_channels)
+        log.info(
+            "probe: %.3g s a training step at patch %d, batch %d (%d threads)",
+            probe.seconds, patch, batch, probe.threads,
+        )  # fmt: skip
+        if probe.busy:
+            measured["probe"]["busy"] = probe.other_cores
+            log.warning(
+                "probe: other processes kept %.1f CPU cores busy while it measured, so the step "
+                "time is slower than this machine's; this plan uses it, the next run of the "
+                "plan measures again (or fix train.step_seconds)",
+                probe.other_cores,
+            )  # fmt: skip
+        return probe.seconds
 
     step_time = train.step_seconds if train.step_seconds is not None else probe
     result = plan(fingerprint(args.converted), explicit, step_time, train.budget)

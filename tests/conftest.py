@@ -37,6 +37,9 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
         "patches_per_epoch": 8,
         "batch_size": 4,
         "patch_size": 32,
+        # the tests compare weights bit for bit across runs: the same threads whatever else
+        # runs on the machine (`medseg.training.precision.cpu_threads`)
+        "deterministic": True,
     },
     "evaluate": {"window": 64},
 }

@@ -9,6 +9,7 @@ import math
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -329,8 +330,9 @@ def test_probe_times_real_steps() -> None:
         cfg, patch_size=32, batch_size=2, decoder_channels=[16, 8, 8, 8, 8], device="cpu",
         amp_cpu=False,
     )  # fmt: skip
-    seconds = probe_step_seconds(small, 3, steps=1, warmup=1)
-    assert math.isfinite(seconds) and 0.0 < seconds < 60.0
+    probe = probe_step_seconds(small, 3, steps=1, warmup=1)
+    assert math.isfinite(probe.seconds) and 0.0 < probe.seconds < 60.0
+    assert probe.threads >= 1 and probe.other_cores >= 0.0
 
 
 def test_thin_labels_are_the_tubular_classes_of_the_masks():
@@ -466,6 +468,31 @@ def test_stage_keeps_the_measured_step_while_the_step_is_the_same(
     _run_plan_stage(path, vessel_set, out)
     again = json.loads(out.read_text())["budget"]
     assert again["probe"]["step"][2] == 64 and again["step_seconds"] != 0.125
+
+
+def test_a_probe_beside_a_busy_process_warns_and_is_not_kept(
+    vessel_set: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    small = {"decoder_channels": [16, 8, 8, 8, 8], "patch_size": 32, "batch_size": 2}
+    path = _params_file(tmp_path, train={**small, "budget": 5.0, "amp_cpu": False})
+    out = tmp_path / "plans.json"
+    spinner = subprocess.Popen([sys.executable, "-c", "while True:\n    pass\n"])
+    try:
+        time.sleep(0.5)
+        _run_plan_stage(path, vessel_set, out)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    budget = json.loads(out.read_text())["budget"]
+    assert budget["probe"]["busy"] > 0.5 and budget["step_seconds"] > 0
+    assert "other processes kept" in caplog.text and "measures again" in caplog.text
+    # the next run does not keep the busy figure, although the step is the same
+    budget["step_seconds"] = 0.125
+    whole = json.loads(out.read_text())
+    whole["budget"] = budget
+    out.write_text(json.dumps(whole))
+    _run_plan_stage(path, vessel_set, out)
+    assert json.loads(out.read_text())["budget"]["step_seconds"] != 0.125
 
 
 # == end to end: dvc repro with auto ==============================================================

@@ -30,6 +30,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
 from medseg.config.sections import SynthesizeConfig
+from medseg.progress import progress
 
 _SUPERSAMPLE = 2
 # Ophthalmic Photography 8 Bit Image Storage: what a fundus camera writes.
@@ -266,23 +267,27 @@ def write_dataset(cfg: SynthesizeConfig, out: str | Path) -> int:
     dicom_ids = set(order[: round(cfg.dicom_fraction * n_total)].tolist())
     width = max(2, len(str(n_total)))
     index = 0
-    for folder, suffix, cases in splits:
-        for sub in ("images", "1st_manual", "mask"):
-            (out / folder / sub).mkdir(parents=True, exist_ok=True)
-        for _ in cases:
-            case = generate_case(cfg, index)
-            num = f"{index + 1:0{width}d}"
-            images = out / folder / "images"
-            if index in dicom_ids:
-                write_rgb_dicom(images / f"{num}_{suffix}.dcm", case.image, f"{cfg.seed}-{num}")
-            else:
-                tifffile.imwrite(images / f"{num}_{suffix}.tif", case.image, photometric="rgb")
-            if cfg.labels == "vessels_disc":
-                _write_gif(out / folder / "1st_manual" / f"{num}_manual1.gif", label_map(case), 1)
-            else:
-                _write_gif(out / folder / "1st_manual" / f"{num}_manual1.gif", case.vessels)
-            _write_gif(out / folder / "mask" / f"{num}_{suffix}_mask.gif", case.fov)
-            index += 1
+    with progress(total=n_total, desc="synthesize") as bar:
+        for folder, suffix, cases in splits:
+            for sub in ("images", "1st_manual", "mask"):
+                (out / folder / sub).mkdir(parents=True, exist_ok=True)
+            for _ in cases:
+                case = generate_case(cfg, index)
+                num = f"{index + 1:0{width}d}"
+                images = out / folder / "images"
+                if index in dicom_ids:
+                    write_rgb_dicom(images / f"{num}_{suffix}.dcm", case.image, f"{cfg.seed}-{num}")
+                else:
+                    tifffile.imwrite(images / f"{num}_{suffix}.tif", case.image, photometric="rgb")
+                if cfg.labels == "vessels_disc":
+                    _write_gif(
+                        out / folder / "1st_manual" / f"{num}_manual1.gif", label_map(case), 1
+                    )
+                else:
+                    _write_gif(out / folder / "1st_manual" / f"{num}_manual1.gif", case.vessels)
+                _write_gif(out / folder / "mask" / f"{num}_{suffix}_mask.gif", case.fov)
+                index += 1
+                bar.update()
     return n_total
 
 

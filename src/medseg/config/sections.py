@@ -646,9 +646,12 @@ class TrainConfig:
     deterministic: bool = key(
         False,
         help=(
-            "CUDA: deterministic algorithms (slower; the few operations without a deterministic "
-            "CUDA kernel, e.g. bilinear upsampling in FPN/DeepLab/PSPNet, warn); CPU runs are "
-            "always deterministic"
+            "the same weights bit for bit, whatever the machine's load. CUDA: deterministic "
+            "algorithms (slower; the few operations without a deterministic CUDA kernel, e.g. "
+            "bilinear upsampling in FPN/DeepLab/PSPNet, warn). CPU: `false` trains on one thread "
+            "per core that other processes leave free (measured at the start; the thread count "
+            "changes the last bits of the weights), `true` keeps torch's threads, several times "
+            "slower beside a busy process ([benchmarks](benchmarks.md#a-busy-machine))"
         ),
     )
     cache: str = key(

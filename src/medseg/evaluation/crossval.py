@@ -35,6 +35,7 @@ from medseg.io.shards import CaseStore, write_view
 from medseg.labels import to_uint16
 from medseg.preprocess.dataset import shuffled_groups, source_groups
 from medseg.preprocess.processed import Case, open_split, read_case
+from medseg.progress import progress
 from medseg.scoring.tally import PRECISION, ScoreTally, SecondObserver, build_metrics
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ def ensemble_folds(
     with atomic_dir(out) as tmp:
         for name in names:
             (tmp / "probabilities" / name).mkdir(parents=True)
-        for i in test:
+        for i in progress(test, desc="ensemble"):
             case = read_case(test, i)
             _ensemble_case(case, segmenters, tallies, tmp, spacings[i])
             if case.mask2 is not None:

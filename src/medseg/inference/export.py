@@ -11,7 +11,6 @@ torch and onnx, works offline, and gives batch, height and width as dynamic axes
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -32,6 +31,7 @@ from medseg.inference.onnx_model import FORMAT, INPUT, OUTPUT, SUFFIX, require
 from medseg.inference.postprocess import steps_record
 from medseg.inference.runners import Runner, TorchRunner, activate, model_divisor
 from medseg.inference.window import pad_to_multiple
+from medseg.io.atomic import atomic_file
 from medseg.names import BUNDLE_FORMAT, BUNDLE_FORMAT_KEY
 
 FORMATS = ("onnx",)
@@ -87,9 +87,7 @@ def export_onnx(
     bundle = load_bundle(model, "cpu", preprocess)
     assert isinstance(bundle.model, torch.nn.Module)
     divisor = model_divisor(bundle.model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp{SUFFIX}")
-    try:
+    with atomic_file(out, suffix=SUFFIX) as tmp:
         _trace(bundle, divisor, tmp, opset)
         proto = onnx.load(str(tmp))
         proto.producer_name, proto.producer_version = "medseg", __version__
@@ -100,9 +98,6 @@ def export_onnx(
         onnx.helper.set_model_props(proto, metadata(bundle, divisor))
         onnx.save(proto, str(tmp))
         diff = check_export(tmp, bundle, name=out)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return diff
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from medseg.errors import MedsegError
+from medseg.progress import progress
 
 # 8-connectivity in 2D: a diagonal step joins two pixels, as the eye sees a thin oblique line.
 _CONNECTIVITY = ndimage.generate_binary_structure(2, 2)
@@ -273,32 +274,36 @@ def choose(
         classes = sorted(v for v in found if v > 0)
     choice = Choice({}, {}, {}, {})
     draws = np.random.default_rng(0).integers(0, max(len(prepared), 1), (RESAMPLES, len(prepared)))
-    for k in classes:
-        masks = [(pred == k, (truth == k) & inside, inside) for pred, truth, inside in prepared]
-        kept: list[dict[str, object]] = []
-        counts = _case_counts(masks, kept)
-        best = _dice(*counts.sum(axis=0))
-        choice.dice_before[k] = best
-        choice.tried[k] = []
-        for spec in candidates:
-            trial = [*kept, dict(spec)]
-            trial_counts = _case_counts(masks, trial)
-            dice = _dice(*trial_counts.sum(axis=0))
-            # the gain in each resample of the cases (drawn with replacement)
-            gains = _dice_each(*trial_counts[draws].sum(axis=1).T) - _dice_each(
-                *counts[draws].sum(axis=1).T
-            )
-            share = float(np.mean(gains >= 0))
-            keep = dice > best + MIN_GAIN and share >= CONFIDENCE
-            verdict = "kept" if keep else "not kept"
-            choice.tried[k].append(
-                f"{_describe(spec)}: Dice {best:.4f} -> {dice:.4f}, not lower in {share:.1%} "
-                f"of {RESAMPLES} resamples of the {len(prepared)} cases, {verdict}"
-            )
-            if keep:
-                kept, best, counts = trial, dice, trial_counts
-        choice.steps[k] = kept
-        choice.dice_after[k] = best
+    trials = len(classes) * (1 + len(candidates))
+    with progress(total=trials, desc="post-processing: choose", unit="trial") as bar:
+        for k in classes:
+            masks = [(pred == k, (truth == k) & inside, inside) for pred, truth, inside in prepared]
+            kept: list[dict[str, object]] = []
+            counts = _case_counts(masks, kept)
+            best = _dice(*counts.sum(axis=0))
+            bar.update()
+            choice.dice_before[k] = best
+            choice.tried[k] = []
+            for spec in candidates:
+                trial = [*kept, dict(spec)]
+                trial_counts = _case_counts(masks, trial)
+                dice = _dice(*trial_counts.sum(axis=0))
+                bar.update()
+                # the gain in each resample of the cases (drawn with replacement)
+                gains = _dice_each(*trial_counts[draws].sum(axis=1).T) - _dice_each(
+                    *counts[draws].sum(axis=1).T
+                )
+                share = float(np.mean(gains >= 0))
+                keep = dice > best + MIN_GAIN and share >= CONFIDENCE
+                verdict = "kept" if keep else "not kept"
+                choice.tried[k].append(
+                    f"{_describe(spec)}: Dice {best:.4f} -> {dice:.4f}, not lower in {share:.1%} "
+                    f"of {RESAMPLES} resamples of the {len(prepared)} cases, {verdict}"
+                )
+                if keep:
+                    kept, best, counts = trial, dice, trial_counts
+            choice.steps[k] = kept
+            choice.dice_after[k] = best
     return choice
 
 

@@ -26,6 +26,7 @@ from medseg.convert.fov import FOV_LABEL_TOLERANCE
 from medseg.errors import MedsegError
 from medseg.io.images import binarize, read_labels, read_raster
 from medseg.preprocess.processed import read_class_names
+from medseg.progress import progress
 
 # -- limits: memory stays that of one case whatever the data set's size --
 MIN_TRAIN_CASES = 2
@@ -94,7 +95,7 @@ def fingerprint(
     if len(rows) > max_cases:
         read = rows.iloc[np.sort(rng.choice(len(rows), max_cases, replace=False))]
     acc = _Accumulator(len(names), max(16, sample_pixels // len(read)), rng)
-    for row in read.itertuples(index=False):
+    for row in progress(read.itertuples(index=False), total=len(read), desc="fingerprint"):
         acc.add(converted, row)
     if not any(acc.fg_pixels[1:]):
         raise MedsegError(

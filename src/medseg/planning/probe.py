@@ -5,9 +5,31 @@ torch and nothing here loads the training loop."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+# other processes' CPU use during a probe (in cores) above which its step time is not this
+# machine's: the plan still uses it, but a later plan measures again instead of keeping it
+BUSY_CORES = 0.5
+
+
+@dataclass(frozen=True)
+class StepProbe:
+    """What a probe measured: ``seconds`` a step (the median), the torch ``threads`` it ran on
+    (on a CPU), and ``other_cores``: how many of this process's CPUs other processes kept busy
+    meanwhile, on average (`medseg.training.precision.other_cores`; 0.0 on a GPU or where
+    unknown)."""
+
+    seconds: float
+    threads: int
+    other_cores: float
+
+    @property
+    def busy(self) -> bool:
+        """Whether other processes took more than `BUSY_CORES` while it measured."""
+        return self.other_cores > BUSY_CORES
 
 
 def probe_step_seconds(
@@ -17,14 +39,16 @@ def probe_step_seconds(
     steps: int = 5,
     warmup: int = 3,
     device: str | None = None,
-) -> float:
+) -> StepProbe:
     """Seconds per training step on this machine, measured as train runs one.
 
     Builds the step's parts from ``cfg`` as training does (`medseg.training.step.build_step`)
     and times ``steps`` calls of the step itself (forward, loss, backward, clip, optimizer,
     schedule) on a random batch of ``cfg.batch_size`` x ``in_channels`` x ``cfg.patch_size``^2 after
     ``warmup`` steps (allocator, kernel choice); the median step. Patch cutting and
-    augmentation are not included (`TRAIN_SHARE` leaves room for them).
+    augmentation are not included (`TRAIN_SHARE` leaves room for them). On a CPU it runs on
+    the threads train would take (`medseg.training.precision.cpu_threads`; torch's setting is
+    restored after) and watches the other processes' CPU use while it measures.
 
     Args:
         cfg: the train params (`medseg.config.TrainConfig`) with the planned patch and batch.
@@ -34,17 +58,35 @@ def probe_step_seconds(
         device: default ``cfg.device`` (``auto``: CUDA when present).
 
     Returns:
-        The median seconds per step.
+        The median seconds per step, the threads, the other processes' CPU use.
     """
+    import torch
+
+    from medseg.model import resolve_device
+    from medseg.training.precision import cpu_sample, cpu_threads, other_cores
+
+    dev = resolve_device(device or cfg.device)
+    saved = torch.get_num_threads()
+    try:
+        threads = cpu_threads(cfg.deterministic) if dev.type == "cpu" else saved
+        before = cpu_sample()
+        seconds = _median_step(cfg, in_channels, dev, steps, warmup)
+        other = other_cores(before, cpu_sample()) if dev.type == "cpu" else 0.0
+    finally:
+        torch.set_num_threads(saved)
+    return StepProbe(seconds, threads, round(other, 2))
+
+
+def _median_step(cfg: Any, in_channels: int, dev: Any, steps: int, warmup: int) -> float:
+    """The median seconds of ``steps`` training steps after ``warmup`` (see
+    `probe_step_seconds`), on the torch device ``dev``."""
     import time
 
     import torch
 
-    from medseg.model import resolve_device
     from medseg.spec import ModelSpec
     from medseg.training.step import build_step
 
-    dev = resolve_device(device or cfg.device)
     torch.manual_seed(0)
     spec = ModelSpec.from_config(cfg, in_channels)
     parts = build_step(cfg, spec, dev, max(warmup + steps, 1))

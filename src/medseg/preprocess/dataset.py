@@ -26,6 +26,7 @@ from medseg.preprocess.processed import (
     save_record,
 )
 from medseg.preprocess.transforms import prepare_image, resize_labels
+from medseg.progress import progress
 
 # The stage's own names, and those the modules reading processed data import from here.
 __all__ = ["case_arrays", "preprocess_dataset", "shuffled_groups", "source_groups", "split_cases"]
@@ -177,7 +178,8 @@ def _write_split(
     fg = np.zeros(n_labels, dtype=np.int64)
     inside = resized = pixels = 0
     try:
-        for row in rows.itertuples(index=False):
+        cases = progress(rows.itertuples(index=False), total=len(rows), desc=f"preprocess {split}")
+        for row in cases:
             arrays, meta = _prepare_case(row, converted, cfg, n_labels, whole)
             writer.add(str(row.case_id), arrays, **meta)
             fg[1:] += arrays["fg_rows"].sum(axis=1)

@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from medseg.config.sections import TrainConfig
 from medseg.errors import MedsegError
@@ -40,6 +39,7 @@ from medseg.inference.bundle import save_bundle
 from medseg.io.atomic import atomic_dir
 from medseg.labels import LabelSpace
 from medseg.model import check_names
+from medseg.progress import progress
 from medseg.spec import ModelSpec
 from medseg.training.cache import DevicePlan, TrainingData, make_sampler
 from medseg.training.callbacks import Callback, LiveLog
@@ -64,7 +64,7 @@ from medseg.training.distributed import (
 )
 from medseg.training.monitor import GpuMonitor
 from medseg.training.postchoice import choose_for_bundle
-from medseg.training.precision import backend_flags, train_device
+from medseg.training.precision import backend_flags, cpu_threads, train_device
 from medseg.training.step import StepParts, build_step
 from medseg.training.validation import validate
 
@@ -100,6 +100,8 @@ def fit(
     check_names(cfg.arch, cfg.encoder)
     world = world_from_env()
     device = train_device(cfg, world)
+    if device.type == "cpu":
+        cpu_threads(cfg.deterministic)  # the cores other processes leave free
     with process_group(world, device), backend_flags(cfg, device), StopSignals() as stop:
         hooks = [LiveLog(logs_dir)] if world.main else []
         trainer = Trainer.from_config(
@@ -268,10 +270,9 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self._emit("on_epoch_start")
-        bar = tqdm(
-            self.batches(plan, first), total=self.steps, initial=first,
-            desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
-            disable=None if self.world.main else True,
+        bar = progress(
+            self.batches(plan, first), total=self.steps, initial=first, unit="step",
+            desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False, show=self.world.main,
         )  # fmt: skip
         # the bar shows the loss on a CPU only: there .item() costs nothing, on a GPU it waits
         show_loss = not bar.disable and self.device.type == "cpu"

@@ -24,6 +24,7 @@ from medseg.io.shards import CaseStore
 from medseg.labels import LabelSpace
 from medseg.model import build_model
 from medseg.preprocess.processed import read_case
+from medseg.progress import progress
 from medseg.spec import ModelSpec
 from medseg.training.validation import VALIDATION_THRESHOLD
 
@@ -104,7 +105,7 @@ def validation_predictions(
         so memory holds the predictions only.
     """
     cases = []
-    for i in val:
+    for i in progress(val, desc="post-processing: predict"):
         case = read_case(val, i)
         pred, _ = predictor.predict(case.image, case.fov, out_fov=case.truth_fov)
         cases.append((pred, case.truth, case.truth_fov))

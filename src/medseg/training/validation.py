@@ -13,6 +13,7 @@ from medseg.inference.runners import TorchRunner
 from medseg.io.shards import CaseStore
 from medseg.labels import LabelSpace
 from medseg.preprocess.processed import read_case
+from medseg.progress import progress
 from medseg.scoring.tally import ScoreTally
 
 
@@ -53,7 +54,7 @@ def validate(
     model.eval()
     predictor = Predictor([TorchRunner(model, device)], labels, VALIDATION_THRESHOLD)
     tally = ScoreTally(labels.channels, list(labels.names), light=True)
-    for i in val:
+    for i in progress(val, desc="validation", leave=False):
         case = read_case(val, i)
         pred, probs = predictor.predict(case.image, case.fov, out_fov=case.truth_fov)
         tally.add(case.case_id, probs, pred, case.truth, case.truth_fov)
