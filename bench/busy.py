@@ -54,9 +54,9 @@ def write_store(out: Path, n_cases: int, size: int) -> None:
     """``n_cases`` synthetic cases of ``size``^2, green channel, as the preprocess stage keeps
     them (a ``train`` split and an empty ``val``)."""
     import yaml
-    from medseg.strict import parse
 
-    from medseg.config import SynthesizeConfig
+    from medseg.config.keys import parse
+    from medseg.config.sections import SynthesizeConfig
     from medseg.io.shards import ShardWriter
     from medseg.preprocess.dataset import case_arrays
     from medseg.preprocess.transforms import normalize_in_fov, select_channel
@@ -80,9 +80,9 @@ def child(args: argparse.Namespace) -> None:
     """One measurement: print ``{"images_s", "threads", "cpu_per_wall"}`` as JSON."""
     import torch
     import yaml
-    from medseg.strict import parse
 
-    from medseg.config import TrainConfig
+    from medseg.config.keys import parse
+    from medseg.config.sections import TrainConfig
     from medseg.training.loop import Trainer
     from medseg.training.precision import cpu_threads
 
