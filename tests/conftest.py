@@ -159,6 +159,9 @@ def params_file(tmp_path: Path) -> Path:
 
 # --- Temporary git + DVC copies of the pipeline, shared by the end-to-end tests ---------------
 
+# the stages whose runs the tests count; `machine` runs on every `dvc repro` by design (DVC's
+# always_changed: it describes the machine for the plan, and nothing after it reruns unless the
+# machine changed), so it is not counted and `dvc_status` leaves it out
 STAGES = ("synthesize", "convert", "plan", "preprocess", "train", "evaluate")
 FIRST_REPRO = "first_repro.stdout"  # beside the session's reproduced project: its first output
 
@@ -188,6 +191,15 @@ def run(
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def dvc_status(cwd: Path, *flags: str, env: dict[str, str] | None = None) -> dict:
+    """``dvc status --json`` in ``cwd``, without the machine stage's "always changed" (it is
+    always run, by design) but with anything else it says about that stage."""
+    status = json.loads(run(cwd, "dvc", "status", *flags, "--json", env=env).stdout)
+    if status.get("machine") == ["always changed"]:
+        del status["machine"]
+    return status
 
 
 def ran(proc: subprocess.CompletedProcess[str]) -> list[str]:

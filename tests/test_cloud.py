@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, ran, run
+from conftest import REPO, dvc_status, ran, run
 from test_remote import BUCKET, ENV_WITH_KEYS, MotoServer, hashes, s3  # noqa: F401 (s3: a fixture)
 
 TASK = REPO / "cloud" / "train.sky.yaml"
@@ -188,4 +188,4 @@ def test_the_task_run_pushes_an_experiment_a_laptop_pulls_and_applies(
     run(laptop, "dvc", "exp", "apply", "cloud-exp", env=ENV_WITH_KEYS)
     assert hashes(laptop) == hashes(instance)
     assert (laptop / "params.yaml").read_bytes() == (instance / "params.yaml").read_bytes()
-    assert json.loads(run(laptop, "dvc", "status", "--json", env=ENV_WITH_KEYS).stdout) == {}
+    assert dvc_status(laptop, env=ENV_WITH_KEYS) == {}

@@ -18,6 +18,7 @@ from conftest import (
     FIRST_REPRO,
     STAGES,
     dvc_env,
+    dvc_status,
     ran,
     run,
     tiny_params,
@@ -45,8 +46,7 @@ def test_repro_caches_and_reruns_only_what_changed(_reproduced: Path, reproduced
     assert (project / "results" / "train" / "plots" / "metrics" / "val" / "dice.tsv").is_file()
     again = run(project, "dvc", "repro")
     assert ran(again) == []
-    status = run(project, "dvc", "status", "--json")
-    assert json.loads(status.stdout) == {}
+    assert dvc_status(project) == {}
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"]["lr"] = 0.02
@@ -184,7 +184,7 @@ def test_preempted_train_resumes_on_the_next_repro(project: Path):
     assert [p.name for p in (project / "checkpoints").iterdir()] == ["README.txt"]
     curve = project / "results" / "train" / "plots" / "metrics" / "train" / "loss.tsv"
     assert len(curve.read_text().splitlines()) == 1 + 3
-    assert json.loads(run(project, "dvc", "status", "--json").stdout) == {}
+    assert dvc_status(project) == {}
 
 
 @pytest.mark.slow  # a fresh pipeline run; label maps are tested stage by stage elsewhere

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import dvc_env, ran, run, write_params
+from conftest import dvc_env, dvc_status, ran, run, write_params
 
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("dvc_s3", reason="S3 remotes need the s3 extra: pip install -e '.[s3]'")
@@ -142,7 +142,7 @@ def cache_keys(project: Path) -> set[str]:
 def assert_same_as(clone: Path, source: Path, env: dict[str, str]) -> None:
     """``clone`` holds every output of ``source``, bit for bit, and DVC sees nothing to do."""
     assert hashes(clone) == hashes(source)
-    assert json.loads(run(clone, "dvc", "status", "--json", env=env).stdout) == {}
+    assert dvc_status(clone, env=env) == {}
     cloud = json.loads(run(clone, "dvc", "status", "--cloud", "--json", env=env).stdout)
     assert cloud == {}
     assert ran(run(clone, "dvc", "repro", env=env)) == []
@@ -166,7 +166,7 @@ def test_s3_round_trip_push_clone_pull(reproduced: Path, s3: MotoServer, tmp_pat
 def test_the_default_run_leaves_nothing_for_dvc_to_report(reproduced: Path):
     """After the default `dvc repro` in a clone (every dvc.yaml DVC collects there), review
     sees only real results: nothing to do, every metrics file loads, no empty rows."""
-    assert json.loads(run(reproduced, "dvc", "status", "--json").stdout) == {}
+    assert dvc_status(reproduced) == {}
     shown = run(reproduced, "dvc", "metrics", "show", "--json")
     assert "failed to load" not in shown.stdout + shown.stderr
     files = json.loads(shown.stdout)[""]["data"]
