@@ -12,7 +12,7 @@ schedules of
 from __future__ import annotations
 
 # --- data ---
-LAYOUTS = ("drive", "folders", "manifest")  # data.layout: medseg.io.layouts.scan_cases
+LAYOUTS = ("drive", "folders", "manifest", "nnunet")  # data.layout: medseg.io.layouts.scan_cases
 LABEL_SETS = ("vessels", "vessels_disc")  # synthesize.labels: binary, or 1 vessel + 2 disc
 
 # --- convert ---
