@@ -22,6 +22,13 @@ from medseg.errors import MedsegError
 
 # 8-connectivity in 2D: a diagonal step joins two pixels, as the eye sees a thin oblique line.
 _CONNECTIVITY = ndimage.generate_binary_structure(2, 2)
+
+
+def _connectivity(ndim: int) -> np.ndarray:
+    """8-connectivity of an image, 26-connectivity of a volume (its slices stacked)."""
+    return _CONNECTIVITY if ndim == 2 else ndimage.generate_binary_structure(ndim, ndim)
+
+
 MIN_GAIN = 1e-4  # a candidate must raise the pooled Dice by more than this to be kept
 
 
@@ -34,7 +41,7 @@ def keep_largest(mask: np.ndarray) -> np.ndarray:
     Returns:
         (H, W) bool; all False when ``mask`` is.
     """
-    labels, n = ndimage.label(mask, structure=_CONNECTIVITY)
+    labels, n = ndimage.label(mask, structure=_connectivity(mask.ndim))
     if n <= 1:
         return mask.astype(bool, copy=True)
     sizes = np.bincount(labels.ravel())
@@ -64,7 +71,7 @@ def drop_small(mask: np.ndarray, min_size: int) -> np.ndarray:
     Returns:
         (H, W) bool.
     """
-    labels, n = ndimage.label(mask, structure=_CONNECTIVITY)
+    labels, n = ndimage.label(mask, structure=_connectivity(mask.ndim))
     if n == 0:
         return mask.astype(bool, copy=True)
     sizes = np.bincount(labels.ravel())

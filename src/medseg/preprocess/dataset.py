@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from medseg.io.atomic import atomic_dir, write_json
 from medseg.io.images import binarize, read_labels, read_raster
 from medseg.io.records import read_json
 from medseg.io.shards import ShardWriter
+from medseg.io.volumes import is_volume_row, open_volume
 from medseg.names import AUTO, CLASSES, CONVERT_RECORD
 from medseg.preprocess.processed import (
     RECORD,
@@ -26,7 +28,12 @@ from medseg.preprocess.processed import (
     read_class_names,
     save_record,
 )
-from medseg.preprocess.transforms import prepare_image, resize_labels
+from medseg.preprocess.transforms import (
+    prepare_image,
+    prepare_slice,
+    resize_labels,
+    zscore_volume,
+)
 
 # The stage's own names, and those the modules reading processed data import from here.
 __all__ = ["case_arrays", "preprocess_dataset", "shuffled_groups", "source_groups", "split_cases"]
@@ -177,14 +184,22 @@ def _write_split(
     n_labels = len(names)
     fg = np.zeros(n_labels, dtype=np.int64)
     inside = resized = pixels = 0
+    slices = 0
     try:
         for row in rows.itertuples(index=False):
-            arrays, meta = _prepare_case(row, converted, cfg, n_labels, whole)
-            writer.add(str(row.case_id), arrays, **meta)
-            fg[1:] += arrays["fg_rows"].sum(axis=1)
-            inside += int(arrays["fov_rows"].sum())
-            resized += int("mask_full" in arrays)
-            pixels += meta["height"] * meta["width"]
+            if is_volume_row(row):
+                cases = _volume_slices(row, converted, cfg, n_labels)
+            else:
+                cases = iter(
+                    [(str(row.case_id), *_prepare_case(row, converted, cfg, n_labels, whole))]
+                )
+            for case_id, arrays, meta in cases:
+                writer.add(case_id, arrays, **meta)
+                fg[1:] += arrays["fg_rows"].sum(axis=1)
+                inside += int(arrays["fov_rows"].sum())
+                resized += int("mask_full" in arrays)
+                pixels += meta["height"] * meta["width"]
+                slices += "volume" in meta
     finally:
         writer.close()
     shares = {
@@ -193,6 +208,8 @@ def _write_split(
         if k > 0
     }
     out_stats: dict = {"cases": len(rows), "pixels": pixels, "resized": resized}
+    if slices:
+        out_stats["slices"] = slices
     if n_labels == 2:
         out_stats["foreground_fraction_in_fov"] = shares[names[1]]
     else:
@@ -244,6 +261,46 @@ def _prepare_case(
     if all(math.isfinite(v) and v > 0 for v in spacing):
         meta["spacing"] = spacing  # mm at full size (the ground truth's): boundary distances
     return arrays, meta
+
+
+def _volume_slices(
+    row: Any, converted: Path, cfg: PreprocessConfig, n_labels: int
+) -> Iterator[tuple[str, dict[str, np.ndarray], dict[str, Any]]]:
+    """The slices of one volume row, each a case of the store: ``<volume>_z<k>`` with
+    ``volume``, ``z``, ``depth``, ``spacing`` (row, column mm) and ``slice_spacing`` in its
+    metadata, the volume normalised as a whole (`zscore_volume`) before it is cut."""
+    image, labels = open_volume(converted, row)
+    if int(labels.max(initial=0)) >= n_labels:
+        raise MedsegError(
+            f"{converted / str(row.mask)}: label {int(labels.max())} but the data set has "
+            f"{n_labels - 1} classes; rerun convert"
+        )
+    x = zscore_volume(image)
+    depth = labels.shape[0]
+    spacing = [float(getattr(row, f"spacing_{axis}", "nan") or "nan") for axis in ("row", "col")]
+    slice_spacing = float(getattr(row, "spacing_slice", "nan") or "nan")
+    volume_id = str(row.case_id)
+    for z in range(depth):
+        truth = np.asarray(labels[z])
+        xs, mask, fov = prepare_slice(x[:, z], truth, cfg.max_side, n_labels)
+        arrays = case_arrays(xs, mask, fov, n_labels)
+        if mask.shape != truth.shape:
+            arrays["mask_full"] = truth
+            arrays["fov_full"] = np.ones(truth.shape, dtype=np.uint8)
+        meta: dict[str, Any] = {
+            "height": int(fov.shape[0]),
+            "width": int(fov.shape[1]),
+            "full_height": int(truth.shape[0]),
+            "full_width": int(truth.shape[1]),
+            "volume": volume_id,
+            "z": z,
+            "depth": depth,
+        }
+        if all(math.isfinite(v) and v > 0 for v in spacing):
+            meta["spacing"] = spacing
+        if math.isfinite(slice_spacing) and slice_spacing > 0:
+            meta["slice_spacing"] = slice_spacing
+        yield f"{volume_id}_z{z:04d}", arrays, meta
 
 
 def case_arrays(

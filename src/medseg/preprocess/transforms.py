@@ -70,6 +70,47 @@ def normalize_in_fov(x: np.ndarray, fov: np.ndarray) -> np.ndarray:
     return out[0] if x.ndim == 2 else out
 
 
+def zscore_volume(volume: np.ndarray) -> np.ndarray:
+    """A volume normalised per channel over all its voxels: zero mean, unit variance (nnU-Net's
+    normalisation for MR and every modality but CT). A constant channel gives zeros.
+
+    Args:
+        volume: (C, Z, H, W) int16 or float32.
+
+    Returns:
+        (C, Z, H, W) float32.
+    """
+    out = np.empty(volume.shape, dtype=np.float32)
+    for c, channel in enumerate(volume):
+        x = np.asarray(channel, dtype=np.float32)
+        mean = float(x.mean(dtype=np.float64))
+        std = float(x.std(dtype=np.float64))
+        out[c] = (x - mean) / (std if std > 1e-6 else 1.0)
+    return out
+
+
+def prepare_slice(
+    x: np.ndarray, truth: np.ndarray, max_side: int | None, n_labels: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One slice of a normalised volume as a model input: resized to ``max_side`` where the
+    user (or the plan) asks for it; a slice's field of view is all of it.
+
+    Args:
+        x: (C, H, W) float32 normalised slice.
+        truth: (H, W) uint8 labels.
+        max_side: `model_size`'s limit, or None.
+        n_labels: labels, background included.
+
+    Returns:
+        (C, h, w) float32 input, (h, w) uint8 labels and (h, w) bool field of view.
+    """
+    size = model_size(truth.shape[0], truth.shape[1], max_side)
+    if size != truth.shape:
+        x = resize_image(x, size)
+        truth = resize_labels(truth, size, n_labels)
+    return x, truth, np.ones(size, dtype=bool)
+
+
 def model_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:
     """The size a case is given to the model: its own, or scaled down to ``max_side``."""
     if max_side is None or max(height, width) <= max_side:

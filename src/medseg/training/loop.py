@@ -23,6 +23,7 @@ checkpoint is removed after a successful run: the weights are in the models fold
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -157,7 +158,7 @@ class Trainer:
         if len(self.train) == 0:
             raise MedsegError(f"{data_dir / 'train.json'}: no training cases")
         self.class_names = read_class_names(data_dir)
-        _check_classes(cfg, self.class_names, data_dir)
+        self.cfg = cfg = _with_classes(cfg, self.class_names, data_dir)
         self.labels = LabelSpace.of(cfg.classes, self.class_names)
         self.ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
         # on a GPU the checkpoint is written in the background (a host copy first: still exact)
@@ -516,11 +517,16 @@ class StepBatches(torch.utils.data.Dataset):
         return self.sampler.crop(self.plan, self.first + i, self.share)
 
 
-def _check_classes(cfg: TrainConfig, names: list[str], data_dir: Path) -> None:
-    """``train.classes`` must fit the labels the data has (``classes.json``)."""
+def _with_classes(cfg: TrainConfig, names: list[str], data_dir: Path) -> TrainConfig:
+    """``train.classes`` must fit the labels the data has (``classes.json``). The default 1
+    (binary) on data whose classes are named (``data.classes``, a DICOM SEG's segments, an
+    nnU-Net ``dataset.json``) becomes their number, so named classes need no second param."""
     n = len(names)
     if cfg.classes == n or (n == 2 and cfg.classes == 1):
-        return
+        return cfg
+    if cfg.classes == 1:
+        log.info("train.classes: %d, the labels of %s", n, data_dir / CLASSES)
+        return dataclasses.replace(cfg, classes=n)
     want = "1 (sigmoid) or 2 (softmax)" if n == 2 else str(n)
     raise MedsegError(
         f"params: train.classes is {cfg.classes} but the data ({data_dir / CLASSES}) has {n} "
