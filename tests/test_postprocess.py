@@ -150,3 +150,17 @@ def test_steps_record_round_trips_and_is_checked() -> None:
     ):
         with pytest.raises(MedsegError, match=message):
             parse_steps(raw, [1, 2, 3], "m")
+
+
+def test_a_volume_is_post_processed_and_chosen_in_3d():
+    """Components of a volume are 26-connected across its slices: a structure that continues on
+    the next slice is one object, and keep_largest drops only the stray blob."""
+    truth = np.zeros((3, 10, 10), np.uint8)
+    truth[0, 2:5, 2:5] = 1
+    truth[1, 4:7, 4:7] = 1  # the same object, one slice on (overlapping at a corner)
+    pred = truth.copy()
+    pred[2, 8, 8] = 1  # a stray voxel
+    kept = apply(pred, {1: [{"op": "keep_largest"}]})
+    np.testing.assert_array_equal(kept, truth)
+    choice = choose([(pred, truth, None)], [{"op": "keep_largest"}])
+    assert choice.steps[1] == [{"op": "keep_largest"}]

@@ -198,7 +198,8 @@ def as_labels(prediction: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """A prediction as (H, W) integer labels.
 
     Args:
-        prediction: (H, W) integer labels; or (H, W) float foreground probability (binary,
+        prediction: (H, W) integer labels (a volume's (Z, H, W)); or (H, W) float foreground
+            probability (binary,
             foreground where >= ``threshold``); or (K, H, W) float class probabilities (K = 1:
             binary as before; K >= 2: the most probable class).
 
@@ -207,8 +208,8 @@ def as_labels(prediction: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """
     p = np.asarray(prediction)
     if np.issubdtype(p.dtype, np.integer) or p.dtype == np.bool_:
-        if p.ndim != 2:
-            raise ValueError(f"integer labels must be (H, W), got shape {p.shape}")
+        if p.ndim not in (2, 3):
+            raise ValueError(f"integer labels must be (H, W) or (Z, H, W), got shape {p.shape}")
         return p.astype(np.int64)
     if p.ndim == 3 and p.shape[0] == 1:
         p = p[0]
