@@ -81,7 +81,7 @@ def plan_costs(cfg: TrainConfig, data: Path, rounds: int) -> tuple[float, float]
 
 
 def checkpoint_costs(cfg: TrainConfig, data: Path, rounds: int) -> tuple[float, float, float]:
-    trainer = Trainer(dataclasses.replace(cfg, device="cpu", cache="ram"), data)
+    trainer = Trainer.from_config(dataclasses.replace(cfg, device="cpu", cache="ram"), data)
     state = trainer.state()
     with tempfile.TemporaryDirectory() as tmp:
         sync = CheckpointWriter(Path(tmp) / "sync.pt", background=False)

@@ -110,9 +110,9 @@ class OurLoop:
             cfg, epochs=1, patches_per_epoch=total_steps * cfg.batch_size, device="cpu"
         )
         self.cfg = cfg
-        self.trainer = Trainer(cfg, data)
+        self.trainer = Trainer.from_config(cfg, data)
         self.plan = self.trainer.plan_epoch()
-        self.trainer.net.train()
+        self.trainer.parts.net.train()
         self.next = 0
 
     def run(self, steps: int) -> None:

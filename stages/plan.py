@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medseg import names
 from medseg.config import load_all_params, planned_values
 from medseg.errors import MedsegError
 from medseg.io.atomic import check_output
@@ -32,7 +31,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return stage_args(
         __doc__,
         argv,
-        {"converted": "output folder of the convert stage", "out": "the plan file to write"},
+        {
+            "converted": "output folder of the convert stage",
+            "machine": "the machine stage's machine.json (another machine: a new probe)",
+            "out": "the plan file to write",
+        },
     )
 
 
@@ -49,13 +52,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     params = load_all_params(args.params)  # every key checked; auto keys by a stand-in
     explicit = planned_values(read_yaml(Path(args.params)))
-    for key, value in (
-        ("convert.fov_fallback", params.convert.fov_fallback),
-        ("evaluate.threshold", params.evaluate.threshold),
-    ):
-        if value != names.AUTO:
-            explicit[key] = value
-    check_output(args.out, {"--converted": args.converted, "--params": args.params})
+    check_output(
+        args.out,
+        {"--converted": args.converted, "--params": args.params, "--machine": args.machine},
+    )
+    machine = read_json(Path(args.machine), "machine record")
     train, out = params.train, Path(args.out)
     previous = previous_probe(out) if out.is_file() else None
     measured: dict[str, Any] = {}
@@ -63,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     def probe(patch: int, batch: int, in_channels: int) -> float:
         loss = explicit.get("train.loss", "bce_dice")
         cfg = dataclasses.replace(train, patch_size=patch, batch_size=batch, loss=loss)
-        measured["probe"] = probe_key(cfg, in_channels)
+        measured["probe"] = {**probe_key(cfg, in_channels), "machine": machine}
         if previous is not None and previous["probe"] == measured["probe"]:
             seconds = previous["step_seconds"]
             log.info("probe: %.3g s a step, kept from the plan it replaces (same step)", seconds)

@@ -163,7 +163,9 @@ def test_background_checkpoints_resume_exactly_and_epochs_are_clocked(
 
     def trainer(out: str, stop: Callback | None = None) -> Trainer:
         hooks = [stop] if stop else []
-        t = Trainer(cfg, processed, checkpoint_dir=tmp_path / out / "ck", callbacks=hooks)
+        t = Trainer.from_config(
+            cfg, processed, checkpoint_dir=tmp_path / out / "ck", callbacks=hooks
+        )
         t.checkpoints.background = True
         return t
 

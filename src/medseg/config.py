@@ -17,11 +17,8 @@ from medseg import names
 from medseg.errors import MedsegError, shown
 from medseg.inference.postprocess import check_operation
 from medseg.io.records import read_json, read_yaml
-from medseg.names import (  # importable from here as well, where other modules look for them
-    MAX_CLASSES,
-    MAX_DECODER_BLOCKS,
-    MAX_DECODER_WIDTH,
-)
+from medseg.names import MAX_CLASSES, MAX_DECODER_BLOCKS, MAX_DECODER_WIDTH
+from medseg.planning.settings import SETTINGS, STAND_INS
 from medseg.strict import parse
 
 __all__ = [
@@ -398,8 +395,9 @@ def load_params(
     """Load and validate the whole params file, then return one section of it.
 
     The whole file is checked, not only the section asked for, so that a typo anywhere stops
-    the first stage that runs instead of the one that reads it. A planned key (`names.PLANNED`)
-    set to ``auto`` takes its value from the plan (``plans.json``, written by the plan stage).
+    the first stage that runs instead of the one that reads it. A planned key
+    (`medseg.planning.settings`) set to ``auto`` takes its value from the plan (``plans.json``,
+    written by the plan stage).
 
     Args:
         path: the ``params.yaml`` file.
@@ -443,57 +441,38 @@ def load_all_params(path: str | Path, plan: str | Path | Mapping[str, Any] | Non
 
 
 def planned_values(raw: Any) -> dict[str, Any]:
-    """The planned keys (`names.PLANNED`) of a raw params mapping that are not ``auto``:
-    dotted key -> value. The plan stage records them as explicit."""
+    """The planned keys (`medseg.planning.settings.SETTINGS`) of a raw params mapping that are
+    not ``auto``: dotted key -> value. The plan stage records them as explicit."""
     out: dict[str, Any] = {}
-    for name, keys in names.PLANNED.items():
-        section = raw.get(name) if isinstance(raw, Mapping) else None
-        for key in keys:
-            if isinstance(section, Mapping) and key in section and section[key] != names.AUTO:
-                out[f"{name}.{key}"] = section[key]
+    for setting in SETTINGS:
+        section = raw.get(setting.section) if isinstance(raw, Mapping) else None
+        if isinstance(section, Mapping) and section.get(setting.name, names.AUTO) != names.AUTO:
+            out[setting.key] = section[setting.name]
     return out
-
-
-# what an ``auto`` key stands in for while a file is checked without a plan (never used)
-_STAND_INS: dict[str, Any] = {
-    "preprocess.channel": "gray",
-    "preprocess.contrast": "none",
-    "preprocess.max_side": None,
-    "train.patch_size": 96,
-    "train.batch_size": 16,
-    "train.foreground_fraction": 0.5,
-    "train.loss": "bce_dice",
-    "train.epochs": 1,
-    "train.patches_per_epoch": 1,
-    "train.postprocess": [],
-    "evaluate.window": 1024,
-    "evaluate.tta": False,
-}
 
 
 def _load(path: Path, plan: str | Path | Mapping[str, Any] | None) -> tuple[Params, list[str]]:
     """Parse ``path`` with every ``auto`` planned key replaced by the plan's value (or, where the
-    plan gives none, a stand-in, listed as unresolved)."""
+    plan gives none, a stand-in, listed as unresolved). Without a plan, a key whose stage runs
+    before the plan (`Setting.before_plan`) keeps ``auto``, which that stage handles."""
     raw = read_yaml(path)
     chosen = _plan_params(plan) if plan is not None else None
     unresolved: list[str] = []
     planned: list[str] = []
     if isinstance(raw, dict):
         raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
-        for name, keys in names.PLANNED.items():
-            section = raw.get(name)
-            if not isinstance(section, dict):
+        for setting in SETTINGS:
+            section = raw.get(setting.section)
+            if not isinstance(section, dict) or section.get(setting.name) != names.AUTO:
                 continue
-            for key in keys:
-                if section.get(key) != names.AUTO:
-                    continue
-                dotted = f"{name}.{key}"
-                if chosen is None or key not in chosen.get(name, {}):
-                    section[key] = _STAND_INS[dotted]
-                    unresolved.append(dotted)
-                else:
-                    section[key] = chosen[name][key]
-                    planned.append(dotted)
+            if chosen is not None and setting.name in chosen.get(setting.section, {}):
+                section[setting.name] = chosen[setting.section][setting.name]
+                planned.append(setting.key)
+            elif chosen is None and setting.before_plan:
+                continue
+            else:
+                section[setting.name] = STAND_INS[setting.key]
+                unresolved.append(setting.key)
     try:
         return parse(Params, raw, prefix="", source=str(path)), unresolved
     except MedsegError as err:
@@ -504,19 +483,6 @@ def _load(path: Path, plan: str | Path | Mapping[str, Any] | None) -> tuple[Para
             f"{err} (the values of {', '.join(planned)}, auto in {path}, come from {source}: "
             "run the plan stage again, or set them)"
         ) from None
-
-
-def plan_value(plan: str | Path | Mapping[str, Any], key: str) -> Any:
-    """One value the plan chose: ``key`` dotted (``convert.fov_fallback``).
-
-    Raises:
-        MedsegError: the plan is unreadable or has no such value.
-    """
-    section, name = key.split(".")
-    chosen = _plan_params(plan).get(section, {})
-    if name not in chosen:
-        raise MedsegError(f"{plan}: the plan has no {key}; run the plan stage again (dvc repro)")
-    return chosen[name]
 
 
 def _plan_params(plan: str | Path | Mapping[str, Any]) -> dict[str, dict[str, Any]]:

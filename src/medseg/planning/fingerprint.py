@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from medseg.convert.fov import FOV_LABEL_TOLERANCE
 from medseg.errors import MedsegError
 from medseg.io.images import binarize, read_labels, read_raster
 from medseg.io.volumes import is_volume_row, open_volume
@@ -267,6 +268,7 @@ class _Accumulator:
             "source_formats": _counts(rows, "source_format"),
             "modality": _counts(rows, "modality") or None,
             "fov_sources": _counts(rows, "fov_source"),
+            "fov_cut_cases": _fov_cut_cases(rows),
             "fov_share": as_number(self.fov_pixels / max(self.image_pixels, 1)),
             "foreground_share": as_number(fg_total / max(self.fov_pixels, 1)),
             "foreground_share_case_median": as_number(np.median(self.case_fg_share)),
@@ -417,6 +419,13 @@ def _separability(fg: list[np.ndarray], bg: list[np.ndarray]) -> dict[str, float
     within = 0.5 * (np.cov(f[:, :3].T) + np.cov(b[:, :3].T)) + 1e-6 * np.eye(3)
     out["rgb"] = as_number(math.sqrt(max(float(delta @ np.linalg.solve(within, delta)), 0.0)))
     return out
+
+
+def _fov_cut_cases(rows: pd.DataFrame) -> int:
+    """Training cases whose FOV, made by threshold, leaves out labels (`medseg.convert.fov`)."""
+    if "fov_cut" not in rows.columns:
+        return 0
+    return int((pd.to_numeric(rows["fov_cut"], errors="coerce") > FOV_LABEL_TOLERANCE).sum())
 
 
 def _counts(rows: pd.DataFrame, column: str) -> dict[str, int]:

@@ -1,7 +1,7 @@
-"""The step-time probe of the plan: seconds per training step on this machine, measured as the
-train stage runs one. It lives with training (it builds the network, optimizer and loss as
-`medseg.training` does), so that `medseg.planning.plan` stays free of torch and of the training
-code."""
+"""The step-time probe of the plan: seconds per training step on this machine, measured on the
+train stage's own step (`medseg.training.step`: the parts built as training builds them, the
+same call), imported only when the probe runs, so that `medseg.planning.plan` stays free of
+torch and nothing here loads the training loop."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ def probe_step_seconds(
 ) -> float:
     """Seconds per training step on this machine, measured as train runs one.
 
-    Builds the network from ``cfg`` (`medseg.model.build_model` of its spec), its optimizer and
-    loss as `medseg.training` does, and times ``steps`` forward/backward/optimizer steps on a
-    random batch of ``cfg.batch_size`` x ``in_channels`` x ``cfg.patch_size``^2 after
+    Builds the step's parts from ``cfg`` as training does (`medseg.training.step.build_step`)
+    and times ``steps`` calls of the step itself (forward, loss, backward, clip, optimizer,
+    schedule) on a random batch of ``cfg.batch_size`` x ``in_channels`` x ``cfg.patch_size``^2 after
     ``warmup`` steps (allocator, kernel choice); the median step. Patch cutting and
     augmentation are not included (`TRAIN_SHARE` leaves room for them).
 
@@ -40,26 +40,18 @@ def probe_step_seconds(
 
     import torch
 
-    from medseg.model import build_model, resolve_device
+    from medseg.model import resolve_device
     from medseg.spec import ModelSpec
-    from medseg.training.losses import loss_from_config
-    from medseg.training.optim import build_optimizer
-    from medseg.training.precision import amp_dtype
+    from medseg.training.step import build_step
 
     dev = resolve_device(device or cfg.device)
     torch.manual_seed(0)
-    model = build_model(ModelSpec.from_config(cfg, in_channels)).to(dev)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.train()
-    optimizer = build_optimizer(cfg, model)
-    loss_fn = loss_from_config(cfg)
-    dtype = amp_dtype(cfg, dev)
+    spec = ModelSpec.from_config(cfg, in_channels)
+    parts = build_step(cfg, spec, dev, max(warmup + steps, 1))
+    parts.net.train()
     gen = torch.Generator().manual_seed(0)
     shape = (cfg.batch_size, in_channels, cfg.patch_size, cfg.patch_size)
     x = torch.randn(shape, generator=gen).to(dev)
-    if cfg.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
     classes = max(cfg.classes, 1)
     if classes == 1:
         y = (torch.rand((shape[0], 1, *shape[2:]), generator=gen) > 0.8).float().to(dev)
@@ -71,12 +63,7 @@ def probe_step_seconds(
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         start = time.perf_counter()
-        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(x)
-        loss = loss_fn(logits.float(), y, valid)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        parts.run(x, y, valid)  # the train stage's own step (augmentation aside)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         if i >= warmup:
