@@ -33,7 +33,22 @@ def stage_commands(work: Path) -> list[tuple[str, list[str]]]:
     models, results = str(work / "models"), work / "results"
     return [
         ("convert", [py, str(s / "convert.py"), "--params", p, "--out", conv]),
-        ("plan", [py, str(s / "plan.py"), "--params", p, "--converted", conv, "--out", plan]),
+        ("machine", [py, str(s / "machine.py"), "--out", str(work / "machine.json")]),
+        (
+            "plan",
+            [
+                py,
+                str(s / "plan.py"),
+                "--params",
+                p,
+                "--converted",
+                conv,
+                "--machine",
+                str(work / "machine.json"),
+                "--out",
+                plan,
+            ],
+        ),
         (
             "preprocess",
             [
