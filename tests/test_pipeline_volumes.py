@@ -21,20 +21,23 @@ AFFINE[:3, 3] = [30.0, -12.0, 40.0]
 
 
 def _volume(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """An MR-like volume (int16) with a bright ellipsoid (label 1) and a dark blob (label 2)."""
+    """A CT-like volume (int16, HU) with a bright ellipsoid (label 1), a dark blob (label 2) and
+    air and bone outliers that the CT normalisation clips."""
     i, j, k = np.meshgrid(*(np.arange(n) for n in SHAPE), indexing="ij")
     ci, cj, ck = rng.uniform(8, 16), rng.uniform(7, 13), rng.uniform(3, 5)
     organ = ((i - ci) / 6) ** 2 + ((j - cj) / 5) ** 2 + ((k - ck) / 2.5) ** 2 < 1
     blob = ((i - ci - 3) / 2) ** 2 + ((j - cj) / 2) ** 2 + ((k - ck) / 1.2) ** 2 < 1
     labels = np.where(blob, 2, np.where(organ, 1, 0)).astype(np.uint8)
-    image = 300 + 400 * organ - 250 * blob + rng.normal(0, 30, SHAPE)
+    image = 40 + 120 * organ - 80 * blob + rng.normal(0, 15, SHAPE)
+    image[:, :, 0] = -1000.0  # slice 0 (k = 0): air
+    image[:3, :, -1] = 1500.0  # bone on the last slice
     return image.astype(np.int16), labels
 
 
 def _nnunet_volumes(root: Path) -> None:
     rng = np.random.default_rng(0)
     desc = {
-        "channel_names": {"0": "T1"},
+        "channel_names": {"0": "CT"},
         "labels": {"background": 0, "organ": 1, "lesion": 2},
         "file_ending": ".nii.gz",
         "training": [],
@@ -83,9 +86,16 @@ def test_nifti_volumes_through_the_whole_pipeline(project: Path, tmp_path: Path)
     assert len(list((converted / "volumes").glob("*.npy"))) == 8
     names = json.loads((converted / "classes.json").read_text())["names"]
     assert names == ["background", "organ", "lesion"]  # from dataset.json
+    # CT: clipped to the training foreground's 0.5 / 99.5 percentiles, its mean and std
+    intensity = json.loads((project / "data" / "processed" / "intensity.json").read_text())
+    (lo, hi), mean = intensity["clip"][0], intensity["mean"][0]
+    assert -100 < lo < mean < hi < 250 and intensity["std"][0] > 0
+    assert json.loads((project / "models" / "intensity.json").read_text()) == intensity
     # each slice is a case of the store, its volume and depth kept
     test = open_split(project / "data" / "processed", "test")
     assert len(test) == 2 * 8
+    air = test.get(0, "image")  # slice z = 0 is air: clipped to the low end
+    assert np.allclose(air, (lo - mean) / intensity["std"][0], atol=1e-5)
     meta = test.meta(3)
     assert (meta["volume"], meta["z"], meta["spacing"], meta["slice_spacing"]) == (
         "vol_006", 3, [0.9, 0.9], 2.5,

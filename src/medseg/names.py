@@ -72,6 +72,7 @@ CONVERT_RECORD = "convert.json"
 # (the data's labels for train, the metrics' names for evaluate).
 CLASSES = "classes.json"
 PREPROCESS_RECORD = "preprocess.json"  # the preprocess params, for `medseg predict`
+INTENSITY_RECORD = "intensity.json"  # CT volumes: the data set's clip range, mean and std
 
 # --- bounds on the network's size, shared by the params schema and a saved model's spec:
 # far above any useful value, far below one that would allocate memory for hours ---

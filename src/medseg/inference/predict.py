@@ -32,7 +32,12 @@ from medseg.io.limits import ReadOptions
 from medseg.io.nifti import Volume, is_nifti, nifti_stem, read_nifti, write_nifti_labels
 from medseg.io.reader import IMAGE_SUFFIXES, read, source_format
 from medseg.labels import LabelSpace, to_uint16
-from medseg.preprocess.transforms import prepare_image, prepare_slice, zscore_volume
+from medseg.preprocess.transforms import (
+    Intensity,
+    normalise_volume,
+    prepare_image,
+    prepare_slice,
+)
 
 PROBABILITIES = "probabilities"
 AUTO_FALLBACK = 0.5  # threshold auto for a model that stored none (trained without validation)
@@ -128,9 +133,11 @@ def output_name(path: Path) -> Path:
 
 
 def predict_volume(
-    predictor: Predictor, preprocess: PreprocessConfig, volume: Volume
-) -> np.ndarray:
-    """Segment a volume as the pipeline does: normalised as a whole (`zscore_volume`), its
+    predictor: Predictor, preprocess: PreprocessConfig, volume: Volume,
+    intensity: Intensity | None = None,
+) -> np.ndarray:  # fmt: skip
+    """Segment a volume as the pipeline does: normalised as a whole (`normalise_volume`: the
+    model's CT ``intensity`` record, else z-score), its
     slices predicted at the model's size, labels at the volume's, post-processed in 3D
     (`Predictor.predict_volume`).
 
@@ -142,7 +149,7 @@ def predict_volume(
     Returns:
         (Z, H, W) uint8 labels (0/1 for a binary model).
     """
-    x = zscore_volume(volume.array[None])
+    x = normalise_volume(volume.array[None], intensity)
     blank = np.zeros(volume.array.shape[1:], dtype=np.uint8)
     depth = volume.array.shape[0]
     slices = [prepare_slice(x[:, z], blank, preprocess.max_side, 2) for z in range(depth)]
@@ -298,8 +305,8 @@ def predict_files(
         ):
             if is_nifti(path):
                 volume = read_nifti(path, dataclasses.replace(read_options(bundle), window=None))
-                write_nifti_labels(predict_volume(predictor, bundle.preprocess, volume), path,
-                                   tmp / name)  # fmt: skip
+                labels = predict_volume(predictor, bundle.preprocess, volume, bundle.intensity)
+                write_nifti_labels(labels, path, tmp / name)
                 written.append(name)
                 continue
             image = read_input(bundle, path)

@@ -20,7 +20,7 @@ from medseg.io.images import binarize, read_labels, read_raster
 from medseg.io.records import read_json
 from medseg.io.shards import ShardWriter
 from medseg.io.volumes import is_volume_row, open_volume
-from medseg.names import AUTO, CLASSES, CONVERT_RECORD
+from medseg.names import AUTO, CLASSES, CONVERT_RECORD, INTENSITY_RECORD
 from medseg.preprocess.processed import (
     RECORD,
     SPLITS,
@@ -28,10 +28,11 @@ from medseg.preprocess.processed import (
     save_record,
 )
 from medseg.preprocess.transforms import (
+    Intensity,
+    normalise_volume,
     prepare_image,
     prepare_slice,
     resize_labels,
-    zscore_volume,
 )
 
 # The stage's own names, and those the modules reading processed data import from here.
@@ -136,10 +137,14 @@ def preprocess_dataset(
         for cid, split in zip(manifest["case_id"], manifest["split"], strict=True)
     ]
     stats: dict = {"channel": cfg.channel, "classes": names, "max_side": cfg.max_side}
+    intensity = ct_intensity(converted, manifest[manifest["split"] != "test"], cfg.seed)
     with atomic_dir(out) as tmp:
+        if intensity is not None:  # passed on to the model, for predict
+            stats["intensity"] = intensity.record()
+            write_json(tmp / INTENSITY_RECORD, intensity.record())
         for split in SPLITS:
             rows = manifest[manifest["split"] == split]
-            stats[split] = _write_split(rows, converted, cfg, names, tmp, split, whole)
+            stats[split] = _write_split(rows, converted, cfg, names, tmp, split, whole, intensity)
         manifest[["case_id", "split"]].to_csv(tmp / "split.csv", index=False)
         write_json(tmp / "stats.json", stats)
         save_record(cfg, tmp / RECORD)
@@ -175,7 +180,7 @@ def _convert_record(converted: Path, fov_fallback: str | None) -> dict[str, Any]
 
 def _write_split(
     rows: pd.DataFrame, converted: Path, cfg: PreprocessConfig, names: list[str], out: Path,
-    split: str, whole: bool = False,
+    split: str, whole: bool = False, intensity: Intensity | None = None,
 ) -> dict:  # fmt: skip
     """Prepare and append each case of one split to its shards; return the split's stats.
     ``whole``: FOVs convert made by threshold become the whole image."""
@@ -187,7 +192,7 @@ def _write_split(
     try:
         for row in rows.itertuples(index=False):
             if is_volume_row(row):
-                cases = _volume_slices(row, converted, cfg, n_labels)
+                cases = _volume_slices(row, converted, cfg, n_labels, intensity)
             else:
                 cases = iter(
                     [(str(row.case_id), *_prepare_case(row, converted, cfg, n_labels, whole))]
@@ -263,18 +268,23 @@ def _prepare_case(
 
 
 def _volume_slices(
-    row: Any, converted: Path, cfg: PreprocessConfig, n_labels: int
+    row: Any,
+    converted: Path,
+    cfg: PreprocessConfig,
+    n_labels: int,
+    intensity: Intensity | None = None,
 ) -> Iterator[tuple[str, dict[str, np.ndarray], dict[str, Any]]]:
     """The slices of one volume row, each a case of the store: ``<volume>_z<k>`` with
     ``volume``, ``z``, ``depth``, ``spacing`` (row, column mm) and ``slice_spacing`` in its
-    metadata, the volume normalised as a whole (`zscore_volume`) before it is cut."""
+    metadata, the volume normalised as a whole (`normalise_volume`: the data set's CT
+    ``intensity``, else z-score per volume) before it is cut."""
     image, labels = open_volume(converted, row)
     if int(labels.max(initial=0)) >= n_labels:
         raise MedsegError(
             f"{converted / str(row.mask)}: label {int(labels.max())} but the data set has "
             f"{n_labels - 1} classes; rerun convert"
         )
-    x = zscore_volume(image)
+    x = normalise_volume(image, intensity)
     depth = labels.shape[0]
     spacing = [float(getattr(row, f"spacing_{axis}", "nan") or "nan") for axis in ("row", "col")]
     slice_spacing = float(getattr(row, "spacing_slice", "nan") or "nan")
@@ -300,6 +310,36 @@ def _volume_slices(
         if math.isfinite(slice_spacing) and slice_spacing > 0:
             meta["slice_spacing"] = slice_spacing
         yield f"{volume_id}_z{z:04d}", arrays, meta
+
+
+CT_SAMPLES = 20_000  # foreground voxels sampled per training volume for the CT intensities
+
+
+def ct_intensity(converted: Path, rows: pd.DataFrame, seed: int) -> Intensity | None:
+    """A CT volume data set's `Intensity` from its training volumes' foreground (nnU-Net's CT
+    normalisation: a seeded sample of at most `CT_SAMPLES` labelled voxels a volume); None
+    unless every training case is a volume whose modality is CT.
+
+    Args:
+        rows: the manifest rows of the training cases (train and validation).
+    """
+    volumes = [r for r in rows.itertuples(index=False) if is_volume_row(r)]
+    if not volumes or len(volumes) != len(rows):
+        return None
+    if any(str(getattr(r, "modality", "")).upper() != "CT" for r in volumes):
+        return None
+    rng = np.random.default_rng(seed)
+    samples = []
+    for row in volumes:
+        image, labels = open_volume(converted, row)
+        where = np.flatnonzero(np.asarray(labels).ravel() > 0)
+        if len(where) > CT_SAMPLES:
+            where = np.sort(rng.choice(where, CT_SAMPLES, replace=False))
+        flat = np.asarray(image).reshape(len(image), -1)
+        samples.append(flat[:, where].T.astype(np.float32))
+    if not sum(len(s) for s in samples):
+        return None
+    return Intensity.from_samples(samples)
 
 
 def case_arrays(
