@@ -241,3 +241,28 @@ def test_crop_matches_the_whole_image_transform():
 def test_row_has_the_documented_per_image_columns():
     row = BoundaryScores(1.0, 0.5, 0.9, "both").row()
     assert row == {"hd95": 1.0, "assd": 0.5, "nsd": 0.9, "boundary_status": "both"}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_volumes_agree_with_monai_in_3d_with_anisotropic_spacing(seed):
+    """A volume's boundary is its surface (6-neighbour erosion), its distances 3D with the
+    slice spacing: MONAI's 3D metrics on the same volumes, to 1e-6."""
+    rng = np.random.default_rng(100 + seed)
+    shape = (int(rng.integers(6, 14)), int(rng.integers(20, 40)), int(rng.integers(20, 40)))
+    truth = blobs(rng, shape, sigma=2.0, level=float(rng.uniform(0.6, 0.9)))
+    pred = blobs(rng, shape, sigma=2.0, level=float(rng.uniform(0.6, 0.9)))
+    if seed % 2 == 0:  # close to the truth: one slice off
+        pred = ndimage.binary_dilation(np.roll(truth, 1, axis=0))
+    spacing = [(2.5, 0.7, 0.9), (5.0, 1.0, 1.0), (1.0, 0.4, 0.4)][seed % 3]
+    tolerance = [1.0, 2.5][seed % 2]
+    ours = boundary_scores(pred, truth, spacing=spacing, tolerance=tolerance)
+    reference = monai_scores(pred, truth, spacing, tolerance)
+    np.testing.assert_allclose((ours.hd95, ours.assd, ours.nsd), reference, rtol=1e-6, atol=1e-6)
+
+
+def test_a_volume_with_one_side_empty_takes_its_3d_diagonal():
+    truth = np.zeros((4, 10, 10), bool)
+    truth[1:3, 2:5, 2:5] = True
+    scores = boundary_scores(np.zeros_like(truth), truth, spacing=(3.0, 1.0, 2.0))
+    assert scores.status == "pred_empty"
+    assert scores.hd95 == pytest.approx(float(np.sqrt(9.0**2 + 9.0**2 + 18.0**2)))

@@ -203,3 +203,95 @@ def test_real_drive_second_observer():
     cases = find_cases(DRIVE, "drive")
     assert sum(c.mask2 is not None for c in cases) == 20
     assert all(c.mask2 is not None for c in cases if c.split == "test")
+
+
+# --- nnunet ---------------------------------------------------------------------------------
+
+HIPPO = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "HIPPO_MSD"
+
+
+def _nnunet_tree(root: Path, ending: str = ".png", channels: int = 1, test_labels: bool = True):
+    """A small nnU-Net raw data set: dataset.json, imagesTr (+ channel suffixes), labelsTr,
+    imagesTs and (optionally) labelsTs."""
+    import json
+
+    names = {str(c): f"ch{c}" for c in range(channels)}
+    desc = {"channel_names": names, "labels": {"background": 0, "left atrium": 1, "scar": 2},
+            "file_ending": ending, "numTraining": 3}  # fmt: skip
+    (root).mkdir(parents=True, exist_ok=True)
+    (root / "dataset.json").write_text(json.dumps(desc))
+    img = np.zeros((8, 8), np.uint8)
+    for images, labels, ids in (("imagesTr", "labelsTr", "abc"), ("imagesTs", "labelsTs", "xy")):
+        (root / images).mkdir()
+        if labels == "labelsTr" or test_labels:
+            (root / labels).mkdir()
+        for case in ids:
+            for c in range(channels):
+                write_png(root / images / f"case{case}_{c:04d}{ending}", img)
+            if labels == "labelsTr" or test_labels:
+                write_png(root / labels / f"case{case}{ending}", img)
+
+
+def test_nnunet_pairs_channels_and_labels_and_names_classes(tmp_path: Path):
+    from medseg.io.layouts import nnunet_dataset
+
+    _nnunet_tree(tmp_path, channels=2)
+    cases = find_cases(tmp_path, "nnunet")
+    assert [(c.case_id, c.split) for c in cases] == [
+        ("casea", "train"), ("caseb", "train"), ("casec", "train"),
+        ("casex", "test"), ("casey", "test"),
+    ]  # fmt: skip
+    assert cases[0].image.name == "casea_0000.png" and cases[0].mask.name == "casea.png"
+    assert [p.name for p in cases[0].channels] == ["casea_0001.png"]
+    desc = nnunet_dataset(tmp_path)
+    assert desc.classes == {"left_atrium": 1, "scar": 2}  # as data.classes takes names
+    assert desc.channels == ["ch0", "ch1"] and desc.file_ending == ".png"
+
+
+def test_nnunet_without_test_labels_splits_the_training_cases(tmp_path: Path):
+    _nnunet_tree(tmp_path, test_labels=False)
+    cases = find_cases(tmp_path, "nnunet", test_fraction=0.34)
+    assert sorted(c.case_id for c in cases) == ["casea", "caseb", "casec"]
+    assert sum(c.split == "test" for c in cases) == 1
+
+
+def test_nnunet_missing_channel_and_label_are_problems_naming_the_case(tmp_path: Path):
+    _nnunet_tree(tmp_path, channels=2)
+    (tmp_path / "imagesTr" / "caseb_0001.png").unlink()
+    (tmp_path / "labelsTr" / "casec.png").unlink()
+    scan = scan_cases(tmp_path, "nnunet")
+    reasons = [p.reason for p in scan.problems]
+    assert any(re.search(r"imagesTr/caseb: missing caseb_0001.png; dataset.json names 2", r)
+               for r in reasons)  # fmt: skip
+    assert any(r.endswith("casec_0000.png: no label labelsTr/casec.png for this image")
+               for r in reasons)  # fmt: skip
+    assert [c.case_id for c in scan.cases] == ["casea", "casex", "casey"]
+
+
+def test_nnunet_dataset_json_naming_missing_files_is_one_error(tmp_path: Path):
+    import json
+
+    _nnunet_tree(tmp_path)
+    desc = json.loads((tmp_path / "dataset.json").read_text())
+    desc["training"] = [
+        {"image": "./imagesTr/casea.png", "label": "./labelsTr/casea.png"},
+        {"image": "./imagesTr/gone.png", "label": "./labelsTr/gone.png"},
+    ]
+    (tmp_path / "dataset.json").write_text(json.dumps(desc))
+    with pytest.raises(MedsegError, match=r"dataset.json: names 2 file\(s\) that are missing, "
+                       r"the first ./imagesTr/gone.png"):  # fmt: skip
+        scan_cases(tmp_path, "nnunet")
+    (tmp_path / "dataset.json").unlink()
+    with pytest.raises(MedsegError, match=r"dataset.json: not found; the nnunet layout needs"):
+        scan_cases(tmp_path, "nnunet")
+
+
+@pytest.mark.skipif(not HIPPO.is_dir(), reason="../shared/datasets/HIPPO_MSD is not here")
+def test_nnunet_reads_the_decathlon_hippocampus():
+    from medseg.io.layouts import nnunet_dataset
+
+    cases = find_cases(HIPPO, "nnunet")
+    assert len(cases) == 260 and sum(c.split == "test" for c in cases) == 78
+    assert all(c.image.name.endswith(".nii.gz") and not c.channels for c in cases)
+    assert {c.modality for c in cases} == {"MR"}
+    assert nnunet_dataset(HIPPO).classes == {"Anterior": 1, "Posterior": 2}

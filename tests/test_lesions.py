@@ -186,3 +186,18 @@ def test_row_has_the_documented_per_image_columns():
     ]  # fmt: skip
     assert (row["lesion_fn"], row["lesion_fp"], row["lesion_f1"]) == (1, 0, 0.8)
     assert row["lesion_rq"] == pytest.approx(0.4) and row["lesion_pq"] == pytest.approx(0.24)
+
+
+def test_lesions_of_a_volume_are_3d_components():
+    """Two blobs on neighbouring slices touching at a corner are one lesion in 3D (26-connected);
+    a blob found on one slice of its two is found, not half missed."""
+    truth = np.zeros((3, 8, 8), bool)
+    truth[0, 1:3, 1:3] = True
+    truth[1, 3:5, 3:5] = True  # touches the first across a corner of the slices
+    truth[2, 6, 6] = True  # a second lesion
+    pred = np.zeros_like(truth)
+    pred[1, 3:5, 3:5] = True
+    counts = lesion_counts(pred, truth)
+    assert (counts.n_truth, counts.n_pred, counts.detected, counts.missed, counts.invented) == (
+        2, 1, 1, 1, 0,
+    )  # fmt: skip

@@ -152,6 +152,20 @@ def test_steps_record_round_trips_and_is_checked() -> None:
             parse_steps(raw, [1, 2, 3], "m")
 
 
+def test_a_volume_is_post_processed_and_chosen_in_3d():
+    """Components of a volume are 26-connected across its slices: a structure that continues on
+    the next slice is one object, and keep_largest drops only the stray blob."""
+    truth = np.zeros((3, 10, 10), np.uint8)
+    truth[0, 2:5, 2:5] = 1
+    truth[1, 4:7, 4:7] = 1  # the same object, one slice on (overlapping at a corner)
+    pred = truth.copy()
+    pred[2, 8, 8] = 1  # a stray voxel
+    kept = apply(pred, {1: [{"op": "keep_largest"}]})
+    np.testing.assert_array_equal(kept, truth)
+    choice = choose([(pred, truth, None)], [{"op": "keep_largest"}])
+    assert choice.steps[1] == [{"op": "keep_largest"}]
+
+
 def test_choose_takes_no_gain_made_of_wins_and_losses_for_a_rule() -> None:
     """keep_largest removes a false speck on two cases and a true second object on two
     others: the pooled Dice rises (the specks are larger), but the gain is wins and losses

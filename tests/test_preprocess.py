@@ -338,3 +338,23 @@ def test_a_colour_image_with_a_flat_chosen_channel_is_refused():
     assert x.shape == (3, 12, 10) and x[2].std() > 0.9
     grey = np.repeat(np.full((12, 10, 1), 7, np.uint8), 3, axis=2)  # flat everywhere: allowed
     assert prepare_image(grey, fov, cfg)[0].shape == (1, 12, 10)
+
+
+def test_volumes_are_normalised_as_a_whole():
+    """MR and others: z-score per channel over the whole volume; CT: clip to the training
+    foreground's percentiles, then the data set's mean and std (nnU-Net's rules)."""
+    from medseg.preprocess.transforms import Intensity, normalise_volume, zscore_volume
+
+    rng = np.random.default_rng(0)
+    volume = rng.normal(300.0, 40.0, (1, 4, 6, 5)).astype(np.float32)
+    z = zscore_volume(volume)
+    assert abs(float(z.mean())) < 1e-5 and abs(float(z.std()) - 1.0) < 1e-4
+    assert np.array_equal(normalise_volume(volume, None), z)
+    fg = [np.arange(100, dtype=np.float32)[:, None], np.full((100, 1), 50.0, np.float32)]
+    ct = Intensity.from_samples(fg)
+    lo, hi = ct.clip[0]
+    assert lo == pytest.approx(np.percentile(np.concatenate(fg), 0.5))
+    assert hi == pytest.approx(np.percentile(np.concatenate(fg), 99.5))
+    x = ct.apply(np.array([[[[-1000.0, 50.0, 5000.0]]]], np.float32))
+    expected = (np.clip([-1000.0, 50.0, 5000.0], lo, hi) - ct.mean[0]) / ct.std[0]
+    np.testing.assert_allclose(x[0, 0, 0], expected, rtol=1e-5)

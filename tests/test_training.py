@@ -226,8 +226,18 @@ def test_data_with_more_classes_than_params_say(processed: Path, tmp_path: Path)
     data = tmp_path / "proc"
     shutil.copytree(processed, data)
     (data / "classes.json").write_text('{"names": ["background", "vessel", "disc"]}')
-    with pytest.raises(MedsegError, match=r"train.classes is 1 but the data .* has 3 labels"):
-        fit(_cfg(tmp_path), data, tmp_path / "m", tmp_path / "l")
+    with pytest.raises(MedsegError, match=r"train.classes is 2 but the data .* has 3 labels"):
+        fit(_cfg(tmp_path, classes=2), data, tmp_path / "m", tmp_path / "l")
+
+
+def test_binary_default_takes_the_named_classes_of_the_data(processed: Path, tmp_path: Path):
+    """train.classes 1 (the default) on data whose classes are named (dataset.json,
+    data.classes) trains a model of that many classes: no second param to keep in step."""
+    data = tmp_path / "proc"
+    shutil.copytree(processed, data)
+    (data / "classes.json").write_text('{"names": ["background", "vessel", "disc"]}')
+    fit(_cfg(tmp_path, epochs=1), data, tmp_path / "m", tmp_path / "l")
+    assert json.loads((tmp_path / "m" / "model.json").read_text())["classes"] == 3
 
 
 def test_patch_too_small_for_the_architecture(processed: Path, tmp_path: Path):

@@ -11,7 +11,7 @@ schedules of `medseg.training.optim`, the blendings of the sliding window, the l
 from __future__ import annotations
 
 # --- data ---
-LAYOUTS = ("drive", "folders", "manifest")  # data.layout: medseg.io.layouts.scan_cases
+LAYOUTS = ("drive", "folders", "manifest", "nnunet")  # data.layout: medseg.io.layouts.scan_cases
 LABEL_SETS = ("vessels", "vessels_disc")  # synthesize.labels: binary, or 1 vessel + 2 disc
 
 # --- convert ---
@@ -78,6 +78,7 @@ PREPROCESS_RECORD = "preprocess.json"  # the preprocess params, for `medseg pred
 # cannot read, and refuses. 1.0: bundles written before the format was (no key); 1.1: the key.
 BUNDLE_FORMAT = (1, 1)
 BUNDLE_FORMAT_KEY = "medseg.bundle_format"
+INTENSITY_RECORD = "intensity.json"  # CT volumes: the data set's clip range, mean and std
 
 # --- bounds on the network's size, shared by the params schema and a saved model's spec:
 # far above any useful value, far below one that would allocate memory for hours ---

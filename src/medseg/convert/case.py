@@ -1,10 +1,13 @@
-"""One case of the convert stage: read its files, check them, write its PNGs. Runs in a worker
-process: everything it needs comes in its `Job`."""
+"""One case of the convert stage: read its files, check them, write its PNGs (a 2D image) or
+its arrays (a volume, once: ``volumes/<case>.npy`` and ``volume_masks/<case>.npy``, which the
+next stages memory-map; never one PNG a slice). Runs in a worker process: everything it needs
+comes in its `Job`."""
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from medseg.io.dicom import header_facts
 from medseg.io.images import mask_to_bool, write_png
 from medseg.io.layouts import CaseFiles, Problem
 from medseg.io.limits import ReadOptions
+from medseg.io.nifti import Volume, check_same_grid, is_nifti, read_nifti
 from medseg.io.reader import read, source_format
 from medseg.io.seg import is_seg, read_seg_mask
 from medseg.names import AUTO
@@ -26,8 +30,10 @@ from medseg.names import AUTO
 MANIFEST_COLUMNS = [
     "case_id", "split", "image", "mask", "fov", "source", "source_format", "bit_depth",
     "channels", "height", "width", "fov_source", "mask2", "modality", "spacing_row",
-    "spacing_col", "fov_cut",
+    "spacing_col", "fov_cut", "group", "depth", "spacing_slice", "affine",
 ]  # fmt: skip
+# a volume's files under the converted folder: (C, Z, H, W) image, (Z, H, W) uint8 labels
+VOLUME_DIRS = ("volumes", "volume_masks")
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,10 @@ def convert_case(job: Job) -> Result:
     Runs in a worker process: everything it needs comes in ``job``.
     """
     try:
-        checked = _convert(job.case, job.root, job.out, job.cfg, job.labels, job.key)
+        if is_nifti(job.case.image):
+            volume = _convert_volume(job)
+        else:
+            checked = _convert(job.case, job.root, job.out, job.cfg, job.labels, job.key)
     except Exception as err:  # raised before anything of the case is written
         if isinstance(err, OSError) and err.errno in _NOT_THE_INPUT:
             raise
@@ -87,8 +96,11 @@ def convert_case(job: Job) -> Result:
         if job.key is not None:  # no name from the path in the outputs, the report included
             case = job.case
             paths = [p for p in (case.image, case.mask, case.fov, case.mask2) if p is not None]
+            paths += list(case.channels)
             reason = redact(reason, paths, job.root, job.key)
         return Result([], Problem(job.case.image, reason))
+    if is_nifti(job.case.image):
+        return Result([_write_volume(job, *volume)])
     return Result(_write_case(job.case, job.out, job.cfg, checked))
 
 
@@ -103,6 +115,11 @@ def _convert(
     options = ReadOptions.from_convert(cfg)
     base = base_id(case, root, key)
     source = source_name(case, root, key)
+    if case.channels:
+        raise MedsegError(
+            f"{case.image}: a 2D image given as {1 + len(case.channels)} channel files; medseg "
+            "reads several channel files for NIfTI volumes only (give 2D images as one RGB file)"
+        )
     images = read(case.image, options)
     raw = dataclasses.replace(options, window=None)  # a window is for images, never for masks
     masks = _read_mask(case.mask, raw, cfg, images, "mask", labels, case.image)
@@ -190,9 +207,72 @@ def _write_case(
                 "modality": checked.modality,
                 "spacing_row": checked.spacing[0] if checked.spacing else None,
                 "spacing_col": checked.spacing[1] if checked.spacing else None,
+                "group": source,  # the frames of one file are one group
             }
         )
     return rows
+
+
+def _convert_volume(job: Job) -> tuple[np.ndarray, np.ndarray, Volume]:
+    """Read and check a NIfTI case: its (C, Z, H, W) image (int16 where every channel's values
+    fit, else float32), its (Z, H, W) uint8 labels and the first channel's `Volume` (spacing,
+    affine); every check before anything is written."""
+    case, cfg = job.case, job.cfg
+    options = ReadOptions.from_convert(cfg)
+    first = read_nifti(case.image, options)
+    channels = [first.array]
+    for path in case.channels:
+        other = read_nifti(path, options)
+        check_same_grid(case.image, first, path, other)
+        channels.append(other.array)
+    dtype = np.int16 if all(c.dtype == np.int16 for c in channels) else np.float32
+    image = np.stack([c.astype(dtype, copy=False) for c in channels])
+    truth = read_nifti(case.mask, options, labels=True)
+    check_same_grid(case.image, first, case.mask, truth)
+    if job.labels is not None:
+        labels = to_labels(truth.array, case.mask, job.labels)
+    else:
+        values = np.unique(truth.array)
+        if len(values) > 2:
+            raise MedsegError(
+                f"{case.mask}: a label map with {len(values)} values but no data.classes; name "
+                "the classes in data.classes (e.g. {liver: 1, tumour: 2})"
+            )
+        labels = (truth.array > 0).astype(np.uint8)
+    return image, labels, first
+
+
+def _write_volume(job: Job, image: np.ndarray, labels: np.ndarray, volume: Volume) -> dict:
+    """Write a checked volume's two arrays into ``job.out``; its manifest row."""
+    case = job.case
+    base = base_id(case, job.root, job.key)
+    names = {sub: f"{sub}/{base}.npy" for sub in VOLUME_DIRS}
+    np.save(job.out / names["volumes"], image)
+    np.save(job.out / names["volume_masks"], labels)
+    z, h, w = labels.shape
+    return {
+        "case_id": base,
+        "split": case.split,
+        "image": names["volumes"],
+        "mask": names["volume_masks"],
+        "fov": "",
+        "source": source_name(case, job.root, job.key),
+        "source_format": "nifti",
+        "bit_depth": 16 if image.dtype == np.int16 else 32,
+        "channels": int(image.shape[0]),
+        "height": h,
+        "width": w,
+        "fov_source": "whole_image",
+        "mask2": "",
+        "modality": case.modality,
+        "fov_cut": "",
+        "spacing_row": volume.spacing[1],
+        "spacing_col": volume.spacing[2],
+        "group": base,  # one volume file, one group (patient)
+        "depth": z,
+        "spacing_slice": volume.spacing[0],
+        "affine": json.dumps([[round(float(v), 6) for v in row] for row in volume.affine]),
+    }
 
 
 def _read_mask(

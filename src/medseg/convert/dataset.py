@@ -17,13 +17,13 @@ from pathlib import Path
 import pandas as pd
 
 from medseg.config.sections import ConvertConfig, DataConfig, label_map
-from medseg.convert.case import MANIFEST_COLUMNS, Job, Result, convert_case
+from medseg.convert.case import MANIFEST_COLUMNS, VOLUME_DIRS, Job, Result, convert_case
 from medseg.convert.fov import FOV_LABEL_TOLERANCE
 from medseg.convert.ids import check_unique_ids
 from medseg.convert.pseudonyms import id_key, key_fingerprint, redact, skip_row
 from medseg.errors import MedsegError
 from medseg.io.atomic import atomic_dir, check_output, write_json
-from medseg.io.layouts import scan_cases
+from medseg.io.layouts import nnunet_dataset, scan_cases
 from medseg.io.seg import SegIndex, class_names
 from medseg.names import CLASSES, CONVERT_RECORD
 from medseg.pool import run_jobs
@@ -81,10 +81,13 @@ def _convert_dataset(
     if classes is None and segs is not None:
         classes = class_names(segs.headers)  # the segments' labels name the classes
         log.info("classes from the DICOM SEG segment labels: %s", classes)
+    if classes is None and data.layout == "nnunet":
+        classes = nnunet_dataset(root).classes  # dataset.json's labels name the classes
+        log.info("classes from dataset.json: %s", classes)
     if scan.problems and cfg.on_error == "fail":
         raise MedsegError(_fail_hint(skip_row(scan.problems[0], root, key)["reason"]))
     with atomic_dir(out, {"data.root": root}) as tmp:
-        for sub in ("images", "masks", "fov", "masks2"):
+        for sub in ("images", "masks", "fov", "masks2", *VOLUME_DIRS):
             (tmp / sub).mkdir()
         labels = label_map(classes) if classes is not None else None
         jobs = [Job(case, root, tmp, cfg, labels, key) for case in scan.cases]
@@ -98,8 +101,9 @@ def _convert_dataset(
             raise MedsegError(f"{root}: no usable case: all {len(problems)} were skipped{first}")
         manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
         check_unique_ids(manifest)
-        if not any((tmp / "masks2").iterdir()):
-            (tmp / "masks2").rmdir()
+        for sub in ("masks2", *VOLUME_DIRS):  # only what the data set has
+            if not any((tmp / sub).iterdir()):
+                (tmp / sub).rmdir()
         manifest.to_csv(tmp / "manifest.csv", index=False)
         # hand back what the next stage will read (an empty mask2 cell reads as NaN)
         manifest = pd.read_csv(tmp / "manifest.csv", dtype={"case_id": str})

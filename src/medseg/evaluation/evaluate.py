@@ -1,9 +1,17 @@
 """The evaluate stage: whole-image inference of the test cases, scored with the tally of
-`medseg.scoring.tally`; metrics, tables, curves, overlays."""
+`medseg.scoring.tally`; metrics, tables, curves, overlays.
+
+A volume's slices (cases of the store with ``volume`` and ``z`` in their metadata, written in
+slice order by preprocess) are predicted together and stacked, and the volume is scored as one
+case in 3D with its real spacing (`medseg.inference.stored.predict_store`): one row per volume
+in ``per_image.csv``, its overlay the slice with the most errors. 2D cases go the way they
+always went.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +20,7 @@ from medseg.config.sections import EvaluateConfig
 from medseg.errors import MedsegError
 from medseg.inference.bundle import load_bundle
 from medseg.inference.predictor import Predictor
+from medseg.inference.stored import case_spacing, predict_store, volume_spacing
 from medseg.inference.window import WindowSettings
 from medseg.io.atomic import atomic_dir, write_json
 from medseg.io.images import write_png
@@ -62,24 +71,26 @@ def evaluate_model(
     test = open_test(data_dir)
     check_classes(bundle.classes, data_dir, model_path)
     space = predictor.labels
-    shapes, spacings = shape_scoring(cfg, data_dir, test, space)
+    shapes, _ = shape_scoring(cfg, data_dir, test, space)
     tally = ScoreTally(space.channels, list(space.names), shapes=shapes)
     second = SecondObserver(space.channels)
     with atomic_dir(out) as tmp:
         (tmp / "overlays").mkdir()
         (tmp / "probabilities").mkdir()
-        for i in progress(test, desc="evaluate"):
-            case = read_case(test, i)
-            pred, probs = predictor.predict(case.image, case.fov, out_fov=case.truth_fov)
-            tally.add(case.case_id, probs, pred, case.truth, case.truth_fov, spacings[i])
+        for case in predict_store(predictor, test, "evaluate"):
+            tally.add(case.case_id, case.probs, case.pred, case.truth, case.fov, case.spacing)
             if case.mask2 is not None:
-                second.add(case.truth, case.mask2, case.truth_fov)
-            shown = resize_image(case.image, case.truth.shape)
-            picture = overlay(shown, pred, case.truth, case.truth_fov)
+                second.add(case.truth, case.mask2, case.fov)
+            # a volume is pictured by its slice with the most errors
+            z = case.worst_slice() if case.volume else 0
+            probs, pred, truth, fov = case.probs, case.pred, case.truth, case.fov
+            if case.volume:
+                probs, pred, truth, fov = probs[:, z], pred[z], truth[z], fov[z]
+            shown = resize_image(case.images[z], truth.shape)
+            picture = overlay(shown, pred, truth, fov)
             write_png(tmp / "overlays" / f"{case.case_id}.png", picture)
             foreground = space.foreground(probs)
             write_png(tmp / "probabilities" / f"{case.case_id}.png", to_uint8(foreground))
-            test.release(i)
         metrics = build_metrics(tally, second.summary(), predictor.threshold)
         write_json(tmp / "metrics.json", metrics)
         tally.per_image().round(PRECISION).to_csv(tmp / "per_image.csv", index=False)
@@ -96,16 +107,14 @@ def shape_scoring(
     cfg: EvaluateConfig, data_dir: str | Path, test: CaseStore, space: LabelSpace
 ) -> tuple[ShapeScoring, list[tuple[float, float] | None]]:
     """The boundary and lesion scoring of the test cases (`ShapeScoring.from_config`), and each
-    test case's pixel spacing (mm; None where unknown), in store order."""
-    spacings = [_spacing(test.meta(i)) for i in test]
+    test case's pixel spacing (mm; None where unknown), in store order (a slice of a volume
+    counts with its volume's spacing: unknown unless its slice spacing is known too)."""
+    spacings = [case_spacing(test.meta(i)) for i in test]
+    known: Sequence[Sequence[float] | None] = [
+        volume_spacing(test.meta(i)) if "volume" in test.meta(i) else spacings[i] for i in test
+    ]
     thin = _thin_labels(cfg, data_dir, space)
-    return ShapeScoring.from_config(cfg, spacings, space.foreground_labels, thin), spacings
-
-
-def _spacing(meta: dict) -> tuple[float, float] | None:
-    """A case's pixel spacing (mm, at the ground truth's size) from its store entry."""
-    value = meta.get("spacing")
-    return (float(value[0]), float(value[1])) if value else None
+    return ShapeScoring.from_config(cfg, known, space.foreground_labels, thin), spacings
 
 
 def _thin_labels(cfg: EvaluateConfig, data_dir: str | Path, space: LabelSpace) -> set[int]:

@@ -40,7 +40,7 @@ import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -56,6 +56,7 @@ from medseg.names import (
     BUNDLE_FORMAT_KEY,
     CLASSES,
     CONVERT_RECORD,
+    INTENSITY_RECORD,
     MAX_CLASSES,
     MAX_DECODER_BLOCKS,
     MAX_DECODER_WIDTH,
@@ -67,7 +68,7 @@ from medseg.preprocess.processed import (
     parse_record,
     read_class_names,
 )
-from medseg.preprocess.transforms import in_channels
+from medseg.preprocess.transforms import Intensity, in_channels, read_intensity
 from medseg.spec import ModelSpec
 
 if TYPE_CHECKING:  # torch is imported where a torch model is loaded: ONNX bundles run without
@@ -77,7 +78,8 @@ if TYPE_CHECKING:  # torch is imported where a torch model is loaded: ONNX bundl
 
 WEIGHTS = "model.safetensors"  # the best epoch: what evaluate and predict use
 LAST = "last.safetensors"  # the last epoch
-RECORDS = (RECORD, CONVERT_RECORD, CLASSES)  # travel from data/processed into the bundle
+# travel from data/processed into the bundle
+RECORDS = (RECORD, CONVERT_RECORD, CLASSES, INTENSITY_RECORD)
 THRESHOLD = "medseg.threshold"  # safetensors metadata key of the weights file
 POSTPROCESS = "medseg.postprocess"  # another: the chosen post-processing
 
@@ -101,6 +103,8 @@ class Bundle:
         threshold: the threshold with the best validation Dice of a binary model (from the
             weights' metadata, `THRESHOLD`); None where there is none (no validation split,
             several classes).
+        intensity: a CT volume data set's intensity normalisation (`INTENSITY_RECORD`); None
+            for every other data set (volumes: z-score per volume).
         postprocess: class label -> the post-processing operations chosen on validation
             (`POSTPROCESS`, `medseg.inference.postprocess.apply`); empty where none was chosen or
             the bundle is older than the choice.
@@ -114,6 +118,7 @@ class Bundle:
     convert: ConvertConfig | None = None
     threshold: float | None = None
     postprocess: Steps = field(default_factory=dict)
+    intensity: Intensity | None = None
 
     @property
     def labels(self) -> LabelSpace:
@@ -242,7 +247,9 @@ def load_bundle(
         ) from err
     dev = resolve_device(device) if isinstance(device, str) else device
     model = prepare_model(net.to(dev).eval(), spec.in_channels)
-    return Bundle(model, spec, pre, classes, dev, convert, threshold, steps)
+    intensity = read_intensity(folder / INTENSITY_RECORD)
+    bundle = Bundle(model, spec, pre, classes, dev, convert, threshold, steps)
+    return replace(bundle, intensity=intensity) if intensity is not None else bundle
 
 
 def _check_fits(

@@ -23,6 +23,13 @@ from medseg.progress import progress
 
 # 8-connectivity in 2D: a diagonal step joins two pixels, as the eye sees a thin oblique line.
 _CONNECTIVITY = ndimage.generate_binary_structure(2, 2)
+
+
+def _connectivity(ndim: int) -> np.ndarray:
+    """8-connectivity of an image, 26-connectivity of a volume (its slices stacked)."""
+    return _CONNECTIVITY if ndim == 2 else ndimage.generate_binary_structure(ndim, ndim)
+
+
 MIN_GAIN = 1e-4  # a candidate must raise the pooled Dice by more than this to be kept
 # ... and raise it in this share of the bootstrap resamples of the validation cases: a gain that
 # rests on one or two cases of a handful is noise, not a rule that will hold on the test cases
@@ -39,7 +46,7 @@ def keep_largest(mask: np.ndarray) -> np.ndarray:
     Returns:
         (H, W) bool; all False when ``mask`` is.
     """
-    labels, n = ndimage.label(mask, structure=_CONNECTIVITY)
+    labels, n = ndimage.label(mask, structure=_connectivity(mask.ndim))
     if n <= 1:
         return mask.astype(bool, copy=True)
     sizes = np.bincount(labels.ravel())
@@ -69,7 +76,7 @@ def drop_small(mask: np.ndarray, min_size: int) -> np.ndarray:
     Returns:
         (H, W) bool.
     """
-    labels, n = ndimage.label(mask, structure=_CONNECTIVITY)
+    labels, n = ndimage.label(mask, structure=_connectivity(mask.ndim))
     if n == 0:
         return mask.astype(bool, copy=True)
     sizes = np.bincount(labels.ravel())
@@ -196,7 +203,8 @@ def as_labels(prediction: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """A prediction as (H, W) integer labels.
 
     Args:
-        prediction: (H, W) integer labels; or (H, W) float foreground probability (binary,
+        prediction: (H, W) integer labels (a volume's (Z, H, W)); or (H, W) float foreground
+            probability (binary,
             foreground where >= ``threshold``); or (K, H, W) float class probabilities (K = 1:
             binary as before; K >= 2: the most probable class).
 
@@ -205,8 +213,8 @@ def as_labels(prediction: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """
     p = np.asarray(prediction)
     if np.issubdtype(p.dtype, np.integer) or p.dtype == np.bool_:
-        if p.ndim != 2:
-            raise ValueError(f"integer labels must be (H, W), got shape {p.shape}")
+        if p.ndim not in (2, 3):
+            raise ValueError(f"integer labels must be (H, W) or (Z, H, W), got shape {p.shape}")
         return p.astype(np.int64)
     if p.ndim == 3 and p.shape[0] == 1:
         p = p[0]

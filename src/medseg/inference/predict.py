@@ -1,5 +1,9 @@
 """``medseg predict``: a trained model on new image files, with the pipeline's own readers,
-preprocessing and inference (the model bundle: `medseg.inference.bundle`)."""
+preprocessing and inference (the model bundle: `medseg.inference.bundle`).
+
+Results go back in the input's format: a PNG mask for a 2D image, a NIfTI label map on the
+input's grid (its affine and header) for a NIfTI volume, predicted slice by slice as the model
+was trained."""
 
 from __future__ import annotations
 
@@ -30,9 +34,15 @@ from medseg.io.atomic import (
 )
 from medseg.io.images import binarize, write_png
 from medseg.io.limits import ReadOptions
+from medseg.io.nifti import Volume, is_nifti, nifti_stem, read_nifti, write_nifti_labels
 from medseg.io.reader import IMAGE_SUFFIXES, read, source_format
 from medseg.labels import LabelSpace, to_uint16
-from medseg.preprocess.transforms import prepare_image
+from medseg.preprocess.transforms import (
+    Intensity,
+    normalise_volume,
+    prepare_image,
+    prepare_slice,
+)
 from medseg.progress import progress
 
 PROBABILITIES = "probabilities"
@@ -92,7 +102,7 @@ def collect_inputs(paths: list[str | Path]) -> list[Path]:
             images = sorted(
                 f for f in p.iterdir()
                 if f.is_file() and not f.name.startswith(".")
-                and f.suffix.lower() in IMAGE_SUFFIXES
+                and (f.suffix.lower() in IMAGE_SUFFIXES or is_nifti(f))
             )  # fmt: skip
             if not images:
                 raise MedsegError(
@@ -107,14 +117,53 @@ def collect_inputs(paths: list[str | Path]) -> list[Path]:
     unique = list(dict.fromkeys(f.resolve() for f in found))
     stems: dict[str, Path] = {}
     for f in unique:  # letter case too: the masks would collide on macOS and Windows
-        if f.stem.casefold() in stems:
+        stem = input_stem(f)
+        if stem.casefold() in stems:
             raise MedsegError(
-                f"{f} and {stems[f.stem.casefold()]} share the name {f.stem!r} (up to letter "
+                f"{f} and {stems[stem.casefold()]} share the name {stem!r} (up to letter "
                 "case); their masks would overwrite each other in the output folder. Predict "
                 "them in two runs"
             )
-        stems[f.stem.casefold()] = f
+        stems[stem.casefold()] = f
     return unique
+
+
+def input_stem(path: Path) -> str:
+    """An input's name without its ending (``.nii.gz`` counts as one ending)."""
+    return nifti_stem(path) if is_nifti(path) else path.stem
+
+
+def output_name(path: Path) -> Path:
+    """The mask file an input gets: ``<stem>.png``, a NIfTI volume's ``<stem>.nii.gz``."""
+    return Path(f"{input_stem(path)}{'.nii.gz' if is_nifti(path) else '.png'}")
+
+
+def predict_volume(
+    predictor: Predictor, preprocess: PreprocessConfig, volume: Volume,
+    intensity: Intensity | None = None,
+) -> np.ndarray:  # fmt: skip
+    """Segment a volume as the pipeline does: normalised as a whole (`normalise_volume`: the
+    model's CT ``intensity`` record, else z-score), its
+    slices predicted at the model's size, labels at the volume's, post-processed in 3D
+    (`Predictor.predict_volume`).
+
+    Args:
+        predictor: the model.
+        preprocess: the bundle's preprocess params (``max_side``).
+        volume: as `medseg.io.nifti.read_nifti` reads it, (Z, H, W).
+
+    Returns:
+        (Z, H, W) uint8 labels (0/1 for a binary model).
+    """
+    x = normalise_volume(volume.array[None], intensity)
+    blank = np.zeros(volume.array.shape[1:], dtype=np.uint8)
+    depth = volume.array.shape[0]
+    slices = [prepare_slice(x[:, z], blank, preprocess.max_side, 2) for z in range(depth)]
+    whole = np.ones(blank.shape, dtype=bool)
+    labels, _ = predictor.predict_volume(
+        [xs for xs, _, _ in slices], [fov for _, _, fov in slices], [whole] * len(slices)
+    )
+    return labels
 
 
 def find_fov(fov: Path | None, image: Path, n_inputs: int) -> Path | None:
@@ -230,9 +279,15 @@ def predict_files(
     if out.exists() and not out.is_dir():
         raise MedsegError(f"--out {out}: exists and is not a folder")
     files = collect_inputs(list(inputs))
+    volumes = [f for f in files if is_nifti(f)]
+    if volumes and (probabilities or fov is not None):
+        raise MedsegError(
+            f"{volumes[0]}: a NIfTI volume; --probabilities and --fov are for 2D images (a "
+            "volume gets its label map only): predict volumes in a run of their own"
+        )
     fov_dir = Path(fov) if fov is not None else None
     fovs = {f: find_fov(fov_dir, f, len(files)) for f in files}
-    names = [Path(f"{f.stem}.png") for f in files]
+    names = [output_name(f) for f in files]
     _refuse_overwriting_inputs(out, names, files, probabilities)
     _refuse_replacing(out, names, overwrite)
     bundle = load_bundle(model, options.device, preprocess)
@@ -254,6 +309,12 @@ def predict_files(
         for path, name in progress(
             list(zip(files, names, strict=True)), desc="predict", unit="image"
         ):
+            if is_nifti(path):
+                volume = read_nifti(path, dataclasses.replace(read_options(bundle), window=None))
+                labels = predict_volume(predictor, bundle.preprocess, volume, bundle.intensity)
+                write_nifti_labels(labels, path, tmp / name)
+                written.append(name)
+                continue
             image = read_input(bundle, path)
             fov_mask = input_fov(bundle, fovs[path], image, path)
             labels, probs = predict_image(predictor, bundle.preprocess, image, fov_mask)
@@ -261,7 +322,7 @@ def predict_files(
             written.append(name)
             if probabilities:
                 for suffix, prob in space.probability_maps(probs):
-                    rel = Path(PROBABILITIES) / f"{path.stem}{suffix}.png"
+                    rel = Path(PROBABILITIES) / f"{input_stem(path)}{suffix}.png"
                     write_png(tmp / rel, to_uint16(prob))
                     written.append(rel)
         _refuse_replacing(out, written, overwrite)  # once more: files may have come meanwhile
@@ -304,7 +365,7 @@ def _probability_files(files: list[Path], space: LabelSpace) -> list[Path]:
     """The probability maps' paths relative to ``out``, as `LabelSpace.probability_maps` names
     them."""
     return [
-        Path(PROBABILITIES) / f"{f.stem}{suffix}.png"
+        Path(PROBABILITIES) / f"{input_stem(f)}{suffix}.png"
         for f in files
         for suffix in space.map_suffixes
     ]

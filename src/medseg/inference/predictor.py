@@ -15,7 +15,11 @@ import numpy as np
 from medseg.errors import MedsegError
 from medseg.inference.postprocess import Steps, apply
 from medseg.inference.runners import Runner, as_runner
-from medseg.inference.window import WindowSettings, predict_probabilities
+from medseg.inference.window import (
+    WindowSettings,
+    predict_probabilities,
+    predict_probabilities_many,
+)
 from medseg.labels import LabelSpace
 from medseg.preprocess.transforms import resize_image
 
@@ -200,6 +204,54 @@ class Predictor:
         labels = apply(labels, self.postprocess)
         labels[~inside] = 0
         return labels
+
+    def predict_volume(
+        self, images: Sequence[np.ndarray], fovs: Sequence[np.ndarray],
+        out_fovs: Sequence[np.ndarray],
+    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """Segment a volume, its slices prepared as cases (`medseg.preprocess.transforms.
+        prepare_slice`): the slices' probabilities as `member_probabilities` gives them (small
+        slices many to a forward pass, `predict_probabilities_many`), stacked, labelled, and the
+        post-processing applied to the volume as a whole (in 3D).
+
+        Args:
+            images: per slice, (C, h, w) float32 model input.
+            fovs: per slice, (h, w) bool FOV at the model's resolution.
+            out_fovs: per slice, (H, W) bool FOV at the output resolution.
+
+        Returns:
+            (Z, H, W) uint8 labels and (K, Z, H, W) float32 probabilities.
+        """
+        per_runner = []
+        for runner in self.runners:
+            raw = predict_probabilities_many(runner, list(images), self.settings)
+            per_runner.append([self._finish(p, out) for p, out in zip(raw, out_fovs, strict=True)])
+        slices = [self.mean([member[z] for member in per_runner]) for z in range(len(images))]
+        probs = np.stack(slices, axis=1)
+        inside = np.stack(out_fovs)
+        labels = np.stack(
+            [
+                self.labels.segment(p, self.threshold, f)
+                for p, f in zip(slices, out_fovs, strict=True)
+            ]
+        )
+        if self.postprocess:
+            labels = apply(labels, self.postprocess)
+            labels[~inside] = 0
+        return labels, probs
+
+    def _finish(self, probs: np.ndarray, inside: np.ndarray) -> np.ndarray:
+        """One runner's probabilities checked, at the output size, nothing outside ``inside``."""
+        if probs.shape[0] != self.labels.channels:
+            kind = "binary" if self.labels.binary else f"{self.labels.channels} classes"
+            raise ValueError(
+                f"the model gives {probs.shape[0]} channel(s); its label space ({kind}) "
+                f"needs {self.labels.channels}"
+            )
+        if probs.shape[1:] != inside.shape:
+            probs = np.clip(resize_image(probs, inside.shape), 0.0, 1.0)
+        self.labels.clear_outside(probs, inside)
+        return probs
 
     def predict(
         self, image: np.ndarray, fov: np.ndarray, out_fov: np.ndarray | None = None

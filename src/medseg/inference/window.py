@@ -165,3 +165,40 @@ def predict_probabilities(
             weight_sum[t : t + win_h, c0 : c0 + win_w] += weight
     assert total is not None
     return (total / weight_sum)[:, :h, :w]
+
+
+# pixels of small images (a volume's slices) run in one forward pass
+SLICE_BATCH_PIXELS = 512 * 512
+
+
+def predict_probabilities_many(
+    model: torch.nn.Module | Runner,
+    images: list[np.ndarray],
+    settings: WindowSettings | None = None,
+    device: torch.device | str = "cpu",
+) -> list[np.ndarray]:
+    """`predict_probabilities` of several images of one size (a volume's slices): where one
+    window holds an image, many images go through the network in one forward pass (up to
+    `SLICE_BATCH_PIXELS` a pass, ``settings.batch_size`` at least), so that small slices do not
+    pay a pass each; larger images go window by window as `predict_probabilities` does.
+
+    Args:
+        images: (C, H, W) float32 arrays of one shape.
+
+    Returns:
+        One (K, H, W) float32 array per image.
+    """
+    s = settings or WindowSettings()
+    runner = as_runner(model, device)
+    if not images:
+        return []
+    _, h, w = images[0].shape
+    padded = pad_to_multiple(images[0], runner.divisor).shape[1:]
+    if any(x.shape != images[0].shape for x in images) or max(padded) > s.window:
+        return [predict_probabilities(runner, x, s) for x in images]
+    chunk = max(s.batch_size, SLICE_BATCH_PIXELS // (padded[0] * padded[1]))
+    out: list[np.ndarray] = []
+    for i in range(0, len(images), chunk):
+        batch = np.stack([pad_to_multiple(x, runner.divisor) for x in images[i : i + chunk]])
+        out.extend(p[:, :h, :w] for p in _window_probabilities(runner, batch, s.tta))
+    return out

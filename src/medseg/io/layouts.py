@@ -6,7 +6,15 @@ data root.
 - ``folders``: ``images/`` + ``masks/`` (+ ``fov/``) paired by file stem, either at the root (a
   seeded split) or under ``train|training/`` and ``test|testing/`` (the split from the folder);
 - ``manifest``: a CSV under the root with columns ``image, mask[, fov][, mask2][, split]
-  [, case_id]``, paths relative to the CSV and inside the root.
+  [, case_id]``, paths relative to the CSV and inside the root;
+- ``nnunet``: nnU-Net's raw layout (and the Medical Segmentation Decathlon's):
+  ``imagesTr/<case>_0000<ending>`` (one file per channel, ``_0000``, ``_0001``, ...; MSD names
+  have no channel suffix), ``labelsTr/<case><ending>``, ``imagesTs`` and ``labelsTs`` for test
+  cases with labels (without ``labelsTs`` a seeded share of the training cases), and
+  ``dataset.json`` (``channel_names``, ``labels`` name -> value, ``file_ending``), whose label
+  names become the class names (`nnunet_dataset`). NIfTI volumes and 2D PNG/TIFF alike.
+
+Images may be NIfTI volumes (``.nii``, ``.nii.gz``) in every layout but ``drive``.
 
 Every file must lie under the root once links are resolved (a link into DVC's cache, as
 ``cache.type: symlink`` makes, is fine): DVC tracks only the root, and a link out of it could pull
@@ -31,7 +39,9 @@ import pandas as pd
 
 from medseg.errors import MedsegError
 from medseg.io.dicom import is_dicom_file
+from medseg.io.nifti import NIFTI_SUFFIXES, is_nifti, nifti_stem
 from medseg.io.reader import IMAGE_SUFFIXES
+from medseg.io.records import read_json
 
 DRIVE_SPLITS = {"training": "train", "test": "test"}
 FOLDER_SPLITS = {"train": "train", "training": "train", "test": "test", "testing": "test"}
@@ -56,6 +66,10 @@ class CaseFiles:
         mask: the ground-truth mask file.
         fov: the field-of-view mask file, or ``None`` when the layout has none.
         mask2: a second observer's mask (DRIVE ``2nd_manual``), or ``None``.
+        channels: the files of the image's further channels, in order (nnU-Net ``_0001``,
+            ``_0002``, ...); empty for a one-file image.
+        modality: what the layout says the image is (``CT``, ``MR``, ...); empty where it says
+            nothing.
     """
 
     case_id: str
@@ -64,6 +78,8 @@ class CaseFiles:
     mask: Path
     fov: Path | None
     mask2: Path | None = None
+    channels: tuple[Path, ...] = ()
+    modality: str = ""
 
 
 @dataclass(frozen=True)
@@ -138,6 +154,7 @@ def _inside_root(root: Path, scan: Scan) -> Scan:
     kept = Scan(problems=list(scan.problems))
     for case in scan.cases:
         files = [f for f in (case.image, case.mask, case.fov, case.mask2) if f is not None]
+        files += list(case.channels)
         outside = [(f, real) for f in files if not _under(real := Path(os.path.realpath(f)), top)]
         if not outside:
             kept.cases.append(case)
@@ -301,6 +318,193 @@ def _folder_pairs(base: Path, mask_of: MaskOf | None) -> Scan:
     return scan
 
 
+# == nnU-Net raw layout =========================================================================
+
+NNUNET_JSON = "dataset.json"
+NNUNET_SPLITS = (("imagesTr", "labelsTr", "train"), ("imagesTs", "labelsTs", "test"))
+_CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+@dataclass(frozen=True)
+class NnunetDataset:
+    """What ``dataset.json`` of an nnU-Net raw data set says.
+
+    Attributes:
+        classes: foreground class name -> label value (or values), in label order: what
+            ``data.classes`` would say.
+        channels: the channel names, in channel order (``channel_names``).
+        file_ending: the images' and labels' file ending (``.nii.gz``, ``.png``, ...).
+    """
+
+    classes: dict[str, int | list[int]]
+    channels: list[str]
+    file_ending: str
+
+    @property
+    def modality(self) -> str:
+        """The first channel's modality in DICOM's words: ``CT``, ``MR``, else its name."""
+        name = self.channels[0].strip() if self.channels else ""
+        upper = name.upper()
+        if upper == "CT" or upper.startswith("CT"):
+            return "CT"
+        if upper in ("MR", "MRI") or upper.startswith(("T1", "T2", "FLAIR", "ADC", "DWI")):
+            return "MR"
+        return name
+
+
+def nnunet_dataset(root: str | Path) -> NnunetDataset:
+    """Read and check ``dataset.json`` of an nnU-Net raw data set under ``root``.
+
+    Raises:
+        MedsegError: the file is missing, not JSON, or lacks ``labels``, ``channel_names`` or
+            ``file_ending`` in the shape nnU-Net gives them.
+    """
+    path = Path(root) / NNUNET_JSON
+    if not path.is_file():
+        raise MedsegError(
+            f"{path}: not found; the nnunet layout needs nnU-Net's dataset.json (channel_names, "
+            "labels, file_ending) beside imagesTr/ and labelsTr/"
+        )
+    raw = read_json(path, "nnU-Net dataset description")
+    if not isinstance(raw, dict):
+        raise MedsegError(f"{path}: not a JSON object; see nnU-Net's dataset.json format")
+    labels, channels = raw.get("labels"), raw.get("channel_names", raw.get("modality"))
+    ending = raw.get("file_ending", ".nii.gz")
+    if not isinstance(labels, dict) or not labels:
+        raise MedsegError(f"{path}: 'labels' must map label names to values, background 0")
+    if not isinstance(channels, dict) or not channels:
+        raise MedsegError(f"{path}: 'channel_names' must map channel numbers to names")
+    if not isinstance(ending, str) or not ending.startswith("."):
+        raise MedsegError(f"{path}: 'file_ending' must be a file ending such as .nii.gz or .png")
+    classes: dict[str, int | list[int]] = {}
+    items = [(str(k), v) for k, v in labels.items()]
+    if all(isinstance(k, str) and k.isdigit() for k, _ in items) and all(
+        isinstance(v, str) for _, v in items
+    ):  # the MSD's (v1) form: value -> name
+        items = [(str(v), int(k)) for k, v in items]
+    for name, value in items:
+        ok = isinstance(value, int) or (
+            isinstance(value, list) and value and all(isinstance(v, int) for v in value)
+        )
+        if not ok:
+            raise MedsegError(f"{path}: labels.{name} must be an integer label value")
+        if value != 0:  # a class name as data.classes takes it: "left atrium" -> left_atrium
+            safe = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or f"class_{value}"
+            classes[safe if safe[0].isalpha() else f"class_{safe}"] = value
+    if not classes:
+        raise MedsegError(f"{path}: 'labels' names no foreground label (a value other than 0)")
+    try:
+        order = sorted(channels, key=int)
+    except ValueError as err:
+        raise MedsegError(f"{path}: channel_names keys must be channel numbers 0, 1, ...") from err
+    return NnunetDataset(classes, [str(channels[k]) for k in order], ending)
+
+
+def _nnunet(root: Path, test_fraction: float, seed: int, mask_of: MaskOf | None) -> Scan:
+    """nnU-Net raw: ``imagesTr``/``labelsTr`` (+ ``imagesTs``/``labelsTs``), ``dataset.json``."""
+    desc = nnunet_dataset(root)
+    if not (root / "imagesTr").is_dir():
+        raise MedsegError(
+            f"{root}: not an nnunet layout (expected imagesTr/ and labelsTr/ beside dataset.json);"
+            " check data.root and data.layout"
+        )
+    _check_listed_files(root)
+    scan = Scan()
+    labelled_test = (root / "labelsTs").is_dir()
+    for images, labels, split in NNUNET_SPLITS:
+        if split == "test" and not labelled_test:
+            continue  # test images without labels cannot be scored: a share of training instead
+        part = _nnunet_pairs(root / images, root / labels, desc, mask_of)
+        scan.cases += [_with_split(c, split) for c in part.cases]
+        scan.problems += part.problems
+    if labelled_test:
+        return scan
+    _check_unique(root, scan.cases)
+    return Scan(_seeded_split(scan.cases, test_fraction, seed), scan.problems)
+
+
+def _nnunet_pairs(folder: Path, labels: Path, desc: NnunetDataset, mask_of: MaskOf | None) -> Scan:
+    """The cases of one images folder: channel files grouped by case, each with its label."""
+    ending, n_channels = desc.file_ending.lower(), len(desc.channels)
+    by_case: dict[str, dict[int, Path]] = {}
+    scan = Scan()
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        if not path.name.lower().endswith(ending):
+            if path.name.lower() not in OS_LEFTOVERS:
+                reason = f"{path}: not a {desc.file_ending} file (dataset.json's file_ending)"
+                scan.problems.append(Problem(path, reason))
+            continue
+        stem = path.name[: -len(ending)]
+        found = _CHANNEL_SUFFIX.match(stem)
+        case, channel = (found["case"], int(found["channel"])) if found else (stem, 0)
+        by_case.setdefault(case, {})[channel] = path
+    for case, files in sorted(by_case.items()):
+        want = list(range(n_channels))
+        if sorted(files) != want:
+            missing = [f"{case}_{c:04d}{desc.file_ending}" for c in want if c not in files]
+            extra = [files[c].name for c in files if c not in want]
+            what = f"missing {', '.join(missing)}" if missing else f"extra {', '.join(extra)}"
+            scan.problems.append(
+                Problem(
+                    files[min(files)],
+                    f"{folder / case}: {what}; dataset.json names {n_channels} channel(s) "
+                    f"({', '.join(desc.channels)}), one file each",
+                )
+            )
+            continue
+        image = files[0]
+        mask: Path | Problem | None
+        if mask_of is not None:
+            mask = _given_mask(mask_of, image)
+        else:
+            label = labels / f"{case}{desc.file_ending}"
+            mask = label if label.is_file() else None
+        if isinstance(mask, Problem):
+            scan.problems.append(mask)
+            continue
+        if mask is None:
+            reason = f"{image}: no label {labels.name}/{case}{desc.file_ending} for this image"
+            scan.problems.append(Problem(image, reason))
+            continue
+        channels = tuple(files[c] for c in want[1:])
+        scan.cases.append(
+            CaseFiles(safe_id(case), "", image, mask, None, None, channels, desc.modality)
+        )
+    return scan
+
+
+def _check_listed_files(root: Path) -> None:
+    """Refuse a ``dataset.json`` whose ``training`` (or ``test``) list names missing files.
+
+    Raises:
+        MedsegError: naming dataset.json, the first missing file and how many are missing.
+    """
+    raw = read_json(root / NNUNET_JSON, "nnU-Net dataset description")
+    listed: list[str] = []
+    for key in ("training", "test"):
+        for entry in raw.get(key) or []:
+            values = entry.values() if isinstance(entry, dict) else [entry]
+            listed += [v for v in values if isinstance(v, str)]
+    missing = [v for v in listed if not _listed_exists(root, v)]
+    if missing:
+        raise MedsegError(
+            f"{root / NNUNET_JSON}: names {len(missing)} file(s) that are missing, the first "
+            f"{missing[0]}; restore them or remove them from dataset.json"
+        )
+
+
+def _listed_exists(root: Path, value: str) -> bool:
+    """Whether a file named in dataset.json exists (MSD lists images without their ``_0000``)."""
+    path = root / value
+    if path.is_file():
+        return True
+    for ending in (*NIFTI_SUFFIXES, ".png", ".tif", ".tiff"):
+        if path.name.endswith(ending):
+            stem = path.name[: -len(ending)]
+            return (path.parent / f"{stem}_0000{ending}").is_file()
+    return False
+
+
 def _manifest(
     root: Path, name: str, test_fraction: float, seed: int, mask_of: MaskOf | None
 ) -> Scan:
@@ -404,19 +608,22 @@ def _seeded_split(cases: list[CaseFiles], test_fraction: float, seed: int) -> li
 
 
 def _with_split(case: CaseFiles, split: str) -> CaseFiles:
-    return CaseFiles(case.case_id, split, case.image, case.mask, case.fov, case.mask2)
+    return dataclasses.replace(case, split=split)
 
 
 def _is_image(path: Path) -> bool:
     if not path.is_file() or path.name.startswith("."):
         return False
+    if is_nifti(path):
+        return True
     return path.suffix.lower() in IMAGE_SUFFIXES or (not path.suffix and is_dicom_file(path))
 
 
 def _unsupported(path: Path) -> str:
     return (
         f"{path}: not an image type medseg reads ({path.suffix or 'no ending'}); supported: "
-        f"{', '.join(IMAGE_SUFFIXES)} and DICOM files without an ending. Convert it, move it "
+        f"{', '.join(IMAGE_SUFFIXES + NIFTI_SUFFIXES)} and DICOM files without an ending. "
+        "Convert it, move it "
         "out of images/, or set convert.on_error: skip"
     )
 
@@ -431,7 +638,7 @@ def _drive_key(path: Path) -> str:
 
 
 def _stem(path: Path) -> str:
-    return path.stem
+    return nifti_stem(path) if is_nifti(path) else path.stem
 
 
 def _by_key(folder: Path, key_of: Callable[[Path], str]) -> dict[str, Path]:
@@ -455,4 +662,7 @@ LAYOUTS: dict[str, Callable[[Path, str, float, int, MaskOf | None], Scan]] = {
         root, fraction, seed, mask_of
     ),
     "manifest": _manifest,
+    "nnunet": lambda root, _manifest_name, fraction, seed, mask_of: _nnunet(
+        root, fraction, seed, mask_of
+    ),
 }

@@ -16,6 +16,7 @@ from medseg.errors import MedsegError
 from medseg.io.dicom import DICOM_SUFFIXES, is_dicom_file, read_dicom_frames
 from medseg.io.images import RASTER_SUFFIXES, raster_format, read_raster_frames
 from medseg.io.limits import ReadOptions
+from medseg.io.nifti import is_nifti
 
 IMAGE_SUFFIXES = RASTER_SUFFIXES + DICOM_SUFFIXES
 
@@ -23,7 +24,7 @@ __all__ = ["IMAGE_SUFFIXES", "read", "source_format"]
 
 
 def source_format(path: str | Path) -> str:
-    """The format name of ``path``: ``dicom``, ``tiff``, ``png``, ``gif``, ``jpeg``, ``bmp``...
+    """The format name of ``path``: ``dicom``, ``nifti``, ``tiff``, ``png``, ``gif``, ``jpeg``...
 
     Chosen by the file ending; a file without a known ending counts as DICOM when it carries the
     DICOM prefix.
@@ -32,6 +33,8 @@ def source_format(path: str | Path) -> str:
         MedsegError: an ending no reader supports.
     """
     suffix = Path(path).suffix.lower()
+    if is_nifti(path):
+        return "nifti"
     if suffix in DICOM_SUFFIXES:
         return "dicom"
     fmt = raster_format(path)
@@ -62,6 +65,12 @@ def read(path: str | Path, options: ReadOptions | None = None) -> np.ndarray:
     """
     options = options or ReadOptions()
     path = Path(path)
-    if source_format(path) == "dicom":
+    fmt = source_format(path)
+    if fmt == "nifti":
+        raise MedsegError(
+            f"{path}: a NIfTI volume where a 2D image was expected; volumes are read whole "
+            "(the nnunet layout, or medseg predict on the .nii.gz file)"
+        )
+    if fmt == "dicom":
         return read_dicom_frames(path, options)
     return read_raster_frames(path, options)

@@ -25,6 +25,7 @@ from scipy import ndimage
 from medseg.convert.fov import FOV_LABEL_TOLERANCE
 from medseg.errors import MedsegError
 from medseg.io.images import binarize, read_labels, read_raster
+from medseg.io.volumes import is_volume_row, open_volume
 from medseg.preprocess.processed import read_class_names
 from medseg.progress import progress
 
@@ -33,6 +34,7 @@ MIN_TRAIN_CASES = 2
 SAMPLE_PIXELS = 200_000  # intensity samples kept over the whole data set, per kind (FOV, fg, bg)
 SHAPE_PIXELS = 1 << 22  # a mask larger than this is analysed at an integer stride (lengths scaled)
 MAX_CASES = 200  # cases read at most (a seeded choice beyond); sizes come from every row
+VOLUME_SLICES = 4  # slices of a volume read (among those with foreground), plus the middle one
 DARK = 0.1  # share of full scale below which a pixel is "dark" (convert.fov_threshold's default)
 ELONGATED = 20.0  # area / thickness^2 above this: thin (tubular), e.g. a vessel tree (disc: 0.8)
 DENSE_RATIO = 0.5  # background thickness / foreground thickness below this: dense tissue
@@ -126,8 +128,13 @@ class _Accumulator:
         self.fg_dark = 0
         self.shapes = [_ShapeStats() for _ in range(n_labels)]  # 0: the background between
         self.strides: list[int] = []
+        self.cases_read = 0
 
     def add(self, converted: Path, row: Any) -> None:
+        self.cases_read += 1
+        if is_volume_row(row):
+            self._add_volume(converted, row)
+            return
         image = read_raster(converted / str(row.image))
         truth = read_labels(converted / str(row.mask), self.n_labels)
         fov = binarize(read_raster(converted / str(row.fov)))
@@ -137,11 +144,32 @@ class _Accumulator:
                     f"{converted / str(row.mask if what == 'mask' else row.fov)}: {what} is "
                     f"{arr.shape[1]}x{arr.shape[0]}, its image {image.shape[1]}x{image.shape[0]}"
                 )
-        h, w = image.shape[:2]
-        self.sizes.append((h, w))
-        self.channels.append(1 if image.ndim == 2 else image.shape[2])
         self.bit_depths.append(16 if image.dtype == np.uint16 else 8)
         x = image.astype(np.float32) / (65535.0 if image.dtype == np.uint16 else 255.0)
+        self._add_image(x, truth, fov)
+
+    def _add_volume(self, converted: Path, row: Any) -> None:
+        """A volume counts as one case, seen through a few of its slices (`VOLUME_SLICES`,
+        spread over those with foreground, and one more), its intensities scaled to [0, 1] by
+        the volume's own range; a volume is calibrated data (16 bit, like CT and MR DICOM)."""
+        image, labels = open_volume(converted, row)
+        has_fg = np.flatnonzero(labels.reshape(len(labels), -1).max(axis=1) > 0)
+        pool = has_fg if len(has_fg) else np.arange(len(labels))
+        chosen = pool[np.linspace(0, len(pool) - 1, min(VOLUME_SLICES, len(pool))).astype(int)]
+        chosen = np.unique(np.append(chosen, len(labels) // 2))
+        lo, hi = float(np.min(image)), float(np.max(image))
+        self.bit_depths.append(16)
+        for z in chosen:
+            x = (np.asarray(image[:, z], dtype=np.float32) - lo) / max(hi - lo, 1e-6)
+            x = np.moveaxis(x, 0, -1)  # (H, W, C)
+            truth = np.asarray(labels[z])
+            self._add_image(x[..., 0] if x.shape[2] != 3 else x, truth, np.ones(truth.shape, bool))
+
+    def _add_image(self, x: np.ndarray, truth: np.ndarray, fov: np.ndarray) -> None:
+        """One 2D image: (H, W) or (H, W, C) float32 in [0, 1], its labels and FOV."""
+        h, w = x.shape[:2]
+        self.sizes.append((h, w))
+        self.channels.append(1 if x.ndim == 2 else x.shape[2])
         if x.ndim == 2:
             x = x[..., None]
         if (
@@ -225,7 +253,7 @@ class _Accumulator:
         fg_total = int(self.fg_pixels[1:].sum())
         out: dict[str, Any] = {
             "cases": len(rows),
-            "cases_read": len(self.sizes),
+            "cases_read": self.cases_read,
             "classes": names,
             "size": {
                 "height_median": as_number(np.median(sizes[:, 0])),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,21 @@ from medseg.io.atomic import atomic_dir, write_json
 from medseg.io.images import binarize, read_labels, read_raster
 from medseg.io.records import read_json
 from medseg.io.shards import ShardWriter
-from medseg.names import AUTO, CLASSES, CONVERT_RECORD
+from medseg.io.volumes import is_volume_row, open_volume
+from medseg.names import AUTO, CLASSES, CONVERT_RECORD, INTENSITY_RECORD
 from medseg.preprocess.processed import (
     RECORD,
     SPLITS,
     read_class_names,
     save_record,
 )
-from medseg.preprocess.transforms import prepare_image, resize_labels
+from medseg.preprocess.transforms import (
+    Intensity,
+    normalise_volume,
+    prepare_image,
+    prepare_slice,
+    resize_labels,
+)
 from medseg.progress import progress
 
 # The stage's own names, and those the modules reading processed data import from here.
@@ -130,10 +138,14 @@ def preprocess_dataset(
         for cid, split in zip(manifest["case_id"], manifest["split"], strict=True)
     ]
     stats: dict = {"channel": cfg.channel, "classes": names, "max_side": cfg.max_side}
+    intensity = ct_intensity(converted, manifest[manifest["split"] != "test"], cfg.seed)
     with atomic_dir(out) as tmp:
+        if intensity is not None:  # passed on to the model, for predict
+            stats["intensity"] = intensity.record()
+            write_json(tmp / INTENSITY_RECORD, intensity.record())
         for split in SPLITS:
             rows = manifest[manifest["split"] == split]
-            stats[split] = _write_split(rows, converted, cfg, names, tmp, split, whole)
+            stats[split] = _write_split(rows, converted, cfg, names, tmp, split, whole, intensity)
         manifest[["case_id", "split"]].to_csv(tmp / "split.csv", index=False)
         write_json(tmp / "stats.json", stats)
         save_record(cfg, tmp / RECORD)
@@ -169,7 +181,7 @@ def _convert_record(converted: Path, fov_fallback: str | None) -> dict[str, Any]
 
 def _write_split(
     rows: pd.DataFrame, converted: Path, cfg: PreprocessConfig, names: list[str], out: Path,
-    split: str, whole: bool = False,
+    split: str, whole: bool = False, intensity: Intensity | None = None,
 ) -> dict:  # fmt: skip
     """Prepare and append each case of one split to its shards; return the split's stats.
     ``whole``: FOVs convert made by threshold become the whole image."""
@@ -177,15 +189,23 @@ def _write_split(
     n_labels = len(names)
     fg = np.zeros(n_labels, dtype=np.int64)
     inside = resized = pixels = 0
+    slices = 0
     try:
-        cases = progress(rows.itertuples(index=False), total=len(rows), desc=f"preprocess {split}")
-        for row in cases:
-            arrays, meta = _prepare_case(row, converted, cfg, n_labels, whole)
-            writer.add(str(row.case_id), arrays, **meta)
-            fg[1:] += arrays["fg_rows"].sum(axis=1)
-            inside += int(arrays["fov_rows"].sum())
-            resized += int("mask_full" in arrays)
-            pixels += meta["height"] * meta["width"]
+        rows_in = rows.itertuples(index=False)
+        for row in progress(rows_in, total=len(rows), desc=f"preprocess {split}"):
+            if is_volume_row(row):
+                cases = _volume_slices(row, converted, cfg, n_labels, intensity)
+            else:
+                cases = iter(
+                    [(str(row.case_id), *_prepare_case(row, converted, cfg, n_labels, whole))]
+                )
+            for case_id, arrays, meta in cases:
+                writer.add(case_id, arrays, **meta)
+                fg[1:] += arrays["fg_rows"].sum(axis=1)
+                inside += int(arrays["fov_rows"].sum())
+                resized += int("mask_full" in arrays)
+                pixels += meta["height"] * meta["width"]
+                slices += "volume" in meta
     finally:
         writer.close()
     shares = {
@@ -194,6 +214,8 @@ def _write_split(
         if k > 0
     }
     out_stats: dict = {"cases": len(rows), "pixels": pixels, "resized": resized}
+    if slices:
+        out_stats["slices"] = slices
     if n_labels == 2:
         out_stats["foreground_fraction_in_fov"] = shares[names[1]]
     else:
@@ -245,6 +267,81 @@ def _prepare_case(
     if all(math.isfinite(v) and v > 0 for v in spacing):
         meta["spacing"] = spacing  # mm at full size (the ground truth's): boundary distances
     return arrays, meta
+
+
+def _volume_slices(
+    row: Any,
+    converted: Path,
+    cfg: PreprocessConfig,
+    n_labels: int,
+    intensity: Intensity | None = None,
+) -> Iterator[tuple[str, dict[str, np.ndarray], dict[str, Any]]]:
+    """The slices of one volume row, each a case of the store: ``<volume>_z<k>`` with
+    ``volume``, ``z``, ``depth``, ``spacing`` (row, column mm) and ``slice_spacing`` in its
+    metadata, the volume normalised as a whole (`normalise_volume`: the data set's CT
+    ``intensity``, else z-score per volume) before it is cut."""
+    image, labels = open_volume(converted, row)
+    if int(labels.max(initial=0)) >= n_labels:
+        raise MedsegError(
+            f"{converted / str(row.mask)}: label {int(labels.max())} but the data set has "
+            f"{n_labels - 1} classes; rerun convert"
+        )
+    x = normalise_volume(image, intensity)
+    depth = labels.shape[0]
+    spacing = [float(getattr(row, f"spacing_{axis}", "nan") or "nan") for axis in ("row", "col")]
+    slice_spacing = float(getattr(row, "spacing_slice", "nan") or "nan")
+    volume_id = str(row.case_id)
+    for z in range(depth):
+        truth = np.asarray(labels[z])
+        xs, mask, fov = prepare_slice(x[:, z], truth, cfg.max_side, n_labels)
+        arrays = case_arrays(xs, mask, fov, n_labels)
+        if mask.shape != truth.shape:
+            arrays["mask_full"] = truth
+            arrays["fov_full"] = np.ones(truth.shape, dtype=np.uint8)
+        meta: dict[str, Any] = {
+            "height": int(fov.shape[0]),
+            "width": int(fov.shape[1]),
+            "full_height": int(truth.shape[0]),
+            "full_width": int(truth.shape[1]),
+            "volume": volume_id,
+            "z": z,
+            "depth": depth,
+        }
+        if all(math.isfinite(v) and v > 0 for v in spacing):
+            meta["spacing"] = spacing
+        if math.isfinite(slice_spacing) and slice_spacing > 0:
+            meta["slice_spacing"] = slice_spacing
+        yield f"{volume_id}_z{z:04d}", arrays, meta
+
+
+CT_SAMPLES = 20_000  # foreground voxels sampled per training volume for the CT intensities
+
+
+def ct_intensity(converted: Path, rows: pd.DataFrame, seed: int) -> Intensity | None:
+    """A CT volume data set's `Intensity` from its training volumes' foreground (nnU-Net's CT
+    normalisation: a seeded sample of at most `CT_SAMPLES` labelled voxels a volume); None
+    unless every training case is a volume whose modality is CT.
+
+    Args:
+        rows: the manifest rows of the training cases (train and validation).
+    """
+    volumes = [r for r in rows.itertuples(index=False) if is_volume_row(r)]
+    if not volumes or len(volumes) != len(rows):
+        return None
+    if any(str(getattr(r, "modality", "")).upper() != "CT" for r in volumes):
+        return None
+    rng = np.random.default_rng(seed)
+    samples = []
+    for row in volumes:
+        image, labels = open_volume(converted, row)
+        where = np.flatnonzero(np.asarray(labels).ravel() > 0)
+        if len(where) > CT_SAMPLES:
+            where = np.sort(rng.choice(where, CT_SAMPLES, replace=False))
+        flat = np.asarray(image).reshape(len(image), -1)
+        samples.append(flat[:, where].T.astype(np.float32))
+    if not sum(len(s) for s in samples):
+        return None
+    return Intensity.from_samples(samples)
 
 
 def case_arrays(

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,6 +70,126 @@ def normalize_in_fov(x: np.ndarray, fov: np.ndarray) -> np.ndarray:
         out[c] = (channel - float(inside.mean())) / (std if std > 1e-6 else 1.0)
         out[c][~fov] = 0.0
     return out[0] if x.ndim == 2 else out
+
+
+# CT intensities are clipped to these percentiles of the training foreground (nnU-Net's)
+CT_PERCENTILES = (0.5, 99.5)
+
+
+@dataclass(frozen=True)
+class Intensity:
+    """A CT data set's intensity normalisation (nnU-Net's ``CTNormalization``): clip to the
+    0.5 and 99.5 percentiles of the training foreground voxels, then subtract their mean and
+    divide by their standard deviation (over the whole training set), per channel.
+
+    Attributes:
+        clip: per channel, (low, high).
+        mean, std: per channel, of the clipped foreground voxels.
+    """
+
+    clip: list[tuple[float, float]]
+    mean: list[float]
+    std: list[float]
+
+    @classmethod
+    def from_samples(cls, samples: list[np.ndarray]) -> Intensity:
+        """From foreground voxel samples: per volume, (n, C) float32."""
+        values = np.concatenate(samples).astype(np.float64)
+        lo, hi = np.percentile(values, CT_PERCENTILES, axis=0)
+        clipped = np.clip(values, lo, hi)
+        return cls(
+            [(float(a), float(b)) for a, b in zip(lo, hi, strict=True)],
+            [float(m) for m in clipped.mean(axis=0)],
+            [float(s) for s in clipped.std(axis=0)],
+        )
+
+    def record(self) -> dict[str, Any]:
+        """The JSON record (`medseg.names.INTENSITY_RECORD`)."""
+        return {"modality": "CT", "clip": [list(c) for c in self.clip], "mean": self.mean,
+                "std": self.std}  # fmt: skip
+
+    def apply(self, volume: np.ndarray) -> np.ndarray:
+        """(C, Z, H, W) -> float32, clipped and normalised per channel."""
+        if len(volume) != len(self.mean):
+            raise MedsegError(
+                f"a volume of {len(volume)} channel(s) for an intensity record of "
+                f"{len(self.mean)}; the model was trained on other data"
+            )
+        out = np.empty(volume.shape, dtype=np.float32)
+        for c, channel in enumerate(volume):
+            lo, hi = self.clip[c]
+            x = np.clip(np.asarray(channel, dtype=np.float32), lo, hi)
+            out[c] = (x - self.mean[c]) / (self.std[c] if self.std[c] > 1e-6 else 1.0)
+        return out
+
+
+def read_intensity(path: Path) -> Intensity | None:
+    """The intensity record at ``path`` (`Intensity.record`), None where there is none.
+
+    Raises:
+        MedsegError: a record that is not one.
+    """
+    if not path.is_file():
+        return None
+    from medseg.io.records import read_json
+
+    raw = read_json(path, "intensity record")
+    try:
+        clip = [(float(a), float(b)) for a, b in raw["clip"]]
+        mean = [float(m) for m in raw["mean"]]
+        std = [float(s) for s in raw["std"]]
+    except (KeyError, TypeError, ValueError) as err:
+        raise MedsegError(f"{path}: not an intensity record (clip, mean, std per channel)") from err
+    if not len(clip) == len(mean) == len(std) or not all(map(np.isfinite, mean + std)):
+        raise MedsegError(f"{path}: not an intensity record (clip, mean, std per channel)")
+    return Intensity(clip, mean, std)
+
+
+def normalise_volume(volume: np.ndarray, intensity: Intensity | None) -> np.ndarray:
+    """A volume as the model sees it: a CT data set's `Intensity` where there is one, else
+    `zscore_volume` (MR and every other modality)."""
+    return intensity.apply(volume) if intensity is not None else zscore_volume(volume)
+
+
+def zscore_volume(volume: np.ndarray) -> np.ndarray:
+    """A volume normalised per channel over all its voxels: zero mean, unit variance (nnU-Net's
+    normalisation for MR and every modality but CT). A constant channel gives zeros.
+
+    Args:
+        volume: (C, Z, H, W) int16 or float32.
+
+    Returns:
+        (C, Z, H, W) float32.
+    """
+    out = np.empty(volume.shape, dtype=np.float32)
+    for c, channel in enumerate(volume):
+        x = np.asarray(channel, dtype=np.float32)
+        mean = float(x.mean(dtype=np.float64))
+        std = float(x.std(dtype=np.float64))
+        out[c] = (x - mean) / (std if std > 1e-6 else 1.0)
+    return out
+
+
+def prepare_slice(
+    x: np.ndarray, truth: np.ndarray, max_side: int | None, n_labels: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One slice of a normalised volume as a model input: resized to ``max_side`` where the
+    user (or the plan) asks for it; a slice's field of view is all of it.
+
+    Args:
+        x: (C, H, W) float32 normalised slice.
+        truth: (H, W) uint8 labels.
+        max_side: `model_size`'s limit, or None.
+        n_labels: labels, background included.
+
+    Returns:
+        (C, h, w) float32 input, (h, w) uint8 labels and (h, w) bool field of view.
+    """
+    size = model_size(truth.shape[0], truth.shape[1], max_side)
+    if size != truth.shape:
+        x = resize_image(x, size)
+        truth = resize_labels(truth, size, n_labels)
+    return x, truth, np.ones(size, dtype=bool)
 
 
 def model_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:

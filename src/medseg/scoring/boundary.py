@@ -47,6 +47,7 @@ depend on what lies outside it. The transform is the ``edt`` package's (exact, a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import edt
@@ -87,67 +88,80 @@ class BoundaryScores:
         }
 
 
-def check_spacing(spacing: tuple[float, float] | None) -> tuple[float, float]:
-    """The pixel spacing (row, column) as two positive floats; (1.0, 1.0) (pixels) for None.
+def check_spacing(spacing: Sequence[float] | None, ndim: int = 2) -> tuple[float, ...]:
+    """The pixel spacing (row, column; a volume's (slice, row, column)) as ``ndim`` positive
+    floats; ones (pixels) for None.
 
     Raises:
-        MedsegError: a spacing that is not two finite numbers > 0.
+        MedsegError: a spacing that is not ``ndim`` finite numbers > 0.
     """
     if spacing is None:
-        return (1.0, 1.0)
+        return (1.0,) * ndim
     values = tuple(float(s) for s in spacing)
-    if len(values) != 2 or not all(math.isfinite(s) and s > 0 for s in values):
+    if len(values) != ndim or not all(math.isfinite(s) and s > 0 for s in values):
+        axes = "row, column" if ndim == 2 else "slice, row, column"
         raise MedsegError(
-            f"pixel spacing {spacing!r}: expected two finite numbers > 0 (row, column, in mm); "
-            "fix the PixelSpacing of the source file or give the tolerance in pixels"
+            f"pixel spacing {spacing!r}: expected {ndim} finite numbers > 0 ({axes}, in mm); "
+            "fix the spacing of the source file or give the tolerance in pixels"
         )
-    return (values[0], values[1])
+    return values
 
 
 def boundary(mask: np.ndarray) -> np.ndarray:
-    """The boundary of a mask: its pixels with a background 4-neighbour (beyond the image counts
-    as background).
+    """The boundary of a mask: its pixels with a background 4-neighbour (a volume's voxels with
+    a background 6-neighbour; beyond the image counts as background).
 
     Args:
-        mask: (H, W) bool.
+        mask: (H, W) or (Z, H, W) bool.
 
     Returns:
-        (H, W) bool, ``mask XOR erosion(mask, 3x3 cross)``.
+        bool of the mask's shape, ``mask XOR erosion(mask, cross)``.
     """
     mask = mask.astype(bool, copy=False)
-    return mask ^ ndimage.binary_erosion(mask, structure=_CROSS, border_value=0)
+    cross = _CROSS if mask.ndim == 2 else ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask ^ ndimage.binary_erosion(mask, structure=cross, border_value=0)
 
 
-def worst_distance(fov: np.ndarray, spacing: tuple[float, float] | None = None) -> float:
+def worst_distance(fov: np.ndarray, spacing: Sequence[float] | None = None) -> float:
     """The diagonal of the FOV's bounding box: the largest distance two pixel centres of the FOV
     can have, the value HD95 and ASSD take when one mask is empty.
 
     Args:
-        fov: (H, W) bool field of view.
-        spacing: (row, column) pixel spacing in mm, or None for pixels.
+        fov: (H, W) or (Z, H, W) bool field of view.
+        spacing: the spacing of its axes in mm, or None for pixels.
     """
-    sr, sc = check_spacing(spacing)
-    rows, cols = np.flatnonzero(fov.any(axis=1)), np.flatnonzero(fov.any(axis=0))
-    if rows.size == 0:
-        return 0.0
-    return math.hypot((rows[-1] - rows[0]) * sr, (cols[-1] - cols[0]) * sc)
+    steps = check_spacing(spacing, fov.ndim)
+    spans = []
+    for axis in range(fov.ndim):
+        other = tuple(a for a in range(fov.ndim) if a != axis)
+        where = np.flatnonzero(fov.any(axis=other))
+        if where.size == 0:
+            return 0.0
+        spans.append((where[-1] - where[0]) * steps[axis])
+    return math.hypot(*spans)
 
 
-def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, slice]:
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    height, width = mask.shape
-    return (
-        slice(max(int(rows[0]) - margin, 0), min(int(rows[-1]) + margin + 1, height)),
-        slice(max(int(cols[0]) - margin, 0), min(int(cols[-1]) + margin + 1, width)),
-    )
+def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    box = []
+    for axis, size in enumerate(mask.shape):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        where = np.flatnonzero(mask.any(axis=other))
+        box.append(slice(max(int(where[0]) - margin, 0), min(int(where[-1]) + margin + 1, size)))
+    return tuple(box)
 
 
 def _inputs(
     pred: np.ndarray, truth: np.ndarray, fov: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    if pred.ndim != 2 or pred.shape != truth.shape or (fov is not None and fov.shape != pred.shape):
+    if (
+        pred.ndim not in (2, 3)
+        or pred.shape != truth.shape
+        or (fov is not None and fov.shape != pred.shape)
+    ):
         shapes = (pred.shape, truth.shape, None if fov is None else fov.shape)
-        raise ValueError(f"pred, truth and fov must be (H, W) arrays of one shape, got {shapes}")
+        raise ValueError(
+            f"pred, truth and fov must be (H, W) or (Z, H, W) arrays of one shape, got {shapes}"
+        )
     inside = np.ones(pred.shape, bool) if fov is None else fov.astype(bool, copy=False)
     return pred.astype(bool, copy=False) & inside, truth.astype(bool, copy=False) & inside, inside
 
@@ -156,14 +170,16 @@ def surface_distances(
     pred: np.ndarray,
     truth: np.ndarray,
     fov: np.ndarray | None = None,
-    spacing: tuple[float, float] | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Distances between the two boundaries, each direction, inside the FOV.
 
     Args:
-        pred, truth: (H, W) bool (or 0/1) masks of one class, each with foreground inside the FOV.
-        fov: (H, W) bool field of view; None for the whole image.
-        spacing: (row, column) pixel spacing in mm; None for distances in pixels.
+        pred, truth: (H, W) bool (or 0/1) masks of one class, each with foreground inside the FOV;
+            or (Z, H, W) volumes (distances in 3D).
+        fov: bool field of view of their shape; None for the whole image.
+        spacing: (row, column) pixel spacing in mm ((slice, row, column) for a volume); None
+            for distances in pixels.
 
     Returns:
         ``d(P->T)``: float64 (n_pred_boundary,), and ``d(T->P)``: float64 (n_truth_boundary,),
@@ -176,7 +192,7 @@ def surface_distances(
     pred, truth, _ = _inputs(pred, truth, fov)
     if not pred.any() or not truth.any():
         raise ValueError("surface_distances needs foreground in both masks; see boundary_scores")
-    anisotropy = check_spacing(spacing)
+    anisotropy = check_spacing(spacing, pred.ndim)
     box = _bounding_box(pred | truth, margin=1)
     edge_p, edge_t = boundary(pred[box]), boundary(truth[box])
     # edt measures each nonzero pixel's distance to the nearest zero: the zeros are the other
@@ -191,16 +207,17 @@ def boundary_scores(
     truth: np.ndarray,
     fov: np.ndarray | None = None,
     *,
-    spacing: tuple[float, float] | None = None,
+    spacing: Sequence[float] | None = None,
     tolerance: float = 1.0,
 ) -> BoundaryScores:
     """HD95, ASSD and NSD of one case and one class, with the module's empty-case rules.
 
     Args:
-        pred, truth: (H, W) bool (or 0/1) masks of one class.
-        fov: (H, W) bool field of view; None for the whole image.
-        spacing: (row, column) pixel spacing in mm; None for pixels. HD95, ASSD and the
-            tolerance are in this unit.
+        pred, truth: (H, W) bool (or 0/1) masks of one class, or (Z, H, W) volumes (scored in
+            3D: a volume's boundary is its surface).
+        fov: bool field of view of their shape; None for the whole image.
+        spacing: (row, column) pixel spacing in mm ((slice, row, column) for a volume); None
+            for pixels. HD95, ASSD and the tolerance are in this unit.
         tolerance: the NSD tolerance (>= 0), in mm where ``spacing`` is given, else in pixels.
 
     Raises:
@@ -211,7 +228,7 @@ def boundary_scores(
             f"boundary tolerance {tolerance!r}: expected a finite number >= 0 "
             "(mm where the pixel spacing is known, else pixels)"
         )
-    check_spacing(spacing)
+    check_spacing(spacing, pred.ndim)
     pred, truth, inside = _inputs(pred, truth, fov)
     has_pred, has_truth = bool(pred.any()), bool(truth.any())
     if not has_pred and not has_truth:

@@ -125,15 +125,17 @@ class LesionCounts:
 
 
 def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """8-connected components of a mask.
+    """8-connected components of a mask (26-connected of a volume).
 
     Args:
-        mask: (H, W) bool.
+        mask: (H, W) or (Z, H, W) bool.
 
     Returns:
-        (H, W) int32 labels (0 background, 1..n in row-major order of first pixel) and n.
+        int32 labels of the mask's shape (0 background, 1..n in row-major order of first
+        pixel) and n.
     """
-    labels, n = ndimage.label(mask, structure=CONNECTIVITY)
+    structure = CONNECTIVITY if mask.ndim == 2 else np.ones((3,) * mask.ndim, bool)
+    labels, n = ndimage.label(mask, structure=structure)
     return labels.astype(np.int32, copy=False), int(n)
 
 
@@ -174,22 +176,30 @@ def lesion_counts(
     """Lesion-wise detection counts of one case and one class.
 
     Args:
-        pred, truth: (H, W) bool (or 0/1) masks of one class.
+        pred, truth: (H, W) bool (or 0/1) masks of one class, or (Z, H, W) volumes.
         fov: (H, W) bool field of view; None for the whole image. Both masks are cut to it.
     """
-    if pred.ndim != 2 or pred.shape != truth.shape or (fov is not None and fov.shape != pred.shape):
+    if (
+        pred.ndim not in (2, 3)
+        or pred.shape != truth.shape
+        or (fov is not None and fov.shape != pred.shape)
+    ):
         shapes = (pred.shape, truth.shape, None if fov is None else fov.shape)
-        raise ValueError(f"pred, truth and fov must be (H, W) arrays of one shape, got {shapes}")
+        raise ValueError(
+            f"pred, truth and fov must be (H, W) or (Z, H, W) arrays of one shape, got {shapes}"
+        )
     pred, truth = pred.astype(bool, copy=False), truth.astype(bool, copy=False)
     if fov is not None:
         pred, truth = pred & fov, truth & fov
     # components and overlaps on the bounding box of both masks: the labels outside are 0
     union = pred | truth
-    rows, cols = np.flatnonzero(union.any(axis=1)), np.flatnonzero(union.any(axis=0))
-    if rows.size == 0:
+    if not union.any():
         return LesionCounts(0, 0, 0, 0, 0.0)
-    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-    pred, truth = pred[box], truth[box]
+    box = []
+    for axis in range(union.ndim):
+        where = np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != axis)))
+        box.append(slice(where[0], where[-1] + 1))
+    pred, truth = pred[tuple(box)], truth[tuple(box)]
     truth_labels, n_truth = components(truth)
     pred_labels, n_pred = components(pred)
     matches = match_components(truth_labels, n_truth, pred_labels, n_pred)

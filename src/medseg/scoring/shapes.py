@@ -44,7 +44,7 @@ class ShapeScoring:
     def from_config(
         cls,
         cfg: EvaluateConfig,
-        spacings: Sequence[tuple[float, float] | None],
+        spacings: Sequence[Sequence[float] | None],
         labels: Sequence[int],
         thin: Iterable[int] = (),
     ) -> ShapeScoring:
@@ -54,7 +54,8 @@ class ShapeScoring:
             cfg: ``evaluate.boundary``, ``boundary_tolerance``, ``boundary_unit`` (``auto``: mm
                 where every test case has a pixel spacing, else px), ``lesions`` (``auto``:
                 every foreground label but the thin ones).
-            spacings: each test case's (row, column) spacing in mm, None where unknown.
+            spacings: each test case's (row, column) spacing in mm (a volume's (slice, row,
+                column)), None where unknown.
             labels: the foreground labels scored.
             thin: the labels whose training masks are thin (tubular) structures, where a
                 broken vessel would count as many lesions.
@@ -91,9 +92,10 @@ class ShapeTally:
         pred: np.ndarray,
         truth: np.ndarray,
         fov: np.ndarray,
-        spacing: tuple[float, float] | None,
+        spacing: Sequence[float] | None,
     ) -> dict[str, Any]:
-        """Score one case's class ``label``: (H, W) bool masks at the truth's resolution and
+        """Score one case's class ``label``: (H, W) bool masks (a volume's (Z, H, W), scored in
+        3D) at the truth's resolution and
         its spacing in mm (used when the unit is mm); the columns it adds to ``per_image.csv``."""
         row: dict[str, Any] = {}
         name = self.names[label]

@@ -4,6 +4,7 @@ evaluate and crossval share, the second observer, and the content of ``metrics.j
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,16 +83,18 @@ class ScoreTally:
         self.shapes = ShapeTally(shapes, self.names) if shapes is not None else None
 
     def add(self, case_id: str, probs: np.ndarray, pred: np.ndarray, truth: np.ndarray,
-            fov: np.ndarray, spacing: tuple[float, float] | None = None) -> None:  # fmt: skip
-        """Score one image.
+            fov: np.ndarray, spacing: Sequence[float] | None = None) -> None:  # fmt: skip
+        """Score one image, or one volume as a whole (its slices stacked: every array gains a
+        slice axis Z before H, and boundaries and lesions are measured in 3D).
 
         Args:
             case_id: the image's id, for the per-image table.
-            probs: (K, H, W) float32 class probabilities (K = 1: the foreground's).
+            probs: (K, H, W) float32 class probabilities (K = 1: the foreground's); (K, Z, H, W).
             pred: (H, W) integer labels predicted (`medseg.inference.predictor.Predictor.predict`).
             truth: (H, W) integer true labels, in ``[0, max(K, 2))``.
             fov: (H, W) bool field of view; the FOV scores count only these pixels.
-            spacing: (row, column) pixel spacing in mm, for boundary distances in mm.
+            spacing: (row, column) pixel spacing in mm ((slice, row, column) for a volume), for
+                boundary distances in mm.
         """
         if not self.light and not np.isfinite(probs).all():
             raise MedsegError(

@@ -15,6 +15,8 @@ from the same generator by `PatchSampler.plan` in every mode.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,8 @@ from medseg.io.shards import CaseStore
 from medseg.names import CLASSES
 from medseg.preprocess.processed import open_split, read_class_names
 from medseg.training.data import Augmentation, Batch, PatchSampler, Plan, augment_dihedral
+
+log = logging.getLogger(__name__)
 
 # auto: the training cases are read into RAM when they take at most this share of the memory
 # available now (and at most RAM_CACHE_MAX bytes); else they stay memory-mapped.
@@ -262,7 +266,8 @@ class TrainingData:
         """Open the splits in ``data_dir`` where ``train.cache`` puts them.
 
         Raises:
-            MedsegError: no training cases, or ``train.classes`` does not fit the labels.
+            MedsegError: no training cases, or ``train.classes`` does not fit the labels
+                (`with_classes`).
         """
         data_dir = Path(data_dir)
         cache = choose_cache(cfg, data_dir, device, processes)
@@ -271,15 +276,25 @@ class TrainingData:
         if len(train) == 0:
             raise MedsegError(f"{data_dir / 'train.json'}: no training cases")
         names = read_class_names(data_dir)
-        _check_classes(cfg, names, data_dir)
+        with_classes(cfg, names, data_dir)
         return cls(data_dir, train, val, cache, names)
 
 
-def _check_classes(cfg: TrainConfig, names: list[str], data_dir: Path) -> None:
-    """``train.classes`` must fit the labels the data has (``classes.json``)."""
+def with_classes(cfg: TrainConfig, names: list[str], data_dir: Path) -> TrainConfig:
+    """``train.classes`` fitted to the labels the data has (``classes.json``): as given where
+    it fits; the default 1 (binary) on data whose classes are named (``data.classes``, a DICOM
+    SEG's segments, an nnU-Net ``dataset.json``) becomes their number, so named classes need no
+    second param.
+
+    Raises:
+        MedsegError: any other number that does not fit.
+    """
     n = len(names)
     if cfg.classes == n or (n == 2 and cfg.classes == 1):
-        return
+        return cfg
+    if cfg.classes == 1:
+        log.info("train.classes: %d, the labels of %s", n, data_dir / CLASSES)
+        return dataclasses.replace(cfg, classes=n)
     want = "1 (sigmoid) or 2 (softmax)" if n == 2 else str(n)
     raise MedsegError(
         f"params: train.classes is {cfg.classes} but the data ({data_dir / CLASSES}) has {n} "

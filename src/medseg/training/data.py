@@ -177,6 +177,10 @@ class PatchSampler:
             self._present[i, : classes.size] = classes
         self._heights = np.array([h for h, _ in self.sizes], np.int64)
         self._widths = np.array([w for _, w in self.sizes], np.int64)
+        # slices of volumes: a patch on foreground is drawn from the slices that have some
+        # (nnU-Net's 2D sampling), not from any slice, most of which a volume's edges leave empty
+        self.slices = any("volume" in c for c in store.cases)
+        self._with_fg = np.flatnonzero(self._present[:, 0] >= 0)
 
     def _labels(self, image: np.ndarray, on_fg: np.ndarray, which: np.ndarray) -> np.ndarray:
         """Per patch: 0 (a FOV pixel), or the foreground class at share ``which`` of the classes
@@ -235,6 +239,9 @@ class PatchSampler:
         on_fg = rng.random(shape) < self.foreground_fraction
         which = rng.random(shape)
         where = rng.random(shape)
+        if self.slices and len(self._with_fg):  # a draw 2D data sets never make: theirs stay
+            fg_image = self._with_fg[rng.integers(len(self._with_fg), size=shape)]
+            image = np.where(on_fg, fg_image, image)
         cy, cx = self._centres(image, self._labels(image, on_fg, which), where)
         h, w = self._heights[image], self._widths[image]
         top = np.minimum(np.maximum(cy - p // 2, 0), np.maximum(h - p, 0))

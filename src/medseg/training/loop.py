@@ -41,7 +41,7 @@ from medseg.labels import LabelSpace
 from medseg.model import check_names
 from medseg.progress import progress
 from medseg.spec import ModelSpec
-from medseg.training.cache import DevicePlan, TrainingData, make_sampler
+from medseg.training.cache import DevicePlan, TrainingData, make_sampler, with_classes
 from medseg.training.callbacks import Callback, LiveLog
 from medseg.training.checkpoint import (
     CHECKPOINT,
@@ -195,6 +195,7 @@ class Trainer:
         world = world or World()
         device = device or train_device(cfg, world)
         data = TrainingData.open(cfg, data_dir, device, world.size)
+        cfg = with_classes(cfg, data.class_names, data.dir)  # 1: the data's named classes
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
         on_device = device if data.cache == "device" else None

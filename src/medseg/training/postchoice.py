@@ -20,11 +20,10 @@ import torch
 from medseg.inference.postprocess import Choice, Steps, choose
 from medseg.inference.predictor import Predictor
 from medseg.inference.runners import TorchRunner, prepare_model
+from medseg.inference.stored import predict_store
 from medseg.io.shards import CaseStore
 from medseg.labels import LabelSpace
 from medseg.model import build_model
-from medseg.preprocess.processed import read_case
-from medseg.progress import progress
 from medseg.spec import ModelSpec
 from medseg.training.validation import VALIDATION_THRESHOLD
 
@@ -100,17 +99,15 @@ def validation_predictions(
     """Every validation case predicted at its ground truth's resolution.
 
     Returns:
-        Per case: (H, W) uint8 predicted labels, (H, W) truth labels, (H, W) bool FOV, as
+        Per case: (H, W) uint8 predicted labels, (H, W) truth labels, (H, W) bool FOV (a
+        volume's (Z, H, W): its post-processing is chosen in 3D), as
         `medseg.inference.postprocess.choose` takes them. The truths are views into the case store,
         so memory holds the predictions only.
     """
-    cases = []
-    for i in progress(val, desc="post-processing: predict"):
-        case = read_case(val, i)
-        pred, _ = predictor.predict(case.image, case.fov, out_fov=case.truth_fov)
-        cases.append((pred, case.truth, case.truth_fov))
-        val.release(i)
-    return cases
+    return [
+        (case.pred, case.truth, case.fov)
+        for case in predict_store(predictor, val, "post-processing: predict")
+    ]
 
 
 def log_choice(choice: Choice, labels: LabelSpace) -> None:

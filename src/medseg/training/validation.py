@@ -10,10 +10,9 @@ import torch
 
 from medseg.inference.predictor import Predictor
 from medseg.inference.runners import TorchRunner
+from medseg.inference.stored import predict_store
 from medseg.io.shards import CaseStore
 from medseg.labels import LabelSpace
-from medseg.preprocess.processed import read_case
-from medseg.progress import progress
 from medseg.scoring.tally import ScoreTally
 
 
@@ -54,10 +53,9 @@ def validate(
     model.eval()
     predictor = Predictor([TorchRunner(model, device)], labels, VALIDATION_THRESHOLD)
     tally = ScoreTally(labels.channels, list(labels.names), light=True)
-    for i in progress(val, desc="validation", leave=False):
-        case = read_case(val, i)
-        pred, probs = predictor.predict(case.image, case.fov, out_fov=case.truth_fov)
-        tally.add(case.case_id, probs, pred, case.truth, case.truth_fov)
-        val.release(i)
+    for case in predict_store(
+        predictor, val, "validation", leave=False
+    ):  # a volume's slices together, as evaluate does
+        tally.add(case.case_id, case.probs, case.pred, case.truth, case.fov)
     best = tally.best_threshold()
     return Validation(tally.pooled_dice(), *(best or ()))
