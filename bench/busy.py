@@ -82,7 +82,7 @@ def child(args: argparse.Namespace) -> None:
     import yaml
 
     from medseg.config.keys import parse
-    from medseg.config.sections import TrainConfig
+    from medseg.config.train import TrainConfig
     from medseg.training.loop import Trainer
     from medseg.training.precision import cpu_threads
 

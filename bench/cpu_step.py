@@ -23,7 +23,7 @@ import yaml
 from harness import machine, rounds, table, turns
 
 from medseg.config.keys import parse
-from medseg.config.sections import TrainConfig
+from medseg.config.train import TrainConfig
 from medseg.model import build_model
 from medseg.spec import ModelSpec
 

@@ -20,7 +20,9 @@ import torch
 from harness import Timing, machine, rounds, table
 
 from medseg.config import load_params
-from medseg.config.sections import EvaluateConfig, PreprocessConfig, TrainConfig
+from medseg.config.evaluate import EvaluateConfig
+from medseg.config.sections import PreprocessConfig
+from medseg.config.train import TrainConfig
 from medseg.evaluation.evaluate import evaluate_model
 from medseg.inference.bundle import save_bundle
 from medseg.inference.runners import prepare_model

@@ -25,7 +25,9 @@ import torch
 from harness import machine, table, turns
 
 from medseg.config import load_params
-from medseg.config.sections import EvaluateConfig, PreprocessConfig, TrainConfig
+from medseg.config.evaluate import EvaluateConfig
+from medseg.config.sections import PreprocessConfig
+from medseg.config.train import TrainConfig
 from medseg.inference.bundle import Bundle, load_bundle, save_bundle
 from medseg.inference.export import export_onnx
 from medseg.inference.onnx_model import open_onnx

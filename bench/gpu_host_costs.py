@@ -35,7 +35,7 @@ import numpy as np
 from harness import machine, rounds, table
 
 from medseg.config import load_params
-from medseg.config.sections import TrainConfig
+from medseg.config.train import TrainConfig
 from medseg.preprocess.processed import open_split
 from medseg.training.checkpoint import CheckpointWriter
 from medseg.training.data import Augmentation, PatchSampler

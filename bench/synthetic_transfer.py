@@ -17,7 +17,8 @@ from pathlib import Path
 
 from harness import table
 
-from medseg.config.sections import ConvertConfig, DataConfig, EvaluateConfig, PreprocessConfig
+from medseg.config.evaluate import EvaluateConfig
+from medseg.config.sections import ConvertConfig, DataConfig, PreprocessConfig
 from medseg.convert.dataset import convert_dataset
 from medseg.evaluation.evaluate import evaluate_model
 from medseg.preprocess.dataset import preprocess_dataset

@@ -38,7 +38,7 @@ import yaml
 from harness import machine, table, turns
 
 from medseg.config.keys import parse
-from medseg.config.sections import TrainConfig
+from medseg.config.train import TrainConfig
 from medseg.io.images import binarize, read_raster
 from medseg.io.layouts import CaseFiles, scan_cases
 from medseg.io.shards import ShardWriter

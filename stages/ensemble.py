@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from medseg.config import load_params
-from medseg.config.sections import CrossvalConfig, EvaluateConfig
+from medseg.config.evaluate import CrossvalConfig, EvaluateConfig
 from medseg.evaluation.crossval import ensemble_folds, fold_name
 from medseg.stage import run_stage, stage_args
 

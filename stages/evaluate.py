@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from medseg.config import load_params
-from medseg.config.sections import EvaluateConfig
+from medseg.config.evaluate import EvaluateConfig
 from medseg.evaluation.evaluate import evaluate_model
 from medseg.io.atomic import check_output
 from medseg.stage import run_stage, stage_args

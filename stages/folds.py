@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Sequence
 
 from medseg.config import load_params
-from medseg.config.sections import CrossvalConfig
+from medseg.config.evaluate import CrossvalConfig
 from medseg.evaluation.crossval import write_folds
 from medseg.stage import run_stage, stage_args
 

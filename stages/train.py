@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from medseg.config import load_params
-from medseg.config.sections import TrainConfig
+from medseg.config.train import TrainConfig
 from medseg.io.atomic import check_output
 from medseg.io.records import read_json
 from medseg.stage import run_stage, stage_args

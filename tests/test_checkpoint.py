@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_params, write_params
 
 from medseg.config import load_params
-from medseg.config.sections import TrainConfig
+from medseg.config.train import TrainConfig
 from medseg.training.checkpoint import (
     CheckpointWriter,
     StopSignals,

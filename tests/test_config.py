@@ -19,7 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from medseg.config import load_all_params, load_params
-from medseg.config.sections import DataConfig, EvaluateConfig, Params, TrainConfig
+from medseg.config.evaluate import EvaluateConfig
+from medseg.config.sections import DataConfig, Params
+from medseg.config.train import TrainConfig
 from medseg.errors import MedsegError
 
 
@@ -61,7 +63,7 @@ def test_int_is_accepted_for_float(tmp_path: Path):
         ({"train": {"patch_size": 50}}, "train.patch_size must be a positive multiple of 32"),
         ({"train": {"epochs": 0}}, "train.epochs must be > 0"),
         ({"preprocess": {"channel": "red"}}, "preprocess.channel must be one of"),
-        ({"data": {"layout": "nnunet"}}, "data.layout must be one of"),
+        ({"data": {"layout": "decathlon"}}, "data.layout must be one of"),
         ({"evaluate": {"threshold": 1.5}}, "evaluate.threshold must be in [0, 1]"),
         ({"train": {"amp_cpu": "yes"}}, "train.amp_cpu must be one of auto"),
         ({"train": {"amp_cpu": 1}}, "train.amp_cpu must be of type"),

@@ -14,8 +14,10 @@ from conftest import REPO, STAGES, make_bundle, make_project, make_store, run, t
 from PIL import Image
 
 from medseg.cli import main, write_crossval_pipeline
+from medseg.config.evaluate import CrossvalConfig, EvaluateConfig
 from medseg.config.keys import parse
-from medseg.config.sections import CrossvalConfig, EvaluateConfig, PreprocessConfig, TrainConfig
+from medseg.config.sections import PreprocessConfig
+from medseg.config.train import TrainConfig
 from medseg.errors import MedsegError
 from medseg.evaluation.crossval import ensemble_folds, split_folds, write_folds
 from medseg.evaluation.evaluate import evaluate_model

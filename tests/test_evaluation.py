@@ -28,7 +28,7 @@ import pytest  # noqa: E402
 from conftest import DRIVE, make_bundle, make_store  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
-from medseg.config.sections import EvaluateConfig  # noqa: E402
+from medseg.config.evaluate import EvaluateConfig  # noqa: E402
 from medseg.errors import MedsegError  # noqa: E402
 from medseg.evaluation.evaluate import evaluate_model  # noqa: E402
 from medseg.scoring.tally import CURVE_POINTS, ScoreTally, SecondObserver  # noqa: E402

@@ -13,7 +13,7 @@ from conftest import REPO, tiny_params, write_params
 from dvc.utils.serialize import parse_yaml
 
 from medseg.config import load_all_params, load_params
-from medseg.config.sections import TrainConfig
+from medseg.config.train import TrainConfig
 from medseg.errors import MedsegError
 from medseg.io.records import read_yaml
 

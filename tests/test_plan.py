@@ -323,7 +323,7 @@ def test_table_has_every_setting(vessel_set: Path) -> None:
 
 def test_probe_times_real_steps() -> None:
     from medseg.config import load_params
-    from medseg.config.sections import TrainConfig
+    from medseg.config.train import TrainConfig
 
     cfg = load_params(REPO / "params.yaml", TrainConfig, {"params": {"train": TINY_TRAIN}})
     small = dataclasses.replace(
@@ -363,7 +363,8 @@ def _params_file(tmp_path: Path, **sections: dict) -> Path:
 
 def test_auto_keys_need_the_plan_and_take_its_values(tmp_path: Path) -> None:
     from medseg.config import load_all_params, load_params
-    from medseg.config.sections import PreprocessConfig, TrainConfig
+    from medseg.config.sections import PreprocessConfig
+    from medseg.config.train import TrainConfig
 
     path = _params_file(tmp_path, train={"batch_size": 6})
     load_all_params(path)  # the whole file checks without a plan
@@ -404,7 +405,9 @@ def _run_plan_stage(params: Path, converted: Path, out: Path, machine: Path | No
 
 def test_stage_writes_the_plan_the_stages_read(vessel_set: Path, tmp_path: Path) -> None:
     from medseg.config import load_params
-    from medseg.config.sections import EvaluateConfig, PreprocessConfig, TrainConfig
+    from medseg.config.evaluate import EvaluateConfig
+    from medseg.config.sections import PreprocessConfig
+    from medseg.config.train import TrainConfig
 
     path = _params_file(
         tmp_path,

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from conftest import make_bundle
 
-from medseg.config.sections import EvaluateConfig
+from medseg.config.evaluate import EvaluateConfig
 from medseg.errors import MedsegError
 from medseg.evaluation.evaluate import evaluate_model
 from medseg.io.shards import ShardWriter

@@ -17,7 +17,8 @@ from conftest import REPO, tiny_params, write_params
 from safetensors.numpy import load_file
 
 from medseg.config import load_params
-from medseg.config.sections import EvaluateConfig, TrainConfig
+from medseg.config.evaluate import EvaluateConfig
+from medseg.config.train import TrainConfig
 from medseg.errors import MedsegError
 from medseg.training.callbacks import MACHINE_CURVES, Callback
 from medseg.training.checkpoint import CHECKPOINT, FINISHED, save_checkpoint

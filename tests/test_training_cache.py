@@ -84,7 +84,7 @@ def test_choose_cache_on_cpu(tmp_path: Path):
     from conftest import tiny_params, write_params
 
     from medseg.config import load_params
-    from medseg.config.sections import TrainConfig
+    from medseg.config.train import TrainConfig
     from medseg.training.cache import choose_cache
 
     store = make_store(tmp_path / "d", *_mixed_cases(1, 2))

@@ -146,7 +146,7 @@ def _threshold(text: str) -> float | str:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from medseg.config.sections import EvaluateConfig
+    from medseg.config.evaluate import EvaluateConfig
     from medseg.inference.predict import predict_files  # imports torch: only when predicting
 
     try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from medseg.config.sections import TrainConfig
+from medseg.config.train import TrainConfig
 
 __all__ = ["ModelSpec"]
 

@@ -17,34 +17,12 @@ from typing import Any, TypeVar
 
 from medseg import names
 from medseg.config.keys import parse
-from medseg.config.sections import (  # the public names of medseg.config, home sections.py
-    ConvertConfig,
-    CrossvalConfig,
-    DataConfig,
-    EvaluateConfig,
-    Params,
-    PreprocessConfig,
-    SynthesizeConfig,
-    TrainConfig,
-    label_map,
-)
+from medseg.config.sections import Params
 from medseg.errors import MedsegError, cut
 from medseg.io.records import read_json, read_yaml
 from medseg.planning.settings import SETTINGS, STAND_INS
 
-__all__ = [
-    "ConvertConfig",
-    "CrossvalConfig",
-    "DataConfig",
-    "EvaluateConfig",
-    "Params",
-    "PreprocessConfig",
-    "SynthesizeConfig",
-    "TrainConfig",
-    "label_map",
-    "load_all_params",
-    "load_params",
-]
+__all__ = ["load_all_params", "load_params", "planned_values"]
 
 
 T = TypeVar("T")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from medseg.config.sections import CrossvalConfig, EvaluateConfig
+from medseg.config.evaluate import CrossvalConfig, EvaluateConfig
 from medseg.errors import MedsegError
 from medseg.evaluation.evaluate import check_classes, open_test, shape_scoring
 from medseg.inference.bundle import RECORDS, load_bundle

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.config.sections import EvaluateConfig
+from medseg.config.evaluate import EvaluateConfig
 from medseg.errors import MedsegError
 from medseg.inference.bundle import load_bundle
 from medseg.inference.predictor import Predictor

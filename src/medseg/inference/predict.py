@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.config.sections import EvaluateConfig, PreprocessConfig
+from medseg.config.evaluate import EvaluateConfig
+from medseg.config.sections import PreprocessConfig
 from medseg.convert.fov import fov_from_image
 from medseg.errors import MedsegError
 from medseg.inference.bundle import Bundle, load_bundle

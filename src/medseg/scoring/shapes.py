@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.config.sections import EvaluateConfig
+from medseg.config.evaluate import EvaluateConfig
 from medseg.errors import MedsegError
 from medseg.scoring.boundary import BoundaryTally, boundary_scores
 from medseg.scoring.case_summary import mean_over_classes

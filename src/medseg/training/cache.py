@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medseg.config.sections import TrainConfig
+from medseg.config.train import TrainConfig
 from medseg.errors import MedsegError
 from medseg.io.shards import CaseStore
 from medseg.names import CLASSES

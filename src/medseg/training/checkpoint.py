@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medseg.config.sections import TrainConfig
+from medseg.config.train import TrainConfig
 from medseg.io.atomic import TMP, atomic_file, remove_leftovers
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medseg.config.sections import TrainConfig
+from medseg.config.train import TrainConfig
 from medseg.io.shards import CaseStore
 
 

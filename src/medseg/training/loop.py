@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medseg.config.sections import TrainConfig
+from medseg.config.train import TrainConfig
 from medseg.errors import MedsegError
 from medseg.inference.bundle import save_bundle
 from medseg.io.atomic import atomic_dir

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from medseg.config.sections import TrainConfig
+from medseg.config.train import TrainConfig
 from medseg.model import resolve_device
 from medseg.training.distributed import World
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from medseg.config.sections import TrainConfig
+from medseg.config.train import TrainConfig
 from medseg.errors import MedsegError
 from medseg.model import build_model
 from medseg.spec import ModelSpec
