@@ -50,9 +50,11 @@ class DataConfig:
     split_seed: int = 0
     classes: dict[str, Any] | None = None  # class name -> mask value or list of values
     seg: str | None = None  # DICOM SEG file or folder (under root) the masks come from
+    group: str = "auto"  # the patient of a case: auto, file, folder or a file-name pattern
 
     def __post_init__(self) -> None:
         _choice("data.layout", self.layout, names.LAYOUTS)
+        _group_rule(self.group)
         if self.classes is not None:
             label_map(self.classes)
         if self.seg is not None and (not isinstance(self.seg, str) or not self.seg.strip()):
@@ -65,6 +67,23 @@ class DataConfig:
             raise MedsegError(
                 f"params: data.test_fraction must be in (0, 1), got {self.test_fraction}"
             )
+
+
+def _group_rule(value: str) -> None:
+    """``data.group``: one of `names.GROUP_RULES`, or a regular expression with one capture
+    group (the patient, found in a file name)."""
+    if value in names.GROUP_RULES:
+        return
+    hint = (
+        f"params: data.group must be {', '.join(names.GROUP_RULES)} or a regular expression "
+        "with one capture group that finds the patient in a file name (e.g. '^(.+)_\\d+')"
+    )
+    try:
+        pattern = re.compile(value)
+    except (re.error, TypeError) as err:
+        raise MedsegError(f"{hint}; {shown(value)} is not one ({err})") from None
+    if pattern.groups != 1:
+        raise MedsegError(f"{hint}; {shown(value)} has {pattern.groups} capture groups")
 
 
 _CLASS_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")

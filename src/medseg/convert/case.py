@@ -26,7 +26,7 @@ from medseg.names import AUTO
 MANIFEST_COLUMNS = [
     "case_id", "split", "image", "mask", "fov", "source", "source_format", "bit_depth",
     "channels", "height", "width", "fov_source", "mask2", "modality", "spacing_row",
-    "spacing_col",
+    "spacing_col", "group",
 ]  # fmt: skip
 
 
@@ -184,6 +184,7 @@ def _write_case(
                 "modality": checked.modality,
                 "spacing_row": checked.spacing[0] if checked.spacing else None,
                 "spacing_col": checked.spacing[1] if checked.spacing else None,
+                "group": case.group,  # the patient (medseg.convert.groups): never empty
             }
         )
     return rows
