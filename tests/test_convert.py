@@ -228,7 +228,10 @@ def test_on_error_skip_lists_every_bad_case(tmp_path: Path):
     for source, reason in zip(skipped["source"], skipped["reason"], strict=True):
         assert BROKEN[source] in reason and Path(source).name in reason
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report == {"cases": 5, "source_images": 5, "skipped": 4, "on_error": "skip"}
+    groups = {"train": 4, "test": 1, "from": {"file": 5}}
+    assert report == {
+        "cases": 5, "source_images": 5, "skipped": 4, "on_error": "skip", "groups": groups
+    }
     assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == [
         f"case{i}.png" for i in range(5)
     ]
