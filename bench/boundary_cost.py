@@ -34,7 +34,8 @@ import torch
 from harness import machine, rounds, table
 from scipy import ndimage
 
-from medseg.config import EvaluateConfig, TrainConfig, load_params
+from medseg.config import load_params
+from medseg.config.sections import EvaluateConfig, TrainConfig
 from medseg.inference.predictor import Predictor
 from medseg.inference.runners import as_runner, prepare_model
 from medseg.inference.window import WindowSettings

@@ -31,7 +31,7 @@ from harness import machine, rounds, table
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from medseg.config import ConvertConfig, DataConfig
+from medseg.config.sections import ConvertConfig, DataConfig
 from medseg.convert.dataset import convert_dataset
 from medseg.io.images import write_png
 from medseg.pool import worker_count

@@ -22,10 +22,10 @@ import torch
 import yaml
 from harness import machine, rounds, table, turns
 
-from medseg.config import TrainConfig
+from medseg.config.keys import parse
+from medseg.config.sections import TrainConfig
 from medseg.model import build_model
 from medseg.spec import ModelSpec
-from medseg.strict import parse
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from harness import Timing, machine, rounds, table
 
-from medseg.config import EvaluateConfig, PreprocessConfig, TrainConfig, load_params
+from medseg.config import load_params
+from medseg.config.sections import EvaluateConfig, PreprocessConfig, TrainConfig
 from medseg.evaluation.evaluate import evaluate_model
 from medseg.inference.bundle import save_bundle
 from medseg.inference.runners import prepare_model

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from harness import machine, table, turns
 
-from medseg.config import EvaluateConfig, PreprocessConfig, TrainConfig, load_params
+from medseg.config import load_params
+from medseg.config.sections import EvaluateConfig, PreprocessConfig, TrainConfig
 from medseg.inference.bundle import Bundle, load_bundle, save_bundle
 from medseg.inference.export import export_onnx
 from medseg.inference.onnx_model import open_onnx

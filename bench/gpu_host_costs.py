@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 from harness import machine, rounds, table
 
-from medseg.config import TrainConfig, load_params
+from medseg.config import load_params
+from medseg.config.sections import TrainConfig
 from medseg.preprocess.processed import open_split
 from medseg.training.checkpoint import CheckpointWriter
 from medseg.training.data import Augmentation, PatchSampler
@@ -81,7 +82,7 @@ def plan_costs(cfg: TrainConfig, data: Path, rounds: int) -> tuple[float, float]
 
 
 def checkpoint_costs(cfg: TrainConfig, data: Path, rounds: int) -> tuple[float, float, float]:
-    trainer = Trainer(dataclasses.replace(cfg, device="cpu", cache="ram"), data)
+    trainer = Trainer.from_config(dataclasses.replace(cfg, device="cpu", cache="ram"), data)
     state = trainer.state()
     with tempfile.TemporaryDirectory() as tmp:
         sync = CheckpointWriter(Path(tmp) / "sync.pt", background=False)

@@ -63,17 +63,20 @@ nice -n 10 python3 stages/preprocess.py --params "$GPU/params.yaml" --converted 
 tar -C "$WORK" -czf "$GPU/processed.tar.gz" processed
 
 # the versions installed here (the ones the tests pass with); pure Python, no platform tags
-for dist in segmentation-models-pytorch timm; do
+for dist in segmentation-models-pytorch timm ruamel.yaml pydantic annotated-types typing-inspection \
+    typing_extensions; do
     version=$(python3 -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$dist")
     python3 -m pip download --quiet --no-deps --only-binary=:all: --dest "$GPU/whl" "$dist==$version"
 done
-# edt (the boundary metrics' distance transform) is compiled: its wheel for the GPU machine's
+# edt (the boundary metrics' distance transform) and pydantic-core (the params models) are
+# compiled: each one's wheel for the GPU machine's
 # Python (3.12) and for this one's (the rehearsal); gpu.sh unpacks both, each Python loads its own
 edt=$(python3 -c "import importlib.metadata as m; print(m.version('edt'))")
+core=$(python3 -c "import importlib.metadata as m; print(m.version('pydantic-core'))")
 here=$(python3 -c "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')")
 for pyver in 3.12 "$here"; do
     python3 -m pip download --quiet --no-deps --only-binary=:all: --dest "$GPU/whl" \
         --python-version "$pyver" --platform manylinux2014_x86_64 \
-        --platform manylinux_2_28_x86_64 "edt==$edt"
+        --platform manylinux_2_28_x86_64 "edt==$edt" "pydantic-core==$core"
 done
 du -sh "$GPU" "$GPU"/*

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from harness import machine
 
-from medseg.config import TrainConfig, load_params
+from medseg.config import load_params
+from medseg.config.sections import TrainConfig
 from medseg.model import build_model, resolve_device
 from medseg.preprocess.processed import open_split, read_class_names
 from medseg.spec import ModelSpec

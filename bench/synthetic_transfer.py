@@ -17,7 +17,7 @@ from pathlib import Path
 
 from harness import table
 
-from medseg.config import ConvertConfig, DataConfig, EvaluateConfig, PreprocessConfig
+from medseg.config.sections import ConvertConfig, DataConfig, EvaluateConfig, PreprocessConfig
 from medseg.convert.dataset import convert_dataset
 from medseg.evaluation.evaluate import evaluate_model
 from medseg.preprocess.dataset import preprocess_dataset

@@ -37,7 +37,8 @@ import torch
 import yaml
 from harness import machine, table, turns
 
-from medseg.config import TrainConfig
+from medseg.config.keys import parse
+from medseg.config.sections import TrainConfig
 from medseg.io.images import binarize, read_raster
 from medseg.io.layouts import CaseFiles, scan_cases
 from medseg.io.shards import ShardWriter
@@ -45,7 +46,6 @@ from medseg.model import build_model
 from medseg.preprocess.dataset import case_arrays
 from medseg.preprocess.transforms import normalize_in_fov, select_channel
 from medseg.spec import ModelSpec
-from medseg.strict import parse
 from medseg.training.data import Batch
 from medseg.training.loop import Trainer
 from medseg.training.losses import bce_dice_loss
@@ -110,9 +110,9 @@ class OurLoop:
             cfg, epochs=1, patches_per_epoch=total_steps * cfg.batch_size, device="cpu"
         )
         self.cfg = cfg
-        self.trainer = Trainer(cfg, data)
+        self.trainer = Trainer.from_config(cfg, data)
         self.plan = self.trainer.plan_epoch()
-        self.trainer.net.train()
+        self.trainer.parts.net.train()
         self.next = 0
 
     def run(self, steps: int) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from medseg.config import ConvertConfig, DataConfig, load_params
+from medseg.config import load_params
+from medseg.config.sections import ConvertConfig, DataConfig
 from medseg.convert.dataset import convert_dataset
 from medseg.io.atomic import check_output
 from medseg.stage import run_stage, stage_args

@@ -7,7 +7,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from medseg.config import CrossvalConfig, EvaluateConfig, load_params
+from medseg.config import load_params
+from medseg.config.sections import CrossvalConfig, EvaluateConfig
 from medseg.evaluation.crossval import ensemble_folds, fold_name
 from medseg.stage import run_stage, stage_args
 

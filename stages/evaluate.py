@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from medseg.config import EvaluateConfig, load_params
+from medseg.config import load_params
+from medseg.config.sections import EvaluateConfig
 from medseg.evaluation.evaluate import evaluate_model
 from medseg.io.atomic import check_output
 from medseg.stage import run_stage, stage_args

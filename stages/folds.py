@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from medseg.config import CrossvalConfig, load_params
+from medseg.config import load_params
+from medseg.config.sections import CrossvalConfig
 from medseg.evaluation.crossval import write_folds
 from medseg.stage import run_stage, stage_args
 

@@ -4,6 +4,8 @@ fingerprint, each with its reason (docs/plan.md). Test cases are never read.
 The step time the budget is planned with is measured once (a probe) and kept: while the
 measured step (network, patch, batch, precision, device, machine) stays the same, a rerun of
 this stage takes it from the plan it replaces, so the same data and params plan the same steps.
+A probe that other processes disturbed (they kept a core busy while it measured) plans this run
+with a warning and is marked ``busy`` in ``budget.probe``: the next run measures again.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medseg import names
 from medseg.config import load_all_params, planned_values
 from medseg.errors import MedsegError
 from medseg.io.atomic import check_output
@@ -32,30 +33,35 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return stage_args(
         __doc__,
         argv,
-        {"converted": "output folder of the convert stage", "out": "the plan file to write"},
+        {
+            "converted": "output folder of the convert stage",
+            "machine": "the machine stage's machine.json (another machine: a new probe)",
+            "out": "the plan file to write",
+        },
     )
 
 
 def previous_probe(path: Path) -> dict[str, Any] | None:
-    """The measured step of the plan at ``path`` (``budget.probe`` and ``step_seconds``)."""
+    """The measured step of the plan at ``path`` (``budget.probe`` and ``step_seconds``); None
+    where there is none, or where the machine was busy while it was measured."""
     try:
         budget = read_json(path, "plan").get("budget") or {}
-        return {"probe": dict(budget["probe"]), "step_seconds": float(budget["step_seconds"])}
+        probe = dict(budget["probe"])
+        seconds = float(budget["step_seconds"])
     except (MedsegError, KeyError, TypeError, ValueError, AttributeError):  # measure again
         return None
+    return None if probe.get("busy") else {"probe": probe, "step_seconds": seconds}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     params = load_all_params(args.params)  # every key checked; auto keys by a stand-in
     explicit = planned_values(read_yaml(Path(args.params)))
-    for key, value in (
-        ("convert.fov_fallback", params.convert.fov_fallback),
-        ("evaluate.threshold", params.evaluate.threshold),
-    ):
-        if value != names.AUTO:
-            explicit[key] = value
-    check_output(args.out, {"--converted": args.converted, "--params": args.params})
+    check_output(
+        args.out,
+        {"--converted": args.converted, "--params": args.params, "--machine": args.machine},
+    )
+    machine = read_json(Path(args.machine), "machine record")
     train, out = params.train, Path(args.out)
     previous = previous_probe(out) if out.is_file() else None
     measured: dict[str, Any] = {}
@@ -63,14 +69,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     def probe(patch: int, batch: int, in_channels: int) -> float:
         loss = explicit.get("train.loss", "bce_dice")
         cfg = dataclasses.replace(train, patch_size=patch, batch_size=batch, loss=loss)
-        measured["probe"] = probe_key(cfg, in_channels)
+        measured["probe"] = {**probe_key(cfg, in_channels), "machine": machine}
         if previous is not None and previous["probe"] == measured["probe"]:
             seconds = previous["step_seconds"]
             log.info("probe: %.3g s a step, kept from the plan it replaces (same step)", seconds)
             return seconds
-        seconds = probe_step_seconds(cfg, in_channels)
-        log.info("probe: %.3g s a training step at patch %d, batch %d", seconds, patch, batch)
-        return seconds
+        probe = probe_step_seconds(cfg, in_channels)
+        log.info(
+            "probe: %.3g s a training step at patch %d, batch %d (%d threads)",
+            probe.seconds, patch, batch, probe.threads,
+        )  # fmt: skip
+        if probe.busy:
+            measured["probe"]["busy"] = probe.other_cores
+            log.warning(
+                "probe: other processes kept %.1f CPU cores busy while it measured, so the step "
+                "time is slower than this machine's; this plan uses it, the next run of the "
+                "plan measures again (or fix train.step_seconds)",
+                probe.other_cores,
+            )  # fmt: skip
+        return probe.seconds
 
     step_time = train.step_seconds if train.step_seconds is not None else probe
     fp = fingerprint(args.converted)

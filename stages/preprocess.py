@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from medseg.config import PreprocessConfig, load_params, plan_value
+from medseg.config import load_params
+from medseg.config.sections import ConvertConfig, PreprocessConfig
 from medseg.io.atomic import check_output
 from medseg.preprocess.dataset import preprocess_dataset
 from medseg.stage import run_stage, stage_args
@@ -28,7 +29,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = load_params(args.params, PreprocessConfig, args.plan)
     check_output(args.out, {"--converted": args.converted, "--params": args.params})
-    fov = plan_value(args.plan, "convert.fov_fallback") if args.plan else None
+    # the plan's FOV decision where convert left it auto (convert runs before the plan)
+    fov = load_params(args.params, ConvertConfig, args.plan).fov_fallback
     preprocess_dataset(cfg, args.converted, args.out, fov_fallback=fov)
 
 

@@ -6,7 +6,8 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from medseg.config import SynthesizeConfig, load_params
+from medseg.config import load_params
+from medseg.config.sections import SynthesizeConfig
 from medseg.io.atomic import atomic_dir
 from medseg.stage import run_stage, stage_args
 from medseg.synthetic import write_dataset

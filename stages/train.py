@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
-from medseg.config import TrainConfig, load_params
+from medseg.config import load_params
+from medseg.config.sections import TrainConfig
 from medseg.io.atomic import check_output
+from medseg.io.records import read_json
 from medseg.stage import run_stage, stage_args
+from medseg.training.callbacks import StepTimeCheck
 from medseg.training.loop import fit
 
 
@@ -45,7 +49,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         models_dir=args.models,
         logs_dir=args.logs,
         checkpoint_dir=args.checkpoints,
+        callbacks=step_time_check(args.plan, cfg),
     )
+
+
+def step_time_check(plan: str | None, cfg: TrainConfig) -> list[StepTimeCheck]:
+    """The check of this machine's step time against the plan's, where the plan bought the
+    epochs with a budget (not where ``train.epochs`` was set)."""
+    if plan is None:
+        return []
+    record = read_json(Path(plan), "plan")
+    budget = record.get("budget") or {}
+    epochs = (record.get("settings") or {}).get("train.epochs") or {}
+    if "step_seconds" not in budget or epochs.get("source") != "plan":
+        return []
+    if epochs.get("value") != cfg.epochs:  # an explicit train.epochs: no budget to keep
+        return []
+    return [StepTimeCheck(float(budget["step_seconds"]))]
 
 
 if __name__ == "__main__":

@@ -37,6 +37,9 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
         "patches_per_epoch": 8,
         "batch_size": 4,
         "patch_size": 32,
+        # the tests compare weights bit for bit across runs: the same threads whatever else
+        # runs on the machine (`medseg.training.precision.cpu_threads`)
+        "deterministic": True,
     },
     "evaluate": {"window": 64},
 }
@@ -124,7 +127,7 @@ def make_bundle(
     metadata); returns ``folder``."""
     import torch
 
-    from medseg.config import PreprocessConfig
+    from medseg.config.sections import PreprocessConfig
     from medseg.inference.bundle import save_bundle
     from medseg.model import build_model
     from medseg.names import CLASSES
@@ -264,13 +267,8 @@ def reproduced(_reproduced: Path, tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def processed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny synthetic data set through synthesize, convert and preprocess: a case store."""
-    from medseg.config import (
-        ConvertConfig,
-        DataConfig,
-        PreprocessConfig,
-        SynthesizeConfig,
-        load_params,
-    )
+    from medseg.config import load_params
+    from medseg.config.sections import ConvertConfig, DataConfig, PreprocessConfig, SynthesizeConfig
     from medseg.convert.dataset import convert_dataset
     from medseg.preprocess.dataset import preprocess_dataset
     from medseg.synthetic import write_dataset

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +11,19 @@ import pytest
 import torch
 from conftest import make_bundle
 
+from medseg.config.sections import ConvertConfig, PreprocessConfig
 from medseg.errors import MedsegError
-from medseg.inference.bundle import POSTPROCESS, THRESHOLD, load_bundle, read_weights
+from medseg.inference.bundle import (
+    POSTPROCESS,
+    THRESHOLD,
+    _weights_metadata,
+    load_bundle,
+    read_weights,
+)
+from medseg.inference.predictor import Predictor
+from medseg.inference.window import WindowSettings
 from medseg.model import build_model
+from medseg.names import BUNDLE_FORMAT, BUNDLE_FORMAT_KEY
 from medseg.spec import ModelSpec
 
 SPEC = ModelSpec("unet", "resnet18", [16, 8, 8, 8, 8], in_channels=1, classes=1)
@@ -192,3 +204,89 @@ def test_weights_files_are_the_same_bytes_in_every_process():
         for _ in range(6)
     }
     assert len(digests) == 1
+
+
+# --- the format version: a model from last month still loads --------------------------------
+
+FIXTURE = Path(__file__).parent / "fixtures" / "bundle_1_0"
+CURRENT = ".".join(map(str, BUNDLE_FORMAT))  # "1.1"
+
+
+@pytest.fixture
+def old_bundle(tmp_path: Path) -> Path:
+    """The bundle medseg wrote at 5d880d7, before the format version (fixtures/bundle_1_0)."""
+    with tarfile.open(FIXTURE / "old_bundle.tar.xz") as tar:
+        tar.extractall(tmp_path, filter="data")
+    return tmp_path / "old_bundle"
+
+
+def test_a_bundle_of_format_1_0_loads_and_predicts_as_when_it_was_written(old_bundle: Path):
+    assert BUNDLE_FORMAT_KEY not in _weights_metadata(old_bundle / "model.safetensors")
+    bundle = load_bundle(old_bundle, "cpu")
+    assert bundle.classes == ["background", "vessel"] and bundle.threshold == 0.4
+    assert bundle.postprocess == {1: [{"op": "drop_small", "min_size": 4}]}
+    assert bundle.preprocess.contrast == "clahe" and bundle.convert is not None
+    settings = WindowSettings(window=32, overlap=0.25, batch_size=2)
+    predictor = Predictor.from_bundles([bundle], settings, "auto")
+    image, fov = np.load(FIXTURE / "image.npy"), np.load(FIXTURE / "fov.npy")
+    labels, probs = predictor.predict(image, fov)
+    np.testing.assert_allclose(probs, np.load(FIXTURE / "probabilities.npy"), rtol=0, atol=1e-6)
+    assert np.array_equal(labels, np.load(FIXTURE / "labels.npy"))
+
+
+def test_keys_added_to_a_record_later_take_their_default_where_absent(old_bundle: Path):
+    for name, keys in (
+        ("preprocess.json", ["contrast", "clahe_clip", "clahe_tiles", "max_side"]),
+        ("convert.json", ["max_bit_depth", "multiframe", "fov_erode", "on_error", "workers"]),
+    ):
+        raw = json.loads((old_bundle / name).read_text())
+        for key in keys:
+            del raw[key]
+        (old_bundle / name).write_text(json.dumps(raw))
+    bundle = load_bundle(old_bundle, "cpu")
+    assert bundle.preprocess == PreprocessConfig(channel="green", val_fraction=0.2, seed=0)
+    assert bundle.convert == ConvertConfig(
+        window_center=None, window_width=None, fov_fallback="threshold"
+    )
+    assert bundle.preprocess.contrast == "none" and bundle.convert.workers == 0
+
+
+def test_a_key_without_a_default_is_still_required_in_a_record(old_bundle: Path):
+    raw = json.loads((old_bundle / "preprocess.json").read_text())
+    del raw["channel"]
+    (old_bundle / "preprocess.json").write_text(json.dumps(raw))
+    with pytest.raises(MedsegError, match=r"preprocess\.json: missing key preprocess\.channel$"):
+        load_bundle(old_bundle, "cpu")
+
+
+def test_a_new_bundle_records_its_format(made: Path):
+    for name in ("model.safetensors", "last.safetensors"):
+        assert _weights_metadata(made / name)[BUNDLE_FORMAT_KEY] == CURRENT
+
+
+def test_a_bundle_of_a_newer_major_format_is_refused_in_one_line(made: Path, tmp_path: Path):
+    newer = f"{BUNDLE_FORMAT[0] + 1}.0"
+    weights = _rewrite_metadata(made, tmp_path, {BUNDLE_FORMAT_KEY: newer})
+    with pytest.raises(MedsegError) as info:
+        load_bundle(weights.parent, "cpu")
+    assert str(info.value) == (
+        f"{weights}: a model bundle of format {newer}, newer than this medseg reads "
+        f"({CURRENT}); upgrade medseg to load it"
+    )
+
+
+def test_a_newer_minor_format_loads_and_its_unknown_keys_say_why(made: Path, tmp_path: Path):
+    newer = f"{BUNDLE_FORMAT[0]}.{BUNDLE_FORMAT[1] + 1}"
+    weights = _rewrite_metadata(made, tmp_path, {BUNDLE_FORMAT_KEY: newer})
+    assert load_bundle(weights.parent, "cpu").spec == SPEC
+    record = weights.parent / "preprocess.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "denoise": True}))
+    with pytest.raises(MedsegError, match=rf"unknown key preprocess\.denoise.*format {newer}"):
+        load_bundle(weights.parent, "cpu")
+
+
+@pytest.mark.parametrize("text", ["1", "one.two", "1.1.1", "9" * 100])
+def test_a_malformed_format_is_refused_naming_the_file(made: Path, tmp_path: Path, text: str):
+    weights = _rewrite_metadata(made, tmp_path, {BUNDLE_FORMAT_KEY: text})
+    with pytest.raises(MedsegError, match=rf"^{re.escape(str(weights))}: {BUNDLE_FORMAT_KEY}"):
+        load_bundle(weights.parent, "cpu")

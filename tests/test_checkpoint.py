@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import tiny_params, write_params
 
-from medseg.config import TrainConfig, load_params
+from medseg.config import load_params
+from medseg.config.sections import TrainConfig
 from medseg.training.checkpoint import (
     CheckpointWriter,
     StopSignals,

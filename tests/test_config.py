@@ -18,14 +18,8 @@ from conftest import REPO, tiny_params, write_params
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from medseg.config import (
-    DataConfig,
-    EvaluateConfig,
-    Params,
-    TrainConfig,
-    load_all_params,
-    load_params,
-)
+from medseg.config import load_all_params, load_params
+from medseg.config.sections import DataConfig, EvaluateConfig, Params, TrainConfig
 from medseg.errors import MedsegError
 
 
@@ -62,7 +56,7 @@ def test_int_is_accepted_for_float(tmp_path: Path):
         ({"train": {"epochs": "ten"}}, "train.epochs must be of type int"),
         ({"train": {"epochs": 2.5}}, "train.epochs must be of type int"),
         ({"train": {"amp": 1}}, "train.amp must be of type bool"),
-        ({"train": {"lr": "1e-3"}}, "floats are written with a dot"),
+        ({"train": {"lr": "fast"}}, "train.lr must be of type float, got 'fast' (str)"),
         ({"train": {"decoder_channels": 16}}, "train.decoder_channels must be a list"),
         ({"train": {"patch_size": 50}}, "train.patch_size must be a positive multiple of 32"),
         ({"train": {"epochs": 0}}, "train.epochs must be > 0"),
@@ -155,7 +149,7 @@ def test_bad_data_classes_are_refused_naming_the_key(classes: dict, message: str
 
 
 def test_data_classes_map_values_to_labels_in_order():
-    from medseg.config import label_map
+    from medseg.config.sections import label_map
 
     assert label_map({"liver": 63, "kidney": [126, 189]}) == {63: 1, 126: 2, 189: 2}
 
@@ -371,6 +365,8 @@ def _has_type(value: object, tp: object) -> bool:
         return any(_has_type(value, arg) for arg in typing.get_args(tp))
     if tp is type(None):
         return value is None
+    if origin is typing.Literal:
+        return isinstance(value, str) and value in typing.get_args(tp)
     if origin is list:
         (item,) = typing.get_args(tp)
         return isinstance(value, list) and all(_has_type(v, item) for v in value)

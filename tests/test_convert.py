@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import re
 import stat
 import subprocess
@@ -18,7 +19,8 @@ from PIL import Image
 from scipy import ndimage
 
 from medseg.cli import main
-from medseg.config import ConvertConfig, DataConfig, SynthesizeConfig, load_params
+from medseg.config import load_params
+from medseg.config.sections import ConvertConfig, DataConfig, SynthesizeConfig
 from medseg.convert.case import MANIFEST_COLUMNS
 from medseg.convert.dataset import convert_dataset
 from medseg.convert.fov import fov_from_image
@@ -230,7 +232,11 @@ def test_on_error_skip_lists_every_bad_case(tmp_path: Path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     groups = {"train": 4, "test": 1, "from": {"file": 5}}
     assert report == {
-        "cases": 5, "source_images": 5, "skipped": 4, "on_error": "skip", "groups": groups
+        "cases": 5,
+        "source_images": 5,
+        "skipped": 4,
+        "on_error": "skip",
+        "groups": groups,
     }
     assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == [
         f"case{i}.png" for i in range(5)
@@ -627,12 +633,12 @@ def test_find_source_names_the_file_behind_a_token(tmp_path: Path, monkeypatch, 
     assert not (tmp_path / ".medseg").exists()
 
 
-def test_auto_fov_thresholds_where_it_can_and_preprocess_applies_the_plan(tmp_path: Path):
-    """fov_fallback auto: convert makes the FOV by threshold where that keeps the labels (a
-    photograph on black) and takes the whole image where it would cut them (a dark lesion at
-    the border), without refusing; preprocess then uses or drops the made FOVs as the plan
-    decides, and passes the decision on in convert.json for predict."""
-    from medseg.config import PreprocessConfig
+def test_auto_fov_thresholds_every_case_alike_and_preprocess_applies_the_plan(tmp_path: Path):
+    """fov_fallback auto: convert makes the FOV by threshold for every case from its image (a
+    photograph on black and a dark lesion at the border alike), records the share of labels it
+    leaves out (fov_cut) without refusing or switching; preprocess then uses or drops all the
+    made FOVs as the plan decides, and passes the decision on in convert.json for predict."""
+    from medseg.config.sections import PreprocessConfig
     from medseg.io.shards import CaseStore
     from medseg.preprocess.dataset import preprocess_dataset
 
@@ -652,9 +658,10 @@ def test_auto_fov_thresholds_where_it_can_and_preprocess_applies_the_plan(tmp_pa
         write_png(root / "masks" / f"lesion{k}.png", cut)
     data = DataConfig(str(root), "folders", test_fraction=0.5, split_seed=1)
     manifest = convert_dataset(data, _cfg(fov_fallback="auto"), tmp_path / "c")
-    source = dict(zip(manifest["case_id"], manifest["fov_source"], strict=True))
-    assert {source[c] for c in source if c.startswith("disc")} == {"threshold"}
-    assert {source[c] for c in source if c.startswith("lesion")} == {"whole_image"}
+    assert set(manifest["fov_source"]) == {"threshold"}
+    share = dict(zip(manifest["case_id"], manifest["fov_cut"], strict=True))
+    assert all(share[c] == 0 for c in share if c.startswith("disc"))
+    assert all(share[c] == pytest.approx(0.5, abs=0.05) for c in share if c.startswith("lesion"))
     pre = PreprocessConfig("green", 0.0, 0)
     with pytest.raises(MedsegError, match=r"converted with convert\.fov_fallback: auto"):
         preprocess_dataset(pre, tmp_path / "c", tmp_path / "p0")
@@ -668,5 +675,29 @@ def test_auto_fov_thresholds_where_it_can_and_preprocess_applies_the_plan(tmp_pa
             store = CaseStore.open(out, split)
             for i in store:
                 fov = np.asarray(store.get(i, "fov"), bool)
-                made = source[store.ids[i]] == "threshold"
-                assert fov.all() == (decision == "whole_image" or not made)
+                assert fov.all() == (decision == "whole_image")
+
+
+def test_a_test_cases_labels_never_choose_its_fov(tmp_path: Path, caplog):
+    """Labels painted into the dark surround of one test photograph: under auto its FOV is
+    made from its image like every other case's (not switched to the whole image), the cut is
+    named in the log, and the plan, which reads training cases only, still says threshold."""
+    from medseg.planning.fingerprint import fingerprint
+    from medseg.planning.plan import plan
+
+    discs = _folders(tmp_path / "raw", 6)
+    data = DataConfig(str(tmp_path / "raw"), "folders", test_fraction=0.34, split_seed=0)
+    first = convert_dataset(data, _cfg(fov_fallback="auto"), tmp_path / "c0")
+    victim = first.loc[first["split"] == "test", "case_id"].iloc[0]
+    mask = np.zeros((40, 48), np.uint8)
+    mask[:, :6] = 255  # all of it in the black surround, left of the disc
+    Image.fromarray(mask).save(tmp_path / "raw" / "masks" / f"{victim}.png")
+    with caplog.at_level(logging.WARNING):
+        manifest = convert_dataset(data, _cfg(fov_fallback="auto"), tmp_path / "c")
+    row = manifest.set_index("case_id").loc[victim]
+    assert row["fov_source"] == "threshold" and row["fov_cut"] > 0.5
+    fov = read(tmp_path / "c" / row["fov"])[0] > 0
+    assert (fov == discs[victim]).mean() > 0.97  # the disc, as for the other cases
+    assert "test case(s) whose thresholded FOV" in caplog.text and victim in caplog.text
+    result = plan(fingerprint(tmp_path / "c"), {}, 0.1, 1.0)
+    assert result["params"]["convert"]["fov_fallback"] == "threshold"

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from medseg.config import ConvertConfig, DataConfig
+from medseg.config.sections import ConvertConfig, DataConfig
 from medseg.convert.dataset import convert_dataset
 from medseg.convert.groups import GroupFacts, decide_group, token
 from medseg.errors import MedsegError

@@ -14,7 +14,8 @@ from conftest import REPO, STAGES, make_bundle, make_project, make_store, run, t
 from PIL import Image
 
 from medseg.cli import main, write_crossval_pipeline
-from medseg.config import CrossvalConfig, EvaluateConfig, PreprocessConfig, TrainConfig
+from medseg.config.keys import parse
+from medseg.config.sections import CrossvalConfig, EvaluateConfig, PreprocessConfig, TrainConfig
 from medseg.errors import MedsegError
 from medseg.evaluation.crossval import ensemble_folds, split_folds, write_folds
 from medseg.evaluation.evaluate import evaluate_model
@@ -23,7 +24,6 @@ from medseg.names import CLASSES
 from medseg.preprocess.dataset import split_cases
 from medseg.preprocess.processed import RECORD, save_record
 from medseg.spec import ModelSpec
-from medseg.strict import parse
 from medseg.training.loop import fit
 
 CFG = EvaluateConfig(
@@ -53,7 +53,9 @@ def test_folds_follow_the_validation_split_order_and_keep_the_frames_of_a_file_t
         # the first group of the shared seeded order: the one validation would take first
         first = split_cases(ids, 0.2, seed, groups)
         assert first <= set(folds[0])
-    with pytest.raises(MedsegError, match=r"crossval.folds asks for 6 folds .* 5 group\(s\) \(patients"):
+    with pytest.raises(
+        MedsegError, match=r"crossval.folds asks for 6 folds .* 5 group\(s\) \(patients"
+    ):
         split_folds(ids, 6, 0, groups)
 
 

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import re
 import subprocess
 import sys
-import typing
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import REPO
 
-from medseg.config import Params
+from medseg.config import load_all_params, reference
+from medseg.errors import MedsegError
+from medseg.io.records import read_yaml
 
 PARAMS_DOC = REPO / "docs" / "params.md"
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -22,101 +23,61 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 REST_MARKUP = re.compile(r"`|:(?:py:)?(?:func|class|meth|mod|attr|data|exc|obj|ref|doc|term):")
 
 
-# --- docs/params.md against config.py and params.yaml ---------------------------------------
+# --- docs/params.md and docs/params.schema.json: made from the key declarations ---------------
 
 
-def _cells(row: str) -> list[str]:
-    """The cells of a Markdown table row; ``\\|`` is a pipe inside a cell (``float \\| None``)."""
-    inner = row.strip().removeprefix("|").removesuffix("|")
-    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", inner)]
+def test_the_params_reference_is_the_one_the_declarations_make():
+    """docs/params.md is generated (python -m medseg.config.reference), never edited by hand."""
+    assert PARAMS_DOC.read_text(encoding="utf-8") == reference.params_markdown(), (
+        "docs/params.md is stale: run python -m medseg.config.reference"
+    )
 
 
-def parse_params_doc(text: str) -> dict[str, dict[str, tuple[str, str]]]:
-    """Section -> key -> (type, default) from the tables of ``docs/params.md``.
-
-    A row belongs to the params table when its first cell is one key in backticks; it sits
-    under the ``## <section>`` heading above it and has four cells: key, type, default, meaning,
-    type and default each one code span.
-    """
-    doc: dict[str, dict[str, tuple[str, str]]] = {}
-    section = None
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.startswith("## "):
-            section = line[3:].strip()
-            continue
-        if not line.startswith("|"):
-            continue
-        cells = _cells(line)
-        key = re.fullmatch(r"`(\w+)`", cells[0])
-        if key is None:
-            continue  # the header and separator rows
-        where = f"docs/params.md:{number}"
-        assert section is not None, f"{where}: a params row before any '## <section>' heading"
-        assert len(cells) == 4, f"{where}: expected key | type | default | meaning"
-        spans = [re.fullmatch(r"`([^`]+)`", c) for c in cells[1:3]]
-        assert all(spans), f"{where}: type and default must each be one `code span`"
-        entries = doc.setdefault(section, {})
-        assert key[1] not in entries, f"{where}: {section}.{key[1]} is documented twice"
-        entries[key[1]] = (spans[0][1], spans[1][1])  # type: ignore[index]
-    return doc
+def test_the_params_schema_is_the_one_the_declarations_make():
+    assert (REPO / "docs" / "params.schema.json").read_text(encoding="utf-8") == (
+        reference.schema_text()
+    ), "docs/params.schema.json is stale: run python -m medseg.config.reference"
 
 
-def _sections() -> dict[str, type]:
-    """params.yaml section name -> its dataclass, as the fields of ``config.Params`` map them."""
-    return typing.get_type_hints(Params)
-
-
-def _annotation(field: dataclasses.Field) -> str:
-    # config.py has `from __future__ import annotations`: the annotation as written
-    return field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
-
-
-@pytest.fixture(scope="module")
-def documented() -> dict[str, dict[str, tuple[str, str]]]:
-    return parse_params_doc(PARAMS_DOC.read_text(encoding="utf-8"))
-
-
-def test_the_params_doc_has_a_table_for_every_section_and_no_other(documented):
-    assert sorted(documented) == sorted(_sections())
-
-
-def test_every_param_is_documented_and_no_documented_param_is_gone(documented):
-    fields = {f"{n}.{f.name}" for n, cls in _sections().items() for f in dataclasses.fields(cls)}
-    keys = {f"{n}.{k}" for n, entries in documented.items() for k in entries}
-    assert sorted(fields - keys) == [], "params missing from docs/params.md"
-    assert sorted(keys - fields) == [], "docs/params.md documents params that are gone"
-
-
-def test_documented_types_are_the_config_annotations(documented):
-    wrong = [
-        f"{name}.{field.name}: doc {documented[name][field.name][0]!r}, "
-        f"config.py {_annotation(field)!r}"
-        for name, cls in _sections().items()
-        for field in dataclasses.fields(cls)
-        if field.name in documented.get(name, {})
-        and documented[name][field.name][0] != _annotation(field)
-    ]
-    assert wrong == []
-
-
-def test_documented_defaults_are_the_shipped_params_yaml(documented):
-    """The default column is params.yaml's value (what a clone runs with), type included."""
-    shipped = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+def test_the_shipped_params_file_holds_the_declared_defaults():
+    """The default the reference shows is what a fresh clone runs with, type included."""
+    shipped = read_yaml(REPO / "params.yaml")
     wrong = []
-    for name, keys in documented.items():
-        for key, (_, default) in keys.items():
-            value = yaml.safe_load(default)
-            expected = shipped.get(name, {}).get(key, "<not in params.yaml>")
-            if (type(value), value) != (type(expected), expected):
-                wrong.append(f"{name}.{key}: doc {default}, params.yaml {expected!r}")
+    for name, cls in reference.sections().items():
+        assert sorted(shipped[name]) == sorted(cls.__pydantic_fields__), f"{name}: keys"
+        for key, info in cls.__pydantic_fields__.items():
+            want, got = reference.shipped(info), shipped[name][key]
+            if (type(want), want) != (type(got), got):
+                wrong.append(f"{name}.{key}: declared {want!r}, params.yaml {got!r}")
     assert wrong == []
 
 
-def test_the_params_doc_parser_reads_escaped_pipes_and_refuses_a_short_row():
-    table = "## data\n| key | type |\n| --- |\n| `seg` | `str \\| None` | `null` | y |\n"
-    assert parse_params_doc(table) == {"data": {"seg": ("str | None", "null")}}
-    with pytest.raises(AssertionError, match=re.escape("key | type | default | meaning")):
-        parse_params_doc("## data\n| `seg` | `str` | y |\n")
+def test_the_schema_accepts_the_shipped_params_and_refuses_what_loading_refuses(tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    validator = jsonschema.Draft7Validator(reference.params_schema())
+    shipped = read_yaml(REPO / "params.yaml")
+    assert list(validator.iter_errors(shipped)) == []
+    for section, key, value in [
+        ("train", "lrr", 0.1), ("train", "epochs", "ten"), ("preprocess", "channel", "red"),
+        ("evaluate", "threshold", 1.5), ("train", "patch_size", 50), ("train", "amp_cpu", "yes"),
+    ]:  # fmt: skip
+        bad = copy.deepcopy(shipped)
+        bad[section][key] = value
+        assert list(validator.iter_errors(bad)), f"{section}.{key}: {value!r} passes the schema"
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(bad, sort_keys=False))
+        with pytest.raises(MedsegError, match=rf"{section}\.{key}"):
+            load_all_params(path)
+    planned = copy.deepcopy(shipped)
+    planned["train"]["patch_size"] = 64
+    assert list(validator.iter_errors(planned)) == []
+    del planned["train"]["lr"]
+    assert list(validator.iter_errors(planned)), "a missing key passes the schema"
+
+
+def test_params_yaml_points_editors_at_the_schema():
+    first = (REPO / "params.yaml").read_text(encoding="utf-8").splitlines()[0]
+    assert first == "# yaml-language-server: $schema=docs/params.schema.json"
 
 
 # --- links -----------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import pytest  # noqa: E402
 from conftest import DRIVE, make_bundle, make_store  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
-from medseg.config import EvaluateConfig  # noqa: E402
+from medseg.config.sections import EvaluateConfig  # noqa: E402
 from medseg.errors import MedsegError  # noqa: E402
 from medseg.evaluation.evaluate import evaluate_model  # noqa: E402
 from medseg.scoring.tally import CURVE_POINTS, ScoreTally, SecondObserver  # noqa: E402
@@ -220,7 +220,7 @@ def test_evaluate_refuses_a_model_trained_on_other_classes(tmp_path: Path, model
 def test_streaming_evaluation_equals_the_in_memory_result_on_drive(tmp_path: Path):
     """evaluate streams case by case (histogram AUCs); the same model's probabilities held in
     memory for all 20 DRIVE test images and scored exactly give the same figures to 1e-4."""
-    from medseg.config import PreprocessConfig
+    from medseg.config.sections import PreprocessConfig
     from medseg.inference.predictor import Predictor
     from medseg.inference.window import WindowSettings
     from medseg.io.images import binarize, read_raster

@@ -18,7 +18,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from medseg.cli import main  # noqa: E402
-from medseg.config import ConvertConfig  # noqa: E402
+from medseg.config.sections import ConvertConfig  # noqa: E402
 from medseg.errors import MedsegError  # noqa: E402
 from medseg.inference import export  # noqa: E402
 from medseg.inference.bundle import Bundle, load_bundle  # noqa: E402
@@ -26,7 +26,7 @@ from medseg.inference.onnx_model import METADATA  # noqa: E402
 from medseg.inference.runners import TorchRunner  # noqa: E402
 from medseg.inference.window import pad_to_multiple  # noqa: E402
 from medseg.io.images import read_raster, write_png  # noqa: E402
-from medseg.names import CONVERT_RECORD  # noqa: E402
+from medseg.names import BUNDLE_FORMAT, BUNDLE_FORMAT_KEY, CONVERT_RECORD  # noqa: E402
 from medseg.spec import ModelSpec  # noqa: E402
 
 DRIVE_SIZE = (584, 565)  # height, width
@@ -204,6 +204,17 @@ def _with_metadata(path: Path, out: Path, key: str, value: str | None) -> Path:
 def test_an_export_older_than_post_processing_has_none(three, tmp_path: Path):
     old = _with_metadata(three[1], tmp_path / "old.onnx", "medseg.postprocess", None)
     assert load_bundle(old, "cpu").postprocess == {} and three[3].postprocess == THREE_STEPS
+
+
+def test_an_export_carries_the_bundle_format_and_a_newer_major_is_refused(three, tmp_path):
+    proto = onnx.load(str(three[1]), load_external_data=False)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta[BUNDLE_FORMAT_KEY] == ".".join(map(str, BUNDLE_FORMAT))
+    older = _with_metadata(three[1], tmp_path / "older.onnx", BUNDLE_FORMAT_KEY, None)
+    assert load_bundle(older, "cpu").postprocess == THREE_STEPS  # 1.0: before the key
+    newer = _with_metadata(three[1], tmp_path / "newer.onnx", BUNDLE_FORMAT_KEY, "99.0")
+    with pytest.raises(MedsegError, match=r"newer\.onnx: a model bundle of format 99\.0, newer"):
+        load_bundle(newer, "cpu")
 
 
 def test_a_corrupt_or_foreign_onnx_file_is_one_line_naming_it(binary, tmp_path, capsys):

@@ -200,7 +200,7 @@ def _predict(*args: str | Path) -> int:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from medseg.config import ConvertConfig
+    from medseg.config.sections import ConvertConfig
     from medseg.names import CONVERT_RECORD
     from medseg.spec import ModelSpec
 

@@ -13,7 +13,7 @@ from conftest import REPO, write_grey_dicom16
 from PIL import Image
 from pydicom.uid import generate_uid
 
-from medseg.config import ConvertConfig, DataConfig
+from medseg.config.sections import ConvertConfig, DataConfig
 from medseg.convert.dataset import convert_dataset
 from medseg.errors import MedsegError
 from medseg.io.images import read_raster

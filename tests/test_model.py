@@ -44,7 +44,8 @@ def test_device_resolution():
 
 def test_auto_finds_apple_mps_when_it_is_available(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """Availability faked: MPS is untested on real hardware (docs/gpu.md)."""
-    from medseg.config import TrainConfig, load_params
+    from medseg.config import load_params
+    from medseg.config.sections import TrainConfig
     from medseg.training.distributed import World
     from medseg.training.precision import train_device
 

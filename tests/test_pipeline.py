@@ -57,7 +57,7 @@ def test_repro_caches_and_reruns_only_what_changed(_reproduced: Path, reproduced
     assert diff["params.yaml"]["train.lr"]["new"] == 0.02
     # a real edit of the losses module reruns train and no stage before it (the README says
     # so); this edit leaves the weights as they were, so evaluate stays cached
-    losses = project / "src" / "medseg" / "losses.py"
+    losses = project / "src" / "medseg" / "training" / "losses.py"
     losses.write_text(losses.read_text() + "\n# an edit\n")
     edited = run(project, "dvc", "repro")
     assert ran(edited) == ["plan", "train"], edited.stdout

@@ -12,9 +12,9 @@ import tifffile
 from conftest import STAGES, ran, run, tiny_params, write_grey_dicom16, write_params
 from PIL import Image
 
-from medseg.config import SynthesizeConfig
+from medseg.config.keys import parse
+from medseg.config.sections import SynthesizeConfig
 from medseg.preprocess.processed import open_split
-from medseg.strict import parse
 from medseg.synthetic import generate_case
 
 N_CASES = 6

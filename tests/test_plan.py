@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,8 +23,10 @@ from scipy import ndimage
 from medseg.errors import MedsegError
 from medseg.io.images import write_png
 from medseg.planning.fingerprint import fingerprint, thin_labels
-from medseg.planning.plan import PLANNED_KEYS, format_table, plan
+from medseg.planning.machine import describe
+from medseg.planning.plan import format_table, plan
 from medseg.planning.probe import probe_step_seconds
+from medseg.planning.settings import DVC_PARAMS, KEYS, SETTINGS
 
 FIXED_STEP = {"step_seconds": 0.3, "budget": 2.0}  # a plan with no probe
 
@@ -144,7 +150,7 @@ def test_thin_vessels_small_patches_at_full_resolution(vessel_set: Path) -> None
     assert v["preprocess.contrast"] == "clahe"
     # the vessels are dark in green only: green, not rgb and not gray
     assert v["preprocess.channel"] == "green"
-    assert set(result["settings"]) == set(PLANNED_KEYS)
+    assert set(result["settings"]) == set(KEYS)
     assert all(s["source"] == "plan" and s["reason"] for s in result["settings"].values())
 
 
@@ -311,20 +317,22 @@ def test_budget_too_small_for_one_epoch(vessel_set: Path) -> None:
 
 def test_table_has_every_setting(vessel_set: Path) -> None:
     table = format_table(plan(fingerprint(vessel_set), {}, 0.3, 2.0))
-    for key in PLANNED_KEYS:
+    for key in KEYS:
         assert f"| {key} |" in table
 
 
 def test_probe_times_real_steps() -> None:
-    from medseg.config import TrainConfig, load_params
+    from medseg.config import load_params
+    from medseg.config.sections import TrainConfig
 
     cfg = load_params(REPO / "params.yaml", TrainConfig, {"params": {"train": TINY_TRAIN}})
     small = dataclasses.replace(
         cfg, patch_size=32, batch_size=2, decoder_channels=[16, 8, 8, 8, 8], device="cpu",
         amp_cpu=False,
     )  # fmt: skip
-    seconds = probe_step_seconds(small, 3, steps=1, warmup=1)
-    assert math.isfinite(seconds) and 0.0 < seconds < 60.0
+    probe = probe_step_seconds(small, 3, steps=1, warmup=1)
+    assert math.isfinite(probe.seconds) and 0.0 < probe.seconds < 60.0
+    assert probe.threads >= 1 and probe.other_cores >= 0.0
 
 
 def test_thin_labels_are_the_tubular_classes_of_the_masks():
@@ -354,7 +362,8 @@ def _params_file(tmp_path: Path, **sections: dict) -> Path:
 
 
 def test_auto_keys_need_the_plan_and_take_its_values(tmp_path: Path) -> None:
-    from medseg.config import PreprocessConfig, TrainConfig, load_all_params, load_params
+    from medseg.config import load_all_params, load_params
+    from medseg.config.sections import PreprocessConfig, TrainConfig
 
     path = _params_file(tmp_path, train={"batch_size": 6})
     load_all_params(path)  # the whole file checks without a plan
@@ -375,18 +384,27 @@ def train_batch(plan_dict: dict) -> int:
     return int(plan_dict["params"]["train"]["batch_size"])
 
 
-def _run_plan_stage(params: Path, converted: Path, out: Path) -> None:
+def _run_plan_stage(params: Path, converted: Path, out: Path, machine: Path | None = None) -> None:
+    """The plan stage's main, with this machine's record (the machine stage's) unless given."""
     import importlib.util
 
+    from medseg.io.atomic import write_json
+    from medseg.planning.machine import describe
+
+    if machine is None:
+        machine = out.parent / "machine.json"
+        write_json(machine, describe())
     spec = importlib.util.spec_from_file_location("plan_stage", REPO / "stages" / "plan.py")
     assert spec and spec.loader
     stage = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stage)
-    stage.main(["--params", str(params), "--converted", str(converted), "--out", str(out)])
+    argv = ["--params", str(params), "--converted", str(converted), "--out", str(out)]
+    stage.main([*argv, "--machine", str(machine)])
 
 
 def test_stage_writes_the_plan_the_stages_read(vessel_set: Path, tmp_path: Path) -> None:
-    from medseg.config import EvaluateConfig, PreprocessConfig, TrainConfig, load_params
+    from medseg.config import load_params
+    from medseg.config.sections import EvaluateConfig, PreprocessConfig, TrainConfig
 
     path = _params_file(
         tmp_path,
@@ -437,6 +455,12 @@ def test_stage_keeps_the_measured_step_while_the_step_is_the_same(
     out.write_text(json.dumps(whole))
     _run_plan_stage(path, vessel_set, out)
     assert json.loads(out.read_text())["budget"]["step_seconds"] == 0.125
+    # the same step on another machine (the machine stage's record differs) is measured again
+    other = tmp_path / "other-machine.json"
+    other.write_text(json.dumps({**describe(), "cpu": "another CPU", "gpus": ["a GPU"]}))
+    _run_plan_stage(path, vessel_set, out, machine=other)
+    moved = json.loads(out.read_text())["budget"]
+    assert moved["step_seconds"] != 0.125 and moved["probe"]["machine"]["cpu"] == "another CPU"
     # another step (a larger patch) is measured again
     path = _params_file(
         tmp_path, train={**small, "patch_size": 64, "budget": 5.0, "amp_cpu": False}
@@ -444,6 +468,31 @@ def test_stage_keeps_the_measured_step_while_the_step_is_the_same(
     _run_plan_stage(path, vessel_set, out)
     again = json.loads(out.read_text())["budget"]
     assert again["probe"]["step"][2] == 64 and again["step_seconds"] != 0.125
+
+
+def test_a_probe_beside_a_busy_process_warns_and_is_not_kept(
+    vessel_set: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    small = {"decoder_channels": [16, 8, 8, 8, 8], "patch_size": 32, "batch_size": 2}
+    path = _params_file(tmp_path, train={**small, "budget": 5.0, "amp_cpu": False})
+    out = tmp_path / "plans.json"
+    spinner = subprocess.Popen([sys.executable, "-c", "while True:\n    pass\n"])
+    try:
+        time.sleep(0.5)
+        _run_plan_stage(path, vessel_set, out)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    budget = json.loads(out.read_text())["budget"]
+    assert budget["probe"]["busy"] > 0.5 and budget["step_seconds"] > 0
+    assert "other processes kept" in caplog.text and "measures again" in caplog.text
+    # the next run does not keep the busy figure, although the step is the same
+    budget["step_seconds"] = 0.125
+    whole = json.loads(out.read_text())
+    whole["budget"] = budget
+    out.write_text(json.dumps(whole))
+    _run_plan_stage(path, vessel_set, out)
+    assert json.loads(out.read_text())["budget"]["step_seconds"] != 0.125
 
 
 # == end to end: dvc repro with auto ==============================================================
@@ -484,3 +533,87 @@ def test_an_explicit_value_overrides_the_plan_through_dvc(reproduced: Path) -> N
     assert record["channel"] == other
     diff = run(reproduced, "dvc", "params", "diff", "--json").stdout
     assert '"params.preprocess.channel"' in diff  # review sees what the plan's output changed
+
+
+def test_the_table_of_planned_settings_is_the_one_declaration() -> None:
+    """Each planned key is declared once (`medseg.planning.settings`): its rule is a function of
+    the plan module, its key a params key with a stand-in that validates, and the plan stage's
+    DVC params in dvc.yaml are exactly the table's keys and what the probe measures, so a key
+    set explicitly, re-planned, then set back to auto reruns the plan."""
+    import medseg.planning.plan as plan_module
+    from medseg.config import load_all_params
+
+    for setting in SETTINGS:
+        assert callable(getattr(plan_module, setting.rule, None)), setting
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["plan"]
+    assert tuple(stage["params"]) == DVC_PARAMS
+    params = load_all_params(REPO / "params.yaml")  # every auto key by its stand-in
+    for setting in SETTINGS:
+        section = getattr(params, setting.section)
+        value = getattr(section, setting.name)
+        raw = yaml.safe_load((REPO / "params.yaml").read_text())[setting.section][setting.name]
+        if raw == "auto" and not setting.before_plan:
+            assert value == setting.stand_in, setting.key
+
+
+def test_a_key_outside_the_table_is_refused(vessel_set: Path) -> None:
+    """The rules set exactly the table's keys: a key the plan would set but the table does not
+    declare stops the plan (a programming error, caught by this test, not by a user)."""
+    import medseg.planning.plan as plan_module
+
+    fp = fingerprint(vessel_set)
+    original = plan_module.KEYS
+    try:
+        plan_module.KEYS = (*original, "train.lr")
+        with pytest.raises(AssertionError, match="the table has"):
+            plan(fp, {}, 0.3, 2.0)
+    finally:
+        plan_module.KEYS = original
+
+
+def test_the_machine_record_is_stable_names_the_cpu_and_imports_no_torch(tmp_path: Path) -> None:
+    """The machine stage's record: the same twice on one machine (so nothing after it reruns),
+    the CPU model and speed flags read from cpuinfo, and no torch import (it runs on every
+    `dvc repro`)."""
+    assert describe() == describe()
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "processor\t: 0\nmodel name\t: Some CPU @ 2.0GHz\n"
+        "flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 amx_bf16 hypervisor\n\n"
+        "processor\t: 1\nmodel name\t: Some CPU @ 2.0GHz\nflags\t\t: fpu\n"
+    )
+    record = describe(info)
+    assert record["cpu"] == "Some CPU @ 2.0GHz"
+    assert record["cpu_flags"] == ["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"]
+    code = "import sys; from medseg.planning.machine import describe; describe(); "
+    code += "print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+class _Run:
+    """What the step-time check reads of a trainer: its params and the epoch's clock."""
+
+    def __init__(self, seconds: float, steps: int, batch: int = 4) -> None:
+        self.cfg = type("Cfg", (), {"batch_size": batch})()
+        self.clock = {"start": 100.0, "end": 100.0 + seconds * steps, "images": steps * batch}
+        self.epoch, self.history = 1, []
+
+    def best(self) -> dict[str, float]:
+        return {}
+
+
+@pytest.mark.parametrize(("seconds", "warned"), [(0.1, False), (0.19, False), (0.25, True),
+                                                 (0.04, True)])  # fmt: skip
+def test_train_warns_when_its_step_time_is_twice_the_plans_either_way(
+    seconds: float, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    from medseg.training.callbacks import StepTimeCheck
+
+    check = StepTimeCheck(planned=0.1)
+    with caplog.at_level(logging.INFO):
+        check.on_epoch_end(_Run(seconds, 50), {})
+        check.on_epoch_end(_Run(10 * seconds, 50), {})  # the first epoch only
+    assert check.measured == pytest.approx(seconds)
+    assert [r.levelname for r in caplog.records] == ["WARNING" if warned else "INFO"]
+    assert "the plan bought its steps at 0.1 s" in caplog.text

@@ -150,3 +150,29 @@ def test_steps_record_round_trips_and_is_checked() -> None:
     ):
         with pytest.raises(MedsegError, match=message):
             parse_steps(raw, [1, 2, 3], "m")
+
+
+def test_choose_takes_no_gain_made_of_wins_and_losses_for_a_rule() -> None:
+    """keep_largest removes a false speck on two cases and a true second object on two
+    others: the pooled Dice rises (the specks are larger), but the gain is wins and losses
+    that a bootstrap over the cases shows as noise, so it is not kept, and the log says so.
+    Alone, the two helped cases keep it (nothing else is touched)."""
+
+    def case(speck: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        truth = canvas((5, 5, 10, 10), shape=(30, 30)).astype(np.uint8)
+        pred = truth.astype(np.float32) * 0.9
+        if speck:
+            pred[22:26, 22:26] = 0.8  # a 16-pixel false positive
+        else:
+            truth[24:27, 24:27] = 1  # a true 9-pixel object that keep_largest drops
+            pred[24:27, 24:27] = 0.8
+        return pred, truth, np.ones(truth.shape, bool)
+
+    mixed = [case(True), case(True), case(False), case(False)]
+    choice = choose(mixed, [{"op": "keep_largest"}])
+    assert choice.dice_after[1] == choice.dice_before[1] and choice.steps == {1: []}
+    assert (
+        choice.tried[1][0].endswith("not kept") and "resamples of the 4 cases" in choice.tried[1][0]
+    )
+    helped = choose([case(True), case(True)], [{"op": "keep_largest"}])
+    assert helped.steps == {1: [{"op": "keep_largest"}]}

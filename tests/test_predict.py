@@ -11,7 +11,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from medseg.cli import main
-from medseg.config import ConvertConfig, PreprocessConfig
+from medseg.config.sections import ConvertConfig, PreprocessConfig
 from medseg.convert.fov import fov_from_image
 from medseg.inference.bundle import load_bundle
 from medseg.inference.predict import collect_inputs, find_fov, read_input

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medseg.config import ConvertConfig, DataConfig, PreprocessConfig, SynthesizeConfig
+from medseg.config.sections import ConvertConfig, DataConfig, PreprocessConfig, SynthesizeConfig
 from medseg.convert.dataset import convert_dataset
 from medseg.errors import MedsegError
 from medseg.io.images import read_raster, write_png

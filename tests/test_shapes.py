@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from conftest import make_bundle
 
-from medseg.config import EvaluateConfig
+from medseg.config.sections import EvaluateConfig
 from medseg.errors import MedsegError
 from medseg.evaluation.evaluate import evaluate_model
 from medseg.io.shards import ShardWriter
@@ -48,7 +48,7 @@ def test_mm_without_a_spacing_is_one_error_naming_the_key():
     cfg = dataclasses.replace(CFG, boundary_unit="mm")
     with pytest.raises(MedsegError, match=r"evaluate\.boundary_unit is mm .* set it to px or auto"):
         ShapeScoring.from_config(cfg, [(0.5, 0.5), None], [1])
-    with pytest.raises(MedsegError, match=r"evaluate\.boundary_tolerance must be a number >= 0"):
+    with pytest.raises(MedsegError, match=r"evaluate\.boundary_tolerance must be >= 0"):
         dataclasses.replace(CFG, boundary_tolerance=-1.0)
     with pytest.raises(MedsegError, match=r"evaluate\.lesions must be one of auto"):
         dataclasses.replace(CFG, lesions="some")

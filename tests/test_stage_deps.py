@@ -95,7 +95,9 @@ def test_stage_deps_list_every_module_its_script_imports(stage: str):
         for p in imported_files(REPO / _in_repo(wdir, script.group(1)))
         if not _covered(p, deps)
     )
-    assert not missing, f"{stage}: add to deps: {', '.join(missing)}"
+    assert not missing, (
+        f"{stage}: add to deps: {', '.join(missing)} (python tests/test_stage_deps.py does)"
+    )
 
 
 def test_every_pipeline_file_is_checked():
@@ -169,7 +171,10 @@ def test_stage_deps_list_no_module_its_script_does_not_import(stage: str):
     stale = [
         d for d in deps if d.startswith("src/medseg") and not any(_covered(p, [d]) for p in used)
     ]
-    assert not stale, f"{stage}: not imported, remove from deps: {', '.join(stale)}"
+    assert not stale, (
+        f"{stage}: not imported, remove from deps: {', '.join(stale)} "
+        "(python tests/test_stage_deps.py does)"
+    )
 
 
 def test_overlay_colours_are_evaluates_alone():
@@ -223,3 +228,50 @@ def test_every_name_is_imported_from_its_home():
                     if alias.name not in own and _module_file(f"{module}.{alias.name}") is None:
                         wrong.append(f"{path.relative_to(REPO)}: {module}.{alias.name}")
     assert not wrong, "import these from the module that defines them: " + "; ".join(wrong)
+
+
+def minimal_deps(script: Path) -> list[str]:
+    """The medseg deps of a stage script, as `write_deps` lists them: a package folder where the
+    script imports every module of it (and ``io/``, which every stage reads through), else
+    each module, relative to the repository."""
+    files = imported_files(script)
+    out: list[str] = []
+    covered: set[Path] = set()
+    for package in sorted({p.parent for p in files if p.parent != SRC / "medseg"}):
+        modules = set(package.rglob("*.py"))
+        if modules <= files or package == SRC / "medseg" / "io":
+            out.append(package.relative_to(REPO).as_posix())
+            covered |= modules
+    out += [p.relative_to(REPO).as_posix() for p in sorted(files - covered)]
+    return out
+
+
+def write_deps() -> None:
+    """Rewrite the medseg part of every stage's ``deps`` in every pipeline file from what its
+    script imports (`minimal_deps`); other deps (data, the script) keep their place."""
+    for name, runs_as in PIPELINES.items():
+        prefix = os.path.relpath(REPO, (REPO / runs_as).parent)
+        prefix = "" if prefix == "." else prefix + "/"
+        lines = (REPO / name).read_text().splitlines(keepends=True)
+        out, script, i = [], None, 0
+        while i < len(lines):
+            found = re.search(r"python (\S*stages/\S+\.py)", lines[i])
+            script = found.group(1) if found else script
+            out.append(lines[i])
+            i += 1
+            if script is None or not re.match(r"\s+deps:\s*$", lines[i - 1]):
+                continue
+            items = []
+            while i < len(lines) and re.match(r"\s+- ", lines[i]):
+                items.append(lines[i])
+                i += 1
+            indent = items[0][: items[0].index("-")]
+            kept = [line for line in items if "src/medseg" not in line]
+            deps = minimal_deps(REPO / script.removeprefix(prefix))
+            out += kept + [f"{indent}- {prefix}{d}\n" for d in deps]
+            script = None
+        (REPO / name).write_text("".join(out))
+
+
+if __name__ == "__main__":  # python tests/test_stage_deps.py: rewrite the deps lists
+    write_deps()

@@ -7,7 +7,8 @@ import pytest
 from conftest import tiny_params, write_params
 from scipy import ndimage
 
-from medseg.config import SynthesizeConfig, load_params
+from medseg.config import load_params
+from medseg.config.sections import SynthesizeConfig
 from medseg.io.images import binarize
 from medseg.io.reader import read
 from medseg.synthetic import generate_case, write_dataset

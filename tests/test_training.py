@@ -16,11 +16,8 @@ import torch
 from conftest import REPO, tiny_params, write_params
 from safetensors.numpy import load_file
 
-from medseg.config import (
-    EvaluateConfig,
-    TrainConfig,
-    load_params,
-)
+from medseg.config import load_params
+from medseg.config.sections import EvaluateConfig, TrainConfig
 from medseg.errors import MedsegError
 from medseg.training.callbacks import MACHINE_CURVES, Callback
 from medseg.training.checkpoint import CHECKPOINT, FINISHED, save_checkpoint
@@ -163,7 +160,9 @@ def test_background_checkpoints_resume_exactly_and_epochs_are_clocked(
 
     def trainer(out: str, stop: Callback | None = None) -> Trainer:
         hooks = [stop] if stop else []
-        t = Trainer(cfg, processed, checkpoint_dir=tmp_path / out / "ck", callbacks=hooks)
+        t = Trainer.from_config(
+            cfg, processed, checkpoint_dir=tmp_path / out / "ck", callbacks=hooks
+        )
         t.checkpoints.background = True
         return t
 
@@ -464,7 +463,7 @@ def test_training_learns_well_beyond_a_trivial_predictor(tmp_path: Path):
     that of predicting every FOV pixel as vessel (the best constant predictor for Dice). A
     broken loss, a gradient with the wrong sign or labels fed misaligned would stay near or
     below it."""
-    from medseg.config import ConvertConfig, DataConfig, PreprocessConfig, SynthesizeConfig
+    from medseg.config.sections import ConvertConfig, DataConfig, PreprocessConfig, SynthesizeConfig
     from medseg.convert.dataset import convert_dataset
     from medseg.evaluation.evaluate import evaluate_model
     from medseg.io.shards import CaseStore

@@ -83,7 +83,8 @@ def test_cuda_crops_equal_host_crops(tmp_path: Path):
 def test_choose_cache_on_cpu(tmp_path: Path):
     from conftest import tiny_params, write_params
 
-    from medseg.config import TrainConfig, load_params
+    from medseg.config import load_params
+    from medseg.config.sections import TrainConfig
     from medseg.training.cache import choose_cache
 
     store = make_store(tmp_path / "d", *_mixed_cases(1, 2))

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from conftest import make_store, tiny_params, write_params
 
-from medseg.config import TrainConfig, load_params
+from medseg.config import load_params
+from medseg.config.sections import TrainConfig
 from medseg.inference.bundle import load_bundle
 from medseg.inference.predictor import Predictor
 from medseg.inference.runners import TorchRunner

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from medseg import __version__, names
 from medseg.config import load_all_params
 from medseg.errors import MedsegError, run_cli
 from medseg.io.atomic import write_text
+from medseg.progress import logged
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -144,7 +146,7 @@ def _threshold(text: str) -> float | str:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from medseg.config import EvaluateConfig
+    from medseg.config.sections import EvaluateConfig
     from medseg.inference.predict import predict_files  # imports torch: only when predicting
 
     try:
@@ -210,7 +212,8 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _find_source(args: argparse.Namespace) -> None:
-    from medseg.config import DataConfig, load_params
+    from medseg.config import load_params
+    from medseg.config.sections import DataConfig
     from medseg.convert.pseudonyms import find_sources, id_key
 
     root = Path(load_params(args.params, DataConfig).root)
@@ -270,4 +273,6 @@ def _report(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``medseg`` console script."""
-    sys.exit(run_cli(_main, argv))
+    with logged(logging.INFO):
+        code = run_cli(_main, argv)
+    sys.exit(code)

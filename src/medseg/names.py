@@ -4,8 +4,7 @@ and a saved model share. Torch-free and import-free, so that the params schema
 
 Each registry is built from, or checked against, its list here (``tests/test_names.py``): the
 architectures of `medseg.model`, the losses of `medseg.training.losses`, the optimizers and
-schedules of
-`medseg.training.optim`, the blendings of the sliding window, the layouts of
+schedules of `medseg.training.optim`, the blendings of the sliding window, the layouts of
 `medseg.io.layouts`, the caches of `medseg.training.cache`.
 """
 
@@ -21,8 +20,7 @@ GROUP_RULES = ("auto", "file", "folder")
 MULTIFRAMES = ("split", "refuse")  # convert.multiframe
 ID_NAMES = ("source", "hash")  # convert.names: the path, or its keyed hash
 # convert.fov_fallback: medseg.convert.fov; auto: convert makes the thresholded FOV where it can,
-# the
-# plan decides whether preprocess uses it (a photograph's black surround) or the whole image
+# the plan decides whether preprocess uses it (a photograph's black surround) or the whole image
 FOV_FALLBACKS = ("auto", "threshold", "whole_image")
 ON_ERRORS = ("fail", "skip")  # convert.on_error
 BIT_DEPTHS = (8, 16)  # convert.max_bit_depth
@@ -64,18 +62,7 @@ BLENDINGS = ("gaussian", "constant")  # evaluate.blending: weights of overlappin
 AUTO = "auto"  # evaluate.threshold and train.amp_cpu: decided from the model or the machine
 BOUNDARY_UNITS = (AUTO, "px", "mm")  # evaluate.boundary_unit
 
-# --- the plan (medseg.planning.plan) ---
-# section -> keys whose value may be ``auto``: the plan stage chooses them and writes them into
-# plans.json ("params" -> section -> key), where the stages that use them read them. Besides
-# these, convert.fov_fallback and evaluate.threshold take ``auto`` as a value of their own.
-PLANNED = {
-    "preprocess": ("channel", "contrast", "max_side"),
-    "train": (
-        "patch_size", "batch_size", "foreground_fraction", "loss", "epochs",
-        "patches_per_epoch", "postprocess",
-    ),
-    "evaluate": ("window", "tta"),
-}  # fmt: skip
+# --- the plan (medseg.planning.plan; its keys: medseg.planning.settings) ---
 PLAN_FILE = "plans.json"
 
 # --- files one stage writes and a later one (or a model bundle) reads ---
@@ -87,6 +74,12 @@ CONVERT_RECORD = "convert.json"
 # (the data's labels for train, the metrics' names for evaluate).
 CLASSES = "classes.json"
 PREPROCESS_RECORD = "preprocess.json"  # the preprocess params, for `medseg predict`
+# The model bundle's format (major, minor), written into the metadata of its weights (and of an
+# ONNX export) as "1.1" under BUNDLE_FORMAT_KEY. A minor version may add keys to the records,
+# each with a default that a bundle without it gets; a major version is one an older medseg
+# cannot read, and refuses. 1.0: bundles written before the format was (no key); 1.1: the key.
+BUNDLE_FORMAT = (1, 1)
+BUNDLE_FORMAT_KEY = "medseg.bundle_format"
 
 # --- bounds on the network's size, shared by the params schema and a saved model's spec:
 # far above any useful value, far below one that would allocate memory for hours ---

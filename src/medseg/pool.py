@@ -15,9 +15,8 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
-from tqdm import tqdm
-
 from medseg.errors import MedsegError
+from medseg.progress import progress
 
 J = TypeVar("J")
 R = TypeVar("R")
@@ -56,7 +55,7 @@ def run_jobs(
     n_workers = worker_count(workers, len(jobs))
     results: list[R | None] = [None] * len(jobs)
     if n_workers == 1:
-        with _bar(len(jobs), desc) as bar:
+        with progress(total=len(jobs), desc=desc) as bar:
             for i, job in enumerate(jobs):
                 results[i] = check(fn(job))
                 bar.update()
@@ -67,7 +66,7 @@ def run_jobs(
     with pool:
         try:
             pending = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
-            with _bar(len(jobs), desc) as bar:
+            with progress(total=len(jobs), desc=desc) as bar:
                 while pending:
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for future in done:
@@ -100,16 +99,6 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
     for process in list(processes.values()):
         process.terminate()
     pool.shutdown(wait=True, cancel_futures=True)
-
-
-class _Bar(tqdm):
-    """A progress bar without tqdm's monitor thread, so that later runs may still fork."""
-
-    monitor_interval = 0
-
-
-def _bar(total: int, desc: str) -> tqdm:
-    return _Bar(total=total, unit="case", desc=desc, disable=None)  # off if not a terminal
 
 
 def _start_method() -> multiprocessing.context.BaseContext:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from medseg.config import TrainConfig
+from medseg.config.sections import TrainConfig
 
 __all__ = ["ModelSpec"]
 

@@ -1,6 +1,6 @@
 """The skeleton every ``stages/<stage>.py`` shares: its arguments (``--params`` and the paths
-that ``dvc.yaml`` gives it) and how it runs as a script (log lines, one ``error:`` line and a
-non-zero exit on a user error)."""
+that ``dvc.yaml`` gives it) and how it runs as a script (time-stamped log lines around progress
+bars, one ``error:`` line and a non-zero exit on a user error)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import NoReturn
 
 from medseg.errors import run_cli
+from medseg.progress import logged
 
 
 def stage_args(
@@ -32,7 +33,9 @@ def stage_args(
 
 
 def run_stage(main: Callable[[Sequence[str] | None], None]) -> NoReturn:
-    """Run a stage script's ``main`` on the command line's arguments, logging at INFO; exit with
+    """Run a stage script's ``main`` on the command line's arguments, logging at INFO with a
+    time stamp and around its progress bars (`medseg.progress.logged`); exit with
     `medseg.errors.run_cli`'s code."""
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    sys.exit(run_cli(main))
+    with logged(logging.INFO):
+        code = run_cli(main)
+    sys.exit(code)

@@ -29,7 +29,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
-from medseg.config import SynthesizeConfig
+from medseg.config.sections import SynthesizeConfig
+from medseg.progress import progress
 
 _SUPERSAMPLE = 2
 # Ophthalmic Photography 8 Bit Image Storage: what a fundus camera writes.
@@ -126,6 +127,12 @@ def _grow_trees(
     radius: float,
     side: float,
 ) -> list[_Segment]:
+    """The vessel segments of one eye: arcades from the disc, then branches, as a random walk.
+
+    Long (past 60 lines) on purpose: one seeded procedure whose every draw from ``rng`` comes in
+    a fixed order (the demo data set is reproduced bit for bit from its seed); split into
+    helpers, the order of the draws would have to be kept by hand across them.
+    """
     temporal = math.pi if side > 0 else 0.0  # direction from the disc towards the macula
     w_max, w_min = cfg.vessel_width_max, cfg.vessel_width_min
     # (initial heading, curvature bias towards the macula side, width factor)
@@ -260,23 +267,27 @@ def write_dataset(cfg: SynthesizeConfig, out: str | Path) -> int:
     dicom_ids = set(order[: round(cfg.dicom_fraction * n_total)].tolist())
     width = max(2, len(str(n_total)))
     index = 0
-    for folder, suffix, cases in splits:
-        for sub in ("images", "1st_manual", "mask"):
-            (out / folder / sub).mkdir(parents=True, exist_ok=True)
-        for _ in cases:
-            case = generate_case(cfg, index)
-            num = f"{index + 1:0{width}d}"
-            images = out / folder / "images"
-            if index in dicom_ids:
-                write_rgb_dicom(images / f"{num}_{suffix}.dcm", case.image, f"{cfg.seed}-{num}")
-            else:
-                tifffile.imwrite(images / f"{num}_{suffix}.tif", case.image, photometric="rgb")
-            if cfg.labels == "vessels_disc":
-                _write_gif(out / folder / "1st_manual" / f"{num}_manual1.gif", label_map(case), 1)
-            else:
-                _write_gif(out / folder / "1st_manual" / f"{num}_manual1.gif", case.vessels)
-            _write_gif(out / folder / "mask" / f"{num}_{suffix}_mask.gif", case.fov)
-            index += 1
+    with progress(total=n_total, desc="synthesize") as bar:
+        for folder, suffix, cases in splits:
+            for sub in ("images", "1st_manual", "mask"):
+                (out / folder / sub).mkdir(parents=True, exist_ok=True)
+            for _ in cases:
+                case = generate_case(cfg, index)
+                num = f"{index + 1:0{width}d}"
+                images = out / folder / "images"
+                if index in dicom_ids:
+                    write_rgb_dicom(images / f"{num}_{suffix}.dcm", case.image, f"{cfg.seed}-{num}")
+                else:
+                    tifffile.imwrite(images / f"{num}_{suffix}.tif", case.image, photometric="rgb")
+                if cfg.labels == "vessels_disc":
+                    _write_gif(
+                        out / folder / "1st_manual" / f"{num}_manual1.gif", label_map(case), 1
+                    )
+                else:
+                    _write_gif(out / folder / "1st_manual" / f"{num}_manual1.gif", case.vessels)
+                _write_gif(out / folder / "mask" / f"{num}_{suffix}_mask.gif", case.fov)
+                index += 1
+                bar.update()
     return n_total
 
 

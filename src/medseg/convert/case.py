@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.config import ConvertConfig
-from medseg.convert.fov import check_fov_keeps_labels, fov_from_image
+from medseg.config.sections import ConvertConfig
+from medseg.convert.fov import check_fov_keeps_labels, fov_from_image, labels_outside
 from medseg.convert.ids import base_id, source_name
 from medseg.convert.pseudonyms import redact
 from medseg.errors import MedsegError
@@ -26,7 +26,7 @@ from medseg.names import AUTO
 MANIFEST_COLUMNS = [
     "case_id", "split", "image", "mask", "fov", "source", "source_format", "bit_depth",
     "channels", "height", "width", "fov_source", "mask2", "modality", "spacing_row",
-    "spacing_col", "group",
+    "spacing_col", "fov_cut", "group",
 ]  # fmt: skip
 
 
@@ -55,6 +55,7 @@ class _Checked:
     fov_source: str
     modality: str = ""  # DICOM Modality; empty for other formats
     spacing: tuple[float, float] | None = None  # (row, column) mm, where the file says
+    fov_cut: float | None = None  # share of the labels a thresholded FOV leaves out
 
 
 @dataclass(frozen=True)
@@ -112,40 +113,44 @@ def _convert(
         fovs = _read_mask(case.fov, raw, cfg, images, "FOV mask")
         if not fovs.any(axis=(1, 2)).all():
             raise MedsegError(f"{case.fov}: the field-of-view mask is empty")
-        fov_source = "given"
+        fov_source, fov_cut = "given", None
     else:
-        fovs, fov_source = _made_fov(case.image, images, masks, cfg)
+        fovs, fov_source, fov_cut = _made_fov(case.image, images, masks, cfg)
     modality, spacing = "", None
     if source_format(case.image) == "dicom":
         modality, spacing = header_facts(case.image)
-    return _Checked(base, source, images, masks, fovs, masks2, fov_source, modality, spacing)
+    return _Checked(
+        base, source, images, masks, fovs, masks2, fov_source, modality, spacing, fov_cut
+    )
 
 
 def _made_fov(
     image: Path, images: np.ndarray, masks: np.ndarray, cfg: ConvertConfig
-) -> tuple[np.ndarray, str]:
-    """The FOV of a case that ships none, and its source: ``threshold`` or ``whole_image``.
+) -> tuple[np.ndarray, str, float | None]:
+    """The FOV of a case that ships none, its source (``threshold`` or ``whole_image``), and the
+    share of its labelled pixels a thresholded FOV leaves out (None where none was made).
 
-    ``auto`` thresholds where that finds an FOV that keeps the labels and otherwise takes the
-    whole image without complaint: the plan decides later whether a made FOV is used
-    (`medseg.preprocess.dataset.preprocess_dataset`). ``threshold`` refuses a case where it fails.
+    ``threshold`` refuses a case where the threshold finds no field or cuts its labels.
+    ``auto`` treats every case alike, whatever its labels say: the thresholded FOV wherever the
+    image has one (the image alone decides, as it does for `medseg predict`), and the share it
+    leaves out recorded for the plan, which decides for the whole data set from the training
+    cases (`medseg.planning.plan`); a case whose labels it cuts is named in the log, not
+    switched, so that no test label chooses its own scoring region.
     """
     if cfg.fov_fallback == "whole_image":
-        return np.ones(images.shape[:3], dtype=bool), "whole_image"
+        return np.ones(images.shape[:3], dtype=bool), "whole_image", None
     fovs = np.stack([fov_from_image(im, cfg.fov_threshold, cfg.fov_erode) for im in images])
-    try:
-        if not fovs.any(axis=(1, 2)).all():
-            raise MedsegError(
-                f"{image}: no field of view found above convert.fov_threshold "
-                f"({cfg.fov_threshold}); lower it, give FOV masks, or set "
-                "convert.fov_fallback: whole_image"
-            )
+    if not fovs.any(axis=(1, 2)).all():
+        if cfg.fov_fallback == AUTO:
+            return np.ones(images.shape[:3], dtype=bool), "whole_image", None
+        raise MedsegError(
+            f"{image}: no field of view found above convert.fov_threshold "
+            f"({cfg.fov_threshold}); lower it, give FOV masks, or set "
+            "convert.fov_fallback: whole_image"
+        )
+    if cfg.fov_fallback != AUTO:
         check_fov_keeps_labels(image, masks, fovs)
-    except MedsegError:
-        if cfg.fov_fallback != AUTO:
-            raise
-        return np.ones(images.shape[:3], dtype=bool), "whole_image"
-    return fovs, "threshold"
+    return fovs, "threshold", labels_outside(masks, fovs)[0]
 
 
 def _write_case(
@@ -180,6 +185,7 @@ def _write_case(
                 "height": image.shape[0],
                 "width": image.shape[1],
                 "fov_source": fov_source,
+                "fov_cut": "" if checked.fov_cut is None else round(checked.fov_cut, 4),
                 "mask2": names["masks2"] if masks2 is not None else "",
                 "modality": checked.modality,
                 "spacing_row": checked.spacing[0] if checked.spacing else None,

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from medseg.config import ConvertConfig, DataConfig, label_map
+from medseg.config.sections import ConvertConfig, DataConfig, label_map
 from medseg.convert.case import MANIFEST_COLUMNS, Job, Result, convert_case
+from medseg.convert.fov import FOV_LABEL_TOLERANCE
 from medseg.convert.groups import case_group, group_counts
 from medseg.convert.ids import check_unique_ids
 from medseg.convert.pseudonyms import id_key, key_fingerprint, redact, skip_row
@@ -124,6 +125,7 @@ def _convert_dataset(
         len(manifest), manifest["group"].nunique(), len(problems),
         ", listed in skipped.csv" if problems else "",
     )  # fmt: skip
+    _report_fov_cuts(manifest)
     return manifest
 
 
@@ -135,6 +137,20 @@ def _group_report(manifest: pd.DataFrame) -> dict[str, object]:
         "test": int(groups[manifest["split"] == "test"].nunique()),
         "from": group_counts(groups.tolist()),
     }
+
+
+def _report_fov_cuts(manifest: pd.DataFrame) -> None:
+    """Name the cases whose thresholded FOV leaves out labels (``convert.fov_fallback: auto``):
+    they keep it like every other case; the plan decides for the data set from the training
+    cases alone, so a test case's labels never choose its scoring region."""
+    cut = pd.to_numeric(manifest["fov_cut"], errors="coerce")
+    over = manifest[cut > FOV_LABEL_TOLERANCE]
+    for split, rows in over.groupby("split"):
+        log.warning(
+            "%d %s case(s) whose thresholded FOV leaves out more than %g%% of the labels, kept "
+            "as made (the plan decides the FOV for the whole data set): %s",
+            len(rows), split, 100 * FOV_LABEL_TOLERANCE, ", ".join(rows["case_id"].astype(str)),
+        )  # fmt: skip
 
 
 def _run(jobs: list[Job], cfg: ConvertConfig) -> list[Result]:

@@ -48,6 +48,27 @@ FOV_LABEL_TOLERANCE = 0.01  # share of a case's labelled pixels a thresholded FO
 FOV_RIM = 3  # pixels beyond the FOV's rim that count as the rim (a threshold shaves a few)
 
 
+def labels_outside(masks: np.ndarray, fovs: np.ndarray) -> tuple[float, int]:
+    """The largest share of a frame's labelled pixels that lie farther than ``FOV_RIM`` pixels
+    outside its FOV, and that frame's index.
+
+    Args:
+        masks: (F, H, W) integer labels, 0 = background.
+        fovs: (F, H, W) or (1, H, W) bool.
+    """
+    worst, where = 0.0, 0
+    for k, mask in enumerate(masks):
+        labelled = mask > 0
+        total = int(np.count_nonzero(labelled))
+        if not total:
+            continue
+        near = ndimage.binary_dilation(fovs[k if len(fovs) > 1 else 0], iterations=FOV_RIM)
+        share = np.count_nonzero(labelled & ~near) / total
+        if share > worst:
+            worst, where = float(share), k
+    return worst, where
+
+
 def check_fov_keeps_labels(image: Path, masks: np.ndarray, fovs: np.ndarray) -> None:
     """Refuse an FOV made by thresholding that cuts away labelled anatomy.
 
@@ -58,18 +79,12 @@ def check_fov_keeps_labels(image: Path, masks: np.ndarray, fovs: np.ndarray) -> 
     ``FOV_RIM`` pixels outside is an error (vessels that cross a fundus rim lose a pixel or two
     there, which is no reason to refuse).
     """
-    for k, mask in enumerate(masks):
-        labelled = mask > 0
-        total = int(np.count_nonzero(labelled))
-        if not total:
-            continue
-        near = ndimage.binary_dilation(fovs[k if len(fovs) > 1 else 0], iterations=FOV_RIM)
-        outside = int(np.count_nonzero(labelled & ~near))
-        if outside > FOV_LABEL_TOLERANCE * total:
-            frame = f" (frame {k + 1})" if len(masks) > 1 else ""
-            raise MedsegError(
-                f"{image}{frame}: {100.0 * outside / total:.1f}% of the labelled pixels lie "
-                "well outside the field of view found by convert.fov_threshold; dark regions "
-                "here belong to the anatomy: set convert.fov_fallback: whole_image (CT, X-ray, "
-                "dermoscopy, microscopy) or give FOV masks"
-            )
+    share, k = labels_outside(masks, fovs)
+    if share > FOV_LABEL_TOLERANCE:
+        frame = f" (frame {k + 1})" if len(masks) > 1 else ""
+        raise MedsegError(
+            f"{image}{frame}: {100.0 * share:.1f}% of the labelled pixels lie "
+            "well outside the field of view found by convert.fov_threshold; dark regions "
+            "here belong to the anatomy: set convert.fov_fallback: whole_image (CT, X-ray, "
+            "dermoscopy, microscopy) or give FOV masks"
+        )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.config import EvaluateConfig
+from medseg.config.sections import EvaluateConfig
 from medseg.errors import MedsegError
 from medseg.inference.bundle import load_bundle
 from medseg.inference.predictor import Predictor
@@ -20,6 +20,7 @@ from medseg.labels import LabelSpace, to_uint8
 from medseg.names import CLASSES
 from medseg.preprocess.processed import open_split, read_case, read_class_names
 from medseg.preprocess.transforms import resize_image
+from medseg.progress import progress
 from medseg.scoring.shapes import ShapeScoring
 from medseg.scoring.tally import PRECISION, ScoreTally, SecondObserver, build_metrics
 
@@ -67,7 +68,7 @@ def evaluate_model(
     with atomic_dir(out) as tmp:
         (tmp / "overlays").mkdir()
         (tmp / "probabilities").mkdir()
-        for i in test:
+        for i in progress(test, desc="evaluate"):
             case = read_case(test, i)
             pred, probs = predictor.predict(case.image, case.fov, out_fov=case.truth_fov)
             tally.add(case.case_id, probs, pred, case.truth, case.truth_fov, spacings[i])
@@ -119,7 +120,7 @@ def _thin_labels(cfg: EvaluateConfig, data_dir: str | Path, space: LabelSpace) -
         log.info("no training cases in %s: no lesion counts under evaluate.lesions: auto", data_dir)
         return set(space.foreground_labels)
     train = open_split(data_dir, "train")
-    masks = (read_case(train, i).truth for i in train)
+    masks = (read_case(train, i).truth for i in progress(train, desc="thin labels"))
     return thin_labels(masks, space.foreground_labels)
 
 

@@ -8,19 +8,23 @@ models/convert.json        the convert params its data went through (DICOM windo
 models/classes.json        the class names in label order, background first
 ```
 
-A model exported by ``medseg export`` (`medseg.inference.export`) is a bundle in one ``.onnx``
-file, its
-records in the file's metadata (`medseg.inference.onnx_model`); `load_bundle` loads it the same way,
-without torch.
+A model exported by ``medseg export`` (`medseg.inference.export`) is a bundle in one ``.onnx`` file,
+its records in the file's metadata (`medseg.inference.onnx_model`); `load_bundle` loads it the same
+way, without torch.
 
 The weights file of the best epoch of a binary model trained with a validation split also holds,
 in its safetensors metadata (`THRESHOLD`), the threshold with the best validation Dice of those
 weights: ``evaluate.threshold: auto`` and ``medseg predict`` use it
 (`medseg.inference.predictor.resolve_threshold`). Beside it (`POSTPROCESS`), the post-processing
-chosen on
-the validation cases after training (`medseg.training.postchoice`; JSON
+chosen on the validation cases after training (`medseg.training.postchoice`; JSON
 ``{"1": [{"op": "keep_largest"}]}``, ``{}`` for none), which every predictor of the bundle
 applies to its labels.
+
+A bundle has a format version (`medseg.names.BUNDLE_FORMAT`, major.minor) in the metadata of
+its weights (`BUNDLE_FORMAT_KEY`; absent: 1.0, the bundles written before it was): a model
+from last month still loads. A key added to a record later (``preprocess.json``,
+``convert.json``) takes its documented default where a bundle lacks it; a bundle of a newer
+major version is refused in one line.
 
 `save_bundle` writes it (the train stage), `load_bundle` is the one way a saved model is
 loaded: the evaluate stage and ``medseg predict`` go through it, and every mismatch is refused
@@ -34,11 +38,13 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from medseg.config import ConvertConfig, PreprocessConfig
+from medseg.config.sections import ConvertConfig, PreprocessConfig
 from medseg.errors import MedsegError, shown
 from medseg.inference.onnx_model import SUFFIX, open_onnx
 from medseg.inference.postprocess import Steps, parse_steps, steps_record
@@ -46,16 +52,23 @@ from medseg.io.records import read_json
 from medseg.labels import LabelSpace
 from medseg.names import (
     ARCHS,
+    BUNDLE_FORMAT,
+    BUNDLE_FORMAT_KEY,
     CLASSES,
     CONVERT_RECORD,
     MAX_CLASSES,
     MAX_DECODER_BLOCKS,
     MAX_DECODER_WIDTH,
 )
-from medseg.preprocess.processed import RECORD, check_class_names, load_record, read_class_names
+from medseg.preprocess.processed import (
+    RECORD,
+    check_class_names,
+    load_record,
+    parse_record,
+    read_class_names,
+)
 from medseg.preprocess.transforms import in_channels
 from medseg.spec import ModelSpec
-from medseg.strict import parse
 
 if TYPE_CHECKING:  # torch is imported where a torch model is loaded: ONNX bundles run without
     import torch
@@ -90,8 +103,7 @@ class Bundle:
             several classes).
         postprocess: class label -> the post-processing operations chosen on validation
             (`POSTPROCESS`, `medseg.inference.postprocess.apply`); empty where none was chosen or
-            the
-            bundle is older than the choice.
+            the bundle is older than the choice.
     """
 
     model: torch.nn.Module | Runner
@@ -134,9 +146,9 @@ def save_bundle(
     out, records = Path(out), Path(records)
     for state, name in ((best, WEIGHTS), (last, LAST)):
         path = out / name
-        meta = None
+        meta = {BUNDLE_FORMAT_KEY: format_text(BUNDLE_FORMAT)}
         if name == WEIGHTS:
-            meta = {POSTPROCESS: json.dumps(steps_record(postprocess or {}))}
+            meta[POSTPROCESS] = json.dumps(steps_record(postprocess or {}))
             if threshold is not None:
                 meta[THRESHOLD] = repr(threshold)
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -197,6 +209,8 @@ def load_bundle(
                 f"its weights file, with its {spec_path.name} beside it"
             )
     folder = weights.parent
+    meta = _weights_metadata(weights)
+    version = bundle_format(meta.get(BUNDLE_FORMAT_KEY), weights)
     record = Path(preprocess) if preprocess is not None else folder / RECORD
     if not record.is_file():
         raise MedsegError(
@@ -204,12 +218,12 @@ def load_bundle(
             f"images the way it was trained. Copy data/processed/{RECORD} of the run that "
             f"trained it beside the weights, or pass --preprocess"
         )
-    pre = load_record(record)
-    spec = read_spec(spec_path)
-    classes = read_class_names(folder)
-    _check_fits(spec, pre, classes, spec_path, f"in {record}", folder / CLASSES)
-    convert = _convert_record(folder / CONVERT_RECORD)  # every record checked before building
-    meta = _weights_metadata(weights)
+    with _newer(version, weights):
+        pre = load_record(record)
+        spec = read_spec(spec_path)
+        classes = read_class_names(folder)
+        _check_fits(spec, pre, classes, spec_path, f"in {record}", folder / CLASSES)
+        convert = _convert_record(folder / CONVERT_RECORD)  # all records checked before building
     text = meta.get(THRESHOLD)
     threshold = None if text is None else _threshold_value(text, f"{weights}: the threshold")
     steps = _postprocess_value(meta.get(POSTPROCESS, "{}"), spec, classes, weights)
@@ -254,20 +268,23 @@ def _check_fits(
 def _load_onnx(path: Path, device: str, preprocess: str | Path | None) -> Bundle:
     """`load_bundle` of an ONNX export: the records from its metadata (`METADATA`)."""
     runner, meta = open_onnx(path, device)
-    spec = parse_spec(_metadata(path, meta, "medseg.spec"), f"{path} (medseg.spec)")
-    if preprocess is not None:
-        pre, pre_from = load_record(preprocess), f"in {preprocess}"
-    else:
-        pre_raw = _metadata(path, meta, "medseg.preprocess")
-        pre = parse(PreprocessConfig, pre_raw, prefix="preprocess.", source=str(path))
-        pre_from = "in its metadata"
-    classes = check_class_names(_metadata(path, meta, "medseg.classes"), f"{path} (medseg.classes)")
-    _check_fits(spec, pre, classes, path, pre_from, "its medseg.classes")
-    convert_raw = _metadata(path, meta, "medseg.convert")
-    convert = (
-        None if convert_raw is None
-        else parse(ConvertConfig, convert_raw, prefix="convert.", source=str(path))
-    )  # fmt: skip
+    version = bundle_format(meta.get(BUNDLE_FORMAT_KEY), path)
+    with _newer(version, path):
+        spec = parse_spec(_metadata(path, meta, "medseg.spec"), f"{path} (medseg.spec)")
+        if preprocess is not None:
+            pre, pre_from = load_record(preprocess), f"in {preprocess}"
+        else:
+            pre_raw = _metadata(path, meta, "medseg.preprocess")
+            pre = parse_record(PreprocessConfig, pre_raw, "preprocess.", str(path))
+            pre_from = "in its metadata"
+        names = _metadata(path, meta, "medseg.classes")
+        classes = check_class_names(names, f"{path} (medseg.classes)")
+        _check_fits(spec, pre, classes, path, pre_from, "its medseg.classes")
+        convert_raw = _metadata(path, meta, "medseg.convert")
+        convert = (
+            None if convert_raw is None
+            else parse_record(ConvertConfig, convert_raw, "convert.", str(path))
+        )  # fmt: skip
     # absent ("null") in exports older than threshold auto
     threshold = _threshold_value(meta.get(THRESHOLD, "null"), f"{path}: {THRESHOLD}")
     steps = _postprocess_value(meta.get(POSTPROCESS, "{}"), spec, classes, path)  # absent: older
@@ -408,4 +425,49 @@ def _convert_record(path: Path) -> ConvertConfig | None:
         )  # fmt: skip
         return None
     raw = read_json(path, "convert record")
-    return parse(ConvertConfig, raw, prefix="convert.", source=str(path))
+    return parse_record(ConvertConfig, raw, "convert.", str(path))
+
+
+def format_text(version: tuple[int, int]) -> str:
+    """A bundle format as written in metadata: ``"1.1"``."""
+    return f"{version[0]}.{version[1]}"
+
+
+def bundle_format(text: str | None, path: Path) -> tuple[int, int]:
+    """The format (major, minor) of a bundle from its metadata value (`BUNDLE_FORMAT_KEY`);
+    absent: (1, 0), a bundle written before the format was.
+
+    Raises:
+        MedsegError: naming ``path``: the value is not ``major.minor``, or its major version is
+            newer than this medseg reads.
+    """
+    if text is None:
+        return (1, 0)
+    match = re.fullmatch(r"(\d{1,6})\.(\d{1,6})", text)
+    if match is None:
+        raise MedsegError(
+            f"{path}: {BUNDLE_FORMAT_KEY} in its metadata is {shown(text)}, not a format "
+            "version major.minor; export or train it again"
+        )
+    version = (int(match[1]), int(match[2]))
+    if version[0] > BUNDLE_FORMAT[0]:
+        raise MedsegError(
+            f"{path}: a model bundle of format {text}, newer than this medseg reads "
+            f"({format_text(BUNDLE_FORMAT)}); upgrade medseg to load it"
+        )
+    return version
+
+
+@contextmanager
+def _newer(version: tuple[int, int], path: Path) -> Iterator[None]:
+    """A record refused in a bundle of a newer minor format: say so (it may hold a key this
+    medseg does not know yet)."""
+    try:
+        yield
+    except MedsegError as err:
+        if version <= BUNDLE_FORMAT:
+            raise
+        raise MedsegError(
+            f"{err} (the bundle {path} is of format {format_text(version)}, newer than this "
+            f"medseg's {format_text(BUNDLE_FORMAT)}: upgrade medseg)"
+        ) from None

@@ -3,8 +3,7 @@
 written.
 
 The network is exported as `medseg.inference.runners.prepare_model` leaves it (batch norms folded
-into
-the convolutions) and ends with the activation, so the file maps an image to probabilities.
+into the convolutions) and ends with the activation, so the file maps an image to probabilities.
 It is traced by torch's TorchScript-based exporter (``dynamo=False``): it needs nothing beyond
 torch and onnx, works offline, and gives batch, height and width as dynamic axes.
 """
@@ -12,7 +11,6 @@ torch and onnx, works offline, and gives batch, height and width as dynamic axes
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -22,11 +20,19 @@ import torch
 
 from medseg import __version__
 from medseg.errors import MedsegError
-from medseg.inference.bundle import POSTPROCESS, THRESHOLD, Bundle, load_bundle
+from medseg.inference.bundle import (
+    POSTPROCESS,
+    THRESHOLD,
+    Bundle,
+    format_text,
+    load_bundle,
+)
 from medseg.inference.onnx_model import FORMAT, INPUT, OUTPUT, SUFFIX, require
 from medseg.inference.postprocess import steps_record
 from medseg.inference.runners import Runner, TorchRunner, activate, model_divisor
 from medseg.inference.window import pad_to_multiple
+from medseg.io.atomic import atomic_file
+from medseg.names import BUNDLE_FORMAT, BUNDLE_FORMAT_KEY
 
 FORMATS = ("onnx",)
 OPSET = 17  # ONNX opset: onnxruntime >= 1.14 and TensorRT 8.6 read it
@@ -51,8 +57,7 @@ def export_onnx(
     """Export a trained bundle to ``out`` (``.onnx``), checked before it is written.
 
     Steps: (1) load the bundle on the CPU (`medseg.inference.bundle.load_bundle`); (2) trace the
-    network
-    plus activation at a small size, with dynamic batch, height and width; (3) write the
+    network plus activation at a small size, with dynamic batch, height and width; (3) write the
     records into the file's ``metadata_props``; (4) load the file back through
     `load_bundle` and compare its probabilities with torch's on a DRIVE-sized image
     (`CHECK_SIZE`, padded as predict pads it), a size other than the traced one; (5) move it
@@ -82,9 +87,7 @@ def export_onnx(
     bundle = load_bundle(model, "cpu", preprocess)
     assert isinstance(bundle.model, torch.nn.Module)
     divisor = model_divisor(bundle.model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp{SUFFIX}")
-    try:
+    with atomic_file(out, suffix=SUFFIX) as tmp:
         _trace(bundle, divisor, tmp, opset)
         proto = onnx.load(str(tmp))
         proto.producer_name, proto.producer_version = "medseg", __version__
@@ -95,9 +98,6 @@ def export_onnx(
         onnx.helper.set_model_props(proto, metadata(bundle, divisor))
         onnx.save(proto, str(tmp))
         diff = check_export(tmp, bundle, name=out)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return diff
 
 
@@ -107,6 +107,7 @@ def metadata(bundle: Bundle, divisor: int) -> dict[str, str]:
     convert = asdict(bundle.convert) if bundle.convert is not None else None
     return {
         "medseg.format": FORMAT,
+        BUNDLE_FORMAT_KEY: format_text(BUNDLE_FORMAT),
         "medseg.spec": json.dumps(asdict(bundle.spec)),
         "medseg.divisor": str(divisor),
         "medseg.preprocess": json.dumps(asdict(bundle.preprocess)),

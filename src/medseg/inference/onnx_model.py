@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import MedsegError
+from medseg.names import BUNDLE_FORMAT_KEY
 
 SUFFIX = ".onnx"
 EXTRA = "pip install 'medseg[onnx]'"  # what to install when onnx or onnxruntime is missing
@@ -25,6 +26,7 @@ FORMAT = "medseg-onnx/1"  # bumped when the layout below changes
 # metadata_props keys -> what they hold (JSON unless said otherwise)
 METADATA = {
     "medseg.format": f"the string {FORMAT}",
+    BUNDLE_FORMAT_KEY: "the bundle format of its records, major.minor (medseg.names.BUNDLE_FORMAT)",
     "medseg.spec": "the network's spec (model.json of the bundle)",
     "medseg.divisor": "input height and width must be multiples of it (an integer)",
     "medseg.preprocess": "the preprocess params it was trained with (preprocess.json)",

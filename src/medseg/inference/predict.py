@@ -8,26 +8,32 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from medseg.config import EvaluateConfig, PreprocessConfig
+from medseg.config.sections import EvaluateConfig, PreprocessConfig
 from medseg.convert.fov import fov_from_image
 from medseg.errors import MedsegError
 from medseg.inference.bundle import Bundle, load_bundle
 from medseg.inference.predictor import Predictor
 from medseg.inference.window import WindowSettings
-from medseg.io.atomic import cleaned_up, output_errors, remove_leftovers, temp_dir, write_json
+from medseg.io.atomic import (
+    cleaned_up,
+    output_errors,
+    publish,
+    remove_leftovers,
+    temp_dir,
+    write_json,
+)
 from medseg.io.images import binarize, write_png
 from medseg.io.limits import ReadOptions
 from medseg.io.reader import IMAGE_SUFFIXES, read, source_format
 from medseg.labels import LabelSpace, to_uint16
 from medseg.preprocess.transforms import prepare_image
+from medseg.progress import progress
 
 PROBABILITIES = "probabilities"
 AUTO_FALLBACK = 0.5  # threshold auto for a model that stored none (trained without validation)
@@ -245,8 +251,8 @@ def predict_files(
     with _removed_on_failure(created), cleaned_up(tmp, out):
         if probabilities:
             (tmp / PROBABILITIES).mkdir()
-        for path, name in tqdm(
-            list(zip(files, names, strict=True)), desc="predict", unit="image", disable=None
+        for path, name in progress(
+            list(zip(files, names, strict=True)), desc="predict", unit="image"
         ):
             image = read_input(bundle, path)
             fov_mask = input_fov(bundle, fovs[path], image, path)
@@ -263,7 +269,7 @@ def predict_files(
         record = _written(out)
         for rel in written:
             record[rel.as_posix()] = _sha256(tmp / rel)
-            os.replace(tmp / rel, out / rel)
+            publish(tmp / rel, out / rel)
         write_json(out / WRITTEN, {"files": dict(sorted(record.items()))})
     shutil.rmtree(tmp, ignore_errors=True)
     return [out / n for n in names]

@@ -15,7 +15,7 @@ from medseg.names import BLENDINGS
 if TYPE_CHECKING:
     import torch
 
-    from medseg.config import EvaluateConfig
+    from medseg.config.sections import EvaluateConfig
 
 # sigma of the Gaussian weight as a share of the window side (nnU-Net's choice): the centre of a
 # window, which saw the most context, outweighs its rim where windows overlap

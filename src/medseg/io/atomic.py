@@ -213,21 +213,74 @@ def sigterm_raises() -> Iterator[None]:
 
 
 def write_json(path: str | Path, data: Any) -> None:
-    """Write ``data`` as indented JSON to ``path`` through a temporary file and a rename."""
+    """Write ``data`` as indented JSON to ``path`` with `atomic_file`."""
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename."""
+    """Write ``text`` (UTF-8) to ``path`` with `atomic_file`."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary name beside ``path`` that replaces ``path`` when the block succeeds.
+
+    The block writes the file (by name, with any library). On success the file is flushed to
+    the disk (fsync) and renamed over ``path``, and the rename is flushed too, so ``path`` is
+    the old file or the whole new one even after a power loss. On an exception (or SIGTERM)
+    the temporary file is removed and ``path`` is left as it was. The name is unique
+    (``.<name>.tmp-<pid>-<random><suffix>``), so two writers never share one; those left by a
+    killed run are removed first.
+
+    Args:
+        path: the file to write.
+        suffix: ends the temporary name, for a library that goes by the file's ending.
+
+    Raises:
+        OutputError: the output side failed (its OS error, named, replaces the original).
+    """
     path = Path(path)
+    prefix = f".{path.name}{TMP}"
     with output_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        remove_leftovers(path.parent, prefix)
+    tmp = path.with_name(f"{prefix}{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+    try:
+        with sigterm_raises():
+            yield tmp
+        with output_errors(path):
+            publish(tmp, path)
+    except BaseException as err:
+        failure = output_failure(err, path, tmp)  # before the removal frees the disk again
+        tmp.unlink(missing_ok=True)
+        if failure is not None:
+            raise failure from err
+        raise
+
+
+def publish(tmp: str | Path, path: str | Path) -> None:
+    """Rename the finished file ``tmp`` over ``path`` (same file system), both flushed to the
+    disk first: the file's data, then the folder's entry."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(Path(path).parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush ``folder``'s entries (a rename) to the disk, where the OS lets a folder be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder; the rename is done anyway
+        pass
+    finally:
+        os.close(fd)
 
 
 def _swap(tmp: Path, out: Path) -> None:

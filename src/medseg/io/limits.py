@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from medseg.errors import MedsegError
 
 if TYPE_CHECKING:
-    from medseg.config import ConvertConfig
+    from medseg.config.sections import ConvertConfig
 
 # The default decode limit, in samples: a 14000 x 14000 grey image, 8160 x 8160 RGB.
 DEFAULT_MAX_PIXELS = 200_000_000

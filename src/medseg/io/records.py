@@ -1,6 +1,11 @@
 """Small files read with bounds: a params file (YAML) and the JSON records and specs written
 beside data and weights. Neither is large, so anything far larger is refused before it is
-parsed, and YAML aliases are counted before they expand."""
+parsed, and YAML aliases are counted before they expand.
+
+``params.yaml`` is read as DVC reads it (``dvc.utils.serialize.parse_yaml``: ruamel.yaml's safe
+loader, YAML 1.2), so that the value a stage used is the one ``dvc params diff`` and ``dvc exp
+show`` report: ``1e-3`` is a float, ``yes`` and ``on`` are strings, ``017`` is 17. PyYAML reads
+YAML 1.1 and disagrees on each of these."""
 
 from __future__ import annotations
 
@@ -8,7 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.composer import Composer
+from ruamel.yaml.error import YAMLError
+from ruamel.yaml.nodes import MappingNode, Node, SequenceNode
 
 from medseg.errors import MedsegError, cut
 
@@ -28,17 +36,14 @@ def read_yaml(path: Path) -> Any:
     """
     data = _read_at_most(path, MAX_PARAMS_BYTES, "params file")
     try:
-        loader = _BoundedLoader(data.decode("utf-8"))
-        try:
-            return loader.get_single_data()
-        finally:
-            loader.dispose()
+        return _yaml_loader().load(data.decode("utf-8"))
     except UnicodeDecodeError as err:
         raise MedsegError(f"params file {path} is not UTF-8 text ({err.reason})") from None
     except _TooLarge as err:
         raise MedsegError(f"params file {path}: {err}; not a params file") from None
-    except yaml.YAMLError as err:
-        problem = cut(" ".join(str(err).split()), 300)  # one line: the parser's has several
+    except YAMLError as err:
+        # one line: the parser's has several, and names the text it was given as a stream
+        problem = cut(" ".join(str(err).replace('in "<unicode string>", ', "").split()), 300)
         raise MedsegError(f"params file {path} is not valid YAML: {problem}") from None
     except RecursionError:  # nesting deeper than the parser's own stack
         raise MedsegError(f"params file {path}: values nested too deeply") from None
@@ -77,26 +82,30 @@ def read_json(path: Path, what: str) -> Any:
         raise MedsegError(f"{path}: not a valid {what} ({cut(detail, 120)})") from None
 
 
-class _TooLarge(yaml.YAMLError):
+class _TooLarge(YAMLError):
     """A document beyond the bounds on alias expansion or nesting."""
 
 
-# libyaml's parser where PyYAML was built with it: 15x faster, and it bounds nesting itself
-_SafeLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class _BoundedLoader(_SafeLoader):  # type: ignore[misc]
-    """PyYAML's safe loader that refuses a document whose alias expansion or nesting is too
+class _BoundedComposer(Composer):  # type: ignore[misc]
+    """ruamel.yaml's composer that refuses a document whose alias expansion or nesting is too
     large, before any Python object is constructed."""
 
-    def get_single_node(self) -> yaml.Node | None:
+    def get_single_node(self) -> Node | None:
         node = super().get_single_node()
         if node is not None:
             _expanded_size(node, {}, set(), 0)
         return node
 
 
-def _expanded_size(node: yaml.Node, sizes: dict[int, int], path: set[int], depth: int) -> int:
+def _yaml_loader() -> YAML:
+    """DVC's params loader (``YAML(typ="safe")``), in pure Python so that the bounded composer
+    is the one used (the C parser composes on its own); the same resolver, the same values."""
+    yaml = YAML(typ="safe", pure=True)
+    yaml.Composer = _BoundedComposer
+    return yaml
+
+
+def _expanded_size(node: Node, sizes: dict[int, int], path: set[int], depth: int) -> int:
     """Nodes under ``node`` with every alias expanded (memoised by node, so the count itself
     costs one visit per distinct node)."""
     key = id(node)
@@ -108,9 +117,9 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int], path: set[int], depth
         raise _TooLarge(f"values nested deeper than {MAX_YAML_DEPTH} levels")
     path.add(key)
     size = 1
-    if isinstance(node, yaml.SequenceNode):
-        children: list[yaml.Node] = list(node.value)
-    elif isinstance(node, yaml.MappingNode):
+    if isinstance(node, SequenceNode):
+        children: list[Node] = list(node.value)
+    elif isinstance(node, MappingNode):
         children = [n for pair in node.value for n in pair]
     else:
         children = []

@@ -22,9 +22,11 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from medseg.convert.fov import FOV_LABEL_TOLERANCE
 from medseg.errors import MedsegError
 from medseg.io.images import binarize, read_labels, read_raster
 from medseg.preprocess.processed import read_class_names
+from medseg.progress import progress
 
 # -- limits: memory stays that of one case whatever the data set's size --
 MIN_TRAIN_CASES = 2
@@ -93,7 +95,7 @@ def fingerprint(
     if len(rows) > max_cases:
         read = rows.iloc[np.sort(rng.choice(len(rows), max_cases, replace=False))]
     acc = _Accumulator(len(names), max(16, sample_pixels // len(read)), rng)
-    for row in read.itertuples(index=False):
+    for row in progress(read.itertuples(index=False), total=len(read), desc="fingerprint"):
         acc.add(converted, row)
     if not any(acc.fg_pixels[1:]):
         raise MedsegError(
@@ -249,6 +251,7 @@ class _Accumulator:
             "source_formats": _counts(rows, "source_format"),
             "modality": _counts(rows, "modality") or None,
             "fov_sources": _counts(rows, "fov_source"),
+            "fov_cut_cases": _fov_cut_cases(rows),
             "fov_share": as_number(self.fov_pixels / max(self.image_pixels, 1)),
             "foreground_share": as_number(fg_total / max(self.fov_pixels, 1)),
             "foreground_share_case_median": as_number(np.median(self.case_fg_share)),
@@ -399,6 +402,13 @@ def _separability(fg: list[np.ndarray], bg: list[np.ndarray]) -> dict[str, float
     within = 0.5 * (np.cov(f[:, :3].T) + np.cov(b[:, :3].T)) + 1e-6 * np.eye(3)
     out["rgb"] = as_number(math.sqrt(max(float(delta @ np.linalg.solve(within, delta)), 0.0)))
     return out
+
+
+def _fov_cut_cases(rows: pd.DataFrame) -> int:
+    """Training cases whose FOV, made by threshold, leaves out labels (`medseg.convert.fov`)."""
+    if "fov_cut" not in rows.columns:
+        return 0
+    return int((pd.to_numeric(rows["fov_cut"], errors="coerce") > FOV_LABEL_TOLERANCE).sum())
 
 
 def _counts(rows: pd.DataFrame, column: str) -> dict[str, int]:

@@ -19,10 +19,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from medseg import names
 from medseg.errors import MedsegError
 from medseg.io.atomic import write_json
 from medseg.planning.fingerprint import as_number, structure
+from medseg.planning.settings import BY_KEY, KEYS
 
 PLAN_VERSION = 1
 
@@ -45,15 +45,6 @@ TRAIN_SHARE = 0.85  # share of the budget for steps; the rest: validation, start
 WINDOW_MAX = 1024
 FILL_HOLES_MAX = 0.001  # fill-holes is a candidate when holes hold at most this share of fg
 
-# Every key the plan sets, in the order of the table: the params a user may leave ``auto``
-# (`medseg.names.PLANNED`), and two whose ``auto`` is a value of their own that the plan reports.
-PLANNED_KEYS = (
-    "convert.fov_fallback",
-    *(f"{section}.{key}" for section, keys in names.PLANNED.items() for key in keys),
-    "evaluate.threshold",
-)
-AUTO_VALUED = ("convert.fov_fallback", "evaluate.threshold")
-
 ProbeFn = Callable[[int, int, int], float]
 
 
@@ -67,7 +58,8 @@ def plan(
 
     Args:
         fingerprint: `fingerprint`'s result.
-        explicit: dotted param key (one of `PLANNED_KEYS`, e.g. ``"train.patch_size"``) -> the
+        explicit: dotted param key (one of `medseg.planning.settings.KEYS`, e.g.
+            ``"train.patch_size"``) -> the
             value the user set (a param not ``auto``); it wins over the rule, and the rules
             that depend on it (batch from patch, window from scale) use it.
         probe_step_seconds: seconds per training step at the planned patch and batch: a fixed
@@ -80,9 +72,9 @@ def plan(
     Returns:
         ``{"version", "params": {section: {key: value}}, "settings": {key: {"value", "source":
         "plan" | "explicit", "reason"}}, "structure", "budget", "fingerprint"}``, one setting
-        per key of `PLANNED_KEYS`, in that order. ``params`` is what the stages read (DVC
-        tracks it as their params); ``budget`` is ``{"minutes", "step_seconds", "steps"}``,
-        or None with explicit epochs.
+        per key of `medseg.planning.settings.KEYS`, in that order. ``params`` is what the
+        stages read (DVC tracks it as their params); ``budget`` is ``{"minutes",
+        "step_seconds", "steps"}``, or None with explicit epochs.
 
     Raises:
         MedsegError: a budget too small for one epoch, or neither a budget nor explicit epochs.
@@ -91,7 +83,8 @@ def plan(
     out: dict[str, dict[str, Any]] = {}
 
     def setting(key: str, rule: Callable[[], tuple[Any, str]]) -> Any:
-        if key in explicit and not (key in AUTO_VALUED and explicit[key] == names.AUTO):
+        assert key in BY_KEY, f"{key} is not in medseg.planning.settings.SETTINGS"
+        if key in explicit:
             out[key] = {
                 "value": explicit[key],
                 "source": "explicit",
@@ -118,15 +111,15 @@ def plan(
     setting("train.postprocess", lambda: _postprocess_rule(fp, kind))
     setting("evaluate.window", lambda: _window_rule(fp, scale, int(patch)))
     setting("evaluate.tta", lambda: _tta_rule(fp))
-    setting("evaluate.threshold", lambda: _threshold_rule(fp))
+    assert set(out) == set(KEYS), f"the plan set {sorted(out)}, the table has {sorted(KEYS)}"
     params: dict[str, dict[str, Any]] = {}
-    for key in PLANNED_KEYS:
+    for key in KEYS:
         section, name = key.split(".")
         params.setdefault(section, {})[name] = out[key]["value"]
     return {
         "version": PLAN_VERSION,
         "params": params,
-        "settings": {key: out[key] for key in PLANNED_KEYS},
+        "settings": {key: out[key] for key in KEYS},
         "structure": kind,
         "budget": budget,
         "fingerprint": dict(fp),
@@ -139,6 +132,12 @@ def _fov_rule(fp: Mapping[str, Any]) -> tuple[str, str]:
     colour = 3 in fp["channels"] and fp["grey_as_rgb_cases"] < fp["cases"]
     given = " (FOV masks given for every training case: only where one is missing)"
     note = given if sources and set(sources) == {"given"} else ""
+    cut = int(fp.get("fov_cut_cases", 0))
+    if cut:
+        return "whole_image", (
+            f"the thresholded FOV leaves out labels in {cut} of {fp['cases']} training cases: "
+            "dark regions here are anatomy"
+        )
     if colour and dark >= DARK_SURROUND and fg_dark <= 0.01:
         return "threshold", (
             f"a photograph's black surround: {dark:.0%} of the border dark, "
@@ -320,12 +319,6 @@ def _tta_rule(fp: Mapping[str, Any]) -> tuple[bool, str]:
     if cases > TTA_MAX_CASES:
         return False, f"{cases} training cases: a large set, inference without the 4x of TTA"
     return True, "flip TTA (nnU-Net's mirroring): 4x inference time, steadier edges"
-
-
-def _threshold_rule(fp: Mapping[str, Any]) -> tuple[str, str]:
-    if len(fp["classes"]) > 2:
-        return "auto", "several classes: the most probable one (no threshold)"
-    return "auto", "the threshold with the best validation Dice"
 
 
 def _postprocess_rule(

@@ -1,13 +1,35 @@
-"""The step-time probe of the plan: seconds per training step on this machine, measured as the
-train stage runs one. It lives with training (it builds the network, optimizer and loss as
-`medseg.training` does), so that `medseg.planning.plan` stays free of torch and of the training
-code."""
+"""The step-time probe of the plan: seconds per training step on this machine, measured on the
+train stage's own step (`medseg.training.step`: the parts built as training builds them, the
+same call), imported only when the probe runs, so that `medseg.planning.plan` stays free of
+torch and nothing here loads the training loop."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+# other processes' CPU use during a probe (in cores) above which its step time is not this
+# machine's: the plan still uses it, but a later plan measures again instead of keeping it
+BUSY_CORES = 0.5
+
+
+@dataclass(frozen=True)
+class StepProbe:
+    """What a probe measured: ``seconds`` a step (the median), the torch ``threads`` it ran on
+    (on a CPU), and ``other_cores``: how many of this process's CPUs other processes kept busy
+    meanwhile, on average (`medseg.training.precision.other_cores`; 0.0 on a GPU or where
+    unknown)."""
+
+    seconds: float
+    threads: int
+    other_cores: float
+
+    @property
+    def busy(self) -> bool:
+        """Whether other processes took more than `BUSY_CORES` while it measured."""
+        return self.other_cores > BUSY_CORES
 
 
 def probe_step_seconds(
@@ -17,14 +39,16 @@ def probe_step_seconds(
     steps: int = 5,
     warmup: int = 3,
     device: str | None = None,
-) -> float:
+) -> StepProbe:
     """Seconds per training step on this machine, measured as train runs one.
 
-    Builds the network from ``cfg`` (`medseg.model.build_model` of its spec), its optimizer and
-    loss as `medseg.training` does, and times ``steps`` forward/backward/optimizer steps on a
-    random batch of ``cfg.batch_size`` x ``in_channels`` x ``cfg.patch_size``^2 after
+    Builds the step's parts from ``cfg`` as training does (`medseg.training.step.build_step`)
+    and times ``steps`` calls of the step itself (forward, loss, backward, clip, optimizer,
+    schedule) on a random batch of ``cfg.batch_size`` x ``in_channels`` x ``cfg.patch_size``^2 after
     ``warmup`` steps (allocator, kernel choice); the median step. Patch cutting and
-    augmentation are not included (`TRAIN_SHARE` leaves room for them).
+    augmentation are not included (`TRAIN_SHARE` leaves room for them). On a CPU it runs on
+    the threads train would take (`medseg.training.precision.cpu_threads`; torch's setting is
+    restored after) and watches the other processes' CPU use while it measures.
 
     Args:
         cfg: the train params (`medseg.config.TrainConfig`) with the planned patch and batch.
@@ -34,32 +58,42 @@ def probe_step_seconds(
         device: default ``cfg.device`` (``auto``: CUDA when present).
 
     Returns:
-        The median seconds per step.
+        The median seconds per step, the threads, the other processes' CPU use.
     """
+    import torch
+
+    from medseg.model import resolve_device
+    from medseg.training.precision import cpu_sample, cpu_threads, other_cores
+
+    dev = resolve_device(device or cfg.device)
+    saved = torch.get_num_threads()
+    try:
+        threads = cpu_threads(cfg.deterministic) if dev.type == "cpu" else saved
+        before = cpu_sample()
+        seconds = _median_step(cfg, in_channels, dev, steps, warmup)
+        other = other_cores(before, cpu_sample()) if dev.type == "cpu" else 0.0
+    finally:
+        torch.set_num_threads(saved)
+    return StepProbe(seconds, threads, round(other, 2))
+
+
+def _median_step(cfg: Any, in_channels: int, dev: Any, steps: int, warmup: int) -> float:
+    """The median seconds of ``steps`` training steps after ``warmup`` (see
+    `probe_step_seconds`), on the torch device ``dev``."""
     import time
 
     import torch
 
-    from medseg.model import build_model, resolve_device
     from medseg.spec import ModelSpec
-    from medseg.training.losses import loss_from_config
-    from medseg.training.optim import build_optimizer
-    from medseg.training.precision import amp_dtype
+    from medseg.training.step import build_step
 
-    dev = resolve_device(device or cfg.device)
     torch.manual_seed(0)
-    model = build_model(ModelSpec.from_config(cfg, in_channels)).to(dev)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.train()
-    optimizer = build_optimizer(cfg, model)
-    loss_fn = loss_from_config(cfg)
-    dtype = amp_dtype(cfg, dev)
+    spec = ModelSpec.from_config(cfg, in_channels)
+    parts = build_step(cfg, spec, dev, max(warmup + steps, 1))
+    parts.net.train()
     gen = torch.Generator().manual_seed(0)
     shape = (cfg.batch_size, in_channels, cfg.patch_size, cfg.patch_size)
     x = torch.randn(shape, generator=gen).to(dev)
-    if cfg.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
     classes = max(cfg.classes, 1)
     if classes == 1:
         y = (torch.rand((shape[0], 1, *shape[2:]), generator=gen) > 0.8).float().to(dev)
@@ -71,12 +105,7 @@ def probe_step_seconds(
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         start = time.perf_counter()
-        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(x)
-        loss = loss_fn(logits.float(), y, valid)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        parts.run(x, y, valid)  # the train stage's own step (augmentation aside)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         if i >= warmup:

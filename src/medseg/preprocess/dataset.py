@@ -1,6 +1,5 @@
 """The preprocess stage: model-ready cases (see `medseg.preprocess.transforms`), the train/val
-split,
-written as one case store (a few shard files) per split (read back by
+split, written as one case store (a few shard files) per split (read back by
 `medseg.preprocess.processed`)."""
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medseg.config import PreprocessConfig
+from medseg.config.sections import PreprocessConfig
 from medseg.errors import MedsegError
 from medseg.io.atomic import atomic_dir, write_json
 from medseg.io.images import binarize, read_labels, read_raster
@@ -27,6 +26,7 @@ from medseg.preprocess.processed import (
     save_record,
 )
 from medseg.preprocess.transforms import prepare_image, resize_labels
+from medseg.progress import progress
 
 # The stage's own names, and those the modules reading processed data import from here.
 __all__ = [
@@ -201,7 +201,8 @@ def _write_split(
     fg = np.zeros(n_labels, dtype=np.int64)
     inside = resized = pixels = 0
     try:
-        for row in rows.itertuples(index=False):
+        cases = progress(rows.itertuples(index=False), total=len(rows), desc=f"preprocess {split}")
+        for row in cases:
             arrays, meta = _prepare_case(row, converted, cfg, n_labels, whole)
             writer.add(str(row.case_id), arrays, **meta)
             fg[1:] += arrays["fg_rows"].sum(axis=1)

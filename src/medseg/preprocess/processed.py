@@ -7,20 +7,21 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
-from medseg.config import PreprocessConfig
+from medseg.config.keys import parse
+from medseg.config.sections import PreprocessConfig
 from medseg.errors import MedsegError
 from medseg.io.atomic import write_json
 from medseg.io.records import read_json
 from medseg.io.shards import CaseStore
 from medseg.names import CLASSES, MAX_CLASSES, PREPROCESS_RECORD
-from medseg.strict import parse
 
 SPLITS = ("train", "val", "test")
 RECORD = PREPROCESS_RECORD
+T = TypeVar("T")
 
 
 BINARY = ("background", "foreground")
@@ -111,4 +112,16 @@ def load_record(path: str | Path) -> PreprocessConfig:
     """
     path = Path(path)
     raw = read_json(path, "preprocess record")
-    return parse(PreprocessConfig, raw, prefix="preprocess.", source=str(path))
+    return parse_record(PreprocessConfig, raw, "preprocess.", str(path))
+
+
+def parse_record(cls: type[T], raw: Any, prefix: str, source: str) -> T:
+    """A record (``preprocess.json``, ``convert.json``: a params section as a stage used it)
+    parsed as strictly as the params, except that a key absent from it takes its default: the
+    record was written before the key existed (`medseg.names.BUNDLE_FORMAT`).
+
+    Raises:
+        MedsegError: naming ``source`` and the first unknown, mistyped or out-of-range key, or
+            an absent key that has no default.
+    """
+    return parse(cls, raw, prefix=prefix, source=source, defaults=True)

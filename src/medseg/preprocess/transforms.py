@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.config import PreprocessConfig
+from medseg.config.sections import PreprocessConfig
 from medseg.errors import MedsegError
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)

@@ -22,10 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medseg.config import TrainConfig
+from medseg.config.sections import TrainConfig
 from medseg.errors import MedsegError
 from medseg.io.shards import CaseStore
-from medseg.preprocess.processed import open_split
+from medseg.names import CLASSES
+from medseg.preprocess.processed import open_split, read_class_names
 from medseg.training.data import Augmentation, Batch, PatchSampler, Plan, augment_dihedral
 
 # auto: the training cases are read into RAM when they take at most this share of the memory
@@ -235,3 +236,52 @@ def make_sampler(
     if device is None:
         return PatchSampler(*args)
     return DevicePatchSampler(*args, device=device)
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The preprocess stage's output as a run reads it.
+
+    Attributes:
+        dir: the preprocess stage's output folder.
+        train, val: the case stores of the two splits (``val`` may be empty).
+        cache: where the training cases live (`medseg.training.cache.choose_cache`).
+        class_names: the label names, background first.
+    """
+
+    dir: Path
+    train: CaseStore
+    val: CaseStore
+    cache: str
+    class_names: list[str]
+
+    @classmethod
+    def open(
+        cls, cfg: TrainConfig, data_dir: str | Path, device: torch.device, processes: int = 1
+    ) -> TrainingData:
+        """Open the splits in ``data_dir`` where ``train.cache`` puts them.
+
+        Raises:
+            MedsegError: no training cases, or ``train.classes`` does not fit the labels.
+        """
+        data_dir = Path(data_dir)
+        cache = choose_cache(cfg, data_dir, device, processes)
+        train = open_split(data_dir, "train", ram=cache == "ram")
+        val = open_split(data_dir, "val")
+        if len(train) == 0:
+            raise MedsegError(f"{data_dir / 'train.json'}: no training cases")
+        names = read_class_names(data_dir)
+        _check_classes(cfg, names, data_dir)
+        return cls(data_dir, train, val, cache, names)
+
+
+def _check_classes(cfg: TrainConfig, names: list[str], data_dir: Path) -> None:
+    """``train.classes`` must fit the labels the data has (``classes.json``)."""
+    n = len(names)
+    if cfg.classes == n or (n == 2 and cfg.classes == 1):
+        return
+    want = "1 (sigmoid) or 2 (softmax)" if n == 2 else str(n)
+    raise MedsegError(
+        f"params: train.classes is {cfg.classes} but the data ({data_dir / CLASSES}) has {n} "
+        f"labels ({', '.join(names)}); set train.classes to {want}"
+    )

@@ -9,6 +9,7 @@ device (no ``.item()`` in ``on_step_end``) if the run is to keep a GPU busy.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,12 +19,16 @@ import torch
 from medseg.io.atomic import write_json
 from medseg.training.monitor import GPU_CURVES
 
+log = logging.getLogger(__name__)
+
 
 class TrainerView(Protocol):
     """What a hook is given of `medseg.training.loop.Trainer` (its other attributes are there as
     well); a protocol, so that the loop imports its hooks and not the other way round."""
 
     epoch: int  # epochs done
+    clock: dict[str, float]  # the current epoch's wall-clock record (start, end, images, ...)
+    cfg: Any  # the train params
     history: list[tuple[dict[str, float], dict[str, float]]]  # per epoch: record, best so far
 
     def best(self) -> dict[str, float]:
@@ -125,3 +130,40 @@ def _nested(flat: dict[str, float]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[leaf] = value
     return out
+
+
+class StepTimeCheck(Callback):
+    """After the first epoch, the seconds a step took here against the seconds the plan bought
+    its steps with (`medseg.planning.probe`): a factor of `FACTOR` either way is a warning, as
+    the budget then over- or under-runs by as much (a plan made on another machine, or while
+    the machine was busy).
+
+    Args:
+        planned: the plan's seconds a step (``plans.json`` ``budget.step_seconds``).
+    """
+
+    FACTOR = 2.0
+
+    def __init__(self, planned: float) -> None:
+        self.planned = planned
+        self.measured: float | None = None
+
+    def on_epoch_end(self, trainer: TrainerView, record: dict[str, float]) -> None:
+        clock = trainer.clock
+        steps = clock.get("images", 0) / trainer.cfg.batch_size
+        if self.measured is not None or not steps or "end" not in clock:
+            return
+        self.measured = (clock["end"] - clock["start"]) / steps
+        ratio = self.measured / self.planned
+        text = (
+            f"{self.measured:.3g} s a training step in the first epoch; the plan bought its "
+            f"steps at {self.planned:.3g} s ({ratio:.2f}x)"
+        )
+        if ratio >= self.FACTOR or ratio <= 1.0 / self.FACTOR:
+            log.warning(
+                "%s: train.budget will %s by about that much. Was the plan measured on another "
+                "machine or while this one was busy? Plan again here: dvc repro -f -s plan",
+                text, "overrun" if ratio > 1 else "be underused",
+            )  # fmt: skip
+        else:
+            log.info("%s", text)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -24,7 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from medseg.config import TrainConfig
+from medseg.config.sections import TrainConfig
+from medseg.io.atomic import TMP, atomic_file, remove_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +71,9 @@ def params_hash(cfg: TrainConfig, data_files: list[Path], code: Path | None = No
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``state`` to ``path`` with `atomic_file` (temporary file, fsync, rename)."""
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
 
 
 class CheckpointWriter:
@@ -160,8 +151,7 @@ def load_checkpoint(path: str | Path, expected_hash: str) -> dict[str, Any] | No
     resuming it would silently mix two experiments.
     """
     path = Path(path)
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a kill during a save
-        stale.unlink(missing_ok=True)
+    remove_leftovers(path.parent, f".{path.name}{TMP}")  # left by a kill during a save
     if not path.is_file():
         return None
     try:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medseg.config import TrainConfig
+from medseg.config.sections import TrainConfig
 from medseg.io.shards import CaseStore
 
 
@@ -376,3 +376,16 @@ def augment_dihedral(a: np.ndarray, k: int, flip: bool) -> np.ndarray:
     """
     a = np.rot90(a, k, axes=(-2, -1))
     return a[..., ::-1] if flip else a
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Steps of an epoch's plan as a map-style dataset, for DataLoader workers."""
+
+    def __init__(self, sampler: PatchSampler, plan: Plan, first: int, share: slice) -> None:
+        self.sampler, self.plan, self.first, self.share = sampler, plan, first, share
+
+    def __len__(self) -> int:
+        return len(self.plan) - self.first
+
+    def __getitem__(self, i: int) -> Batch:
+        return self.sampler.crop(self.plan, self.first + i, self.share)

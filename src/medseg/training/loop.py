@@ -22,7 +22,6 @@ checkpoint is removed after a successful run: the weights are in the models fold
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -33,19 +32,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
-from medseg.config import TrainConfig
+from medseg.config.sections import TrainConfig
 from medseg.errors import MedsegError
 from medseg.inference.bundle import save_bundle
 from medseg.io.atomic import atomic_dir
 from medseg.labels import LabelSpace
-from medseg.model import build_model, check_names
-from medseg.names import CLASSES
-from medseg.preprocess.processed import open_split, read_class_names
+from medseg.model import check_names
+from medseg.progress import progress
 from medseg.spec import ModelSpec
-from medseg.training.cache import DevicePlan, choose_cache, make_sampler
+from medseg.training.cache import DevicePlan, TrainingData, make_sampler
 from medseg.training.callbacks import Callback, LiveLog
 from medseg.training.checkpoint import (
     CHECKPOINT,
@@ -57,21 +53,19 @@ from medseg.training.checkpoint import (
     restore_rng,
     rng_state,
 )
-from medseg.training.data import Batch, PatchSampler, Plan, augment
+from medseg.training.data import Batch, PatchSampler, Plan, StepBatches, augment
 from medseg.training.distributed import (
     World,
     allsum,
     any_process,
     barrier,
     process_group,
-    sync_batchnorm,
     world_from_env,
 )
-from medseg.training.losses import loss_from_config
 from medseg.training.monitor import GpuMonitor
-from medseg.training.optim import build_optimizer, build_schedule
 from medseg.training.postchoice import choose_for_bundle
-from medseg.training.precision import amp_dtype, backend_flags, train_device
+from medseg.training.precision import backend_flags, cpu_threads, train_device
+from medseg.training.step import StepParts, build_step
 from medseg.training.validation import validate
 
 log = logging.getLogger(__name__)
@@ -92,10 +86,10 @@ def fit(
     Writes ``models_dir/model.safetensors`` (best validation Dice; the last epoch when there is
     no validation split; in its metadata the validation threshold and the post-processing chosen
     on validation, `medseg.training.postchoice`) and ``last.safetensors``, each with a ``.json``
-    spec, and per-epoch
-    curves (dvclive, when installed) into ``logs_dir``. With ``checkpoint_dir``, a checkpoint is
-    written there after every epoch and on a stop signal, resumed when it matches, and removed
-    at the end. Under ``torchrun`` only rank 0 writes. ``callbacks`` run after the curves'.
+    spec, and per-epoch curves (dvclive, when installed) into ``logs_dir``. With
+    ``checkpoint_dir``, a checkpoint is written there after every epoch and on a stop signal,
+    resumed when it matches, and removed at the end. Under ``torchrun`` only rank 0 writes.
+    ``callbacks`` run after the curves'.
 
     Returns:
         A summary: best epoch, best validation Dice, images per second of the last epoch.
@@ -106,9 +100,11 @@ def fit(
     check_names(cfg.arch, cfg.encoder)
     world = world_from_env()
     device = train_device(cfg, world)
+    if device.type == "cpu":
+        cpu_threads(cfg.deterministic)  # the cores other processes leave free
     with process_group(world, device), backend_flags(cfg, device), StopSignals() as stop:
         hooks = [LiveLog(logs_dir)] if world.main else []
-        trainer = Trainer(
+        trainer = Trainer.from_config(
             cfg, data_dir, world=world, device=device, stop=stop, checkpoint_dir=checkpoint_dir,
             callbacks=[*hooks, *callbacks],
         )  # fmt: skip
@@ -116,17 +112,21 @@ def fit(
 
 
 class Trainer:
-    """One training run, built by name from the ``train.*`` params; `run` is the whole of it.
+    """One training run over parts built beforehand (MONAI's way): `from_config` builds them
+    by name from the ``train.*`` params; `run` is the whole of it.
 
     The parts are public so that benchmarks and extensions use them as the run does: the patch
-    ``sampler`` (host or device, `medseg.training.cache`), the ``model`` and the ``net`` that
-    trains it (DDP- and compile-wrapped), the ``optimizer``, ``scheduler`` and ``loss_fn``;
-    `plan_epoch`, `batches` and `train_step` are one epoch's pieces, and ``callbacks`` see
-    every step and epoch (`medseg.training.callbacks.Callback`).
+    ``sampler`` (host or device, `medseg.training.cache`), the step's ``parts`` (the ``model``
+    and the ``net`` that trains it, the optimizer, schedule and loss,
+    `medseg.training.step.StepParts`); `plan_epoch`, `batches` and `train_step` are one epoch's
+    pieces, and ``callbacks`` see every step and epoch (`medseg.training.callbacks.Callback`).
 
     Args:
         cfg: the ``train`` params.
-        data_dir: the preprocess stage's output.
+        data: the splits (`TrainingData.open`).
+        sampler: cuts the training patches (`medseg.training.cache.make_sampler`); its
+            generator draws every epoch's plan.
+        parts: the step's parts (`medseg.training.step.build_step`).
         world: the processes of a distributed run (default: this one alone).
         device: default from ``train.device``.
         stop: the stop-signal flags (default: none ever arrives).
@@ -137,7 +137,9 @@ class Trainer:
     def __init__(
         self,
         cfg: TrainConfig,
-        data_dir: str | Path,
+        data: TrainingData,
+        sampler: PatchSampler,
+        parts: StepParts,
         *,
         world: World | None = None,
         device: torch.device | None = None,
@@ -150,35 +152,19 @@ class Trainer:
         self.stop = stop or StopSignals()
         self.callbacks = list(callbacks)
         self.share = self.world.share(cfg.batch_size)
-        self.data_dir = data_dir = Path(data_dir)
-        self.cache = choose_cache(cfg, data_dir, self.device, self.world.size)
-        self.train = open_split(data_dir, "train", ram=self.cache == "ram")
-        self.val = open_split(data_dir, "val")
-        if len(self.train) == 0:
-            raise MedsegError(f"{data_dir / 'train.json'}: no training cases")
-        self.class_names = read_class_names(data_dir)
-        _check_classes(cfg, self.class_names, data_dir)
+        self.data_dir, self.cache = data.dir, data.cache
+        self.train, self.val, self.class_names = data.train, data.val, data.class_names
         self.labels = LabelSpace.of(cfg.classes, self.class_names)
         self.ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
         # on a GPU the checkpoint is written in the background (a host copy first: still exact)
         self.checkpoints = CheckpointWriter(self.ckpt or CHECKPOINT, self.device.type != "cpu")
         self.hash = params_hash(cfg, [*self.train.files(), *self.val.files()])
-        torch.manual_seed(cfg.seed)
-        rng = np.random.default_rng(cfg.seed)
-        on_device = self.device if self.cache == "device" else None
-        self.sampler = make_sampler(self.train, cfg, rng, len(self.class_names), on_device)
-        self.spec = ModelSpec.from_config(cfg, in_channels=self.sampler.channels)
-        self.model = build_model(self.spec, cfg.encoder_weights)
-        self.net = self._wrap_model()
+        self.sampler, self.parts, self.model = sampler, parts, parts.model
+        self.spec = ModelSpec.from_config(cfg, in_channels=sampler.channels)
         self.steps = math.ceil(cfg.patches_per_epoch / cfg.batch_size)
-        self.optimizer = build_optimizer(cfg, self.model)
-        self.scheduler = build_schedule(cfg, self.optimizer, self.steps)
-        self.amp_dtype = amp_dtype(cfg, self.device)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.loss_fn = loss_from_config(cfg, allsum)
         # the position and history of the run, all saved in a checkpoint
         self.epoch, self.step = 0, 0
-        self.epoch_rng: dict[str, Any] = dict(rng.bit_generator.state)
+        self.epoch_rng: dict[str, Any] = dict(sampler.rng.bit_generator.state)
         self.losses: list[torch.Tensor] = []
         # per epoch: the values logged, and the best epoch so far
         self.history: list[tuple[dict[str, float], dict[str, float]]] = []
@@ -190,21 +176,36 @@ class Trainer:
         self.first_step_at: float | None = None  # time.time() when this process's first step ended
         self.monitor = GpuMonitor.start(self.device) if self.world.main else None
 
-    def _wrap_model(self) -> torch.nn.Module:
-        """Check the patch size, move the model to the device (SyncBN, channels-last), and
-        return the module that trains it: DDP under torchrun, compiled with ``train.compile``."""
-        cfg, device = self.cfg, self.device
-        _check_input_size(self.model, self.spec, cfg.patch_size)
-        if self.world.size > 1 and cfg.sync_batchnorm:
-            self.model = sync_batchnorm(self.model, device)
-        self.model.to(device)
-        if cfg.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        net: torch.nn.Module = self.model
-        if self.world.size > 1:
-            ids = [device.index] if device.type == "cuda" else None
-            net = DistributedDataParallel(self.model, device_ids=ids)
-        return torch.compile(net) if cfg.compile else net  # type: ignore[return-value]
+    @classmethod
+    def from_config(
+        cls,
+        cfg: TrainConfig,
+        data_dir: str | Path,
+        *,
+        world: World | None = None,
+        device: torch.device | None = None,
+        stop: StopSignals | None = None,
+        checkpoint_dir: str | Path | None = None,
+        callbacks: Sequence[Callback] = (),
+    ) -> Trainer:
+        """Open the data, seed, then build the sampler and the step's parts by name from
+        ``cfg``, in this order (the weights' initialisation draws from torch's seeded
+        generator), and the Trainer over them. Arguments as for `Trainer`; ``data_dir``: the
+        preprocess stage's output."""
+        world = world or World()
+        device = device or train_device(cfg, world)
+        data = TrainingData.open(cfg, data_dir, device, world.size)
+        torch.manual_seed(cfg.seed)
+        rng = np.random.default_rng(cfg.seed)
+        on_device = device if data.cache == "device" else None
+        sampler = make_sampler(data.train, cfg, rng, len(data.class_names), on_device)
+        spec = ModelSpec.from_config(cfg, in_channels=sampler.channels)
+        steps = math.ceil(cfg.patches_per_epoch / cfg.batch_size)
+        parts = build_step(cfg, spec, device, steps, world=world, reduce=allsum)
+        return cls(
+            cfg, data, sampler, parts, world=world, device=device, stop=stop,
+            checkpoint_dir=checkpoint_dir, callbacks=callbacks,
+        )  # fmt: skip
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -265,14 +266,13 @@ class Trainer:
         start, first = time.time(), self.step  # the epoch's time includes drawing its plan
         plan = self.plan_epoch()
         self.clock = {"epoch": self.epoch + 1, "start": start, "plan_s": time.time() - start}
-        self.net.train()
+        self.parts.net.train()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self._emit("on_epoch_start")
-        bar = tqdm(
-            self.batches(plan, first), total=self.steps, initial=first,
-            desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
-            disable=None if self.world.main else True,
+        bar = progress(
+            self.batches(plan, first), total=self.steps, initial=first, unit="step",
+            desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False, show=self.world.main,
         )  # fmt: skip
         # the bar shows the loss on a CPU only: there .item() costs nothing, on a GPU it waits
         show_loss = not bar.disable and self.device.type == "cpu"
@@ -302,35 +302,17 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> torch.Tensor:
         """One optimizer step on ``batch`` (moved to the device when it is not there): augment,
-        forward under autocast, loss (summed over processes), backward, clip, step, schedule.
+        then the step (`medseg.training.step.StepParts.run`: forward under autocast, loss summed
+        over processes, backward, clip, step, schedule).
 
         Returns:
             The loss, a scalar tensor on the device (not detached).
         """
-        cfg = self.cfg
         x, y, v = augment(
-            batch.to(self.device, non_blocking=True), cfg.patch_size, self.sampler.aug,
+            batch.to(self.device, non_blocking=True), self.cfg.patch_size, self.sampler.aug,
             self.sampler.multiclass,
         )  # fmt: skip
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        autocast = (
-            torch.autocast(self.device.type, dtype=self.amp_dtype)
-            if self.amp_dtype
-            else contextlib.nullcontext()
-        )
-        with autocast:
-            logits = self.net(x)
-        loss = self.loss_fn(logits, y, v)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        return loss
+        return self.parts.run(x, y, v)
 
     def batches(self, plan: Any, first: int = 0) -> Iterable[Batch]:
         """The batches of steps ``first..`` of ``plan`` (`plan_epoch`'s), this process's share of
@@ -351,7 +333,7 @@ class Trainer:
         cfg, epoch = self.cfg, self.epoch + 1
         record = {
             "train/loss": float(torch.stack(self.losses).mean()),
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": self.parts.optimizer.param_groups[0]["lr"],
             "throughput_images_per_s": throughput,
         }
         if self.device.type == "cuda":
@@ -442,9 +424,9 @@ class Trainer:
             "epoch_rng": self.epoch_rng,
             "rng": rng_state(self.sampler.rng),
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            "optimizer": self.parts.optimizer.state_dict(),
+            "scheduler": self.parts.scheduler.state_dict(),
+            "scaler": self.parts.scaler.state_dict(),
             "best_dice": self.best_dice,
             "best_epoch": self.best_epoch,
             "best_model": self.best_state,
@@ -476,9 +458,9 @@ class Trainer:
         if state is None:
             return
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        self.parts.optimizer.load_state_dict(state["optimizer"])
+        self.parts.scheduler.load_state_dict(state["scheduler"])
+        self.parts.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = state["epoch"], state["step"]
         self.losses = [t.to(self.device) for t in state["losses"]]
         self.history, self.epoch_rng = state["history"], state["epoch_rng"]
@@ -501,44 +483,6 @@ class Trainer:
         )  # fmt: skip
         with atomic_dir(models_dir) as out:
             save_bundle(out, best, last, self.spec, self.data_dir, self.best_threshold, steps)
-
-
-class StepBatches(torch.utils.data.Dataset):
-    """Steps of an epoch's plan as a map-style dataset, for DataLoader workers."""
-
-    def __init__(self, sampler: PatchSampler, plan: Plan, first: int, share: slice) -> None:
-        self.sampler, self.plan, self.first, self.share = sampler, plan, first, share
-
-    def __len__(self) -> int:
-        return len(self.plan) - self.first
-
-    def __getitem__(self, i: int) -> Batch:
-        return self.sampler.crop(self.plan, self.first + i, self.share)
-
-
-def _check_classes(cfg: TrainConfig, names: list[str], data_dir: Path) -> None:
-    """``train.classes`` must fit the labels the data has (``classes.json``)."""
-    n = len(names)
-    if cfg.classes == n or (n == 2 and cfg.classes == 1):
-        return
-    want = "1 (sigmoid) or 2 (softmax)" if n == 2 else str(n)
-    raise MedsegError(
-        f"params: train.classes is {cfg.classes} but the data ({data_dir / CLASSES}) has {n} "
-        f"labels ({', '.join(names)}); set train.classes to {want}"
-    )
-
-
-def _check_input_size(model: torch.nn.Module, spec: ModelSpec, patch_size: int) -> None:
-    """Fail before training when the architecture cannot take patches of this size."""
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, spec.in_channels, patch_size, patch_size))
-    except (RuntimeError, ValueError) as err:
-        raise MedsegError(
-            f"params: train.arch {spec.arch} with encoder {spec.encoder} cannot take patches of "
-            f"train.patch_size {patch_size} ({err}); use larger patches"
-        ) from err
 
 
 def _synchronize(device: torch.device) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from medseg.config import TrainConfig
+from medseg.config.sections import TrainConfig
 
 AllSum = Callable[[torch.Tensor], torch.Tensor]
 

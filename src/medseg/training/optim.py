@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from medseg.config import TrainConfig
+from medseg.config.sections import TrainConfig
 
 __all__ = ["OPTIMIZERS", "build_optimizer", "build_schedule", "lr_factor"]
 

@@ -4,10 +4,9 @@ The best epoch's weights predict every validation case through the one predictor
 (`medseg.inference.predictor.Predictor`, at validation's window settings and the best validation
 threshold, without post-processing), at the ground truth's resolution: the candidates' sizes
 (``drop_small``'s ``min_size``) are pixels of the converted images.
-`medseg.inference.postprocess.choose`
-then keeps, class by class, each candidate of ``train.postprocess`` that raises the pooled
-validation Dice; the train stage records what it kept in the bundle
-(`medseg.inference.bundle.POSTPROCESS`).
+`medseg.inference.postprocess.choose` then keeps, class by class, each candidate of
+``train.postprocess`` that raises the pooled validation Dice; the train stage records what it kept
+in the bundle (`medseg.inference.bundle.POSTPROCESS`).
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from medseg.io.shards import CaseStore
 from medseg.labels import LabelSpace
 from medseg.model import build_model
 from medseg.preprocess.processed import read_case
+from medseg.progress import progress
 from medseg.spec import ModelSpec
 from medseg.training.validation import VALIDATION_THRESHOLD
 
@@ -102,11 +102,10 @@ def validation_predictions(
     Returns:
         Per case: (H, W) uint8 predicted labels, (H, W) truth labels, (H, W) bool FOV, as
         `medseg.inference.postprocess.choose` takes them. The truths are views into the case store,
-        so
-        memory holds the predictions only.
+        so memory holds the predictions only.
     """
     cases = []
-    for i in val:
+    for i in progress(val, desc="post-processing: predict"):
         case = read_case(val, i)
         pred, _ = predictor.predict(case.image, case.fov, out_fov=case.truth_fov)
         cases.append((pred, case.truth, case.truth_fov))

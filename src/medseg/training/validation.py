@@ -1,7 +1,6 @@
 """Validation inside training: whole validation cases predicted and scored as evaluate does
-(`medseg.inference.predictor.Predictor`, `medseg.evaluation.evaluate.ScoreTally`), for the best
-epoch and the
-threshold that ``evaluate.threshold: auto`` uses."""
+(`medseg.inference.predictor.Predictor`, `medseg.scoring.tally.ScoreTally`), for the best epoch
+and the threshold that ``evaluate.threshold: auto`` uses."""
 
 from __future__ import annotations
 
@@ -14,6 +13,7 @@ from medseg.inference.runners import TorchRunner
 from medseg.io.shards import CaseStore
 from medseg.labels import LabelSpace
 from medseg.preprocess.processed import read_case
+from medseg.progress import progress
 from medseg.scoring.tally import ScoreTally
 
 
@@ -24,7 +24,7 @@ class Validation:
     Attributes:
         dice: pooled Dice at threshold 0.5 (binary) or of the most probable class.
         threshold: binary: the threshold on evaluate's grid
-        (`medseg.evaluation.evaluate.CURVE_POINTS`)
+        (`medseg.scoring.tally.CURVE_POINTS`)
             with the best pooled Dice (``evaluate.threshold: auto``); None for several classes.
         threshold_dice: the pooled Dice at that threshold.
     """
@@ -41,13 +41,11 @@ def validate(
     model: torch.nn.Module, val: CaseStore, device: torch.device, labels: LabelSpace
 ) -> Validation:
     """Dice inside the FOV, pooled over the whole validation cases (at the ground truth's
-    resolution), predicted and scored as evaluate does (`medseg.inference.predictor.Predictor` at
-    the
-    default window settings, `medseg.evaluation.evaluate.ScoreTally`); for several classes the mean
-    over
-    the foreground classes. A binary model also gets the threshold that maximises that Dice.
-    The labels are scored raw: post-processing is chosen after training, for the best epoch
-    (`medseg.training.postchoice`).
+    resolution), predicted and scored as evaluate does (`medseg.inference.predictor.Predictor`
+    at the default window settings, `medseg.scoring.tally.ScoreTally`); for several classes the
+    mean over the foreground classes. A binary model also gets the threshold that maximises that
+    Dice. The labels are scored raw: post-processing is chosen after training, for the best
+    epoch (`medseg.training.postchoice`).
 
     Args:
         model: the network, (B, C, H, W) -> (B, K, H, W) logits.
@@ -56,7 +54,7 @@ def validate(
     model.eval()
     predictor = Predictor([TorchRunner(model, device)], labels, VALIDATION_THRESHOLD)
     tally = ScoreTally(labels.channels, list(labels.names), light=True)
-    for i in val:
+    for i in progress(val, desc="validation", leave=False):
         case = read_case(val, i)
         pred, probs = predictor.predict(case.image, case.fov, out_fov=case.truth_fov)
         tally.add(case.case_id, probs, pred, case.truth, case.truth_fov)
