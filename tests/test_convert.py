@@ -300,7 +300,7 @@ def test_no_patient_identifier_reaches_the_outputs(tmp_path: Path, monkeypatch):
 
 def test_workers_give_the_same_result_as_one_process(tmp_path: Path):
     _folders(tmp_path / "raw", 6)
-    data = DataConfig(str(tmp_path / "raw"), "folders", group="file")
+    data = DataConfig(str(tmp_path / "raw"), "folders")
     one = convert_dataset(data, _cfg(workers=1), tmp_path / "one")
     two = convert_dataset(data, _cfg(workers=2), tmp_path / "two")  # fork on Linux
     stop = threading.Event()
