@@ -90,7 +90,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return probe.seconds
 
     step_time = train.step_seconds if train.step_seconds is not None else probe
-    result = plan(fingerprint(args.converted), explicit, step_time, train.budget)
+    fp = fingerprint(args.converted)
+    log.info("fingerprint: %d training cases of %d groups (patients)", fp["cases"], fp["groups"])
+    result = plan(fp, explicit, step_time, train.budget)
     if result["budget"] is not None and measured:
         result["budget"]["probe"] = measured["probe"]
     write_plan(out, result)

@@ -230,7 +230,9 @@ def test_on_error_skip_lists_every_bad_case(tmp_path: Path):
     for source, reason in zip(skipped["source"], skipped["reason"], strict=True):
         assert BROKEN[source] in reason and Path(source).name in reason
     report = json.loads((tmp_path / "out" / "report.json").read_text())
+    groups = report.pop("groups")
     assert report == {"cases": 5, "source_images": 5, "skipped": 4, "on_error": "skip"}
+    assert groups["from"] == {"file": 5} and groups["train"] + groups["test"] == 5
     assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == [
         f"case{i}.png" for i in range(5)
     ]
@@ -279,7 +281,7 @@ def test_no_patient_identifier_reaches_the_outputs(tmp_path: Path, monkeypatch):
     for stem in ("a", uid):
         _dicom_with_patient(raw / "images" / f"{stem}.dcm", ramp)
         write_png(raw / "masks" / f"{stem}.png", ramp > 30000)
-    data = DataConfig(str(raw), "folders", test_fraction=0.5)
+    data = DataConfig(str(raw), "folders", group="file", test_fraction=0.5)
     with pytest.raises(MedsegError, match=r"holds a DICOM UID .* set convert\.names: hash"):
         convert_dataset(data, _cfg(fov_fallback="whole_image"), tmp_path / "out")
     manifest = convert_dataset(
@@ -366,7 +368,7 @@ def test_window_override_applies_to_images_not_to_dicom_masks(tmp_path: Path):
         _dicom_with_patient(raw / "images" / f"{stem}.dcm", ramp)
         _dicom_with_patient(raw / "masks" / f"{stem}.dcm", truth.astype(np.uint16))
     cfg = _cfg(fov_fallback="whole_image", window_center=30000.0, window_width=2000.0)
-    manifest = convert_dataset(DataConfig(str(raw), "folders"), cfg, tmp_path / "out")
+    manifest = convert_dataset(DataConfig(str(raw), "folders", group="file"), cfg, tmp_path / "out")
     image = read(tmp_path / "out" / manifest["image"][0])[0]
     assert image.min() == 0 and image.max() == 65535  # the window clipped the ramp
     assert np.array_equal(read(tmp_path / "out" / manifest["mask"][0])[0] > 0, truth)

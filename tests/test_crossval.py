@@ -55,7 +55,9 @@ def test_folds_follow_the_validation_split_order_and_keep_the_frames_of_a_file_t
         # the first group of the shared seeded order: the one validation would take first
         first = split_cases(ids, 0.2, seed, groups)
         assert first <= set(folds[0])
-    with pytest.raises(MedsegError, match=r"crossval.folds asks for 6 folds .* 5 source file"):
+    with pytest.raises(
+        MedsegError, match=r"crossval.folds asks for 6 folds .* 5 group\(s\) \(patients"
+    ):
         split_folds(ids, 6, 0, groups)
 
 

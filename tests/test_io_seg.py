@@ -139,7 +139,7 @@ def test_a_seg_mask_file_per_image_reads_as_binary(tmp_path: Path):
         path = root / "masks" / f"s{k:02d}.dcm"
         _segmentation([ds], planes[k : k + 1], ["Liver", "Spleen"], path)
     assert is_seg(root / "masks" / "s00.dcm") and not is_seg(root / "images" / "s00.dcm")
-    data = DataConfig(str(root), "folders", test_fraction=0.5)
+    data = DataConfig(str(root), "folders", test_fraction=0.5, group="file")  # one patient
     manifest = convert_dataset(data, WHOLE, tmp_path / "out")
     for row in manifest.itertuples():
         k = int(row.case_id[1:])

@@ -97,7 +97,8 @@ def test_split_keeps_the_frames_of_one_file_together():
         val = split_cases(ids, 0.2, seed, groups)
         assert len(val) == 3  # one of five files, with its three frames
         assert len({groups[cid] for cid in val}) == 1
-    assert split_cases(["a_f1", "a_f2"], 0.5, 0, {"a_f1": "a", "a_f2": "a"}) == set()
+    with pytest.raises(MedsegError, match="all 2 training cases belong to one group"):
+        split_cases(["a_f1", "a_f2"], 0.5, 0, {"a_f1": "a", "a_f2": "a"})
 
 
 def test_preprocess_dataset(tmp_path: Path):

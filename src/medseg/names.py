@@ -13,6 +13,8 @@ from __future__ import annotations
 # --- data ---
 LAYOUTS = ("drive", "folders", "manifest", "nnunet")  # data.layout: medseg.io.layouts.scan_cases
 LABEL_SETS = ("vessels", "vessels_disc")  # synthesize.labels: binary, or 1 vessel + 2 disc
+# data.group: medseg.convert.groups; anything else is a pattern with one capture group
+GROUP_RULES = ("auto", "file", "folder")
 
 # --- convert ---
 MULTIFRAMES = ("split", "refuse")  # convert.multiframe

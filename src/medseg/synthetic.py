@@ -310,8 +310,8 @@ def _write_gif(path: Path, mask: np.ndarray, scale: int = 255) -> None:
 def write_rgb_dicom(path: str | Path, image: np.ndarray, case_uid_seed: str) -> None:
     """Write an (H, W, 3) uint8 photograph as an uncompressed ophthalmic-photography DICOM.
 
-    Used by the synthetic data set. Patient fields are fixed placeholders and UIDs are derived
-    from ``case_uid_seed``, so the file's bytes are deterministic.
+    Used by the synthetic data set. Patient fields are placeholders (each case its own phantom
+    patient) and UIDs are derived from ``case_uid_seed``, so the file's bytes are deterministic.
     """
     meta = FileMetaDataset()
     sop_uid = generate_uid(entropy_srcs=[case_uid_seed, "sop"])
@@ -326,7 +326,7 @@ def write_rgb_dicom(path: str | Path, image: np.ndarray, case_uid_seed: str) -> 
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=[case_uid_seed, "series"])
     ds.Modality = "OP"
     ds.PatientName = "SYNTHETIC^PHANTOM"
-    ds.PatientID = "SYNTHETIC"
+    ds.PatientID = f"SYNTHETIC-{case_uid_seed}"  # one phantom patient per case
     ds.BurnedInAnnotation = "NO"
     ds.Rows, ds.Columns = int(image.shape[0]), int(image.shape[1])
     ds.SamplesPerPixel = 3

@@ -120,7 +120,7 @@ class CrossvalConfig:
     )
     seed: int = key(
         0,
-        help="seed of the assignment of cases (whole source files) to folds",
+        help="seed of the assignment of cases (whole groups: patients or files) to folds",
     )
 
     def __post_init__(self) -> None:

@@ -20,7 +20,7 @@ from medseg import names as lists
 from medseg.config.evaluate import CrossvalConfig, EvaluateConfig
 from medseg.config.keys import SAME, check_choices, key, section
 from medseg.config.train import TrainConfig
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, shown
 
 _CLASS_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
@@ -57,6 +57,23 @@ def label_map(classes: dict[str, Any]) -> dict[int, int]:
     return out
 
 
+def _group_rule(value: str) -> None:
+    """``data.group``: one of `medseg.names.GROUP_RULES`, or a regular expression with one
+    capture group (the patient, found in a file name)."""
+    if value in lists.GROUP_RULES:
+        return
+    hint = (
+        f"params: data.group must be {', '.join(lists.GROUP_RULES)} or a regular expression "
+        "with one capture group that finds the patient in a file name (e.g. '^(.+)_\\d+')"
+    )
+    try:
+        pattern = re.compile(value)
+    except re.error as err:
+        raise MedsegError(f"{hint}; {shown(value)} is not one ({err})") from None
+    if pattern.groups != 1:
+        raise MedsegError(f"{hint}; {shown(value)} has {pattern.groups} capture groups")
+
+
 @section
 class DataConfig:
     """Where the raw data set lives and how it is laid out; see [layouts.md](layouts.md)."""
@@ -80,7 +97,7 @@ class DataConfig:
         default=SAME,
         help=(
             "layout `manifest`: the CSV under `root` with columns `image, mask[, fov][, mask2][, "
-            "split][, case_id]`"
+            "split][, case_id][, group or patient]`"
         ),
     )
     test_fraction: float = key(
@@ -90,7 +107,7 @@ class DataConfig:
         lt=1,
         help=(
             "`folders` or `manifest` with no split given: share of cases drawn at random for the "
-            "test split, in (0, 1)"
+            "test split, in (0, 1), whole groups (patients) at a time"
         ),
     )
     split_seed: int = key(
@@ -116,9 +133,22 @@ class DataConfig:
             "SEG](layouts.md#dicom-seg-masks))"
         ),
     )
+    group: str = key(
+        "auto",
+        default=SAME,
+        help=(
+            "the group (patient) of a case, kept on one side of the test, validation and "
+            "crossval splits: `auto` (a manifest `group`/`patient` column, else the DICOM "
+            "`PatientID`, else the `StudyInstanceUID`, as keyed hashes, else the file), `file` "
+            "(every file its own group), `folder` (the image's folder), or a regular expression "
+            "whose one capture group finds the patient in the file name, e.g. `^(.+)_\\d+` for "
+            "`<patient>_<slice>.png` ([groups](layouts.md#patients-and-groups))"
+        ),
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)
+        _group_rule(self.group)
         if self.classes is not None:
             label_map(self.classes)
         if self.seg is not None and not self.seg.strip():
@@ -352,8 +382,8 @@ class PreprocessConfig:
         ge=0,
         lt=1,
         help=(
-            "share of training cases held out to pick the best epoch, in [0, 1) (the frames of "
-            "one multi-frame file stay together)"
+            "share of training cases held out to pick the best epoch, in [0, 1) (whole groups: "
+            "a patient's cases, the frames of one multi-frame file, stay together)"
         ),
     )
     seed: int = key(

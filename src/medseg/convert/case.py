@@ -207,7 +207,7 @@ def _write_case(
                 "modality": checked.modality,
                 "spacing_row": checked.spacing[0] if checked.spacing else None,
                 "spacing_col": checked.spacing[1] if checked.spacing else None,
-                "group": source,  # the frames of one file are one group
+                "group": case.group,  # the patient (medseg.convert.groups): never empty
             }
         )
     return rows

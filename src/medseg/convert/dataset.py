@@ -10,6 +10,7 @@ with its reason in ``skipped.csv`` (``skip``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from pathlib import Path
@@ -19,6 +20,7 @@ import pandas as pd
 from medseg.config.sections import ConvertConfig, DataConfig, label_map
 from medseg.convert.case import MANIFEST_COLUMNS, VOLUME_DIRS, Job, Result, convert_case
 from medseg.convert.fov import FOV_LABEL_TOLERANCE
+from medseg.convert.groups import case_group, group_counts
 from medseg.convert.ids import check_unique_ids
 from medseg.convert.pseudonyms import id_key, key_fingerprint, redact, skip_row
 from medseg.errors import MedsegError
@@ -73,9 +75,11 @@ def _convert_dataset(
     root = Path(data.root)
     check_output(out, {"data.root": root})  # before anything is read or removed
     segs = _seg_index(root, data.seg) if data.seg is not None else None
+    group_key = (lambda: key) if key is not None else functools.cache(id_key)
     scan = scan_cases(
         root, data.layout, data.manifest, data.test_fraction, data.split_seed,
         mask_of=segs.mask_of if segs is not None else None,
+        group_of=lambda case: case_group(case, root, data.group, key, group_key),
     )  # fmt: skip
     classes = data.classes
     if classes is None and segs is not None:
@@ -106,12 +110,13 @@ def _convert_dataset(
                 (tmp / sub).rmdir()
         manifest.to_csv(tmp / "manifest.csv", index=False)
         # hand back what the next stage will read (an empty mask2 cell reads as NaN)
-        manifest = pd.read_csv(tmp / "manifest.csv", dtype={"case_id": str})
+        manifest = pd.read_csv(tmp / "manifest.csv", dtype={"case_id": str, "group": str})
         report = {
             "cases": len(manifest),
             "source_images": len(jobs) - sum(r.problem is not None for r in results),
             "skipped": len(problems),
             "on_error": cfg.on_error,
+            "groups": _group_report(manifest),
         }
         if key is not None:  # which key made the ids: a different key gives different ids
             report["id_key"] = key_fingerprint(key)
@@ -120,11 +125,22 @@ def _convert_dataset(
         names = ["background", *classes] if classes else ["background", "foreground"]
         write_json(tmp / CLASSES, {"names": names})
     log.info(
-        "converted %d cases (%d skipped%s)",
-        len(manifest), len(problems), ", listed in skipped.csv" if problems else "",
+        "converted %d cases of %d groups (patients) (%d skipped%s)",
+        len(manifest), manifest["group"].nunique(), len(problems),
+        ", listed in skipped.csv" if problems else "",
     )  # fmt: skip
     _report_fov_cuts(manifest)
     return manifest
+
+
+def _group_report(manifest: pd.DataFrame) -> dict[str, object]:
+    """The groups (patients) per split, and where they came from."""
+    groups = manifest["group"].astype(str)
+    return {
+        "train": int(groups[manifest["split"] == "train"].nunique()),
+        "test": int(groups[manifest["split"] == "test"].nunique()),
+        "from": group_counts(groups.tolist()),
+    }
 
 
 def _report_fov_cuts(manifest: pd.DataFrame) -> None:

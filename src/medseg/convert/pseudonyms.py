@@ -1,5 +1,6 @@
 """Pseudonyms for ``convert.names: hash``: case ids and sources as keyed hashes (HMAC-SHA256)
-of the paths, the key's file, and messages with every name from a path taken out.
+of the paths, the key's file, and messages with every name from a path taken out. The same key
+hashes the patient groups (`medseg.convert.groups`).
 
 The secret key matters: without it, anyone with a list of candidate names could hash them and
 recognise the ids. It comes from an environment variable, else from a git-ignored file in the
@@ -174,7 +175,8 @@ def _create_key(path: Path) -> bytes:
     with os.fdopen(fd, "w", encoding="ascii") as f:
         f.write(secrets.token_hex(32) + "\n")
     log.warning(
-        "%s: new id key for convert.names: hash; keep it (ids change with the key) and copy it "
-        "to every machine that converts this data set", path
+        "%s: new id key for convert.names: hash and the keyed hashes of patient groups; keep "
+        "it (ids and groups change with the key) and copy it to every machine that converts "
+        "this data set", path
     )  # fmt: skip
     return _read_key(path)

@@ -4,9 +4,10 @@
 The pipeline is ``crossval/dvc.yaml`` (opt-in, see ``docs/crossval.md``):
 
 1. `write_folds` splits the training cases (preprocess's ``train`` and ``val`` splits together)
-   into folds, keeping the frames of one source file in one fold, and writes one folder per fold
-   that the train stage reads like ``data/processed``: ``train.json`` and ``val.json`` are views
-   into preprocess's shards (`medseg.io.shards.write_view`), so no array is copied.
+   into folds, keeping each group (a patient, or the frames of one file) in one fold, and writes
+   one folder per fold that the train stage reads like ``data/processed``: ``train.json`` and
+   ``val.json`` are views into preprocess's shards (`medseg.io.shards.write_view`), so no
+   array is copied.
 2. The train stage (`medseg.training.loop.fit`) runs once per fold on that folder.
 3. `ensemble_folds` predicts each test case with the folds' ensemble (one
    `medseg.inference.predictor.Predictor` with a runner per fold, as evaluate predicts with one),
@@ -33,7 +34,7 @@ from medseg.io.atomic import atomic_dir, write_json, write_text
 from medseg.io.images import write_png
 from medseg.io.shards import CaseStore, write_view
 from medseg.labels import to_uint16
-from medseg.preprocess.dataset import shuffled_groups, source_groups
+from medseg.preprocess.dataset import manifest_groups, shuffled_groups
 from medseg.preprocess.processed import Case, open_split, read_case
 from medseg.progress import progress
 from medseg.scoring.tally import PRECISION, ScoreTally, SecondObserver, build_metrics
@@ -54,7 +55,7 @@ def split_folds(
 ) -> list[list[str]]:
     """The training cases in ``k`` disjoint folds that cover them all, reproducibly.
 
-    The groups (source files) come in the seeded order of
+    The groups (patients) come in the seeded order of
     `medseg.preprocess.dataset.shuffled_groups`, the one the validation split uses; each goes whole
     to the fold with the fewest cases so far (the first such fold on a tie), so with one case per
     group the folds differ in size by at most one case.
@@ -63,8 +64,8 @@ def split_folds(
         train_ids: the training case ids.
         k: the number of folds, >= 2.
         seed: the seed of the order.
-        groups: case id -> group (e.g. the source file of the frames of a multi-frame DICOM);
-            default: every case is its own group.
+        groups: case id -> group (the manifest's ``group``: a patient, or the frames of one
+            file); default: every case is its own group.
 
     Returns:
         ``k`` lists of case ids, each sorted.
@@ -76,7 +77,8 @@ def split_folds(
     if len(keys) < k:
         raise MedsegError(
             f"params: crossval.folds asks for {k} folds but the training cases come from "
-            f"{len(keys)} source file(s); use at most {len(keys)} folds"
+            f"{len(keys)} group(s) (patients, or files: data.group); use at most {len(keys)} "
+            "folds"
         )
     members: dict[str, list[str]] = {}
     for cid in train_ids:
@@ -103,8 +105,8 @@ def write_folds(
         cfg: the crossval params (the folds and the seed).
         data_dir: the preprocess stage's output; its ``train`` and ``val`` cases are the
             training cases, its ``test`` cases are left out.
-        manifest: the convert stage's ``manifest.csv``, whose ``source`` column groups the
-            frames of one file.
+        manifest: the convert stage's ``manifest.csv``, whose ``group`` column gives each
+            case's patient.
         out: the folder of the fold folders.
         table: a CSV written with one row per training case: ``case_id``, ``fold``.
 
@@ -144,11 +146,11 @@ def _training_stores(data_dir: Path) -> list[CaseStore]:
 
 
 def _groups(manifest: str | Path, ids: list[str]) -> dict[str, str] | None:
-    """Case id -> source file from the convert manifest (None when every file gave one case)."""
+    """Case id -> group from the convert manifest (None when every case is its own group)."""
     path = Path(manifest)
     if not path.is_file():
         raise MedsegError(f"{path}: no manifest; run the convert stage first")
-    groups = source_groups(pd.read_csv(path, dtype=str, keep_default_na=False))
+    groups = manifest_groups(pd.read_csv(path, dtype=str, keep_default_na=False))
     return None if groups is None else {cid: groups.get(cid, cid) for cid in ids}
 
 

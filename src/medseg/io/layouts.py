@@ -6,7 +6,7 @@ data root.
 - ``folders``: ``images/`` + ``masks/`` (+ ``fov/``) paired by file stem, either at the root (a
   seeded split) or under ``train|training/`` and ``test|testing/`` (the split from the folder);
 - ``manifest``: a CSV under the root with columns ``image, mask[, fov][, mask2][, split]
-  [, case_id]``, paths relative to the CSV and inside the root;
+  [, case_id][, group or patient]``, paths relative to the CSV and inside the root;
 - ``nnunet``: nnU-Net's raw layout (and the Medical Segmentation Decathlon's):
   ``imagesTr/<case>_0000<ending>`` (one file per channel, ``_0000``, ``_0001``, ...; MSD names
   have no channel suffix), ``labelsTr/<case><ending>``, ``imagesTs`` and ``labelsTs`` for test
@@ -15,6 +15,9 @@ data root.
   names become the class names (`nnunet_dataset`). NIfTI volumes and 2D PNG/TIFF alike.
 
 Images may be NIfTI volumes (``.nii``, ``.nii.gz``) in every layout but ``drive``.
+
+Every case belongs to a group (a patient; `medseg.convert.groups` decides it), and the test
+split a layout leaves to chance (``data.test_fraction``) keeps each group on one side.
 
 Every file must lie under the root once links are resolved (a link into DVC's cache, as
 ``cache.type: symlink`` makes, is fine): DVC tracks only the root, and a link out of it could pull
@@ -28,6 +31,7 @@ from the cases it found, so the caller may skip them.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -46,13 +50,15 @@ from medseg.io.records import read_json
 DRIVE_SPLITS = {"training": "train", "test": "test"}
 FOLDER_SPLITS = {"train": "train", "training": "train", "test": "test", "testing": "test"}
 MANIFEST_REQUIRED = ("image", "mask")
-MANIFEST_OPTIONAL = ("fov", "mask2", "split", "case_id")
+MANIFEST_OPTIONAL = ("fov", "mask2", "split", "case_id", "group", "patient")
+GROUP_COLUMNS = ("group", "patient")  # a manifest's explicit group, either name
 SPLIT_VALUES = {"train": "train", "training": "train", "test": "test", "testing": "test"}
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
 # an object of a DVC cache: ``<cache>/files/md5/ab/cdef...`` (DVC 2: ``<cache>/ab/cdef...``)
 _DVC_OBJECT = re.compile(r"(^|/)[0-9a-f]{2}/[0-9a-f]{30,}$")
 OS_LEFTOVERS = ("thumbs.db", "ehthumbs.db", "desktop.ini")  # written by file browsers, skipped
 MaskOf = Callable[[Path], "Path | None"]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,9 @@ class CaseFiles:
             ``_0002``, ...); empty for a one-file image.
         modality: what the layout says the image is (``CT``, ``MR``, ...); empty where it says
             nothing.
+        group: the patient the case belongs to. As a layout finds it: the ``group``/``patient``
+            column of a manifest, or empty; once `scan_cases` returns: the case's group (as
+            its ``group_of`` decides).
     """
 
     case_id: str
@@ -80,6 +89,7 @@ class CaseFiles:
     mask2: Path | None = None
     channels: tuple[Path, ...] = ()
     modality: str = ""
+    group: str = ""
 
 
 @dataclass(frozen=True)
@@ -105,6 +115,7 @@ def scan_cases(
     test_fraction: float = 0.2,
     seed: int = 0,
     mask_of: MaskOf | None = None,
+    group_of: Callable[[CaseFiles], str] | None = None,
 ) -> Scan:
     """Find the cases under ``root`` in the named layout.
 
@@ -117,13 +128,17 @@ def scan_cases(
         mask_of: where each image's mask comes from instead of the layout's mask files (a
             DICOM SEG object that refers to it, ``data.seg``); ``None`` for an image that has
             none. The layout's masks are then neither needed nor read.
+        group_of: the group of a case (`medseg.convert.groups.decide_group`); asked once per
+            case, after the files outside the root are left out. Default: the layout's group
+            (a manifest's column), else the image's path relative to the root.
 
     Returns:
         The cases, sorted by split (train first) and id, and the problems found.
 
     Raises:
         MedsegError: the root or the layout as a whole is unusable (not a folder, wrong layout,
-            no case at all, duplicate case ids).
+            no case at all, duplicate case ids), ``group_of`` refuses a case, or a split to draw
+            finds a single group.
     """
     root = Path(root)
     if not root.is_dir():
@@ -137,9 +152,33 @@ def scan_cases(
     if not scan.cases and not scan.problems:
         raise MedsegError(f"{root}: no cases found in the {layout} layout (the data set is empty)")
     scan = _inside_root(root, scan)
+    group = group_of or (
+        lambda case: case.group or Path(os.path.relpath(case.image, root)).as_posix()
+    )
+    scan.cases = [dataclasses.replace(case, group=group(case)) for case in scan.cases]
+    drawn = [case for case in scan.cases if not case.split]
+    given = [case for case in scan.cases if case.split]
+    scan.cases = given + _seeded_split(drawn, test_fraction, seed, root)
+    _warn_shared_groups(given)
     scan.cases = _qualified(root, scan.cases)
     scan.cases.sort(key=lambda c: (c.split != "train", c.case_id))
     return scan
+
+
+def _warn_shared_groups(cases: list[CaseFiles]) -> None:
+    """A split the data set gives (folders, a split column) that puts a group on both sides is
+    kept, as given, but said: its test scores are optimistic."""
+    sides: dict[str, set[str]] = {}
+    for case in cases:
+        sides.setdefault(case.group, set()).add(case.split)
+    shared = sum(len(s) > 1 for s in sides.values())
+    if shared:
+        log.warning(
+            "%d of %d groups (patients) have cases in both the train and test split the data "
+            "set gives; its test scores are optimistic (a leak). Give a split by patient, or "
+            "set data.group if the groups are wrong",
+            shared, len(sides),
+        )  # fmt: skip
 
 
 def safe_id(name: str) -> str:
@@ -291,7 +330,7 @@ def _folders(root: Path, test_fraction: float, seed: int, mask_of: MaskOf | None
         )
     scan = _folder_pairs(root, mask_of)
     _check_unique(root, scan.cases)  # one pool: a split must not part two colliding ids
-    return Scan(_seeded_split(scan.cases, test_fraction, seed), scan.problems)
+    return scan  # the split is drawn by `scan_cases`, by group
 
 
 def _folder_pairs(base: Path, mask_of: MaskOf | None) -> Scan:
@@ -535,6 +574,7 @@ def _manifest(
         )
     scan = Scan()
     has_split = "split" in table.columns
+    group_column = next((c for c in GROUP_COLUMNS if c in table.columns), None)
     for line, row in enumerate(table.to_dict("records"), start=2):
         where = f"{csv} line {line}"
         try:
@@ -574,12 +614,12 @@ def _manifest(
                 files["mask"],
                 files.get("fov"),
                 files.get("mask2"),
+                group=row[group_column].strip() if group_column else "",
             )
         )
-    if has_split:
-        return scan
-    _check_unique(root, scan.cases)  # one pool: a split must not part two colliding ids
-    return Scan(_seeded_split(scan.cases, test_fraction, seed), scan.problems)
+    if not has_split:
+        _check_unique(root, scan.cases)  # one pool: a split must not part two colliding ids
+    return scan  # without a split column the split is drawn by `scan_cases`, by group
 
 
 def _inside(root: Path, base: Path, value: str, where: str) -> Path:
@@ -593,18 +633,46 @@ def _inside(root: Path, base: Path, value: str, where: str) -> Path:
     return path
 
 
-def _seeded_split(cases: list[CaseFiles], test_fraction: float, seed: int) -> list[CaseFiles]:
-    """Send ``round(test_fraction * n)`` cases (at least one, never all) to test, seeded.
+def _seeded_split(
+    cases: list[CaseFiles], test_fraction: float, seed: int, root: Path | None = None
+) -> list[CaseFiles]:
+    """Send about ``round(test_fraction * n)`` cases to test, whole groups at a time, seeded:
+    at least one group, never all.
 
-    Cases are ordered by id before shuffling, so the split does not depend on listing order.
+    1. Groups are ordered by their first case id (so the split depends neither on the listing
+       order nor on the groups' names, which are keyed hashes), then shuffled.
+    2. Groups go to test in that order while they fit in ``round(test_fraction * n)`` cases (the
+       first always goes), until it is reached or one group is left for training.
+
+    With one case per group this is the per-case split of earlier versions, case for case.
+
+    Raises:
+        MedsegError: two or more cases, all of one group.
     """
     if not cases:
         return []
     ordered = sorted(cases, key=lambda c: c.case_id)
+    size: dict[str, int] = {}
+    for case in ordered:  # insertion order: by first case id
+        size[case.group] = size.get(case.group, 0) + 1
+    groups = list(size)
+    if len(groups) == 1 and len(ordered) > 1:
+        raise MedsegError(
+            f"{root}: all {len(ordered)} cases belong to one group (patient), so no test split "
+            "can keep a patient out of training; set data.group (file: every file its own "
+            "group, folder, or a file-name pattern), or give the split (train/ and test/ "
+            "folders, a split column)"
+        )
     n_test = min(max(round(test_fraction * len(ordered)), 1), max(len(ordered) - 1, 0))
-    order = np.random.default_rng(seed).permutation(len(ordered))
-    test = {ordered[i].case_id for i in order[:n_test]}
-    return [_with_split(c, "test" if c.case_id in test else "train") for c in ordered]
+    test: set[str] = set()
+    taken = 0
+    for i in np.random.default_rng(seed).permutation(len(groups))[: len(groups) - 1]:
+        if taken >= n_test:
+            break
+        if not test or taken + size[groups[i]] <= n_test:
+            test.add(groups[i])
+            taken += size[groups[i]]
+    return [_with_split(c, "test" if c.group in test else "train") for c in ordered]
 
 
 def _with_split(case: CaseFiles, split: str) -> CaseFiles:

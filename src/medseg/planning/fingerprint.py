@@ -107,6 +107,15 @@ def fingerprint(
     return acc.result(names, rows)
 
 
+def _groups(rows: pd.DataFrame) -> int:
+    """The distinct groups (patients) of the training cases: the manifest's ``group`` column
+    (a manifest of an earlier version: its source files)."""
+    for column in ("group", "source"):
+        if column in rows.columns:
+            return int(rows[column].nunique())
+    return len(rows)
+
+
 class _Accumulator:
     """What the fingerprint keeps while it streams the cases: counts, bounded samples."""
 
@@ -253,6 +262,7 @@ class _Accumulator:
         fg_total = int(self.fg_pixels[1:].sum())
         out: dict[str, Any] = {
             "cases": len(rows),
+            "groups": _groups(rows),
             "cases_read": self.cases_read,
             "classes": names,
             "size": {

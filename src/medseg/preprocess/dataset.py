@@ -37,7 +37,9 @@ from medseg.preprocess.transforms import (
 from medseg.progress import progress
 
 # The stage's own names, and those the modules reading processed data import from here.
-__all__ = ["case_arrays", "preprocess_dataset", "shuffled_groups", "source_groups", "split_cases"]
+__all__ = [
+    "case_arrays", "manifest_groups", "preprocess_dataset", "shuffled_groups", "split_cases",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ def split_cases(
     val_fraction: float,
     seed: int,
     groups: dict[str, str] | None = None,
+    where: str = "the training cases",
 ) -> set[str]:
     """Choose the validation cases among the training cases, reproducibly.
 
@@ -54,15 +57,25 @@ def split_cases(
         train_ids: the training case ids.
         val_fraction: share of them for validation.
         seed: the seed of the choice.
-        groups: case id -> group (e.g. the source file of the frames of a multi-frame DICOM); the
-            cases of one group all go to the same side, so no frame of a validation file is
-            trained on. Default: every case is its own group.
+        groups: case id -> group (the patient, `medseg.convert.groups`; the frames of a
+            multi-frame file share one); the cases of one group all go to the same side, so no
+            slice of a validation patient is trained on. Default: every case is its own group.
+        where: what the cases are, for the error message (e.g. the manifest's path).
 
     Returns:
         The ids moved to validation: ``round(val_fraction * n)`` groups of the ``n``, at least one
         when ``val_fraction > 0`` and there are two or more groups, never every group.
+
+    Raises:
+        MedsegError: ``val_fraction > 0`` and two or more cases, all of one group.
     """
     group_of, keys = shuffled_groups(train_ids, seed, groups)
+    if val_fraction > 0 and len(keys) == 1 and len(train_ids) > 1:
+        raise MedsegError(
+            f"{where}: all {len(train_ids)} training cases belong to one group (patient), so "
+            "no validation split can keep a patient out of training; set data.group (file: "
+            "every file its own group, folder, or a file-name pattern) or give a group column"
+        )
     n_val = round(val_fraction * len(keys))
     if val_fraction > 0 and len(keys) >= 2:
         n_val = max(n_val, 1)
@@ -75,8 +88,11 @@ def shuffled_groups(
     train_ids: list[str], seed: int, groups: dict[str, str] | None = None
 ) -> tuple[dict[str, str], list[str]]:
     """The groups of the training cases in a seeded random order, for splits that keep a
-    group (the frames of one source file) on one side: validation here, the folds of
-    `medseg.evaluation.crossval`.
+    group (a patient) on one side: validation here, the folds of `medseg.evaluation.crossval`.
+
+    Groups are ordered by their first case id before the shuffle, so the order depends neither
+    on the order of ``train_ids`` nor on the groups' names (keyed hashes, which change with the
+    key); with one case per group it is the per-case order of earlier versions.
 
     Args:
         train_ids: the training case ids.
@@ -84,11 +100,13 @@ def shuffled_groups(
         groups: case id -> group; default: every case is its own group.
 
     Returns:
-        Case id -> group, and the distinct groups shuffled (the same order whatever the order
-        of ``train_ids``).
+        Case id -> group, and the distinct groups shuffled.
     """
     group_of = groups or {cid: cid for cid in train_ids}
-    keys = sorted({group_of[cid] for cid in train_ids})
+    first: dict[str, str] = {}
+    for cid in sorted(train_ids):
+        first.setdefault(group_of[cid], cid)
+    keys = list(first)  # by first case id
     return group_of, np.random.default_rng(seed).permutation(keys).tolist()
 
 
@@ -132,7 +150,9 @@ def preprocess_dataset(
     names = read_class_names(converted)
     convert_record = _convert_record(converted, fov_fallback)
     whole = convert_record is not None and convert_record["fov_fallback"] == "whole_image"
-    val_ids = split_cases(train_ids, cfg.val_fraction, cfg.seed, source_groups(manifest))
+    val_ids = split_cases(
+        train_ids, cfg.val_fraction, cfg.seed, manifest_groups(manifest), str(manifest_path)
+    )
     manifest["split"] = [
         "val" if cid in val_ids else split
         for cid, split in zip(manifest["case_id"], manifest["split"], strict=True)
@@ -156,11 +176,14 @@ def preprocess_dataset(
     return stats
 
 
-def source_groups(manifest: pd.DataFrame) -> dict[str, str] | None:
-    """Case id -> source file, where some file gave several cases (frames); else None."""
-    if "source" not in manifest.columns or not manifest["source"].duplicated().any():
+def manifest_groups(manifest: pd.DataFrame) -> dict[str, str] | None:
+    """Case id -> group (patient) from the convert manifest's ``group`` column (a manifest of
+    an earlier version: its ``source``, which groups the frames of one file); None when every
+    case is its own group."""
+    column = "group" if "group" in manifest.columns else "source"
+    if column not in manifest.columns or not manifest[column].duplicated().any():
         return None
-    return dict(zip(manifest["case_id"], manifest["source"].astype(str), strict=True))
+    return dict(zip(manifest["case_id"], manifest[column].astype(str), strict=True))
 
 
 def _convert_record(converted: Path, fov_fallback: str | None) -> dict[str, Any] | None:
