@@ -275,3 +275,29 @@ def write_deps() -> None:
 
 if __name__ == "__main__":  # python tests/test_stage_deps.py: rewrite the deps lists
     write_deps()
+
+
+LONG_FUNCTION = 60  # lines of a function's body (its docstring aside)
+
+
+def test_no_function_is_long_without_saying_why():
+    """A function whose body passes `LONG_FUNCTION` lines says why in its docstring (a line
+    that starts "Long"), and no module passes 500 lines: a newcomer reads a concern in one
+    short file."""
+    long, large = [], []
+    for path in sorted((SRC / "medseg").rglob("*.py")) + sorted((REPO / "stages").glob("*.py")):
+        text = path.read_text()
+        if text.count("\n") > 500:
+            large.append(path.relative_to(REPO).as_posix())
+        for node in ast.walk(ast.parse(text)):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            doc = ast.get_docstring(node) or ""
+            body = node.body[1:] if ast.get_docstring(node) is not None else node.body
+            length = body[-1].end_lineno - body[0].lineno + 1 if body else 0  # type: ignore[operator]
+            if length > LONG_FUNCTION and not any(
+                line.strip().startswith("Long") for line in doc.splitlines()
+            ):
+                long.append(f"{path.relative_to(REPO)}:{node.name} ({length} lines)")
+    assert not long, "shorten, or say why in the docstring: " + "; ".join(long)
+    assert not large, "over 500 lines: " + ", ".join(large)

@@ -153,7 +153,8 @@ _ABSENT = ("deleted", "not in cache")
 
 
 def _stale_and_missing(status: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """Split `dvc status` entries into stages with real changes and stages only lacking files."""
+    """Split `dvc status` entries into stages with real changes and stages only lacking files.
+    A stage DVC runs every time (``always_changed``: the machine stage) is neither."""
 
     def leaves(entry: Any) -> list[Any]:
         if isinstance(entry, dict):
@@ -166,6 +167,8 @@ def _stale_and_missing(status: dict[str, Any]) -> tuple[list[str], list[str]]:
     missing: list[str] = []
     for name, entries in status.items():
         stage = name.split(":")[-1]  # "dvc.yaml:train" for stages of other dvc.yaml files
+        if all(leaf == "always changed" for leaf in leaves(entries)):
+            continue
         (missing if all(leaf in _ABSENT for leaf in leaves(entries)) else stale).append(stage)
     return sorted(stale), sorted(missing)
 
