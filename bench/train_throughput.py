@@ -39,8 +39,9 @@ from harness import machine, table, turns
 
 from medseg.config.keys import parse
 from medseg.config.train import TrainConfig
+from medseg.io.case_files import CaseFiles
 from medseg.io.images import binarize, read_raster
-from medseg.io.layouts import CaseFiles, scan_cases
+from medseg.io.layouts import scan_cases
 from medseg.io.shards import ShardWriter
 from medseg.model import build_model
 from medseg.preprocess.dataset import case_arrays

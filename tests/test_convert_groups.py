@@ -20,7 +20,8 @@ from medseg.convert.dataset import convert_dataset
 from medseg.convert.groups import GroupFacts, decide_group, token
 from medseg.errors import MedsegError
 from medseg.evaluation.crossval import split_folds
-from medseg.io.layouts import CaseFiles, _seeded_split, scan_cases  # the drawn split, no files
+from medseg.io.case_files import CaseFiles
+from medseg.io.layouts import _seeded_split, scan_cases
 from medseg.planning.fingerprint import fingerprint
 from medseg.preprocess.dataset import manifest_groups, split_cases
 
@@ -371,7 +372,8 @@ def test_one_case_per_group_splits_as_before(ids: list[str], fraction: float, se
     old_test = {ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))[:n_test]}
     groups = {cid: f"hash-of-{cid[::-1]}" for cid in ids}  # names in another order than ids
     cases = [
-        CaseFiles(cid, "", Path(f"{cid}.png"), Path("m"), None, None, groups[cid]) for cid in ids
+        CaseFiles(cid, "", Path(f"{cid}.png"), Path("m"), None, None, group=groups[cid])
+        for cid in ids
     ]
     new_test = {c.case_id for c in _seeded_split(cases, fraction, seed) if c.split == "test"}
     assert new_test == old_test

@@ -8,8 +8,9 @@ import pytest
 from conftest import DRIVE
 
 from medseg.errors import MedsegError
+from medseg.io.case_files import CaseFiles
 from medseg.io.images import write_png
-from medseg.io.layouts import CaseFiles, scan_cases
+from medseg.io.layouts import scan_cases
 
 
 def find_cases(
@@ -233,7 +234,7 @@ def _nnunet_tree(root: Path, ending: str = ".png", channels: int = 1, test_label
 
 
 def test_nnunet_pairs_channels_and_labels_and_names_classes(tmp_path: Path):
-    from medseg.io.layouts import nnunet_dataset
+    from medseg.io.nnunet import nnunet_dataset
 
     _nnunet_tree(tmp_path, channels=2)
     cases = find_cases(tmp_path, "nnunet")
@@ -288,7 +289,7 @@ def test_nnunet_dataset_json_naming_missing_files_is_one_error(tmp_path: Path):
 
 @pytest.mark.skipif(not HIPPO.is_dir(), reason="../shared/datasets/HIPPO_MSD is not here")
 def test_nnunet_reads_the_decathlon_hippocampus():
-    from medseg.io.layouts import nnunet_dataset
+    from medseg.io.nnunet import nnunet_dataset
 
     cases = find_cases(HIPPO, "nnunet")
     assert len(cases) == 260 and sum(c.split == "test" for c in cases) == 78

@@ -18,9 +18,9 @@ from medseg.convert.fov import check_fov_keeps_labels, fov_from_image, labels_ou
 from medseg.convert.ids import base_id, source_name
 from medseg.convert.pseudonyms import redact
 from medseg.errors import MedsegError
+from medseg.io.case_files import CaseFiles, Problem
 from medseg.io.dicom import header_facts
 from medseg.io.images import mask_to_bool, write_png
-from medseg.io.layouts import CaseFiles, Problem
 from medseg.io.limits import ReadOptions
 from medseg.io.nifti import Volume, check_same_grid, is_nifti, read_nifti
 from medseg.io.reader import read, source_format

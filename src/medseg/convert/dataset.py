@@ -25,7 +25,8 @@ from medseg.convert.ids import check_unique_ids
 from medseg.convert.pseudonyms import id_key, key_fingerprint, redact, skip_row
 from medseg.errors import MedsegError
 from medseg.io.atomic import atomic_dir, check_output, write_json
-from medseg.io.layouts import nnunet_dataset, scan_cases
+from medseg.io.layouts import scan_cases
+from medseg.io.nnunet import nnunet_dataset
 from medseg.io.seg import SegIndex, class_names
 from medseg.names import CLASSES, CONVERT_RECORD
 from medseg.pool import run_jobs

@@ -33,7 +33,7 @@ from pydicom.errors import InvalidDicomError
 
 from medseg.convert.pseudonyms import hashed_source, relative
 from medseg.errors import MedsegError
-from medseg.io.layouts import CaseFiles
+from medseg.io.case_files import CaseFiles
 from medseg.io.reader import source_format
 from medseg.names import AUTO
 

@@ -10,7 +10,7 @@ import pandas as pd
 
 from medseg.convert.pseudonyms import digest, hashed_source, relative
 from medseg.errors import MedsegError
-from medseg.io.layouts import CaseFiles
+from medseg.io.case_files import CaseFiles
 
 # A path part made of 4+ dot-separated numbers is a DICOM UID, which identifies a study or image.
 _UID = re.compile(r"^\d+(\.\d+){3,}$")

@@ -19,7 +19,7 @@ import stat
 from pathlib import Path
 
 from medseg.errors import MedsegError
-from medseg.io.layouts import Problem
+from medseg.io.case_files import Problem
 
 log = logging.getLogger(__name__)
 

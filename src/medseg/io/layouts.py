@@ -35,17 +35,27 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from medseg.errors import MedsegError
+from medseg.io.case_files import (
+    OS_LEFTOVERS,
+    CaseFiles,
+    MaskOf,
+    Problem,
+    Scan,
+    check_unique,
+    given_mask,
+    safe_id,
+    with_split,
+)
 from medseg.io.dicom import is_dicom_file
 from medseg.io.nifti import NIFTI_SUFFIXES, is_nifti, nifti_stem
+from medseg.io.nnunet import scan_nnunet
 from medseg.io.reader import IMAGE_SUFFIXES
-from medseg.io.records import read_json
 
 DRIVE_SPLITS = {"training": "train", "test": "test"}
 FOLDER_SPLITS = {"train": "train", "training": "train", "test": "test", "testing": "test"}
@@ -53,59 +63,9 @@ MANIFEST_REQUIRED = ("image", "mask")
 MANIFEST_OPTIONAL = ("fov", "mask2", "split", "case_id", "group", "patient")
 GROUP_COLUMNS = ("group", "patient")  # a manifest's explicit group, either name
 SPLIT_VALUES = {"train": "train", "training": "train", "test": "test", "testing": "test"}
-_SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
 # an object of a DVC cache: ``<cache>/files/md5/ab/cdef...`` (DVC 2: ``<cache>/ab/cdef...``)
 _DVC_OBJECT = re.compile(r"(^|/)[0-9a-f]{2}/[0-9a-f]{30,}$")
-OS_LEFTOVERS = ("thumbs.db", "ehthumbs.db", "desktop.ini")  # written by file browsers, skipped
-MaskOf = Callable[[Path], "Path | None"]
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CaseFiles:
-    """The files of one case, as found in a layout.
-
-    Attributes:
-        case_id: unique, filesystem-safe identifier (never taken from DICOM patient fields).
-        split: ``train`` or ``test``.
-        image: the image file.
-        mask: the ground-truth mask file.
-        fov: the field-of-view mask file, or ``None`` when the layout has none.
-        mask2: a second observer's mask (DRIVE ``2nd_manual``), or ``None``.
-        channels: the files of the image's further channels, in order (nnU-Net ``_0001``,
-            ``_0002``, ...); empty for a one-file image.
-        modality: what the layout says the image is (``CT``, ``MR``, ...); empty where it says
-            nothing.
-        group: the patient the case belongs to. As a layout finds it: the ``group``/``patient``
-            column of a manifest, or empty; once `scan_cases` returns: the case's group (as
-            its ``group_of`` decides).
-    """
-
-    case_id: str
-    split: str
-    image: Path
-    mask: Path
-    fov: Path | None
-    mask2: Path | None = None
-    channels: tuple[Path, ...] = ()
-    modality: str = ""
-    group: str = ""
-
-
-@dataclass(frozen=True)
-class Problem:
-    """A file that cannot become a case, and why (the message names the file)."""
-
-    path: Path
-    reason: str
-
-
-@dataclass
-class Scan:
-    """What a layout holds: usable cases, and problems with single files."""
-
-    cases: list[CaseFiles] = field(default_factory=list)
-    problems: list[Problem] = field(default_factory=list)
 
 
 def scan_cases(
@@ -181,11 +141,6 @@ def _warn_shared_groups(cases: list[CaseFiles]) -> None:
         )  # fmt: skip
 
 
-def safe_id(name: str) -> str:
-    """A filesystem-safe case id from a file stem: other characters become ``_``."""
-    return _SAFE_ID.sub("_", name).strip("._") or "case"
-
-
 def _inside_root(root: Path, scan: Scan) -> Scan:
     """The scan without the cases that have a file outside ``root`` once links are resolved;
     each becomes a `Problem` naming the file and where it leads."""
@@ -224,7 +179,7 @@ def _qualified(root: Path, cases: list[CaseFiles]) -> list[CaseFiles]:
         MedsegError: two files of one split give the same id, or a qualified id collides.
     """
     for split in ("train", "test"):
-        _check_unique(root, [c for c in cases if c.split == split])
+        check_unique(root, [c for c in cases if c.split == split])
     splits: dict[str, set[str]] = {}
     for case in cases:
         splits.setdefault(case.case_id.casefold(), set()).add(case.split)
@@ -234,36 +189,8 @@ def _qualified(root: Path, cases: list[CaseFiles]) -> list[CaseFiles]:
         else case
         for case in cases
     ]
-    _check_unique(root, out)
+    check_unique(root, out)
     return out
-
-
-def _check_unique(root: Path, cases: list[CaseFiles]) -> None:
-    seen: dict[str, CaseFiles] = {}
-    for case in cases:
-        key = case.case_id.casefold()
-        if key in seen:
-            first = seen[key]
-            ids = (
-                f"the case id {case.case_id}" if first.case_id == case.case_id
-                else f"the case ids {first.case_id} and {case.case_id}, equal but for letter "
-                "case (their files collide on macOS and Windows)"
-            )  # fmt: skip
-            raise MedsegError(
-                f"{root}: {first.image} and {case.image} both give {ids}; rename one of them"
-            )
-        seen[key] = case
-
-
-def _given_mask(mask_of: MaskOf, image: Path) -> Path | Problem:
-    """The mask ``mask_of`` gives for ``image``, or the problem of its absence."""
-    try:
-        found = mask_of(image)
-    except MedsegError as err:
-        return Problem(image, str(err))
-    if found is None:
-        return Problem(image, f"{image}: no DICOM SEG object in data.seg refers to this image")
-    return found
 
 
 def _drive(root: Path, mask_of: MaskOf | None = None) -> Scan:
@@ -283,7 +210,7 @@ def _drive(root: Path, mask_of: MaskOf | None = None) -> Scan:
         seconds = _by_key(base / "2nd_manual", _drive_key)
         for image in _images_in(base / "images"):
             key = _drive_key(image)
-            mask = masks.get(key) if mask_of is None else _given_mask(mask_of, image)
+            mask = masks.get(key) if mask_of is None else given_mask(mask_of, image)
             if isinstance(mask, Problem):
                 scan.problems.append(mask)
                 continue
@@ -320,7 +247,7 @@ def _folders(root: Path, test_fraction: float, seed: int, mask_of: MaskOf | None
         scan = Scan()
         for split, base in sorted(split_dirs.items()):
             part = _folder_pairs(base, mask_of)
-            scan.cases += [_with_split(c, split) for c in part.cases]
+            scan.cases += [with_split(c, split) for c in part.cases]
             scan.problems += part.problems
         return scan
     if not (root / "images").is_dir():
@@ -329,7 +256,7 @@ def _folders(root: Path, test_fraction: float, seed: int, mask_of: MaskOf | None
             "test/images); check data.root and data.layout"
         )
     scan = _folder_pairs(root, mask_of)
-    _check_unique(root, scan.cases)  # one pool: a split must not part two colliding ids
+    check_unique(root, scan.cases)  # one pool: a split must not part two colliding ids
     return scan  # the split is drawn by `scan_cases`, by group
 
 
@@ -344,7 +271,7 @@ def _folder_pairs(base: Path, mask_of: MaskOf | None) -> Scan:
                 scan.problems.append(Problem(other, _unsupported(other)))
     for image in _images_in(folder):
         key = _stem(image)
-        mask = masks.get(key) if mask_of is None else _given_mask(mask_of, image)
+        mask = masks.get(key) if mask_of is None else given_mask(mask_of, image)
         if isinstance(mask, Problem):
             scan.problems.append(mask)
             continue
@@ -359,194 +286,16 @@ def _folder_pairs(base: Path, mask_of: MaskOf | None) -> Scan:
 
 # == nnU-Net raw layout =========================================================================
 
-NNUNET_JSON = "dataset.json"
-NNUNET_SPLITS = (("imagesTr", "labelsTr", "train"), ("imagesTs", "labelsTs", "test"))
-_CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
-
-
-@dataclass(frozen=True)
-class NnunetDataset:
-    """What ``dataset.json`` of an nnU-Net raw data set says.
-
-    Attributes:
-        classes: foreground class name -> label value (or values), in label order: what
-            ``data.classes`` would say.
-        channels: the channel names, in channel order (``channel_names``).
-        file_ending: the images' and labels' file ending (``.nii.gz``, ``.png``, ...).
-    """
-
-    classes: dict[str, int | list[int]]
-    channels: list[str]
-    file_ending: str
-
-    @property
-    def modality(self) -> str:
-        """The first channel's modality in DICOM's words: ``CT``, ``MR``, else its name."""
-        name = self.channels[0].strip() if self.channels else ""
-        upper = name.upper()
-        if upper == "CT" or upper.startswith("CT"):
-            return "CT"
-        if upper in ("MR", "MRI") or upper.startswith(("T1", "T2", "FLAIR", "ADC", "DWI")):
-            return "MR"
-        return name
-
-
-def nnunet_dataset(root: str | Path) -> NnunetDataset:
-    """Read and check ``dataset.json`` of an nnU-Net raw data set under ``root``.
-
-    Raises:
-        MedsegError: the file is missing, not JSON, or lacks ``labels``, ``channel_names`` or
-            ``file_ending`` in the shape nnU-Net gives them.
-    """
-    path = Path(root) / NNUNET_JSON
-    if not path.is_file():
-        raise MedsegError(
-            f"{path}: not found; the nnunet layout needs nnU-Net's dataset.json (channel_names, "
-            "labels, file_ending) beside imagesTr/ and labelsTr/"
-        )
-    raw = read_json(path, "nnU-Net dataset description")
-    if not isinstance(raw, dict):
-        raise MedsegError(f"{path}: not a JSON object; see nnU-Net's dataset.json format")
-    labels, channels = raw.get("labels"), raw.get("channel_names", raw.get("modality"))
-    ending = raw.get("file_ending", ".nii.gz")
-    if not isinstance(labels, dict) or not labels:
-        raise MedsegError(f"{path}: 'labels' must map label names to values, background 0")
-    if not isinstance(channels, dict) or not channels:
-        raise MedsegError(f"{path}: 'channel_names' must map channel numbers to names")
-    if not isinstance(ending, str) or not ending.startswith("."):
-        raise MedsegError(f"{path}: 'file_ending' must be a file ending such as .nii.gz or .png")
-    classes: dict[str, int | list[int]] = {}
-    items = [(str(k), v) for k, v in labels.items()]
-    if all(isinstance(k, str) and k.isdigit() for k, _ in items) and all(
-        isinstance(v, str) for _, v in items
-    ):  # the MSD's (v1) form: value -> name
-        items = [(str(v), int(k)) for k, v in items]
-    for name, value in items:
-        ok = isinstance(value, int) or (
-            isinstance(value, list) and value and all(isinstance(v, int) for v in value)
-        )
-        if not ok:
-            raise MedsegError(f"{path}: labels.{name} must be an integer label value")
-        if value != 0:  # a class name as data.classes takes it: "left atrium" -> left_atrium
-            safe = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or f"class_{value}"
-            classes[safe if safe[0].isalpha() else f"class_{safe}"] = value
-    if not classes:
-        raise MedsegError(f"{path}: 'labels' names no foreground label (a value other than 0)")
-    try:
-        order = sorted(channels, key=int)
-    except ValueError as err:
-        raise MedsegError(f"{path}: channel_names keys must be channel numbers 0, 1, ...") from err
-    return NnunetDataset(classes, [str(channels[k]) for k in order], ending)
-
-
-def _nnunet(root: Path, test_fraction: float, seed: int, mask_of: MaskOf | None) -> Scan:
-    """nnU-Net raw: ``imagesTr``/``labelsTr`` (+ ``imagesTs``/``labelsTs``), ``dataset.json``."""
-    desc = nnunet_dataset(root)
-    if not (root / "imagesTr").is_dir():
-        raise MedsegError(
-            f"{root}: not an nnunet layout (expected imagesTr/ and labelsTr/ beside dataset.json);"
-            " check data.root and data.layout"
-        )
-    _check_listed_files(root)
-    scan = Scan()
-    labelled_test = (root / "labelsTs").is_dir()
-    for images, labels, split in NNUNET_SPLITS:
-        if split == "test" and not labelled_test:
-            continue  # test images without labels cannot be scored: a share of training instead
-        part = _nnunet_pairs(root / images, root / labels, desc, mask_of)
-        scan.cases += [_with_split(c, split) for c in part.cases]
-        scan.problems += part.problems
-    if labelled_test:
-        return scan
-    _check_unique(root, scan.cases)
-    return Scan(_seeded_split(scan.cases, test_fraction, seed), scan.problems)
-
-
-def _nnunet_pairs(folder: Path, labels: Path, desc: NnunetDataset, mask_of: MaskOf | None) -> Scan:
-    """The cases of one images folder: channel files grouped by case, each with its label."""
-    ending, n_channels = desc.file_ending.lower(), len(desc.channels)
-    by_case: dict[str, dict[int, Path]] = {}
-    scan = Scan()
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-        if not path.name.lower().endswith(ending):
-            if path.name.lower() not in OS_LEFTOVERS:
-                reason = f"{path}: not a {desc.file_ending} file (dataset.json's file_ending)"
-                scan.problems.append(Problem(path, reason))
-            continue
-        stem = path.name[: -len(ending)]
-        found = _CHANNEL_SUFFIX.match(stem)
-        case, channel = (found["case"], int(found["channel"])) if found else (stem, 0)
-        by_case.setdefault(case, {})[channel] = path
-    for case, files in sorted(by_case.items()):
-        want = list(range(n_channels))
-        if sorted(files) != want:
-            missing = [f"{case}_{c:04d}{desc.file_ending}" for c in want if c not in files]
-            extra = [files[c].name for c in files if c not in want]
-            what = f"missing {', '.join(missing)}" if missing else f"extra {', '.join(extra)}"
-            scan.problems.append(
-                Problem(
-                    files[min(files)],
-                    f"{folder / case}: {what}; dataset.json names {n_channels} channel(s) "
-                    f"({', '.join(desc.channels)}), one file each",
-                )
-            )
-            continue
-        image = files[0]
-        mask: Path | Problem | None
-        if mask_of is not None:
-            mask = _given_mask(mask_of, image)
-        else:
-            label = labels / f"{case}{desc.file_ending}"
-            mask = label if label.is_file() else None
-        if isinstance(mask, Problem):
-            scan.problems.append(mask)
-            continue
-        if mask is None:
-            reason = f"{image}: no label {labels.name}/{case}{desc.file_ending} for this image"
-            scan.problems.append(Problem(image, reason))
-            continue
-        channels = tuple(files[c] for c in want[1:])
-        scan.cases.append(
-            CaseFiles(safe_id(case), "", image, mask, None, None, channels, desc.modality)
-        )
-    return scan
-
-
-def _check_listed_files(root: Path) -> None:
-    """Refuse a ``dataset.json`` whose ``training`` (or ``test``) list names missing files.
-
-    Raises:
-        MedsegError: naming dataset.json, the first missing file and how many are missing.
-    """
-    raw = read_json(root / NNUNET_JSON, "nnU-Net dataset description")
-    listed: list[str] = []
-    for key in ("training", "test"):
-        for entry in raw.get(key) or []:
-            values = entry.values() if isinstance(entry, dict) else [entry]
-            listed += [v for v in values if isinstance(v, str)]
-    missing = [v for v in listed if not _listed_exists(root, v)]
-    if missing:
-        raise MedsegError(
-            f"{root / NNUNET_JSON}: names {len(missing)} file(s) that are missing, the first "
-            f"{missing[0]}; restore them or remove them from dataset.json"
-        )
-
-
-def _listed_exists(root: Path, value: str) -> bool:
-    """Whether a file named in dataset.json exists (MSD lists images without their ``_0000``)."""
-    path = root / value
-    if path.is_file():
-        return True
-    for ending in (*NIFTI_SUFFIXES, ".png", ".tif", ".tiff"):
-        if path.name.endswith(ending):
-            stem = path.name[: -len(ending)]
-            return (path.parent / f"{stem}_0000{ending}").is_file()
-    return False
-
 
 def _manifest(
     root: Path, name: str, test_fraction: float, seed: int, mask_of: MaskOf | None
 ) -> Scan:
+    """The cases a CSV under the root lists (``image, mask[, fov][, mask2][, split][, case_id]
+    [, group or patient]``), each row checked; a bad row is a problem of that case.
+
+    Long because one pass over the rows checks and collects each in turn (its files inside the
+    root, its split, id and group); split up, the row's context would travel between helpers.
+    """
     csv = root / name
     if not csv.is_file():
         raise MedsegError(
@@ -587,7 +336,7 @@ def _manifest(
                 if col not in files:
                     raise MedsegError(f"{where}: the {col} column is empty")
             if mask_of is not None:
-                mask = _given_mask(mask_of, files["image"])
+                mask = given_mask(mask_of, files["image"])
                 if isinstance(mask, Problem):
                     scan.problems.append(mask)
                     continue
@@ -618,7 +367,7 @@ def _manifest(
             )
         )
     if not has_split:
-        _check_unique(root, scan.cases)  # one pool: a split must not part two colliding ids
+        check_unique(root, scan.cases)  # one pool: a split must not part two colliding ids
     return scan  # without a split column the split is drawn by `scan_cases`, by group
 
 
@@ -672,11 +421,7 @@ def _seeded_split(
         if not test or taken + size[groups[i]] <= n_test:
             test.add(groups[i])
             taken += size[groups[i]]
-    return [_with_split(c, "test" if c.group in test else "train") for c in ordered]
-
-
-def _with_split(case: CaseFiles, split: str) -> CaseFiles:
-    return dataclasses.replace(case, split=split)
+    return [with_split(c, "test" if c.group in test else "train") for c in ordered]
 
 
 def _is_image(path: Path) -> bool:
@@ -730,7 +475,7 @@ LAYOUTS: dict[str, Callable[[Path, str, float, int, MaskOf | None], Scan]] = {
         root, fraction, seed, mask_of
     ),
     "manifest": _manifest,
-    "nnunet": lambda root, _manifest_name, fraction, seed, mask_of: _nnunet(
+    "nnunet": lambda root, _manifest_name, fraction, seed, mask_of: scan_nnunet(
         root, fraction, seed, mask_of
     ),
 }

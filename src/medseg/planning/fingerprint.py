@@ -5,16 +5,16 @@ no test file is opened): sizes, channels, intensities inside the FOV and the for
 each channel and the colour separate foreground from background, the foreground's share, and
 the objects' shapes from connected components and a distance transform (extent, area, local
 thickness on the medial axis; the same for the background between objects, whose thin walls are
-the detail of a dense tissue). `structure` says from it whether the objects are thin (tubular),
-dense or compact; `thin_labels` applies the same rule to label maps (the evaluate stage uses it
-to leave thin structures without lesion counts). The rules that turn a fingerprint into
-settings are `medseg.planning.plan`'s.
+the detail of a dense tissue). `medseg.planning.plan.structure` says from it whether the
+objects are thin (tubular), dense or compact; `thin_labels` applies the thin rule to label maps
+(the evaluate stage uses it to leave thin structures without lesion counts). The rules that turn
+a fingerprint into settings are `medseg.planning.plan`'s.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,6 @@ MAX_CASES = 200  # cases read at most (a seeded choice beyond); sizes come from 
 VOLUME_SLICES = 4  # slices of a volume read (among those with foreground), plus the middle one
 DARK = 0.1  # share of full scale below which a pixel is "dark" (convert.fov_threshold's default)
 ELONGATED = 20.0  # area / thickness^2 above this: thin (tubular), e.g. a vessel tree (disc: 0.8)
-DENSE_RATIO = 0.5  # background thickness / foreground thickness below this: dense tissue
-DENSE_OBJECTS = 5  # ... and at least this many objects per case (median)
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _EIGHT = ndimage.generate_binary_structure(2, 2)
 
@@ -450,43 +448,6 @@ def as_number(value: Any) -> float:
     """A JSON-stable float: 4 significant digits (the plan depends on it, not on noise)."""
     v = float(value)
     return float(f"{v:.4g}") if math.isfinite(v) else 0.0
-
-
-def structure(fp: Mapping[str, Any]) -> dict[str, Any]:
-    """What the objects are like, from the shapes of the fingerprint.
-
-    Returns:
-        ``kind``: ``thin`` (tubular: a class's pixel-weighted median area / thickness^2 over
-        `ELONGATED`, e.g. vessels), ``dense`` (compact objects between thin background walls:
-        the background's thickness under `DENSE_RATIO` of the objects' and `DENSE_OBJECTS`
-        objects a case, e.g. cells in EM) or
-        ``compact`` (organs, lesions); ``detail``: the finest thickness to resolve (px, median
-        on the medial axis, the background's included); ``extent``: the largest class's
-        pixel-weighted median extent (px); ``thickness_p90``: of the thinnest class.
-    """
-    shapes = fp["shapes"]
-    fg = {name: s for name, s in shapes.items() if name != "background" and s.get("present_cases")}
-    bg = shapes.get("background", {})
-    thin = [n for n, s in fg.items() if s["elongation_pixel_median"] > ELONGATED]
-    fg_thick = min(s["thickness_median"] for s in fg.values())
-    bg_thick = bg.get("thickness_median") or math.inf
-    if thin:
-        kind = "thin"
-    elif (
-        bg_thick < DENSE_RATIO * fg_thick
-        and max(s["components_case_median"] for s in fg.values()) >= DENSE_OBJECTS
-    ):
-        kind = "dense"
-    else:
-        kind = "compact"
-    thinnest = min(fg.values(), key=lambda s: s["thickness_median"])
-    return {
-        "kind": kind,
-        "thin_classes": thin,
-        "detail": as_number(min(fg_thick, bg_thick)),
-        "extent": as_number(max(s["extent_pixel_median"] for s in fg.values())),
-        "thickness_p90": thinnest["thickness_p90"],
-    }
 
 
 def thin_labels(masks: Iterable[np.ndarray], labels: Sequence[int]) -> set[int]:

@@ -21,13 +21,15 @@ from typing import Any
 
 from medseg.errors import MedsegError
 from medseg.io.atomic import write_json
-from medseg.planning.fingerprint import as_number, structure
+from medseg.planning.fingerprint import ELONGATED, as_number
 from medseg.planning.settings import BY_KEY, KEYS
 
 PLAN_VERSION = 1
 
 
 # -- the rules' constants (docs/plan.md says what chose each) -----------------------------------
+DENSE_RATIO = 0.5  # background thickness / foreground thickness below this: dense tissue
+DENSE_OBJECTS = 5  # ... and at least this many objects per case (median)
 MIN_DETAIL_PX = 8.0  # the finest structure (thickness) must keep this many pixels after scaling
 OBJECT_TARGET_PX = 72.0  # a compact object's median extent after scaling (bench: half-128)
 MIN_SCALE_GAIN = 0.9  # scale down only when it shrinks the side by more than 10%
@@ -123,6 +125,43 @@ def plan(
         "structure": kind,
         "budget": budget,
         "fingerprint": dict(fp),
+    }
+
+
+def structure(fp: Mapping[str, Any]) -> dict[str, Any]:
+    """What the objects are like, from the shapes of the fingerprint.
+
+    Returns:
+        ``kind``: ``thin`` (tubular: a class's pixel-weighted median area / thickness^2 over
+        `ELONGATED`, e.g. vessels), ``dense`` (compact objects between thin background walls:
+        the background's thickness under `DENSE_RATIO` of the objects' and `DENSE_OBJECTS`
+        objects a case, e.g. cells in EM) or
+        ``compact`` (organs, lesions); ``detail``: the finest thickness to resolve (px, median
+        on the medial axis, the background's included); ``extent``: the largest class's
+        pixel-weighted median extent (px); ``thickness_p90``: of the thinnest class.
+    """
+    shapes = fp["shapes"]
+    fg = {name: s for name, s in shapes.items() if name != "background" and s.get("present_cases")}
+    bg = shapes.get("background", {})
+    thin = [n for n, s in fg.items() if s["elongation_pixel_median"] > ELONGATED]
+    fg_thick = min(s["thickness_median"] for s in fg.values())
+    bg_thick = bg.get("thickness_median") or math.inf
+    if thin:
+        kind = "thin"
+    elif (
+        bg_thick < DENSE_RATIO * fg_thick
+        and max(s["components_case_median"] for s in fg.values()) >= DENSE_OBJECTS
+    ):
+        kind = "dense"
+    else:
+        kind = "compact"
+    thinnest = min(fg.values(), key=lambda s: s["thickness_median"])
+    return {
+        "kind": kind,
+        "thin_classes": thin,
+        "detail": as_number(min(fg_thick, bg_thick)),
+        "extent": as_number(max(s["extent_pixel_median"] for s in fg.values())),
+        "thickness_p90": thinnest["thickness_p90"],
     }
 
 
