@@ -20,7 +20,7 @@ import pandas as pd
 from medseg.config.sections import ConvertConfig, DataConfig, label_map
 from medseg.convert.case import MANIFEST_COLUMNS, VOLUME_DIRS, Job, Result, convert_case
 from medseg.convert.fov import FOV_LABEL_TOLERANCE
-from medseg.convert.groups import case_group, group_counts
+from medseg.convert.groups import case_group, group_counts, numbered
 from medseg.convert.ids import check_unique_ids
 from medseg.convert.pseudonyms import id_key, key_fingerprint, redact, skip_row
 from medseg.errors import MedsegError
@@ -106,6 +106,7 @@ def _convert_dataset(
             raise MedsegError(f"{root}: no usable case: all {len(problems)} were skipped{first}")
         manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
         check_unique_ids(manifest)
+        manifest["group"] = numbered(manifest["group"].astype(str).tolist(), manifest["case_id"])
         for sub in ("masks2", *VOLUME_DIRS):  # only what the data set has
             if not any((tmp / sub).iterdir()):
                 (tmp / sub).rmdir()

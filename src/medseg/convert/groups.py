@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +40,7 @@ from medseg.names import AUTO
 FILE, FOLDER = "file", "folder"
 KeySource = Callable[[], bytes]  # the id key, asked for only when a group needs hashing
 _KINDS = ("patient", "study", "group")
+_TOKEN = re.compile(r"[0-9a-f]{16}")  # what `token` writes after the kind
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,25 @@ def token(kind: str, value: str, key: bytes) -> str:
     assert kind in _KINDS
     mac = hmac.new(key, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()
     return f"{kind}:{mac[:16]}"
+
+
+def numbered(groups: Sequence[str], case_ids: Sequence[str]) -> list[str]:
+    """The keyed-hash groups (`token`) renamed ``<kind>:<n>``: ``n`` counts the groups of that
+    kind, from 1, in the order of each group's first case id; other groups are kept.
+
+    The manifest then holds the same bytes whatever the id key (a clone, another machine, a
+    new key), so DVC sees the same data set everywhere, and it says no more than which cases
+    share a patient. The splits never read the names (`medseg.io.layouts`: by first case id).
+    """
+    names: dict[str, str] = {}
+    count: dict[str, int] = {}
+    for group, _ in sorted(zip(groups, case_ids, strict=True), key=lambda gc: gc[1]):
+        kind, _, rest = group.partition(":")
+        if group in names or kind not in _KINDS or not _TOKEN.fullmatch(rest):
+            continue
+        count[kind] = count.get(kind, 0) + 1
+        names[group] = f"{kind}:{count[kind]}"
+    return [names.get(group, group) for group in groups]
 
 
 def dicom_ids(path: Path) -> tuple[str, str]:
