@@ -4,8 +4,7 @@ and a saved model share. Torch-free and import-free, so that the params schema
 
 Each registry is built from, or checked against, its list here (``tests/test_names.py``): the
 architectures of `medseg.model`, the losses of `medseg.training.losses`, the optimizers and
-schedules of
-`medseg.training.optim`, the blendings of the sliding window, the layouts of
+schedules of `medseg.training.optim`, the blendings of the sliding window, the layouts of
 `medseg.io.layouts`, the caches of `medseg.training.cache`.
 """
 
@@ -19,8 +18,7 @@ LABEL_SETS = ("vessels", "vessels_disc")  # synthesize.labels: binary, or 1 vess
 MULTIFRAMES = ("split", "refuse")  # convert.multiframe
 ID_NAMES = ("source", "hash")  # convert.names: the path, or its keyed hash
 # convert.fov_fallback: medseg.convert.fov; auto: convert makes the thresholded FOV where it can,
-# the
-# plan decides whether preprocess uses it (a photograph's black surround) or the whole image
+# the plan decides whether preprocess uses it (a photograph's black surround) or the whole image
 FOV_FALLBACKS = ("auto", "threshold", "whole_image")
 ON_ERRORS = ("fail", "skip")  # convert.on_error
 BIT_DEPTHS = (8, 16)  # convert.max_bit_depth

@@ -126,6 +126,12 @@ def _grow_trees(
     radius: float,
     side: float,
 ) -> list[_Segment]:
+    """The vessel segments of one eye: arcades from the disc, then branches, as a random walk.
+
+    Long (past 60 lines) on purpose: one seeded procedure whose every draw from ``rng`` comes in
+    a fixed order (the demo data set is reproduced bit for bit from its seed); split into
+    helpers, the order of the draws would have to be kept by hand across them.
+    """
     temporal = math.pi if side > 0 else 0.0  # direction from the disc towards the macula
     w_max, w_min = cfg.vessel_width_max, cfg.vessel_width_min
     # (initial heading, curvature bias towards the macula side, width factor)

@@ -10,8 +10,7 @@ The pipeline is ``crossval/dvc.yaml`` (opt-in, see ``docs/crossval.md``):
 2. The train stage (`medseg.training.loop.fit`) runs once per fold on that folder.
 3. `ensemble_folds` predicts each test case with the folds' ensemble (one
    `medseg.inference.predictor.Predictor` with a runner per fold, as evaluate predicts with one),
-   and
-   scores every fold and the ensemble (the mean of their probabilities) with evaluate's
+   and scores every fold and the ensemble (the mean of their probabilities) with evaluate's
    `ScoreTally`.
 """
 
@@ -55,10 +54,9 @@ def split_folds(
     """The training cases in ``k`` disjoint folds that cover them all, reproducibly.
 
     The groups (source files) come in the seeded order of
-    `medseg.preprocess.dataset.shuffled_groups`,
-    the one the validation split uses; each goes whole to the fold with the fewest cases so far
-    (the first such fold on a tie), so with one case per group the folds differ in size by at
-    most one case.
+    `medseg.preprocess.dataset.shuffled_groups`, the one the validation split uses; each goes whole
+    to the fold with the fewest cases so far (the first such fold on a tie), so with one case per
+    group the folds differ in size by at most one case.
 
     Args:
         train_ids: the training case ids.
@@ -162,10 +160,9 @@ def ensemble_folds(
     runner per fold and the evaluate params: each fold's probabilities are scored at the fold's
     threshold, their mean at the ensemble's (under ``threshold: auto``, each fold its own
     validation threshold, the ensemble their mean: `medseg.inference.predictor.resolve_threshold`),
-    and
-    with its post-processing (each fold its own; the ensemble the folds' where they all chose
+    and with its post-processing (each fold its own; the ensemble the folds' where they all chose
     the same, else none: `medseg.inference.predictor.shared_postprocess`). Every model and the
-    ensemble are scored as the evaluate stage scores one (`medseg.evaluation.evaluate.ScoreTally`).
+    ensemble are scored as the evaluate stage scores one (`medseg.scoring.tally.ScoreTally`).
     Cases are done one at a time, so memory stays that of one case and the models. Writes into
     ``out`` (whole or not at all):
 

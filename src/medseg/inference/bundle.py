@@ -8,17 +8,15 @@ models/convert.json        the convert params its data went through (DICOM windo
 models/classes.json        the class names in label order, background first
 ```
 
-A model exported by ``medseg export`` (`medseg.inference.export`) is a bundle in one ``.onnx``
-file, its
-records in the file's metadata (`medseg.inference.onnx_model`); `load_bundle` loads it the same way,
-without torch.
+A model exported by ``medseg export`` (`medseg.inference.export`) is a bundle in one ``.onnx`` file,
+its records in the file's metadata (`medseg.inference.onnx_model`); `load_bundle` loads it the same
+way, without torch.
 
 The weights file of the best epoch of a binary model trained with a validation split also holds,
 in its safetensors metadata (`THRESHOLD`), the threshold with the best validation Dice of those
 weights: ``evaluate.threshold: auto`` and ``medseg predict`` use it
 (`medseg.inference.predictor.resolve_threshold`). Beside it (`POSTPROCESS`), the post-processing
-chosen on
-the validation cases after training (`medseg.training.postchoice`; JSON
+chosen on the validation cases after training (`medseg.training.postchoice`; JSON
 ``{"1": [{"op": "keep_largest"}]}``, ``{}`` for none), which every predictor of the bundle
 applies to its labels.
 
@@ -90,8 +88,7 @@ class Bundle:
             several classes).
         postprocess: class label -> the post-processing operations chosen on validation
             (`POSTPROCESS`, `medseg.inference.postprocess.apply`); empty where none was chosen or
-            the
-            bundle is older than the choice.
+            the bundle is older than the choice.
     """
 
     model: torch.nn.Module | Runner

@@ -3,8 +3,7 @@
 written.
 
 The network is exported as `medseg.inference.runners.prepare_model` leaves it (batch norms folded
-into
-the convolutions) and ends with the activation, so the file maps an image to probabilities.
+into the convolutions) and ends with the activation, so the file maps an image to probabilities.
 It is traced by torch's TorchScript-based exporter (``dynamo=False``): it needs nothing beyond
 torch and onnx, works offline, and gives batch, height and width as dynamic axes.
 """
@@ -51,8 +50,7 @@ def export_onnx(
     """Export a trained bundle to ``out`` (``.onnx``), checked before it is written.
 
     Steps: (1) load the bundle on the CPU (`medseg.inference.bundle.load_bundle`); (2) trace the
-    network
-    plus activation at a small size, with dynamic batch, height and width; (3) write the
+    network plus activation at a small size, with dynamic batch, height and width; (3) write the
     records into the file's ``metadata_props``; (4) load the file back through
     `load_bundle` and compare its probabilities with torch's on a DRIVE-sized image
     (`CHECK_SIZE`, padded as predict pads it), a size other than the traced one; (5) move it

@@ -24,8 +24,7 @@ log = logging.getLogger(__name__)
 
 class Bundle(Protocol):
     """What the predictor needs of a loaded model (`medseg.inference.bundle.Bundle` has it); a
-    protocol,
-    so that the bundle loader may use the inference package without an import cycle."""
+    protocol, so that the bundle loader may use the inference package without an import cycle."""
 
     @property
     def model(self) -> Any: ...
@@ -96,14 +95,13 @@ class Predictor:
 
     Args:
         runners: the models (`medseg.inference.runners.Runner`), all with the label space
-        ``labels``.
+            ``labels``.
         labels: what their output channels mean.
         threshold: the binary foreground threshold, a number (see `resolve_threshold`).
         settings: the sliding window's; default `WindowSettings()`.
         postprocess: class label -> operation specs applied to the labels
             (`medseg.inference.postprocess.apply`); default none (validation during training scores
-            the
-            raw labels).
+            the raw labels).
     """
 
     def __init__(

@@ -1,6 +1,5 @@
 """The preprocess stage: model-ready cases (see `medseg.preprocess.transforms`), the train/val
-split,
-written as one case store (a few shard files) per split (read back by
+split, written as one case store (a few shard files) per split (read back by
 `medseg.preprocess.processed`)."""
 
 from __future__ import annotations

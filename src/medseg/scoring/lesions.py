@@ -21,8 +21,7 @@ Definitions:
   the components not in one.
 
 Empty cases, the rule of `medseg.scoring.metrics` (a score whose denominator is 0 is 1.0: nothing
-was
-there to get wrong): precision 1.0 when nothing is predicted, recall 1.0 when the truth has no
+was there to get wrong): precision 1.0 when nothing is predicted, recall 1.0 when the truth has no
 lesion, F1, RQ and PQ 1.0 when neither has one. SQ is 1.0 when neither has a lesion, and NaN
 (no pair to average; left out of means over cases, and counted) when lesions exist but none
 matches at IoU > 0.5; PQ is then 0.

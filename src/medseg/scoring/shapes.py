@@ -1,12 +1,9 @@
 """Boundary distances and lesion counts of each test case, for the scoring tally.
 
 The pixel metrics (`medseg.scoring.metrics`) say how many pixels are right; organ and lesion users
-are
-also judged by where the edges lie (HD95, ASSD, NSD: `medseg.scoring.boundary`) and by how many
-lesions
-were found, missed or invented (`medseg.scoring.lesions`). `ShapeTally` computes both per case and
-class
-at the ground truth's resolution inside the FOV and summarises them over cases for
+are also judged by where the edges lie (HD95, ASSD, NSD: `medseg.scoring.boundary`) and by how many
+lesions were found, missed or invented (`medseg.scoring.lesions`). `ShapeTally` computes both per
+case and class at the ground truth's resolution inside the FOV and summarises them over cases for
 ``metrics.json``; `ShapeScoring.from_config` decides what is computed, and in which unit.
 """
 

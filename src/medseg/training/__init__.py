@@ -11,6 +11,5 @@
 - `medseg.training.callbacks`: the hooks of the loop, and the per-epoch curves.
 
 The losses are in `medseg.training.losses`, the augmentation in `medseg.training.data`, checkpoints
-in
-`medseg.training.checkpoint`, process groups in `medseg.training.distributed`.
+in `medseg.training.checkpoint`, process groups in `medseg.training.distributed`.
 """

@@ -86,10 +86,10 @@ def fit(
     Writes ``models_dir/model.safetensors`` (best validation Dice; the last epoch when there is
     no validation split; in its metadata the validation threshold and the post-processing chosen
     on validation, `medseg.training.postchoice`) and ``last.safetensors``, each with a ``.json``
-    spec, and per-epoch
-    curves (dvclive, when installed) into ``logs_dir``. With ``checkpoint_dir``, a checkpoint is
-    written there after every epoch and on a stop signal, resumed when it matches, and removed
-    at the end. Under ``torchrun`` only rank 0 writes. ``callbacks`` run after the curves'.
+    spec, and per-epoch curves (dvclive, when installed) into ``logs_dir``. With
+    ``checkpoint_dir``, a checkpoint is written there after every epoch and on a stop signal,
+    resumed when it matches, and removed at the end. Under ``torchrun`` only rank 0 writes.
+    ``callbacks`` run after the curves'.
 
     Returns:
         A summary: best epoch, best validation Dice, images per second of the last epoch.

@@ -4,10 +4,9 @@ The best epoch's weights predict every validation case through the one predictor
 (`medseg.inference.predictor.Predictor`, at validation's window settings and the best validation
 threshold, without post-processing), at the ground truth's resolution: the candidates' sizes
 (``drop_small``'s ``min_size``) are pixels of the converted images.
-`medseg.inference.postprocess.choose`
-then keeps, class by class, each candidate of ``train.postprocess`` that raises the pooled
-validation Dice; the train stage records what it kept in the bundle
-(`medseg.inference.bundle.POSTPROCESS`).
+`medseg.inference.postprocess.choose` then keeps, class by class, each candidate of
+``train.postprocess`` that raises the pooled validation Dice; the train stage records what it kept
+in the bundle (`medseg.inference.bundle.POSTPROCESS`).
 """
 
 from __future__ import annotations
@@ -102,8 +101,7 @@ def validation_predictions(
     Returns:
         Per case: (H, W) uint8 predicted labels, (H, W) truth labels, (H, W) bool FOV, as
         `medseg.inference.postprocess.choose` takes them. The truths are views into the case store,
-        so
-        memory holds the predictions only.
+        so memory holds the predictions only.
     """
     cases = []
     for i in val:

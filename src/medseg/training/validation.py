@@ -1,7 +1,6 @@
 """Validation inside training: whole validation cases predicted and scored as evaluate does
-(`medseg.inference.predictor.Predictor`, `medseg.evaluation.evaluate.ScoreTally`), for the best
-epoch and the
-threshold that ``evaluate.threshold: auto`` uses."""
+(`medseg.inference.predictor.Predictor`, `medseg.scoring.tally.ScoreTally`), for the best epoch
+and the threshold that ``evaluate.threshold: auto`` uses."""
 
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ class Validation:
     Attributes:
         dice: pooled Dice at threshold 0.5 (binary) or of the most probable class.
         threshold: binary: the threshold on evaluate's grid
-        (`medseg.evaluation.evaluate.CURVE_POINTS`)
+        (`medseg.scoring.tally.CURVE_POINTS`)
             with the best pooled Dice (``evaluate.threshold: auto``); None for several classes.
         threshold_dice: the pooled Dice at that threshold.
     """
@@ -41,13 +40,11 @@ def validate(
     model: torch.nn.Module, val: CaseStore, device: torch.device, labels: LabelSpace
 ) -> Validation:
     """Dice inside the FOV, pooled over the whole validation cases (at the ground truth's
-    resolution), predicted and scored as evaluate does (`medseg.inference.predictor.Predictor` at
-    the
-    default window settings, `medseg.evaluation.evaluate.ScoreTally`); for several classes the mean
-    over
-    the foreground classes. A binary model also gets the threshold that maximises that Dice.
-    The labels are scored raw: post-processing is chosen after training, for the best epoch
-    (`medseg.training.postchoice`).
+    resolution), predicted and scored as evaluate does (`medseg.inference.predictor.Predictor`
+    at the default window settings, `medseg.scoring.tally.ScoreTally`); for several classes the
+    mean over the foreground classes. A binary model also gets the threshold that maximises that
+    Dice. The labels are scored raw: post-processing is chosen after training, for the best
+    epoch (`medseg.training.postchoice`).
 
     Args:
         model: the network, (B, C, H, W) -> (B, K, H, W) logits.
