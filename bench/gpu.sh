@@ -30,7 +30,8 @@
 #
 # Environment: PYTHON (default python3), GPU_DIR (default .gpu), BUDGET (seconds, default 300:
 # the first call and the machine's start leave time in a 15-minute lease for a second call),
-# SMOKE_MAX (default 90), TRAIN_MAX (default 150), BASELINES (default
+# SMOKE_MAX (default 90), TRAIN_MAX (default 150), COMPILE_S (default 90: the seconds the
+# epochs' cap keeps for torch.compile when train.compile is on), BASELINES (default
 # "compile ram-w0 batch-x4 ram-w8", in this order; empty: none), KEEP=1 keeps the work folder.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +41,7 @@ GPU=$(realpath "${GPU_DIR:-.gpu}")
 BUDGET=${BUDGET:-300}
 SMOKE_MAX=${SMOKE_MAX:-90}
 TRAIN_MAX=${TRAIN_MAX:-150}
+COMPILE_S=${COMPILE_S:-90}
 BASELINES=${BASELINES-compile ram-w0 batch-x4 ram-w8}
 T0=$(date +%s)
 for need in params.yaml processed.tar.gz whl stamp.json; do
@@ -136,7 +138,8 @@ PY
         --limit $((limit - 5)) || return 1
     train_limit=$(min "$TRAIN_MAX" $(($(left) - 70)))
     ((train_limit >= 20)) || { echo "gpu.sh: no time left to train (BUDGET ${BUDGET})"; return 1; }
-    "$PY" bench/gpu_smoke.py fit "$WORK/smoke/smoke.json" "$P" "$train_limit" || return 1
+    "$PY" bench/gpu_smoke.py fit "$WORK/smoke/smoke.json" "$P" "$train_limit" \
+        --compile-s "$COMPILE_S" || return 1
 
     # 2-3. train, evaluate
     run_stage train "$train_limit" "$WORK/train.log" \

@@ -206,8 +206,8 @@ def test_fit_caps_the_epochs_to_the_train_stage_time(tmp_path: Path):
     (tmp_path / "smoke.json").write_text(json.dumps(smoke))
     params = tmp_path / "params.yaml"
 
-    def fit(seconds: int) -> tuple[int, str]:
-        train = {"patches_per_epoch": 1000, "epochs": 40, "val_every": 5, "lr": 0.002}
+    def fit(seconds: int, compile: bool = False) -> tuple[int, str]:
+        train = {"patches_per_epoch": 1000, "epochs": 40, "val_every": 5, "compile": compile}
         params.write_text(yaml.safe_dump({"train": train}))
         proc = subprocess.run(
             [sys.executable, str(REPO / "bench" / "gpu_smoke.py"), "fit",
@@ -220,3 +220,5 @@ def test_fit_caps_the_epochs_to_the_train_stage_time(tmp_path: Path):
     epochs, said = fit(150)
     assert epochs == 8 and said.startswith("train.epochs 40 -> 8")
     assert fit(1000)[0] == 40
+    epochs, said = fit(240, compile=True)  # 90 s kept for the compile the smoke run left out
+    assert epochs == 8 and "90 s kept to compile" in said
