@@ -10,6 +10,9 @@
 # .gpu/processed.tar.gz     DRIVE converted and preprocessed with those params (the stage outputs)
 # .gpu/whl/*.whl            the exact wheels the code was tested with here, unpacked by gpu.sh
 #                           ahead of the machine's own: segmentation-models-pytorch, timm, edt
+# .gpu/stamp.json           the commit, a hash of the source (src/, stages/, bench/gpu*,
+#                           params.yaml) and the size and hash of each file above: gpu.sh
+#                           refuses a .gpu that does not match its working tree (gpu_stamp.py)
 #
 # The GPU recipe is the CPU DRIVE recipe (bench/drive_recipe.py RECIPE: CLAHE, flip TTA at
 # evaluation, validation every 5 epochs) with a GPU's batch: 64 patches of 128 pixels, 8192
@@ -79,4 +82,5 @@ for pyver in 3.12 "$here"; do
         --python-version "$pyver" --platform manylinux2014_x86_64 \
         --platform manylinux_2_28_x86_64 "edt==$edt" "pydantic-core==$core"
 done
+python3 bench/gpu_stamp.py write --gpu "$GPU"
 du -sh "$GPU" "$GPU"/*

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Rehearse bench/gpu.sh on this CPU machine as a bare GPU machine would run it: the packages it
-# lacks (segmentation-models-pytorch, dvc, dvclive, pydicom, imagecodecs, edt) are made unimportable,
-# except from the wheels gpu.sh unpacks out of .gpu/whl; tiny budget, device cpu, device cache.
+# Rehearse bench/gpu.sh on this CPU machine as a bare GPU machine would run it: in an environment
+# with the GPU machine's versions (PYTHON, default ../gpu-venv/bin/python when there, made by
+# bench/gpu_rehearse_env.sh: Python 3.12, torch 2.11, numpy 2.5, huggingface_hub 1.x,
+# safetensors 0.8), with the packages it lacks (segmentation-models-pytorch, dvc, dvclive,
+# pydicom, imagecodecs, edt, highdicom, pylibjpeg, vl-convert) made unimportable, except from
+# the wheels gpu.sh unpacks out of .gpu/whl; a tiny training, device cpu, device cache, and a
+# CPU's time limits (BUDGET 900, SMOKE_MAX 300, TRAIN_MAX 240).
 #
 #   bash bench/gpu_prepare.sh && bash bench/gpu_rehearse.sh [section.key=value ...]
 #
@@ -16,7 +20,10 @@ cat >"$BLOCK/sitecustomize.py" <<'PY'
 import importlib.machinery
 import sys
 
-MISSING = {"segmentation_models_pytorch", "dvc", "dvclive", "pydicom", "imagecodecs", "edt"}
+MISSING = {
+    "segmentation_models_pytorch", "dvc", "dvclive", "pydicom", "imagecodecs", "edt",
+    "highdicom", "pylibjpeg", "vl_convert",
+}
 
 
 class BareMachine:
@@ -33,7 +40,13 @@ class BareMachine:
 
 sys.meta_path.insert(0, BareMachine)
 PY
+if [[ -z "${PYTHON:-}" && -x ../gpu-venv/bin/python ]]; then
+    PYTHON="$(cd ../gpu-venv/bin && pwd)/python"  # not realpath: that leaves the venv
+    export PYTHON
+fi
+echo "rehearsal: ${PYTHON:-python3} ($("${PYTHON:-python3}" --version 2>&1))"
 BASELINES=${BASELINES-ram-w0 batch-x4 ram-w8} PYTHONPATH="$BLOCK${PYTHONPATH:+:$PYTHONPATH}" \
+    BUDGET=${BUDGET:-900} SMOKE_MAX=${SMOKE_MAX:-300} TRAIN_MAX=${TRAIN_MAX:-240} \
     bash bench/gpu.sh \
     train.device=cpu train.cache=device train.epochs=2 train.patches_per_epoch=8 \
     train.batch_size=4 train.patch_size=64 train.val_every=2 evaluate.device=cpu "$@"

@@ -15,7 +15,9 @@ training epochs 2..N (plan drawing and steps; start-up, compile, validation and 
 left out), beside the busy share over the whole train stage; images/s is the median over epochs
 2..N (an epoch's time includes drawing its plan) and, end to end, all patches over the train
 stage's wall time; time to first step runs from the stage's start to the end of the first
-optimizer step (interpreter, CUDA start-up, cuDNN tuning, compile).
+optimizer step (interpreter, CUDA start-up, cuDNN tuning, compile). A baseline's row gives its
+images/s and its own time to first step beside the run's: for the ``compile`` baseline, the
+difference is what ``torch.compile`` costs at the start.
 
     python bench/gpu_summary.py WORK [--out summary.md]
 """
@@ -190,7 +192,7 @@ def summarise(work: Path) -> list[tuple[str, str]]:
     train_m = load_json(work / "train" / "metrics.json")
     eval_m = load_json(work / "evaluate" / "metrics.json")
 
-    row("self-check (crops, bf16 step)", lambda: stage("selfcheck"))
+    row("smoke run (1 short epoch, evaluate 2 images)", lambda: stage("smoke"))
     row("train stage wall time", lambda: stage("train"))
     row("epochs done / planned", lambda: f"{len(clocks)} / {train_p.get('epochs', '?')}")
     row("time to first step (s): start-up + compile", first_step)
@@ -219,11 +221,18 @@ def summarise(work: Path) -> list[tuple[str, str]]:
         name = log.stem.removeprefix("baseline-")
 
         def baseline(log: Path = log, name: str = name) -> str:
-            r = median_rate(read_clocks(log))
+            state = stage("baseline-" + name)
+            base = read_clocks(log)
+            r = median_rate(base)
             if r is None:
-                return f"- ({stage('baseline-' + name)})"
+                return f"- ({state})"
             ratio = f"; the run is {main_rate / r:.2f}x this" if main_rate else ""
-            return f"{r:.1f} images/s ({stage('baseline-' + name)}{ratio})"
+            first = (
+                f"first step after {base[0]['first_step_end'] - times['baseline-' + name][0]:.1f} s"
+            )
+            if clocks:
+                first += f" (the run's {clocks[0]['first_step_end'] - times['train'][0]:.1f} s)"
+            return f"{r:.1f} images/s, {first} ({state}{ratio})"
 
         row(f"baseline {name}", baseline)
     rows.append(("note", "evaluate runs the network under bf16 autocast on CUDA (fp32 on a CPU)"))

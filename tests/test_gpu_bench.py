@@ -15,6 +15,7 @@ import yaml
 from conftest import REPO
 
 SUMMARY = REPO / "bench" / "gpu_summary.py"
+STAMP = REPO / "bench" / "gpu_stamp.py"
 T0 = 1_800_000_000.0  # the stages' clock, time.time() seconds
 
 
@@ -50,7 +51,7 @@ def work(tmp_path: Path) -> Path:
         yaml.safe_dump({"train": {"epochs": 3, "patch_size": 128}})
     )
     (tmp_path / "times.tsv").write_text(
-        f"selfcheck\t{T0}\t{T0 + 5}\t0\ntrain\t{T0 + 5}\t\t\ntrain\t{T0 + 5}\t{T0 + 85}\t0\n"
+        f"smoke\t{T0}\t{T0 + 5}\t0\ntrain\t{T0 + 5}\t\t\ntrain\t{T0 + 5}\t{T0 + 85}\t0\n"
         f"evaluate\t{T0 + 85}\t{T0 + 95}\t0\n"
     )
     epochs = [(T0 + 10, T0 + 30), (T0 + 31, T0 + 51), (T0 + 52, T0 + 62)]
@@ -94,7 +95,7 @@ def test_busy_share_counts_only_numeric_samples_inside_epochs_2_to_n(work: Path)
 
 def test_a_killed_train_stage_and_no_nvidia_smi_still_give_the_table(work: Path):
     (work / "times.tsv").write_text(
-        f"selfcheck\t{T0}\t{T0 + 5}\t0\ntrain\t{T0 + 5}\t{T0 + 40}\t124\n"
+        f"smoke\t{T0}\t{T0 + 5}\t0\ntrain\t{T0 + 5}\t{T0 + 40}\t124\n"
         f"baseline-ram-w0\t{T0 + 41}\t\t\n"
     )
     (work / "train.log").write_text(_clock(1, T0 + 10, T0 + 30) + "half a li")
@@ -113,25 +114,111 @@ def test_a_killed_train_stage_and_no_nvidia_smi_still_give_the_table(work: Path)
 
 def test_nothing_ran_at_all(tmp_path: Path):
     table = _table(tmp_path)
-    assert table["self-check (crops, bf16 step)"] == "not run"
+    assert table["smoke run (1 short epoch, evaluate 2 images)"] == "not run"
     assert table["epochs done / planned"] == "0 / ?"
 
 
-def test_gpu_sh_refuses_a_preprocess_override(tmp_path: Path):
-    """The data were preprocessed where .gpu was built: such an override must not be ignored."""
+def _gpu_folder(tmp_path: Path) -> Path:
+    """A .gpu folder as bench/gpu_prepare.sh leaves it (empty data), stamped for this tree."""
     gpu = tmp_path / "gpu"
     (gpu / "whl").mkdir(parents=True)
     (gpu / "processed").mkdir()
     with tarfile.open(gpu / "processed.tar.gz", "w:gz") as tar:
         tar.add(gpu / "processed", arcname="processed")
+    shutil.rmtree(gpu / "processed")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     (gpu / "params.yaml").write_text(yaml.safe_dump(params))
+    subprocess.run(
+        [sys.executable, str(STAMP), "write", "--gpu", str(gpu), "--root", str(REPO)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return gpu
+
+
+def _gpu_sh(gpu: Path, *args: str) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "GPU_DIR": str(gpu), "PYTHON": sys.executable}
-    proc = subprocess.run(
-        ["bash", str(REPO / "bench" / "gpu.sh"), "preprocess.contrast=clahe", "train.epochs=1"],
+    return subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu.sh"), *args],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
+
+
+def test_gpu_sh_refuses_a_preprocess_override(tmp_path: Path):
+    """The data were preprocessed where .gpu was built: such an override must not be ignored."""
+    proc = _gpu_sh(_gpu_folder(tmp_path), "preprocess.contrast=clahe", "train.epochs=1")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "preprocess.contrast is fixed by the data in .gpu" in proc.stdout
     assert "bench/gpu_prepare.sh" in proc.stdout
-    assert "| self-check (crops, bf16 step) | not run |" in proc.stdout  # the table still prints
+    assert "| smoke run (1 short epoch, evaluate 2 images) | not run |" in proc.stdout  # a table
+    assert proc.stdout.splitlines()[-1].startswith("gpu.sh: stopped (exit 2) before training")
+
+
+def test_gpu_sh_refuses_a_stale_or_half_carried_folder_in_one_line(tmp_path: Path):
+    gpu = _gpu_folder(tmp_path)
+    stamp = json.loads((gpu / "stamp.json").read_text())
+    (gpu / "stamp.json").write_text(json.dumps({**stamp, "source_sha256": "0" * 64}))
+    proc = _gpu_sh(gpu)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout  # nothing ran
+    assert (
+        proc.stderr.count("\n") == 1 and "is stale: built from source 000000000000" in proc.stderr
+    )
+    assert "bash bench/gpu_prepare.sh" in proc.stderr
+
+    (gpu / "stamp.json").write_text(json.dumps(stamp))
+    data = (gpu / "processed.tar.gz").read_bytes()
+    (gpu / "processed.tar.gz").write_bytes(data[: len(data) // 2])  # a carry cut short
+    proc = _gpu_sh(gpu)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert f"processed.tar.gz has {len(data) // 2} bytes, the stamp {len(data)}" in proc.stderr
+    (gpu / "stamp.json").unlink()
+    assert "stamp.json is missing; run bench/gpu_prepare.sh" in _gpu_sh(gpu).stderr
+
+
+def test_the_source_hash_follows_the_code_not_the_caches(tmp_path: Path):
+    root, gpu = tmp_path / "tree", tmp_path / "tree" / ".gpu"
+    for rel in ("src/medseg/a.py", "stages/train.py", "bench/gpu.sh", "params.yaml"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(f"# {rel}\n")
+    (root / "bench" / "other.py").write_text("# not the GPU run's\n")
+    gpu.mkdir()
+    (gpu / "params.yaml").write_text("train: {}\n")
+
+    def stamp(action: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(STAMP), action, "--gpu", str(gpu), "--root", str(root)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    assert stamp("write").returncode == 0
+    (root / "src" / "medseg" / "__pycache__").mkdir()
+    (root / "src" / "medseg" / "__pycache__" / "a.cpython-312.pyc").write_bytes(b"cache")
+    (root / "bench" / "other.py").write_text("# changed, but not the GPU run's\n")
+    assert stamp("check").returncode == 0
+    (root / "stages" / "train.py").write_text("# changed\n")
+    proc = stamp("check")
+    assert proc.returncode == 2 and "is stale" in proc.stderr
+
+
+def test_fit_caps_the_epochs_to_the_train_stage_time(tmp_path: Path):
+    """By the smoke run's measures: 10 s an epoch, 4 s a validation, 20 s of start-up."""
+    smoke = {"image_s": 0.01, "plan_s_per_image": 0.0, "val_s_per_case": 1.0,
+             "run_val_cases": 4, "other_s": 20.0}  # fmt: skip
+    (tmp_path / "smoke.json").write_text(json.dumps(smoke))
+    params = tmp_path / "params.yaml"
+
+    def fit(seconds: int, compile: bool = False) -> tuple[int, str]:
+        train = {"patches_per_epoch": 1000, "epochs": 40, "val_every": 5, "compile": compile}
+        params.write_text(yaml.safe_dump({"train": train}))
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "bench" / "gpu_smoke.py"), "fit",
+             str(tmp_path / "smoke.json"), str(params), str(seconds)],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        return yaml.safe_load(params.read_text())["train"]["epochs"], proc.stdout
+
+    # 20 + 10 (margin) + 1.3 * (10 n + 4 ceil(n / 5)) <= 150: n = 8 (1.3 * 88), not 9 (1.3 * 98)
+    epochs, said = fit(150)
+    assert epochs == 8 and said.startswith("train.epochs 40 -> 8")
+    assert fit(1000)[0] == 40
+    epochs, said = fit(240, compile=True)  # 90 s kept for the compile the smoke run left out
+    assert epochs == 8 and "90 s kept to compile" in said
