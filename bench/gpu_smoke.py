@@ -99,7 +99,8 @@ def device_checks(params: Path, data: Path) -> str:
         SmokeFailed: a check failed (or medseg does not import, or the device is missing).
     """
     try:
-        from medseg.config import TrainConfig, load_params
+        from medseg.config import load_params
+        from medseg.config.train import TrainConfig
         from medseg.errors import MedsegError
         from medseg.model import resolve_device
     except Exception as err:
