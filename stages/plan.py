@@ -74,20 +74,20 @@ def main(argv: Sequence[str] | None = None) -> None:
             seconds = previous["step_seconds"]
             log.info("probe: %.3g s a step, kept from the plan it replaces (same step)", seconds)
             return seconds
-        probe = probe_step_seconds(cfg, in_channels)
+        step = probe_step_seconds(cfg, in_channels)
         log.info(
             "probe: %.3g s a training step at patch %d, batch %d (%d threads)",
-            probe.seconds, patch, batch, probe.threads,
+            step.seconds, patch, batch, step.threads,
         )  # fmt: skip
-        if probe.busy:
-            measured["probe"]["busy"] = probe.other_cores
+        if step.busy:
+            measured["probe"]["busy"] = step.other_cores
             log.warning(
                 "probe: other processes kept %.1f CPU cores busy while it measured, so the step "
                 "time is slower than this machine's; this plan uses it, the next run of the "
                 "plan measures again (or fix train.step_seconds)",
-                probe.other_cores,
+                step.other_cores,
             )  # fmt: skip
-        return probe.seconds
+        return step.seconds
 
     step_time = train.step_seconds if train.step_seconds is not None else probe
     fp = fingerprint(args.converted)
