@@ -14,6 +14,7 @@ from pathlib import Path
 from medseg import __version__, names
 from medseg.config import load_all_params
 from medseg.errors import MedsegError, run_cli
+from medseg.inference.window import WindowSettings
 from medseg.io.atomic import write_text
 from medseg.progress import logged
 
@@ -133,11 +134,14 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         help="foreground probability cut, or auto (default): the model's best validation "
         "threshold, 0.5 where it has none",
     )  # fmt: skip
-    predict.add_argument("--window", type=int, default=1024, help="sliding-window side")
-    predict.add_argument("--overlap", type=float, default=0.25)
-    predict.add_argument("--blending", choices=names.BLENDINGS, default="gaussian")
+    window = WindowSettings()  # the sliding window's defaults, written once (inference/window.py)
+    predict.add_argument("--window", type=int, default=window.window, help="sliding-window side")
+    predict.add_argument("--overlap", type=float, default=window.overlap)
+    predict.add_argument("--blending", choices=names.BLENDINGS, default=window.blending)
     predict.add_argument("--tta", action="store_true", help="average over flipped images")
-    predict.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    predict.add_argument(
+        "--batch-size", type=int, default=window.batch_size, help="windows per forward pass"
+    )
     predict.add_argument("--device", choices=names.DEVICES, default="auto")
 
 
