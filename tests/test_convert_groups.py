@@ -400,3 +400,25 @@ def test_the_manifest_is_the_same_whatever_the_id_key(
         (tmp_path / "b" / "manifest.csv").read_bytes(),
     )
     assert a == b and first["group"].str.fullmatch(r"(patient|study):\d+").all()
+
+
+def test_volumes_of_one_patient_stay_together(tmp_path: Path):
+    """NIfTI volumes listed in a manifest with a patient column: the volumes of one patient are
+    one group in the manifest (not a group each), so validation and folds keep them together."""
+    import nibabel as nib
+
+    root = tmp_path / "raw"
+    root.mkdir()
+    lines = ["image,mask,patient"]
+    for n in range(6):
+        volume = np.random.default_rng(n).integers(0, 400, (12, 10, 4)).astype(np.int16)
+        labels = np.zeros((12, 10, 4), np.uint8)
+        labels[3:8, 3:7, 1:3] = 1
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), root / f"v{n}.nii.gz")
+        nib.save(nib.Nifti1Image(labels, np.eye(4)), root / f"v{n}_seg.nii.gz")
+        lines.append(f"v{n}.nii.gz,v{n}_seg.nii.gz,P{n // 2}")
+    (root / "list.csv").write_text("\n".join(lines) + "\n")
+    data = DataConfig(str(root), "manifest", "list.csv", 0.34)
+    manifest = convert_dataset(data, CFG, tmp_path / "out")
+    assert manifest["group"].nunique() == 3
+    assert all(len(sides) == 1 for sides in _sides(manifest).values())

@@ -78,7 +78,7 @@ def test_nifti_volumes_through_the_whole_pipeline(project: Path, tmp_path: Path)
     manifest = pd.read_csv(converted / "manifest.csv", dtype={"case_id": str})
     # one row per volume, written once as arrays (no PNG per slice), one group each
     assert manifest["case_id"].tolist() == [f"vol_{n:03d}" for n in range(8)]
-    assert (manifest["group"] == manifest["case_id"]).all()
+    assert manifest["group"].is_unique
     assert (manifest["depth"] == 8).all() and (manifest["spacing_slice"] == 2.5).all()
     assert manifest["height"].eq(20).all() and manifest["width"].eq(24).all()  # rows j, cols i
     assert json.loads(manifest["affine"][0]) == AFFINE.tolist()

@@ -268,7 +268,7 @@ def _write_volume(job: Job, image: np.ndarray, labels: np.ndarray, volume: Volum
         "fov_cut": "",
         "spacing_row": volume.spacing[1],
         "spacing_col": volume.spacing[2],
-        "group": base,  # one volume file, one group (patient)
+        "group": case.group or base,  # the patient (medseg.convert.groups); else the volume
         "depth": z,
         "spacing_slice": volume.spacing[0],
         "affine": json.dumps([[round(float(v), 6) for v in row] for row in volume.affine]),
