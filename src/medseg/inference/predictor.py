@@ -170,17 +170,9 @@ class Predictor:
         inside = fov if out_fov is None else out_fov
         members = []
         for runner in self.runners:
-            probs = predict_probabilities(runner, image, self.settings)
-            if probs.shape[0] != self.labels.channels:
-                kind = "binary" if self.labels.binary else f"{self.labels.channels} classes"
-                raise ValueError(
-                    f"the model gives {probs.shape[0]} channel(s); its label space ({kind}) "
-                    f"needs {self.labels.channels}"
-                )
-            if probs.shape[1:] != inside.shape:
-                probs = np.clip(resize_image(probs, inside.shape), 0.0, 1.0)
-            self.labels.clear_outside(probs, inside)
-            members.append(probs)
+            members.append(
+                self._finish(predict_probabilities(runner, image, self.settings), inside)
+            )
         return members
 
     @staticmethod

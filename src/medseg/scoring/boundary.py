@@ -150,9 +150,11 @@ def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
     return tuple(box)
 
 
-def _inputs(
+def masked_inputs(
     pred: np.ndarray, truth: np.ndarray, fov: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``pred`` and ``truth`` as bool masks cut to ``fov``, and ``fov`` as bool (all of it where
+    None); refused unless all are (H, W) or (Z, H, W) arrays of one shape."""
     if (
         pred.ndim not in (2, 3)
         or pred.shape != truth.shape
@@ -189,7 +191,7 @@ def surface_distances(
         ValueError: a mask with no foreground inside the FOV (use `boundary_scores`, which
             applies the empty-case rules).
     """
-    pred, truth, _ = _inputs(pred, truth, fov)
+    pred, truth, _ = masked_inputs(pred, truth, fov)
     if not pred.any() or not truth.any():
         raise ValueError("surface_distances needs foreground in both masks; see boundary_scores")
     anisotropy = check_spacing(spacing, pred.ndim)
@@ -229,7 +231,7 @@ def boundary_scores(
             "(mm where the pixel spacing is known, else pixels)"
         )
     check_spacing(spacing, pred.ndim)
-    pred, truth, inside = _inputs(pred, truth, fov)
+    pred, truth, inside = masked_inputs(pred, truth, fov)
     has_pred, has_truth = bool(pred.any()), bool(truth.any())
     if not has_pred and not has_truth:
         return BoundaryScores(0.0, 0.0, 1.0, "both_empty")

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from medseg.scoring.boundary import masked_inputs
 from medseg.scoring.case_summary import summarize
 
 CONNECTIVITY = np.ones((3, 3), bool)  # 8-connectivity in 2D
@@ -179,18 +180,7 @@ def lesion_counts(
         pred, truth: (H, W) bool (or 0/1) masks of one class, or (Z, H, W) volumes.
         fov: (H, W) bool field of view; None for the whole image. Both masks are cut to it.
     """
-    if (
-        pred.ndim not in (2, 3)
-        or pred.shape != truth.shape
-        or (fov is not None and fov.shape != pred.shape)
-    ):
-        shapes = (pred.shape, truth.shape, None if fov is None else fov.shape)
-        raise ValueError(
-            f"pred, truth and fov must be (H, W) or (Z, H, W) arrays of one shape, got {shapes}"
-        )
-    pred, truth = pred.astype(bool, copy=False), truth.astype(bool, copy=False)
-    if fov is not None:
-        pred, truth = pred & fov, truth & fov
+    pred, truth, _ = masked_inputs(pred, truth, fov)
     # components and overlaps on the bounding box of both masks: the labels outside are 0
     union = pred | truth
     if not union.any():
